@@ -1,0 +1,34 @@
+# Two commands: `make distill` (the embedded default, end to end) and `make test` (the default test tier).
+# Both build the virtual environment from requirements.lock on first use. VENV can point elsewhere: CI keys a
+# reusable venv by the lock's hash (.ci/run), while a fresh machine builds .venv from scratch.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+LOCK_HASH := $(shell cat requirements.lock | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.installed-$(LOCK_HASH)
+RUN := env PYTHONPATH=$(CURDIR) RAY_AUTH_MODE=disabled $(VENV)/bin/python
+
+.PHONY: venv distill smoke test test-all clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.lock
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet -r requirements.lock
+	touch $(STAMP)
+
+distill: $(STAMP)
+	$(RUN) jobs/distill.py $(ARGS)
+
+smoke: $(STAMP)
+	$(RUN) jobs/distill.py --smoke-test
+
+test: $(STAMP)
+	$(RUN) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(RUN) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,238 @@
+"""Run configuration: one frozen dataclass per stage, nested in `DistillConfig`.
+
+YAML file -> dict -> dotted overrides (`quantize.ipc=10`) -> validated, frozen `DistillConfig`.
+Unknown keys, wrong types and out-of-range values raise `ConfigError` naming the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be accepted, with the dotted key that caused it."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # "digits": scikit-learn's embedded digits; "parquet": Hugging-Face-style shards under `path`.
+    source: Literal["digits", "parquet"] = "digits"
+    path: str = ""
+    name: str = "digits"
+    image_size: int = 16
+    # digits only: held-out fraction of a seeded stratified split (parquet shards bring their own test split).
+    test_fraction: float = 0.2
+    split_seed: int = 0
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    kind: Literal["tiny"] = "tiny"
+    # A diffusers-format folder; empty = the engine's cache, trained on first use.
+    path: str = ""
+    vae_channels: tuple[int, ...] = (16, 32)
+    latent_channels: int = 4
+    unet_channels: tuple[int, ...] = (32, 64)
+    # Self-attention in the UNet's lowest block and middle; off for the tiny default (CPU time).
+    unet_attention: bool = False
+    vae_steps: int = 400
+    unet_steps: int = 1500
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    kl_weight: float = 1e-4
+    # Probability of replacing the class by the null class while training, so classifier-free guidance works.
+    class_dropout: float = 0.1
+    num_train_timesteps: int = 1000
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    ipc: tuple[int, ...] = (1, 10)
+    # Weights given to the `ddoq` set: "mass" (Voronoi cell mass), "sqrt" (proportional to sqrt(count)).
+    weights: Literal["mass", "sqrt", "uniform"] = "mass"
+    init: Literal["kmeans++", "random"] = "kmeans++"
+    niter: int = 50
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    guidance_scale: float = 2.0
+    # Fraction of the diffusion trajectory replayed from the noised centroid (img2img strength).
+    strength: float = 0.5
+    num_steps: int = 50
+    batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    methods: tuple[str, ...] = ("random", "d4m", "ddoq", "full")
+    student: Literal["convnet3"] = "convnet3"
+    width: int = 64
+    teacher_epochs: int = 30
+    # Distilled sets are tiny, so they are trained for a number of optimizer steps, not epochs.
+    student_steps: int = 500
+    full_epochs: int = 15
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    temperature: float = 4.0
+    flip: bool = False
+    seeds: tuple[int, ...] = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    # 0 = let Ray use every core of the machine (ignored when connecting to a running cluster).
+    num_cpus: int = 0
+    encode_actors: int = 1
+    quantize_actors: int = 2
+    decode_actors: int = 1
+    gpus_per_actor: float = 0.0
+    train_workers: int = 1
+    train_cpus_per_worker: int = 1
+    train_use_gpu: bool = False
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    name: str = "digits"
+    runs_dir: str = "runs"
+    cache_dir: str = "~/.cache/ddoq"
+    data: DataConfig = field(default_factory=DataConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        # Absolute: Ray workers run in other working directories.
+        return (Path(os.path.expanduser(self.runs_dir)) / self.name).resolve()
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(os.path.expanduser(self.cache_dir))
+
+
+# Value checks beyond types: (predicate, message) per dotted key.
+_CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "data.image_size": (lambda v: 8 <= v <= 1024 and v % 4 == 0, "must be a multiple of 4 in [8, 1024]"),
+    "data.test_fraction": (lambda v: 0.0 < v < 1.0, "must be in (0, 1)"),
+    "quantize.ipc": (lambda v: len(v) > 0 and all(k >= 1 for k in v), "must be one or more integers >= 1"),
+    "quantize.niter": (lambda v: v >= 1, "must be >= 1"),
+    "decode.strength": (lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
+    "decode.guidance_scale": (lambda v: v >= 0.0, "must be >= 0"),
+    "decode.num_steps": (lambda v: v >= 1, "must be >= 1"),
+    "prior.class_dropout": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+    "evaluate.seeds": (lambda v: len(v) > 0, "must list at least one seed"),
+    "evaluate.methods": (
+        lambda v: len(v) > 0 and set(v) <= {"random", "d4m", "ddoq", "full"},
+        "must be a non-empty subset of random, d4m, ddoq, full",
+    ),
+    "evaluate.temperature": (lambda v: v > 0, "must be > 0"),
+    "runtime.train_workers": (lambda v: v >= 1, "must be >= 1"),
+}
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check `value` against a field annotation and convert YAML lists to tuples; raise ConfigError otherwise."""
+    origin = typing.get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(annotation, value, key + ".")
+    if origin is Literal:
+        if value not in typing.get_args(annotation):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(annotation))}")
+        return value
+    if origin is tuple:
+        item_type = typing.get_args(annotation)[0]
+        items = value if isinstance(value, (list, tuple)) else [value]  # `quantize.ipc=10` means (10,)
+        return tuple(_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(items))
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: union types are not supported in configs")
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if annotation is int and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if not isinstance(value, annotation):
+        raise ConfigError(f"{key}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(prefix + u for u in unknown)}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        key = prefix + name
+        kwargs[name] = _coerce(value, hints[name], key)
+        if key in _CHECKS and not _CHECKS[key][0](kwargs[name]):
+            raise ConfigError(f"{key}={kwargs[name]!r} {_CHECKS[key][1]}")
+    return cls(**kwargs)
+
+
+def apply_override(values: dict, override: str) -> None:
+    """Set `a.b.c=value` (value parsed as YAML) in a nested dict, in place."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like key.path=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = values
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> DistillConfig:
+    values: dict = {}
+    if path is not None:
+        text = Path(path).read_text()
+        values = yaml.safe_load(text) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    for override in overrides:
+        apply_override(values, override)
+    return _build(DistillConfig, values)
+
+
+def config_to_dict(config: Any) -> dict:
+    """Plain nested dict with lists instead of tuples (YAML/JSON friendly)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def save_config(config: DistillConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+def config_hash(*parts: Any) -> str:
+    """Stable short hash of config sections (dataclasses or plain values): the cache key of a stage."""
+    blob = json.dumps([config_to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,113 @@
+"""The `tiny` prior: a small AutoencoderKL + class-conditional UNet2DModel + DDIM scheduler, in diffusers format.
+
+It is the generative model of the embedded default (digits) and of new small domains. Layout on disk, as
+diffusers stores pipelines: <folder>/{vae,unet,scheduler}/ and prior.json (kind, image_size, class names).
+The UNet has `num_classes + 1` class embeddings; the last one is the null class used for classifier-free
+guidance (trained by dropping labels, see train_tiny.py).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
+
+from engine.config import PriorConfig
+
+PRIOR_FILE = "prior.json"
+SUBFOLDERS = ("vae", "unet", "scheduler")
+
+
+@dataclass
+class TinyPrior:
+    vae: AutoencoderKL
+    unet: UNet2DModel
+    scheduler: DDIMScheduler
+    image_size: int
+    class_names: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        side = self.image_size // factor
+        return (self.vae.config.latent_channels, side, side)
+
+    def save(self, folder: Path) -> None:
+        folder = Path(folder)
+        self.vae.save_pretrained(folder / "vae")
+        self.unet.save_pretrained(folder / "unet")
+        self.scheduler.save_pretrained(folder / "scheduler")
+        meta = {"kind": "tiny", "image_size": self.image_size, "class_names": list(self.class_names)}
+        (folder / PRIOR_FILE).write_text(json.dumps(meta, indent=2))
+
+    def eval(self) -> "TinyPrior":
+        self.vae.eval()
+        self.unet.eval()
+        return self
+
+
+def build_tiny_prior(config: PriorConfig, image_size: int, class_names: tuple[str, ...]) -> TinyPrior:
+    """Randomly initialised prior from config (seeded by the caller)."""
+    vae_blocks = len(config.vae_channels)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * vae_blocks,
+        up_block_types=("UpDecoderBlock2D",) * vae_blocks,
+        block_out_channels=config.vae_channels,
+        layers_per_block=1,
+        latent_channels=config.latent_channels,
+        norm_num_groups=8,
+        sample_size=image_size,
+    )
+    latent_side = image_size // 2 ** (vae_blocks - 1)
+    unet_blocks = len(config.unet_channels)
+    lowest_down, lowest_up = ("AttnDownBlock2D", "AttnUpBlock2D") if config.unet_attention else ("DownBlock2D", "UpBlock2D")
+    unet = UNet2DModel(
+        sample_size=latent_side,
+        in_channels=config.latent_channels,
+        out_channels=config.latent_channels,
+        block_out_channels=config.unet_channels,
+        layers_per_block=1,
+        # Attention, when on, only at the lowest resolution and in the middle block.
+        down_block_types=("DownBlock2D",) * (unet_blocks - 1) + (lowest_down,),
+        up_block_types=(lowest_up,) + ("UpBlock2D",) * (unet_blocks - 1),
+        add_attention=config.unet_attention,
+        num_class_embeds=len(class_names) + 1,
+        norm_num_groups=8,
+    )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=config.num_train_timesteps,
+        beta_schedule="squaredcos_cap_v2",
+        clip_sample=False,
+        set_alpha_to_one=False,
+    )
+    return TinyPrior(vae, unet, scheduler, image_size, tuple(class_names))
+
+
+def load_tiny_prior(folder: str | Path) -> TinyPrior:
+    """Load a saved tiny prior (safetensors weights through diffusers' from_pretrained)."""
+    folder = Path(folder)
+    missing = [name for name in (*SUBFOLDERS, PRIOR_FILE) if not (folder / name).exists()]
+    if missing:
+        raise FileNotFoundError(f"prior folder {folder} is missing {', '.join(missing)}")
+    meta = json.loads((folder / PRIOR_FILE).read_text())
+    if meta.get("kind") != "tiny":
+        raise ValueError(f"{folder / PRIOR_FILE}: kind {meta.get('kind')!r} is not 'tiny'")
+    return TinyPrior(
+        vae=AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True),
+        unet=UNet2DModel.from_pretrained(folder / "unet", use_safetensors=True),
+        scheduler=DDIMScheduler.from_pretrained(folder / "scheduler"),
+        image_size=int(meta["image_size"]),
+        class_names=tuple(meta["class_names"]),
+    ).eval()
