@@ -48,7 +48,7 @@ def decode_centroids(
     clean = torch.tensor(latents, dtype=torch.float32, device=device)  # (K, C, h, w)
     noise = row_noise(tuple(clean.shape[1:]), seed, keys).to(device)
     x = scheduler.add_noise(clean, noise, timesteps[:1].repeat(len(clean)))
-    cond = torch.as_tensor(labels, dtype=torch.long, device=device)
+    cond = torch.tensor(np.asarray(labels), dtype=torch.long, device=device)  # copy: Ray batches are read-only
     null = torch.full_like(cond, prior.null_class)
     for t in timesteps:
         eps_cond, eps_null = prior.unet(torch.cat([x, x]), t, class_labels=torch.cat([cond, null])).sample.chunk(2)

@@ -1,7 +1,7 @@
 """Quantize one class: latents (n, d) float32 -> K centroids (K, d), cell counts (K,), weights, distortion.
 
-k-means (faiss Lloyd, seeded, k-means++ or random init) finds the centroids. faiss subsamples to 256 points per
-centroid while training, so cell counts come from assigning ALL points afterwards. Weights per centroid, scaled
+k-means (faiss Lloyd, seeded, k-means++ or random init) finds the centroids, trained on all of the class's points
+(faiss would otherwise subsample to 256 per centroid), and cell counts come from assigning ALL points afterwards. Weights per centroid, scaled
 to average 1.0 within the class (so `uniform` is all ones and the weighted loss of `uniform` is the plain loss):
   uniform  1                         D4M (CVPR'24)
   mass     count_k * K / n           the Voronoi cell mass: optimal quantization's W2-best weights
@@ -65,10 +65,10 @@ def kmeans_plus_plus(points: np.ndarray, k: int, rng: np.random.Generator) -> np
 
 def quantize_class(latents: np.ndarray, k: int, init: str = "kmeans++", niter: int = 50, seed: int = 0) -> Quantization:
     """k-means with K = min(k, n) centroids on one class's latents (n, d)."""
+    if len(latents) == 0:
+        raise ValueError("cannot quantize an empty class")
     points = np.ascontiguousarray(latents, dtype=np.float32).reshape(len(latents), -1)
     n, d = points.shape
-    if n == 0:
-        raise ValueError("cannot quantize an empty class")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if not np.isfinite(points).all():
@@ -86,7 +86,9 @@ def quantize_class(latents: np.ndarray, k: int, init: str = "kmeans++", niter: i
         raise ValueError(f"unknown init {init!r}; expected 'kmeans++' or 'random'")
     initial = squared_distances(points, start).min(axis=1).mean()
 
-    kmeans = faiss.Kmeans(d, k, niter=niter, seed=seed, verbose=False, min_points_per_centroid=1)
+    # Train on every point (faiss would subsample to 256 per centroid): a class is ~1300 points at most.
+    kmeans = faiss.Kmeans(d, k, niter=niter, seed=seed, verbose=False, min_points_per_centroid=1,
+                          max_points_per_centroid=-(-n // k))
     kmeans.train(points, init_centroids=start)
     centroids = kmeans.centroids.copy()  # (k, d)
 

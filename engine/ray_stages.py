@@ -31,10 +31,11 @@ def init_ray(runtime: RuntimeConfig) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if os.environ.get("RAY_ADDRESS"):
+    if os.environ.get("RAY_ADDRESS"):  # set by `ray job submit`, or by a user pointing at a cluster
         ray.init()
-    else:
-        ray.init(num_cpus=runtime.num_cpus or None, include_dashboard=False, log_to_driver=True)
+    else:  # "local": never attach by surprise to a cluster some earlier `ray start` left running
+        # The dashboard (on 127.0.0.1 only) serves the state API that Ray Train's controller polls.
+        ray.init(address="local", num_cpus=runtime.num_cpus or None, dashboard_host="127.0.0.1")
     ray.data.DataContext.get_current().enable_progress_bars = True
 
 

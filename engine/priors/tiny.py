@@ -105,8 +105,9 @@ def load_tiny_prior(folder: str | Path) -> TinyPrior:
     if meta.get("kind") != "tiny":
         raise ValueError(f"{folder / PRIOR_FILE}: kind {meta.get('kind')!r} is not 'tiny'")
     return TinyPrior(
-        vae=AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True),
-        unet=UNet2DModel.from_pretrained(folder / "unet", use_safetensors=True),
+        # low_cpu_mem_usage=False: tiny models need no `accelerate` (and its warning).
+        vae=AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True, low_cpu_mem_usage=False),
+        unet=UNet2DModel.from_pretrained(folder / "unet", use_safetensors=True, low_cpu_mem_usage=False),
         scheduler=DDIMScheduler.from_pretrained(folder / "scheduler"),
         image_size=int(meta["image_size"]),
         class_names=tuple(meta["class_names"]),

@@ -1,0 +1,98 @@
+"""The whole job: `--smoke-test` end to end in-process, a re-run that reuses finished work, and `ray job submit`
+against a real local head."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+pytestmark = pytest.mark.ray
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "jobs"))
+
+
+def smoke_config(tmp_path):
+    import distill
+
+    return distill.parse_args(["--smoke-test", f"runs_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}"])
+
+
+def test_smoke_run_writes_every_output_and_reruns_from_cache(ray_session, tmp_path):
+    import distill
+
+    config = smoke_config(tmp_path)
+    metrics = distill.run(config)
+    run_dir = config.run_dir
+    for name in ("config.yaml", "metrics.json", "quantization.parquet", "centroids.parquet"):
+        assert (run_dir / name).exists(), name
+
+    rows = metrics["results"]
+    assert {(r["method"], r["ipc"]) for r in rows} == {(m, k) for m in ("random", "d4m", "ddoq") for k in (1, 2)} | {
+        ("full", 0)}
+    for row in rows:
+        assert {"method", "ipc", "top1", "seed"} <= set(row) and 0.0 <= row["top1"] <= 1.0
+
+    for method in ("random", "d4m", "ddoq"):
+        index = pq.read_table(run_dir / "distilled" / f"{method}-ipc2" / "index.parquet").to_pandas()
+        assert list(index.columns) == ["path", "label", "class_name", "weight", "count"]
+        assert len(index) == 20 and all((run_dir / "distilled" / f"{method}-ipc2" / p).exists() for p in index.path)
+        np.testing.assert_allclose(index.groupby("label").weight.mean(), 1.0)
+    ddoq = pq.read_table(run_dir / "distilled" / "ddoq-ipc2" / "index.parquet").to_pandas()
+    np.testing.assert_allclose(ddoq.weight, ddoq["count"] * 2 / ddoq.groupby("label")["count"].transform("sum"))
+
+    stats = pq.read_table(run_dir / "quantization.parquet").to_pandas()
+    assert (stats.w2_mass <= stats.w2_uniform + 1e-9).all()
+    np.testing.assert_allclose(stats.w2_mass**2, stats.distortion, rtol=1e-3)
+
+    # Same command again: every stage and every student is reused, results identical.
+    again = distill.run(config)
+    assert again["results"] == metrics["results"]
+    assert again["timings_s"]["prior"] < 5 and again["timings_s"]["decode"] < metrics["timings_s"]["decode"] + 5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_against_a_local_head(tmp_path):
+    ray_bin = Path(sys.executable).parent / "ray"
+    # The job's `python` must be this venv's, as it is for a user who activated it.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": "",
+           "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dashboard = free_port(), free_port()
+    head = subprocess.Popen(
+        [str(ray_bin), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={tmp_path / 'ray'}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        for _ in range(60):
+            if subprocess.run([str(ray_bin), "job", "list", "--address", address], env=env,
+                              capture_output=True).returncode == 0:
+                break
+            time.sleep(1)
+        out = subprocess.run(
+            [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+             "python", "jobs/distill.py", "--smoke-test", f"runs_dir={tmp_path / 'runs'}",
+             f"cache_dir={tmp_path / 'cache'}"],
+            env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert "succeeded" in out.stdout
+        metrics = json.loads((tmp_path / "runs" / "smoke" / "metrics.json").read_text())
+        assert len(metrics["results"]) == 7
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its own cluster on SIGTERM
+        head.wait(timeout=60)

@@ -1,0 +1,54 @@
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from engine import store
+
+
+def test_atomic_write_leaves_no_temporary_files(tmp_path):
+    store.atomic_write_json(tmp_path / "a" / "x.json", {"v": 1})
+    store.atomic_write_json(tmp_path / "a" / "x.json", {"v": 2})
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["x.json"]
+    assert (tmp_path / "a" / "x.json").read_text().strip().endswith("}")
+
+
+def test_stage_markers_match_on_key(tmp_path):
+    assert store.finished_stage(tmp_path, "encode", "k1") is None
+    store.mark_stage_finished(tmp_path, "encode", "k1", images=5)
+    assert store.finished_stage(tmp_path, "encode", "k1")["images"] == 5
+    assert store.finished_stage(tmp_path, "encode", "k2") is None  # config changed: stage must run again
+
+
+def test_class_latents_round_trip_sorted_by_id(tmp_path):
+    latents = np.random.default_rng(0).standard_normal((4, 4, 2, 2)).astype(np.float32)
+    ids = np.array(["d", "b", "a", "c"])
+    table = store.latents_to_table(ids, np.zeros(4, int), latents)
+    class_dir = tmp_path / "label=0"
+    store.atomic_write_table(class_dir / "part-1.parquet", table.slice(0, 2))
+    store.atomic_write_table(class_dir / "part-0.parquet", table.slice(2, 2))
+    got_ids, got = store.read_class_latents(class_dir)
+    assert list(got_ids) == ["a", "b", "c", "d"]
+    order = np.argsort(ids)
+    np.testing.assert_array_equal(got, latents.reshape(4, -1)[order])
+    assert store.class_latent_dirs(tmp_path) == {0: class_dir}
+
+
+def test_distilled_set_round_trip(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    files = [store.image_file_name(label, i) for i, label in enumerate([0, 1, 1])]
+    for name, image in zip(files, images):
+        store.write_png(tmp_path / name, image)
+    store.write_set_index(tmp_path, files, [0, 1, 1], ("zero", "one"), [1.0, 0.5, 1.5], [7, 2, 5])
+    got_images, labels, weights = store.read_distilled_set(tmp_path)
+    np.testing.assert_array_equal(got_images, images)  # PNG is lossless
+    assert labels.tolist() == [0, 1, 1] and weights.tolist() == [1.0, 0.5, 1.5]
+    index = pa.parquet.read_table(tmp_path / "index.parquet").to_pydict()
+    assert index["class_name"] == ["zero", "one", "one"] and index["count"] == [7, 2, 5]
+
+
+def test_index_paths_cannot_escape_the_set_folder(tmp_path):
+    store.write_png(tmp_path / "outside.png", np.zeros((2, 2, 3), np.uint8))
+    folder = tmp_path / "set"
+    store.write_set_index(folder, ["../outside.png"], [0], ("a",), [1.0], [1])
+    with pytest.raises(ValueError, match="outside its folder"):
+        store.read_distilled_set(folder)
