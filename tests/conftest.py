@@ -39,11 +39,11 @@ def images_u8():
     return rng.integers(0, 256, size=(6, 16, 16, 3), dtype=np.uint8)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def ray_session():
+    """One local Ray for the whole session (started on first use: ~5 s), re-started if a test shut it down."""
     import ray
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    return ray

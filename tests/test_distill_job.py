@@ -3,10 +3,12 @@ against a real local head."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,15 +67,20 @@ def free_port() -> int:
 
 
 def test_ray_job_submit_against_a_local_head(tmp_path):
+    import ray
+
+    ray.shutdown()  # two Ray instances on one node contend for the agents' fixed ports
     ray_bin = Path(sys.executable).parent / "ray"
     # The job's `python` must be this venv's, as it is for a user who activated it.
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": "",
            "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard = free_port(), free_port()
+    # Short: Ray's unix sockets live under the temp dir, and socket paths are limited to ~107 characters.
+    ray_temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     head = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={tmp_path / 'ray'}"],
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={ray_temp}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
@@ -96,3 +103,4 @@ def test_ray_job_submit_against_a_local_head(tmp_path):
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its own cluster on SIGTERM
         head.wait(timeout=60)
+        shutil.rmtree(ray_temp, ignore_errors=True)

@@ -57,3 +57,32 @@ def test_encode_quantize_decode_on_ray(ray_session, config, saved_prior, tmp_pat
     for ipc in (1, 3):
         for folder in targets[ipc]:
             assert len(list(Path(folder).glob("*.png"))) == 3 * ipc
+
+
+def test_parquet_shards_stream_through_ray_data(ray_session, tmp_path, saved_prior):
+    """The Hugging-Face parquet layout (ImageNet's, Fashion-MNIST's) through the Ray Data read + encode path."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from engine import ray_stages
+
+    rng = np.random.default_rng(0)
+    for shard in range(2):  # two shards, as ImageNet has many
+        rows = []
+        for i in range(6):
+            buffer = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8), mode="L").save(buffer, format="PNG")
+            rows.append({"bytes": buffer.getvalue(), "path": f"train/{shard * 6 + i:06d}.png"})
+        table = pa.table({"image": pa.array(rows), "label": pa.array([i % 2 for i in range(6)], pa.int64())})
+        pq.write_table(table, tmp_path / f"train-{shard:05d}-of-00002.parquet")
+    (tmp_path / "classes.txt").write_text("even\nodd\n")
+    config = load_config(None, [f"runs_dir={tmp_path}", "data.source=parquet", f"data.path={tmp_path}",
+                                "data.name=toy", f"prior.path={saved_prior}"])
+    assert ray_stages.encode_to_parquet(config, saved_prior, tmp_path / "latents") == 12
+    class_dirs = store.class_latent_dirs(tmp_path / "latents")
+    ids, latents = store.read_class_latents(class_dirs[1])
+    assert list(ids) == [f"train/{i:06d}.png" for i in range(12) if i % 2 == 1]
+    assert latents.shape == (6, 4 * 8 * 8)
