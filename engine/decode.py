@@ -37,6 +37,8 @@ def decode_centroids(
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     if not np.isfinite(latents).all():
         raise ValueError("decode_centroids got NaN or Inf latents")
+    if len(labels) and not 0 <= int(np.min(labels)) <= int(np.max(labels)) < prior.num_classes:
+        raise ValueError(f"labels must lie in [0, {prior.num_classes}) for this prior, got {np.min(labels)}..{np.max(labels)}")
     keys = np.arange(len(latents)) if keys is None else keys
     device = next(prior.unet.parameters()).device
     scheduler = prior.scheduler

@@ -98,6 +98,9 @@ def run(config: DistillConfig) -> dict:
     start = time.perf_counter()
     prior = load_or_train_prior(config.prior, config.data, config.cache_path, log=log)
     folder = prior_folder(config.prior, config.data, config.cache_path)
+    if prior.class_names != tuple(names):
+        raise ValueError(f"prior {folder} was trained for classes {prior.class_names[:5]}... ({prior.num_classes}), "
+                         f"but the data has {len(names)} classes {tuple(names)[:5]}...")
     timings["prior"] = time.perf_counter() - start
     ray_stages.init_ray(config.runtime)
 

@@ -39,6 +39,8 @@ def test_guidance_and_strength_change_the_output(tiny_prior, centroids, change):
 def test_bad_input_is_rejected(tiny_prior, centroids):
     with pytest.raises(ValueError, match="strength"):
         decode(tiny_prior, centroids, strength=0.0)
+    with pytest.raises(ValueError, match="labels must lie"):
+        decode_centroids(tiny_prior, centroids, np.array([0, 1, 2, 3]), 2.0, 0.5, 5, 0)  # 3 classes: 0..2
     centroids[0, 0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         decode(tiny_prior, centroids)
