@@ -107,7 +107,7 @@ class RuntimeConfig:
     decode_actors: int = 1
     gpus_per_actor: float = 0.0
     train_workers: int = 1
-    train_cpus_per_worker: int = 1
+    train_cpus_per_worker: int = 2
     train_use_gpu: bool = False
 
 
