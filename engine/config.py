@@ -66,8 +66,17 @@ class QuantizeConfig:
     ipc: tuple[int, ...] = (1, 10)
     # Weights given to the `ddoq` set: "mass" (Voronoi cell mass), "sqrt" (proportional to sqrt(count)).
     weights: Literal["mass", "sqrt", "uniform"] = "mass"
-    init: Literal["kmeans++", "random"] = "kmeans++"
+    # "lloyd": faiss k-means; "clvq": competitive learning (online, mini-batch), the paper's analysed algorithm.
+    algorithm: Literal["lloyd", "clvq"] = "lloyd"
+    # "kmeans++": greedy D^2 seeding; "random": K distinct points; "faiss": faiss's own seeded sampling.
+    init: Literal["kmeans++", "random", "faiss"] = "kmeans++"
+    # Lloyd: at most `niter` iterations, stopping early once 5 iterations improve the objective by < tol (relative).
     niter: int = 50
+    tol: float = 1e-6
+    # Independent seeded runs (seed, seed + 1, ...); the lowest distortion wins.
+    nredo: int = 1
+    clvq_epochs: int = 10
+    clvq_batch_size: int = 64
     seed: int = 0
 
 
@@ -140,6 +149,10 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "data.test_fraction": (lambda v: 0.0 < v < 1.0, "must be in (0, 1)"),
     "quantize.ipc": (lambda v: len(v) > 0 and all(k >= 1 for k in v), "must be one or more integers >= 1"),
     "quantize.niter": (lambda v: v >= 1, "must be >= 1"),
+    "quantize.nredo": (lambda v: v >= 1, "must be >= 1"),
+    "quantize.tol": (lambda v: v >= 0, "must be >= 0"),
+    "quantize.clvq_epochs": (lambda v: v >= 1, "must be >= 1"),
+    "quantize.clvq_batch_size": (lambda v: v >= 1, "must be >= 1"),
     "decode.strength": (lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
     "decode.guidance_scale": (lambda v: v >= 0.0, "must be >= 0"),
     "decode.num_steps": (lambda v: v >= 1, "must be >= 1"),
@@ -220,7 +233,20 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             raise ConfigError(f"{path}: top level must be a mapping")
     for override in overrides:
         apply_override(values, override)
-    return _build(DistillConfig, values)
+    return _resolve_paths(_build(DistillConfig, values))
+
+
+def _resolve_paths(config: DistillConfig) -> DistillConfig:
+    """Make local data/prior paths absolute now: Ray workers run in other working directories."""
+
+    def absolute(path: str) -> str:
+        return path if not path or "://" in path else str(Path(os.path.expanduser(path)).resolve())
+
+    return dataclasses.replace(
+        config,
+        data=dataclasses.replace(config.data, path=absolute(config.data.path)),
+        prior=dataclasses.replace(config.prior, path=absolute(config.prior.path)),
+    )
 
 
 def config_to_dict(config: Any) -> dict:

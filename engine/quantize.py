@@ -1,7 +1,8 @@
 """Quantize one class: latents (n, d) float32 -> K centroids (K, d), cell counts (K,), weights, distortion.
 
-k-means (faiss Lloyd, seeded, k-means++ or random init) finds the centroids, trained on all of the class's points
-(faiss would otherwise subsample to 256 per centroid), and cell counts come from assigning ALL points afterwards. Weights per centroid, scaled
+Centroids: faiss Lloyd iterations (default) or CLVQ, the competitive-learning algorithm of optimal quantization,
+from a greedy k-means++, random or faiss seeding; the best of `nredo` seeded runs. Lloyd trains on all of the
+class's points, and cell counts always come from assigning ALL points afterwards. Weights per centroid are scaled
 to average 1.0 within the class (so `uniform` is all ones and the weighted loss of `uniform` is the plain loss):
   uniform  1                         D4M (CVPR'24)
   mass     count_k * K / n           the Voronoi cell mass: optimal quantization's W2-best weights
@@ -16,9 +17,10 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from engine.transport import squared_distances
+from engine.config import QuantizeConfig
 
 WEIGHT_MODES = ("uniform", "mass", "sqrt")
+INITS = ("kmeans++", "random", "faiss")
 
 
 @dataclass(frozen=True)
@@ -50,21 +52,90 @@ def weights_from_counts(counts: np.ndarray, mode: str) -> np.ndarray:
     return raw * (len(raw) / raw.sum())
 
 
+def _squared_distances32(points: np.ndarray, norms: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """(n, d) float32 points with precomputed (n,) squared norms, (m, d) centers -> (n, m) float32 via one GEMM.
+    float32 on purpose: a float64 copy of an ImageNet class (1300 x 16384) costs more than the whole seeding."""
+    d2 = norms[:, None] - 2.0 * (points @ centers.T) + (centers * centers).sum(1)[None, :]
+    return np.maximum(d2, 0.0)
+
+
 def kmeans_plus_plus(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k-means++ seeding (D^2 sampling) -> (k, d) float32 initial centroids."""
-    chosen = [int(rng.integers(len(points)))]
-    nearest = squared_distances(points, points[chosen]).ravel()  # (n,)
+    """Greedy k-means++ seeding (as sklearn's): D^2 sampling with 2 + log(k) candidates per step, keeping the
+    candidate that lowers the potential most. (n, d) float32 -> (k, d) float32 initial centroids."""
+    n = len(points)
+    norms = (points * points).sum(1)
+    trials = 2 + int(np.log(k))
+    first = int(rng.integers(n))
+    chosen = [first]
+    closest = _squared_distances32(points, norms, points[first : first + 1])[:, 0]  # (n,)
+    potential = float(closest.sum())
     for _ in range(1, k):
-        total = nearest.sum()
-        # All remaining points coincide with chosen ones (duplicates): any point will do.
-        index = int(rng.integers(len(points))) if total <= 0 else int(rng.choice(len(points), p=nearest / total))
-        chosen.append(index)
-        nearest = np.minimum(nearest, squared_distances(points, points[index : index + 1]).ravel())
+        if potential <= 0:  # every point coincides with a chosen one (duplicates): any point will do
+            candidates = rng.integers(n, size=trials)
+        else:
+            candidates = np.searchsorted(np.cumsum(closest, dtype=np.float64), rng.random(trials) * potential)
+            candidates = np.minimum(candidates, n - 1)
+        trial_closest = np.minimum(closest[:, None], _squared_distances32(points, norms, points[candidates]))
+        potentials = trial_closest.sum(0, dtype=np.float64)  # (trials,)
+        best = int(np.argmin(potentials))
+        chosen.append(int(candidates[best]))
+        closest, potential = trial_closest[:, best], float(potentials[best])
     return points[chosen].astype(np.float32)
 
 
-def quantize_class(latents: np.ndarray, k: int, init: str = "kmeans++", niter: int = 50, seed: int = 0) -> Quantization:
-    """k-means with K = min(k, n) centroids on one class's latents (n, d)."""
+def initial_centroids(points: np.ndarray, k: int, init: str, rng: np.random.Generator) -> np.ndarray | None:
+    """k-means++ or k distinct random points; None for "faiss" (faiss samples its own start from the seed)."""
+    if init == "kmeans++":
+        return kmeans_plus_plus(points, k, rng)
+    if init == "random":
+        return points[rng.choice(len(points), size=k, replace=False)].astype(np.float32)
+    if init == "faiss":
+        return None
+    raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
+
+
+def lloyd(points: np.ndarray, start: np.ndarray | None, k: int, niter: int, seed: int, tol: float) -> np.ndarray:
+    """faiss Lloyd iterations on every point (faiss would otherwise subsample to 256 per centroid), run in chunks
+    of 5 so it can stop once a chunk improves the objective by less than `tol` (relative): faiss itself always
+    runs all `niter`, and most classes converge in far fewer."""
+    n, d = points.shape
+    centroids, previous, done = start, np.inf, 0
+    while done < niter:
+        steps = min(5, niter - done)
+        kmeans = faiss.Kmeans(d, k, niter=steps, seed=seed + done, verbose=False, min_points_per_centroid=1,
+                              max_points_per_centroid=-(-n // k))
+        kmeans.train(points, init_centroids=centroids)
+        centroids, done = kmeans.centroids.copy(), done + steps
+        objective = float(kmeans.obj[-1])
+        if previous - objective <= tol * previous:
+            break
+        previous = objective
+    return centroids
+
+
+def clvq(points: np.ndarray, start: np.ndarray, epochs: int, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Competitive learning vector quantization, the stochastic algorithm of optimal-quantization theory,
+    in mini-batches: each centroid moves toward the mean of the batch points it wins, with the Robbins-Monro step
+    1 / (points it has won so far) (MacQueen's online k-means; the initial centroid counts as one point)."""
+    centroids = start.astype(np.float32).copy()
+    won = np.ones(len(centroids))
+    norms = (points * points).sum(1)
+    for _ in range(epochs):
+        order = rng.permutation(len(points))
+        for begin in range(0, len(points), batch_size):
+            index = order[begin : begin + batch_size]
+            winners = _squared_distances32(points[index], norms[index], centroids).argmin(1)  # (B,)
+            one_hot = np.zeros((len(centroids), len(index)), np.float32)
+            one_hot[winners, np.arange(len(index))] = 1.0
+            batch_counts = one_hot.sum(1)  # (K,)
+            batch_sums = one_hot @ points[index]  # (K, d)
+            won += batch_counts
+            centroids += (batch_sums - batch_counts[:, None] * centroids) / won[:, None].astype(np.float32)
+    return centroids
+
+
+def quantize_class(latents: np.ndarray, k: int, config: QuantizeConfig = QuantizeConfig()) -> Quantization:
+    """Quantize one class's latents (n, ...) into K = min(k, n) centroids; the best of `nredo` seeded runs."""
     if len(latents) == 0:
         raise ValueError("cannot quantize an empty class")
     points = np.ascontiguousarray(latents, dtype=np.float32).reshape(len(latents), -1)
@@ -77,26 +148,27 @@ def quantize_class(latents: np.ndarray, k: int, init: str = "kmeans++", niter: i
     if k < requested_k:
         warnings.warn(f"class has {n} points < K={requested_k}: using K={n}", stacklevel=2)
 
-    rng = np.random.default_rng(seed)
-    if init == "kmeans++":
-        start = kmeans_plus_plus(points, k, rng)
-    elif init == "random":
-        start = points[rng.choice(n, size=k, replace=False)].astype(np.float32)
-    else:
-        raise ValueError(f"unknown init {init!r}; expected 'kmeans++' or 'random'")
-    initial = squared_distances(points, start).min(axis=1).mean()
-
-    # Train on every point (faiss would subsample to 256 per centroid): a class is ~1300 points at most.
-    kmeans = faiss.Kmeans(d, k, niter=niter, seed=seed, verbose=False, min_points_per_centroid=1,
-                          max_points_per_centroid=-(-n // k))
-    kmeans.train(points, init_centroids=start)
-    centroids = kmeans.centroids.copy()  # (k, d)
-
     index = faiss.IndexFlatL2(d)
-    index.add(centroids)
-    nearest_d2, nearest = index.search(points, 1)  # all points, not faiss's training subsample
-    counts = np.bincount(nearest.ravel(), minlength=k).astype(np.int64)
-    return Quantization(centroids, counts, float(nearest_d2.mean()), float(initial), requested_k)
+    best = None
+    for attempt in range(config.nredo):
+        seed = config.seed + attempt
+        rng = np.random.default_rng(seed)
+        start = initial_centroids(points, k, config.init, rng)
+        if config.algorithm == "clvq":
+            start = start if start is not None else initial_centroids(points, k, "random", rng)
+            centroids = clvq(points, start, config.clvq_epochs, config.clvq_batch_size, rng)
+        else:
+            centroids = lloyd(points, start, k, config.niter, seed, config.tol)
+        index.reset()
+        index.add(centroids)
+        nearest_d2, nearest = index.search(points, 1)  # all points, not a training subsample
+        run_distortion = float(nearest_d2.mean())
+        if best is None or run_distortion < best.distortion:
+            initial = float("nan") if start is None else float(
+                _squared_distances32(points, (points * points).sum(1), start).min(axis=1).mean(dtype=np.float64))
+            counts = np.bincount(nearest.ravel(), minlength=k).astype(np.int64)
+            best = Quantization(centroids, counts, run_distortion, initial, requested_k)
+    return best
 
 
 @dataclass(frozen=True)
@@ -109,14 +181,14 @@ class ClassReport:
     n: int
 
 
-def quantize_and_measure(latents: np.ndarray, k: int, init: str, niter: int, seed: int) -> ClassReport:
+def quantize_and_measure(latents: np.ndarray, k: int, config: QuantizeConfig = QuantizeConfig()) -> ClassReport:
     """quantize_class, then every weighting and its exact W2 to the class's empirical measure."""
     from engine.transport import w2_distance
 
     points = np.asarray(latents, dtype=np.float32).reshape(len(latents), -1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # K > n is recorded in the report (k < requested_k), not printed per class
-        q = quantize_class(points, k, init=init, niter=niter, seed=seed)
+        q = quantize_class(points, k, config)
     weights = {mode: weights_from_counts(q.counts, mode) for mode in WEIGHT_MODES}
     w2 = {mode: w2_distance(points, q.centroids, w) for mode, w in weights.items()}
     return ClassReport(q, weights, w2, len(points))

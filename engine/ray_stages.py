@@ -98,58 +98,61 @@ def encode_to_parquet(config: DistillConfig, prior_folder: Path, out_dir: Path) 
 # ---------------------------------------------------------------- quantize
 
 
-@ray.remote(num_cpus=1)
+# Retries: a killed actor is restarted and its task re-run; a finished class is skipped by its marker file.
+@ray.remote(num_cpus=1, max_restarts=3, max_task_retries=3)
 class QuantizeWorker:
-    """Quantizes whole classes: reads one class's latents, runs every IPC, returns small result rows."""
+    """Quantizes whole classes, one task per class, writing each class's results atomically."""
 
-    def __init__(self, config: QuantizeConfig):
+    def __init__(self, config: QuantizeConfig, out_dir: str):
         import faiss
 
         faiss.omp_set_num_threads(1)  # one CPU per actor; parallelism comes from the pool
-        self.config = config
+        self.config, self.out_dir = config, out_dir
 
-    def quantize(self, label: int, class_dir: str) -> tuple[list[dict], list[dict]]:
-        from engine.quantize import WEIGHT_MODES, quantize_and_measure
+    def quantize(self, label: int, class_dir: str) -> dict:
+        from engine.quantize_stage import quantize_class_folder
+
+        return quantize_class_folder(label, class_dir, self.config, self.out_dir)
+
+    def read(self, label: int, class_dir: str) -> dict:
+        """Only read the class (the I/O floor the stage is measured against in benchmarks/)."""
+        from engine.quantize_stage import peak_rss_mb
         from engine.store import read_class_latents
 
+        start = time.perf_counter()
         _, latents = read_class_latents(Path(class_dir))
-        centroid_rows, stat_rows = [], []
-        for ipc in self.config.ipc:
-            start = time.perf_counter()
-            report = quantize_and_measure(latents, ipc, self.config.init, self.config.niter, self.config.seed)
-            q = report.quantization
-            for index in range(q.k):
-                centroid_rows.append({
-                    "label": label, "ipc": ipc, "index": index, "count": int(q.counts[index]),
-                    **{f"weight_{m}": float(report.weights[m][index]) for m in WEIGHT_MODES},
-                    "latent": q.centroids[index].tolist(),
-                })
-            stat_rows.append({
-                "label": label, "ipc": ipc, "n": report.n, "k": q.k, "requested_k": q.requested_k,
-                "distortion": q.distortion, "initial_distortion": q.initial_distortion,
-                **{f"w2_{m}": report.w2[m] for m in WEIGHT_MODES},
-                "seconds": time.perf_counter() - start,
-            })
-        return centroid_rows, stat_rows
+        return {"label": label, "n": len(latents), "seconds": time.perf_counter() - start,
+                "peak_rss_mb": peak_rss_mb()}
 
 
-def quantize_classes(config: DistillConfig, class_dirs: dict[int, Path]) -> tuple[pa.Table, pa.Table]:
-    """All classes through an actor pool -> (centroids table, per-class statistics table)."""
+def run_class_pool(config: DistillConfig, class_dirs: dict[int, Path], out_dir: Path, method: str = "quantize",
+                   log=None) -> list[dict]:
+    """One task per class on `runtime.quantize_actors` actors; returns the tasks' summaries in completion order."""
     from ray.util import ActorPool
 
-    workers = [QuantizeWorker.remote(config.quantize) for _ in range(max(1, config.runtime.quantize_actors))]
-    pool = ActorPool(workers)
-    tasks = list(class_dirs.items())
-    centroid_rows, stat_rows = [], []
-    for rows, stats in pool.map_unordered(lambda w, task: w.quantize.remote(task[0], str(task[1])), tasks):
-        centroid_rows += rows
-        stat_rows += stats
-    for worker in workers:
-        ray.kill(worker)
-    key = lambda r: (r["ipc"], r["label"], r.get("index", 0))  # noqa: E731 - deterministic row order
-    centroids = pa.Table.from_pylist(sorted(centroid_rows, key=key))
-    stats = pa.Table.from_pylist(sorted(stat_rows, key=key))
-    return centroids, stats
+    out_dir.mkdir(parents=True, exist_ok=True)
+    actors = [QuantizeWorker.remote(config.quantize, str(out_dir)) for _ in range(max(1, config.runtime.quantize_actors))]
+    summaries = []
+    try:
+        pool = ActorPool(actors)
+        tasks = list(class_dirs.items())
+        for done in pool.map_unordered(lambda a, task: getattr(a, method).remote(task[0], str(task[1])), tasks):
+            summaries.append(done)
+            if log and (len(summaries) % max(1, len(tasks) // 10) == 0 or len(summaries) == len(tasks)):
+                log(f"  {method}: {len(summaries)}/{len(tasks)} classes")
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    return summaries
+
+
+def quantize_classes(config: DistillConfig, class_dirs: dict[int, Path], out_dir: Path,
+                     log=None) -> tuple[pa.Table, pa.Table]:
+    """All classes through the actor pool -> (centroids table, per-class statistics table)."""
+    from engine.quantize_stage import gather_class_results
+
+    run_class_pool(config, class_dirs, out_dir, "quantize", log)
+    return gather_class_results(out_dir, sorted(class_dirs))
 
 
 # ---------------------------------------------------------------- decode

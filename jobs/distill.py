@@ -22,6 +22,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from engine import store  # noqa: E402
 from engine.config import DistillConfig, config_hash, load_config, save_config  # noqa: E402
 
+STAGES = ("quantize", "evaluate")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
 
 # A tiny, fast version of the same run: every stage runs for real, on fewer steps.
@@ -35,14 +36,16 @@ def log(message: str) -> None:
     print(f"[distill {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def parse_args(argv=None) -> DistillConfig:
+def parse_args(argv=None) -> tuple[DistillConfig, str]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/digits.yaml)")
     parser.add_argument("--smoke-test", action="store_true", help="tiny fast run of every stage")
+    parser.add_argument("--until", choices=STAGES, default="evaluate",
+                        help="last stage to run: `quantize` stops before decoding (latent W2 only)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. quantize.ipc=10 decode.strength=0.7")
     args = parser.parse_args(argv)
     overrides = (SMOKE_OVERRIDES if args.smoke_test else ()) + tuple(args.overrides)
-    return load_config(args.config, overrides)
+    return load_config(args.config, overrides), args.until
 
 
 def student_jobs(config: DistillConfig, set_dirs: dict[tuple[str, int], Path]) -> list[dict]:
@@ -84,7 +87,51 @@ def teacher_cache_path(config: DistillConfig) -> Path:
     return config.cache_path / "teachers" / f"{config.data.name}-{e.student}-seed0-{key}.safetensors"
 
 
-def run(config: DistillConfig) -> dict:
+def decode_and_evaluate(config: DistillConfig, run_dir: Path, folder: Path, centroids, quantize_key: str,
+                        names: tuple[str, ...], timings: dict) -> list[dict]:
+    from engine import ray_stages
+
+    # Decode: once per (centroids, decode config).
+    start = time.perf_counter()
+    methods = config.evaluate.methods
+    set_dirs: dict[tuple[str, int], Path] = {}
+    latent_methods = [m for m in ("d4m", "ddoq") if m in methods]
+    for method in latent_methods:
+        set_dirs.update({(method, ipc): store.distilled_dir(run_dir, method, ipc) for ipc in config.quantize.ipc})
+    decode_key = config_hash(quantize_key, config.decode, latent_methods)
+    if latent_methods and store.finished_stage(run_dir, "decode", decode_key) is None:
+        log(f"decoding {centroids.num_rows} centroids (strength {config.decode.strength}, "
+            f"guidance {config.decode.guidance_scale}, {config.decode.num_steps} steps)")
+        targets = {ipc: [str(set_dirs[(m, ipc)]) for m in latent_methods] for ipc in config.quantize.ipc}
+        decoded = ray_stages.decode_centroids_to_sets(config, folder, centroids, targets)
+        files = {(r["ipc"], r["label"], r["index"]): r["path"] for r in decoded.to_pylist()}
+        rows = centroids.drop_columns(["latent"]).to_pandas()
+        for method in latent_methods:
+            mode = "uniform" if method == "d4m" else config.quantize.weights
+            for ipc in config.quantize.ipc:
+                part = rows[rows.ipc == ipc]
+                paths = [files[(ipc, label, index)] for label, index in zip(part.label, part["index"])]
+                store.write_set_index(set_dirs[(method, ipc)], paths, part.label.to_numpy(), names,
+                                      part[f"weight_{mode}"].to_numpy(), part["count"].to_numpy())
+        store.mark_stage_finished(run_dir, "decode", decode_key, images=len(files))
+    if "random" in methods:
+        set_dirs.update(write_random_sets(config))
+    timings["decode"] = time.perf_counter() - start
+
+    # Evaluate: every student through Ray Train; finished jobs of the same config are kept.
+    start = time.perf_counter()
+    evaluate_key = config_hash(decode_key, config.data, config.evaluate)
+    results_dir = run_dir / "results" / evaluate_key
+    teacher_path = teacher_cache_path(config)
+    jobs = student_jobs(config, set_dirs)
+    log(f"training {len(jobs)} students ({config.runtime.train_workers} Ray Train worker(s))")
+    results = ray_stages.evaluate_students(config, jobs, teacher_path, results_dir)
+    timings["evaluate"] = time.perf_counter() - start
+
+    return results
+
+
+def run(config: DistillConfig, until: str = "evaluate") -> dict:
     from engine import ray_stages
     from engine.data import class_names
     from engine.priors import load_or_train_prior, prior_folder
@@ -125,7 +172,7 @@ def run(config: DistillConfig) -> dict:
         class_dirs = store.class_latent_dirs(latents_dir)
         log(f"quantizing {len(class_dirs)} classes at IPC {list(config.quantize.ipc)} on "
             f"{config.runtime.quantize_actors} actors")
-        centroids, stats = ray_stages.quantize_classes(config, class_dirs)
+        centroids, stats = ray_stages.quantize_classes(config, class_dirs, run_dir / "quantized" / quantize_key, log)
         store.atomic_write_table(run_dir / "centroids.parquet", centroids)
         store.atomic_write_table(run_dir / "quantization.parquet", stats)
         store.mark_stage_finished(run_dir, "quantize", quantize_key, classes=len(class_dirs))
@@ -133,42 +180,10 @@ def run(config: DistillConfig) -> dict:
     stats = pq.read_table(run_dir / "quantization.parquet").to_pandas()
     timings["quantize"] = time.perf_counter() - start
 
-    # Decode + the real-image baseline: the distilled sets.
-    start = time.perf_counter()
-    methods = config.evaluate.methods
-    set_dirs: dict[tuple[str, int], Path] = {}
-    latent_methods = [m for m in ("d4m", "ddoq") if m in methods]
-    for method in latent_methods:
-        set_dirs.update({(method, ipc): store.distilled_dir(run_dir, method, ipc) for ipc in config.quantize.ipc})
-    decode_key = config_hash(quantize_key, config.decode, latent_methods)
-    if latent_methods and store.finished_stage(run_dir, "decode", decode_key) is None:
-        log(f"decoding {centroids.num_rows} centroids (strength {config.decode.strength}, "
-            f"guidance {config.decode.guidance_scale}, {config.decode.num_steps} steps)")
-        targets = {ipc: [str(set_dirs[(m, ipc)]) for m in latent_methods] for ipc in config.quantize.ipc}
-        decoded = ray_stages.decode_centroids_to_sets(config, folder, centroids, targets)
-        files = {(r["ipc"], r["label"], r["index"]): r["path"] for r in decoded.to_pylist()}
-        rows = centroids.drop_columns(["latent"]).to_pandas()
-        for method in latent_methods:
-            mode = "uniform" if method == "d4m" else config.quantize.weights
-            for ipc in config.quantize.ipc:
-                part = rows[rows.ipc == ipc]
-                paths = [files[(ipc, label, index)] for label, index in zip(part.label, part["index"])]
-                store.write_set_index(set_dirs[(method, ipc)], paths, part.label.to_numpy(), names,
-                                      part[f"weight_{mode}"].to_numpy(), part["count"].to_numpy())
-        store.mark_stage_finished(run_dir, "decode", decode_key, images=len(files))
-    if "random" in methods:
-        set_dirs.update(write_random_sets(config))
-    timings["decode"] = time.perf_counter() - start
-
-    # Evaluate: every student through Ray Train; finished jobs of the same config are kept.
-    start = time.perf_counter()
-    evaluate_key = config_hash(decode_key, config.data, config.evaluate)
-    results_dir = run_dir / "results" / evaluate_key
-    teacher_path = teacher_cache_path(config)
-    jobs = student_jobs(config, set_dirs)
-    log(f"training {len(jobs)} students ({config.runtime.train_workers} Ray Train worker(s))")
-    results = ray_stages.evaluate_students(config, jobs, teacher_path, results_dir)
-    timings["evaluate"] = time.perf_counter() - start
+    # Decode + the real-image baseline: the distilled sets, then every student.
+    results: list[dict] = []
+    if until == "evaluate":
+        results = decode_and_evaluate(config, run_dir, folder, centroids, quantize_key, names, timings)
 
     quantization = {
         f"ipc{ipc}": {
@@ -190,7 +205,7 @@ def format_table(metrics: dict) -> str:
     """Top-1 mean ± std over seeds per method and IPC, then the latent W2 per IPC."""
     import pandas as pd
 
-    frame = pd.DataFrame(metrics["results"])
+    frame = pd.DataFrame(metrics["results"], columns=["method", "ipc", "weights", "top1"])
     lines = [f"{'method':<8} {'weights':<8} {'ipc':>4} {'top1 (mean ± std)':>20} {'seeds':>5}"]
     for (method, ipc, weights), part in frame.groupby(["method", "ipc", "weights"], sort=False):
         top1 = part.top1.to_numpy() * 100
@@ -207,9 +222,9 @@ def format_table(metrics: dict) -> str:
 
 
 def main(argv=None) -> None:
-    config = parse_args(argv)
+    config, until = parse_args(argv)
     start = time.perf_counter()
-    metrics = run(config)
+    metrics = run(config, until)
     print()
     print(format_table(metrics))
     print(f"\nrun folder: {config.run_dir}  ({time.perf_counter() - start:.0f}s)")

@@ -24,7 +24,8 @@ sys.path.insert(0, str(ROOT / "jobs"))
 def smoke_config(tmp_path):
     import distill
 
-    return distill.parse_args(["--smoke-test", f"runs_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}"])
+    config, _ = distill.parse_args(["--smoke-test", f"runs_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}"])
+    return config
 
 
 def test_smoke_run_writes_every_output_and_reruns_from_cache(ray_session, tmp_path):

@@ -3,6 +3,7 @@ import pytest
 from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 
+from engine.config import QuantizeConfig
 from engine.quantize import kmeans_plus_plus, quantize_and_measure, quantize_class, weights_from_counts
 from engine.transport import distortion, squared_distances
 
@@ -15,7 +16,7 @@ def blobs():
 
 def test_recovers_blobs(blobs):
     points, truth = blobs
-    q = quantize_class(points, 5, seed=0)
+    q = quantize_class(points, 5, QuantizeConfig(seed=0))
     assigned = squared_distances(points, q.centroids).argmin(1)
     assert adjusted_rand_score(truth, assigned) > 0.99
 
@@ -24,8 +25,9 @@ def test_objective_never_exceeds_its_initial_centroids(blobs):
     points, _ = blobs
     for init in ("kmeans++", "random"):
         for seed in range(4):
-            q = quantize_class(points, 8, init=init, seed=seed)
+            q = quantize_class(points, 8, QuantizeConfig(init=init, seed=seed))
             assert q.distortion <= q.initial_distortion * (1 + 1e-5)
+            assert q.distortion <= quantize_class(points, 8, QuantizeConfig(init=init, seed=seed, niter=1)).distortion
             assert q.distortion == pytest.approx(distortion(points, q.centroids), rel=1e-4)
 
 
@@ -34,14 +36,14 @@ def test_default_objective_beats_k_random_points(blobs):
     points, _ = blobs
     rng = np.random.default_rng(1)
     for seed in range(4):
-        q = quantize_class(points, 8, seed=seed)
+        q = quantize_class(points, 8, QuantizeConfig(seed=seed))
         for _ in range(5):
             assert q.distortion < distortion(points, points[rng.choice(len(points), 8, replace=False)])
 
 
 def test_more_centroids_never_worse(blobs):
     points, _ = blobs
-    values = [quantize_class(points, k, seed=0).distortion for k in (1, 2, 5, 10, 20)]
+    values = [quantize_class(points, k, QuantizeConfig(seed=0)).distortion for k in (1, 2, 5, 10, 20)]
     assert all(b <= a * (1 + 1e-5) for a, b in zip(values, values[1:]))
 
 
@@ -55,7 +57,8 @@ def test_counts_cover_all_points_not_a_subsample():
 
 def test_seeded():
     points = np.random.default_rng(0).standard_normal((200, 8)).astype(np.float32)
-    np.testing.assert_array_equal(quantize_class(points, 7, seed=5).centroids, quantize_class(points, 7, seed=5).centroids)
+    for config in (QuantizeConfig(seed=5), QuantizeConfig(seed=5, algorithm="clvq"), QuantizeConfig(init="faiss")):
+        np.testing.assert_array_equal(quantize_class(points, 7, config).centroids, quantize_class(points, 7, config).centroids)
 
 
 @pytest.mark.parametrize("mode", ["uniform", "mass", "sqrt"])
@@ -103,6 +106,30 @@ def test_bad_k_and_empty_class():
 
 
 def test_report_has_every_weighting(blobs):
-    report = quantize_and_measure(blobs[0][:100], 4, "kmeans++", 20, 0)
+    report = quantize_and_measure(blobs[0][:100], 4, QuantizeConfig(niter=20))
     assert set(report.weights) == set(report.w2) == {"uniform", "mass", "sqrt"}
     assert report.n == 100
+
+
+def test_clvq_converges_toward_lloyd_on_blobs(blobs):
+    points, truth = blobs
+    lloyd = quantize_class(points, 5, QuantizeConfig(seed=0))
+    clvq = quantize_class(points, 5, QuantizeConfig(seed=0, algorithm="clvq", clvq_epochs=20))
+    assert clvq.distortion <= lloyd.distortion * 1.05
+    assigned = squared_distances(points, clvq.centroids).argmin(1)
+    assert adjusted_rand_score(truth, assigned) > 0.95
+    # More passes bring it closer.
+    short = quantize_class(points, 5, QuantizeConfig(seed=0, algorithm="clvq", clvq_epochs=1))
+    assert clvq.distortion <= short.distortion * (1 + 1e-6)
+
+
+def test_nredo_keeps_the_best_run(blobs):
+    points, _ = blobs
+    single = [quantize_class(points, 8, QuantizeConfig(init="random", seed=s)).distortion for s in range(4)]
+    best = quantize_class(points, 8, QuantizeConfig(init="random", seed=0, nredo=4)).distortion
+    assert best == pytest.approx(min(single), rel=1e-6)
+
+
+def test_faiss_init_runs_and_reports_no_initial_objective(blobs):
+    q = quantize_class(blobs[0], 5, QuantizeConfig(init="faiss"))
+    assert q.k == 5 and np.isnan(q.initial_distortion)

@@ -40,10 +40,10 @@ def test_encode_quantize_decode_on_ray(ray_session, config, saved_prior, tmp_pat
 
     # Actor pool: a few classes, every IPC; identical to calling the pure function directly.
     subset = {label: class_dirs[label] for label in (0, 1, 2)}  # the test prior knows 3 classes
-    centroids, stats = ray_stages.quantize_classes(config, subset)
+    centroids, stats = ray_stages.quantize_classes(config, subset, tmp_path / "quantized")
     assert sorted(set(stats.column("label").to_pylist())) == [0, 1, 2]
     assert centroids.num_rows == 3 * (1 + 3)
-    direct = quantize_class(got, 3, seed=config.quantize.seed)
+    direct = quantize_class(got, 3, config.quantize)
     rows = centroids.to_pandas().query("label == 2 and ipc == 3")
     np.testing.assert_allclose(np.stack(rows.latent), direct.centroids, atol=1e-5)
     assert rows["count"].tolist() == direct.counts.tolist()

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from engine.config import QuantizeConfig
 from engine.quantize import quantize_class, weights_from_counts
 from engine.transport import distortion, squared_distances, w2_distance
 
@@ -15,14 +16,14 @@ def skewed():
 
 
 def test_mass_weights_give_w2_squared_equal_to_distortion(skewed):
-    q = quantize_class(skewed, 6, seed=0)
+    q = quantize_class(skewed, 6, QuantizeConfig(seed=0))
     w2 = w2_distance(skewed, q.centroids, weights_from_counts(q.counts, "mass"))
     assert w2**2 == pytest.approx(q.distortion, rel=1e-4)
 
 
 def test_uniform_weights_are_never_closer_than_mass(skewed):
     for k in (2, 5, 10):
-        q = quantize_class(skewed, k, seed=1)
+        q = quantize_class(skewed, k, QuantizeConfig(seed=1))
         uniform = w2_distance(skewed, q.centroids, weights_from_counts(q.counts, "uniform"))
         mass = w2_distance(skewed, q.centroids, weights_from_counts(q.counts, "mass"))
         assert mass <= uniform + 1e-9
