@@ -18,6 +18,7 @@ import faiss
 import numpy as np
 
 from engine.config import QuantizeConfig
+from engine.transport import w2_distance
 
 WEIGHT_MODES = ("uniform", "mass", "sqrt")
 INITS = ("kmeans++", "random", "faiss")
@@ -183,8 +184,6 @@ class ClassReport:
 
 def quantize_and_measure(latents: np.ndarray, k: int, config: QuantizeConfig = QuantizeConfig()) -> ClassReport:
     """quantize_class, then every weighting and its exact W2 to the class's empirical measure."""
-    from engine.transport import w2_distance
-
     points = np.asarray(latents, dtype=np.float32).reshape(len(latents), -1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # K > n is recorded in the report (k < requested_k), not printed per class

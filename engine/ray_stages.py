@@ -125,13 +125,19 @@ class QuantizeWorker:
                 "peak_rss_mb": peak_rss_mb()}
 
 
+def start_quantize_workers(config: DistillConfig, out_dir: Path) -> list:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [QuantizeWorker.remote(config.quantize, str(out_dir)) for _ in range(max(1, config.runtime.quantize_actors))]
+
+
 def run_class_pool(config: DistillConfig, class_dirs: dict[int, Path], out_dir: Path, method: str = "quantize",
-                   log=None) -> list[dict]:
-    """One task per class on `runtime.quantize_actors` actors; returns the tasks' summaries in completion order."""
+                   log=None, actors: list | None = None) -> list[dict]:
+    """One task per class on `runtime.quantize_actors` actors (or the given, already started ones, which are then
+    left running); returns the tasks' summaries in completion order."""
     from ray.util import ActorPool
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    actors = [QuantizeWorker.remote(config.quantize, str(out_dir)) for _ in range(max(1, config.runtime.quantize_actors))]
+    owned = actors is None
+    actors = start_quantize_workers(config, out_dir) if owned else actors
     summaries = []
     try:
         pool = ActorPool(actors)
@@ -141,7 +147,7 @@ def run_class_pool(config: DistillConfig, class_dirs: dict[int, Path], out_dir: 
             if log and (len(summaries) % max(1, len(tasks) // 10) == 0 or len(summaries) == len(tasks)):
                 log(f"  {method}: {len(summaries)}/{len(tasks)} classes")
     finally:
-        for actor in actors:
+        for actor in actors if owned else []:
             ray.kill(actor)
     return summaries
 
