@@ -35,7 +35,7 @@ def quantize_class_folder(label: int, class_dir: str, config: QuantizeConfig, ou
     if stats_path.exists():
         return {"label": label, "n": -1, "seconds": 0.0, "skipped": True, "peak_rss_mb": peak_rss_mb()}
     start = time.perf_counter()
-    _, latents = read_class_latents(Path(class_dir))
+    _, latents = read_class_latents(class_dir)
     if not np.isfinite(latents).all():
         bad = int((~np.isfinite(latents)).any(axis=1).sum())
         raise ValueError(f"class {label}: {bad} of {len(latents)} latents in {class_dir} contain NaN or Inf")

@@ -120,7 +120,7 @@ class QuantizeWorker:
         from engine.store import read_class_latents
 
         start = time.perf_counter()
-        _, latents = read_class_latents(Path(class_dir))
+        _, latents = read_class_latents(class_dir)
         return {"label": label, "n": len(latents), "seconds": time.perf_counter() - start,
                 "peak_rss_mb": peak_rss_mb()}
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 
@@ -78,20 +79,35 @@ def table_latents(table: pa.Table) -> np.ndarray:
     return np.asarray(column.flatten(), dtype=np.float32).reshape(-1, dim)
 
 
-def class_latent_dirs(latents_dir: Path) -> dict[int, Path]:
-    """label -> its partition folder."""
+def _filesystem(path: str | Path) -> tuple[pafs.FileSystem, str]:
+    """A local path or any URI pyarrow knows (s3://, gs://, hdfs://, file://) -> (filesystem, path inside it)."""
+    text = str(path)
+    if "://" in text:
+        return pafs.FileSystem.from_uri(text)
+    return pafs.LocalFileSystem(), str(Path(text).absolute())
+
+
+def class_latent_dirs(latents_dir: str | Path) -> dict[int, str | Path]:
+    """label -> its partition folder (a Path for local folders, a URI string for remote ones)."""
+    fs, root = _filesystem(latents_dir)
     found = {}
-    for path in Path(latents_dir).glob("label=*"):
-        found[int(path.name.split("=", 1)[1])] = path
+    for info in fs.get_file_info(pafs.FileSelector(root)):
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("label="):
+            label = int(info.base_name.split("=", 1)[1])
+            found[label] = Path(latents_dir) / info.base_name if "://" not in str(latents_dir) else \
+                f"{str(latents_dir).rstrip('/')}/{info.base_name}"
     return dict(sorted(found.items()))
 
 
-def read_class_latents(class_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """One class's latents, sorted by image id so results do not depend on write order: (ids (n,), (n, d))."""
-    files = sorted(Path(class_dir).glob("*.parquet"))
+def read_class_latents(class_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """One class's latents, local or remote, sorted by image id so results do not depend on write order:
+    (ids (n,), latents (n, d) float32). Reads only this class: memory is one class, whatever the dataset."""
+    fs, root = _filesystem(class_dir)
+    files = sorted(info.path for info in fs.get_file_info(pafs.FileSelector(root))
+                   if info.type == pafs.FileType.File and info.base_name.endswith(".parquet"))
     if not files:
         raise FileNotFoundError(f"no latent files in {class_dir}")
-    table = pa.concat_tables([pq.read_table(f, columns=["id", "latent"]) for f in files])
+    table = pa.concat_tables([pq.read_table(f, columns=["id", "latent"], filesystem=fs) for f in files])
     table = table.sort_by("id")
     return np.asarray(table.column("id").to_pylist(), dtype=object), table_latents(table)
 
