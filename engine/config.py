@@ -74,7 +74,7 @@ class QuantizeConfig:
     niter: int = 50
     tol: float = 1e-6
     # Independent seeded runs (seed, seed + 1, ...); the lowest distortion wins.
-    nredo: int = 1
+    nredo: int = 3
     clvq_epochs: int = 10
     clvq_batch_size: int = 64
     seed: int = 0

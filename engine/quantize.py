@@ -18,7 +18,7 @@ import faiss
 import numpy as np
 
 from engine.config import QuantizeConfig
-from engine.transport import w2_distance
+from engine.transport import squared_distances, w2_distance
 
 WEIGHT_MODES = ("uniform", "mass", "sqrt")
 INITS = ("kmeans++", "random", "faiss")
@@ -189,5 +189,6 @@ def quantize_and_measure(latents: np.ndarray, k: int, config: QuantizeConfig = Q
         warnings.simplefilter("ignore")  # K > n is recorded in the report (k < requested_k), not printed per class
         q = quantize_class(points, k, config)
     weights = {mode: weights_from_counts(q.counts, mode) for mode in WEIGHT_MODES}
-    w2 = {mode: w2_distance(points, q.centroids, w) for mode, w in weights.items()}
+    cost = squared_distances(points, q.centroids)  # (n, K), shared by the three weightings
+    w2 = {mode: w2_distance(points, q.centroids, w, cost) for mode, w in weights.items()}
     return ClassReport(q, weights, w2, len(points))
