@@ -1,0 +1,28 @@
+"""The benchmarks run (at toy sizes) and print what the README quotes, so they cannot silently rot."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str) -> str:
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_quantizer_benchmark_prints_the_ratio_line():
+    lines = run("benchmarks/quantize.py", "--n", "120", "--dim", "32", "--ks", "10", "--seeds", "0", "1").splitlines()
+    assert lines[-1].startswith("distortion_vs_d4m=") and "distortion_vs_best=" in lines[-1]
+    ratio = float(lines[-1].split()[0].split("=")[1])
+    assert 0 < ratio <= 1.0  # the engine never loses to D4M's single pass on these mixtures
+
+
+@pytest.mark.slow
+def test_stage_benchmark_runs():
+    out = run("benchmarks/quantize_stage.py", "--classes", "3", "--n", "100", "--shape", "4", "4", "4")
+    assert "speedup 1 -> 2 actors" in out
