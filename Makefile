@@ -12,7 +12,9 @@ RUN := env PYTHONPATH=$(CURDIR) RAY_AUTH_MODE=disabled $(VENV)/bin/python
 
 venv: $(STAMP)
 
-$(STAMP): requirements.lock
+# No prerequisite on purpose: the stamp's name carries the lock's hash, and a fresh clone's file times would
+# otherwise make a cached venv look stale.
+$(STAMP):
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet -r requirements.lock
