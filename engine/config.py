@@ -113,6 +113,8 @@ class RuntimeConfig:
     num_cpus: int = 0
     encode_actors: int = 1
     quantize_actors: int = 2
+    # GPUs per quantize actor: > 0 runs faiss k-means on the GPU (needs the faiss-gpu build: `pip install .[gpu]`).
+    quantize_gpus_per_actor: float = 0.0
     decode_actors: int = 1
     gpus_per_actor: float = 0.0
     train_workers: int = 1

@@ -101,10 +101,12 @@ def lloyd(points: np.ndarray, start: np.ndarray | None, k: int, niter: int, seed
     runs all `niter`, and most classes converge in far fewer."""
     n, d = points.shape
     centroids, previous, done = start, np.inf, 0
+    # faiss-gpu, when this process sees a GPU (a quantize actor with runtime.quantize_gpus_per_actor > 0).
+    on_gpu = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
     while done < niter:
         steps = min(5, niter - done)
         kmeans = faiss.Kmeans(d, k, niter=steps, seed=seed + done, verbose=False, min_points_per_centroid=1,
-                              max_points_per_centroid=-(-n // k))
+                              max_points_per_centroid=-(-n // k), gpu=on_gpu)
         kmeans.train(points, init_centroids=centroids)
         centroids, done = kmeans.centroids.copy(), done + steps
         objective = float(kmeans.obj[-1])

@@ -127,7 +127,9 @@ class QuantizeWorker:
 
 def start_quantize_workers(config: DistillConfig, out_dir: Path) -> list:
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [QuantizeWorker.remote(config.quantize, str(out_dir)) for _ in range(max(1, config.runtime.quantize_actors))]
+    gpus = config.runtime.quantize_gpus_per_actor
+    return [QuantizeWorker.options(num_gpus=gpus).remote(config.quantize, str(out_dir))
+            for _ in range(max(1, config.runtime.quantize_actors))]
 
 
 def run_class_pool(config: DistillConfig, class_dirs: dict[int, Path], out_dir: Path, method: str = "quantize",

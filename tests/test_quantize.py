@@ -133,3 +133,9 @@ def test_nredo_keeps_the_best_run(blobs):
 def test_faiss_init_runs_and_reports_no_initial_objective(blobs):
     q = quantize_class(blobs[0], 5, QuantizeConfig(init="faiss"))
     assert q.k == 5 and np.isnan(q.initial_distortion)
+
+
+def test_k_of_200_on_a_class_of_300():
+    points = np.random.default_rng(0).standard_normal((300, 16)).astype(np.float32)
+    q = quantize_class(points, 200, QuantizeConfig(nredo=1))
+    assert q.k == 200 and q.counts.sum() == 300 and q.distortion < quantize_class(points, 50).distortion
