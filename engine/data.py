@@ -30,9 +30,6 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, index: np.ndarray) -> "ImageSet":
-        return ImageSet(self.images[index], self.labels[index], self.ids[index], self.class_names)
-
 
 def to_rgb_square(image: Image.Image, size: int) -> np.ndarray:
     """Any PIL image -> (size, size, 3) uint8. Non-square images are resized without cropping (digits, MNIST-likes
@@ -48,9 +45,8 @@ def decode_image_bytes(data: bytes, size: int) -> np.ndarray:
 def decode_image_batch(batch: dict, size: int) -> dict:
     """Parquet rows -> {id, label, image (B, size, size, 3) uint8}. `batch["image"]` holds {bytes, path} structs."""
     structs = batch["image"]
-    images = np.stack([decode_image_bytes(s["bytes"], size) for s in structs]) if len(structs) else None
-    if images is None:
-        images = np.zeros((0, size, size, 3), np.uint8)
+    decoded = [decode_image_bytes(s["bytes"], size) for s in structs]
+    images = np.stack(decoded) if decoded else np.zeros((0, size, size, 3), np.uint8)
     return {
         "id": np.array([s["path"] for s in structs], dtype=object),
         "label": np.asarray(batch["label"], dtype=np.int64),

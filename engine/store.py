@@ -90,12 +90,12 @@ def _filesystem(path: str | Path) -> tuple[pafs.FileSystem, str]:
 def class_latent_dirs(latents_dir: str | Path) -> dict[int, str | Path]:
     """label -> its partition folder (a Path for local folders, a URI string for remote ones)."""
     fs, root = _filesystem(latents_dir)
+    remote = "://" in str(latents_dir)
     found = {}
     for info in fs.get_file_info(pafs.FileSelector(root)):
         if info.type == pafs.FileType.Directory and info.base_name.startswith("label="):
-            label = int(info.base_name.split("=", 1)[1])
-            found[label] = Path(latents_dir) / info.base_name if "://" not in str(latents_dir) else \
-                f"{str(latents_dir).rstrip('/')}/{info.base_name}"
+            child = f"{str(latents_dir).rstrip('/')}/{info.base_name}" if remote else Path(latents_dir) / info.base_name
+            found[int(info.base_name.split("=", 1)[1])] = child
     return dict(sorted(found.items()))
 
 
