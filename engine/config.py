@@ -33,6 +33,11 @@ class DataConfig:
     # digits only: held-out fraction of a seeded stratified split (parquet shards bring their own test split).
     test_fraction: float = 0.2
     split_seed: int = 0
+    # Undecodable rows (corrupt, truncated, empty, too large, bad label) are skipped and counted; the job fails,
+    # naming the first bad rows, when more than this fraction of the rows read is skipped.
+    max_skip_fraction: float = 0.01
+    # Images whose header claims more pixels are skipped before decompression (PIL's decompression-bomb limit).
+    max_image_pixels: int = 89_478_485
 
 
 @dataclass(frozen=True)
@@ -149,6 +154,8 @@ class DistillConfig:
 _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "data.image_size": (lambda v: 8 <= v <= 1024 and v % 4 == 0, "must be a multiple of 4 in [8, 1024]"),
     "data.test_fraction": (lambda v: 0.0 < v < 1.0, "must be in (0, 1)"),
+    "data.max_skip_fraction": (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
+    "data.max_image_pixels": (lambda v: v >= 1, "must be >= 1"),
     "quantize.ipc": (lambda v: len(v) > 0 and all(k >= 1 for k in v), "must be one or more integers >= 1"),
     "quantize.niter": (lambda v: v >= 1, "must be >= 1"),
     "quantize.nredo": (lambda v: v >= 1, "must be >= 1"),

@@ -10,14 +10,22 @@ stage maps over shards.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+import math
+import struct
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from engine.config import DataConfig
+
+
+# Why a row was skipped. Everything else a row can hold (any PIL mode, any size) is converted.
+SKIP_REASONS = ("empty", "corrupt", "truncated", "too_large", "missing_image", "missing_label",
+                "label_out_of_range")
 
 
 @dataclass(frozen=True)
@@ -26,32 +34,109 @@ class ImageSet:
     labels: np.ndarray  # (N,) int64
     ids: np.ndarray  # (N,) str
     class_names: tuple[str, ...]
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> rows left out of this set
 
     def __len__(self) -> int:
         return len(self.labels)
 
 
+class BadImage(ValueError):
+    """An image row that cannot become an image; `reason` is one of SKIP_REASONS."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
 def to_rgb_square(image: Image.Image, size: int) -> np.ndarray:
     """Any PIL image -> (size, size, 3) uint8. Non-square images are resized without cropping (digits, MNIST-likes
-    are square; center-cropping for ImageNet belongs to the data-loading issue)."""
+    are square; center-cropping for ImageNet belongs to the data-loading issue). Alpha is dropped (as
+    torchvision's loaders do); 16/32-bit integer images are scaled from 0..65535, float images clipped to 0..255,
+    because PIL's own conversion of those modes saturates instead of scaling."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        pixels = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        image = Image.fromarray(np.clip(np.rint(np.asarray(image)), 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # PIL warns when a transparent palette goes straight to RGB
     return np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8)
 
 
-def decode_image_bytes(data: bytes, size: int) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as image:
-        return to_rgb_square(image, size)
+def decode_image_bytes(data: bytes | None, size: int, max_pixels: int = Image.MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Encoded image bytes -> (size, size, 3) uint8, or BadImage saying why not. The pixel count is checked from
+    the header, before anything is decompressed, so a decompression bomb costs nothing."""
+    if data is None:
+        raise BadImage("missing_image", "no image bytes")
+    if len(data) == 0:
+        raise BadImage("empty", "zero-byte image")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise BadImage("too_large", f"{width}x{height} pixels > data.max_image_pixels={max_pixels}")
+            image.load()
+            return to_rgb_square(image, size)
+    except BadImage:
+        raise
+    except Image.DecompressionBombError as error:  # PIL's own limit, when it is below ours
+        raise BadImage("too_large", str(error)) from None
+    except UnidentifiedImageError as error:
+        raise BadImage("corrupt", f"not a readable image ({error.__class__.__name__})") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as error:
+        reason = "truncated" if "truncated" in str(error).lower() or isinstance(error, EOFError) else "corrupt"
+        raise BadImage(reason, f"{error.__class__.__name__}: {error}") from None
 
 
-def decode_image_batch(batch: dict, size: int) -> dict:
-    """Parquet rows -> {id, label, image (B, size, size, 3) uint8}. `batch["image"]` holds {bytes, path} structs."""
-    structs = batch["image"]
-    decoded = [decode_image_bytes(s["bytes"], size) for s in structs]
-    images = np.stack(decoded) if decoded else np.zeros((0, size, size, 3), np.uint8)
-    return {
-        "id": np.array([s["path"] for s in structs], dtype=object),
-        "label": np.asarray(batch["label"], dtype=np.int64),
-        "image": images,
+def decode_rows(batch: dict, size: int, num_classes: int | None = None,
+                max_pixels: int = Image.MAX_IMAGE_PIXELS) -> tuple[dict, dict]:
+    """Parquet rows ({image: {bytes, path}, label}) -> (decoded, skipped).
+
+    decoded: {id, label, image (B, size, size, 3) uint8} for the rows that are images with a valid label.
+    skipped: {id, reason, detail} for every other row, so none is lost without a trace. A missing `label` column,
+    a null label or one outside [0, num_classes) skips the row; `num_classes=None` skips no label as out of range.
+    """
+    structs = batch.get("image")
+    count = len(structs) if structs is not None else len(batch.get("label", ()))
+    structs = structs if structs is not None else [None] * count
+    labels = batch.get("label")
+    kept, skipped = {"id": [], "label": [], "image": []}, {"id": [], "reason": [], "detail": []}
+    for row in range(count):
+        struct = structs[row] or {}
+        row_id = str(struct.get("path") or f"<row {row} of its batch, no path>")
+        label = None if labels is None else labels[row]
+        try:
+            if labels is None or label is None or (isinstance(label, float) and math.isnan(label)):
+                raise BadImage("missing_label", "no label column" if labels is None else "null label")
+            label = int(label)
+            if label < 0 or (num_classes is not None and label >= num_classes):
+                raise BadImage("label_out_of_range", f"label {label} not in [0, {num_classes})")
+            image = decode_image_bytes(struct.get("bytes"), size, max_pixels)
+        except BadImage as bad:
+            for key, value in zip(("id", "reason", "detail"), (row_id, bad.reason, bad.detail)):
+                skipped[key].append(value)
+            continue
+        kept["id"].append(row_id)
+        kept["label"].append(label)
+        kept["image"].append(image)
+    decoded = {
+        "id": np.array(kept["id"], dtype=object),
+        "label": np.asarray(kept["label"], dtype=np.int64),
+        "image": np.stack(kept["image"]) if kept["image"] else np.zeros((0, size, size, 3), np.uint8),
     }
+    return decoded, skipped
+
+
+def decode_image_batch(batch: dict, size: int, num_classes: int | None = None,
+                       max_pixels: int = Image.MAX_IMAGE_PIXELS) -> dict:
+    """Parquet rows -> {id, label, image (B, size, size, 3) uint8}, bad rows left out (see `decode_rows`)."""
+    return decode_rows(batch, size, num_classes, max_pixels)[0]
+
+
+def count_skipped(reasons) -> dict[str, int]:
+    """reason per skipped row -> {reason: n}, in SKIP_REASONS order, zero counts omitted."""
+    reasons = list(reasons)
+    return {r: reasons.count(r) for r in SKIP_REASONS if r in reasons}
 
 
 def load_digits_split(config: DataConfig, split: str) -> ImageSet:
@@ -88,14 +173,61 @@ def read_class_names(root: str | Path) -> tuple[str, ...]:
     return tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
 
 
+def check_skipped(rows_read: int, skipped: dict, max_fraction: float) -> None:
+    """Fail, naming the first bad rows by id and reason, when more than `max_fraction` of the rows read were
+    skipped; below it the run goes on and the counts are reported."""
+    bad = len(skipped["id"])
+    if bad == 0 or bad <= max_fraction * rows_read:
+        return
+    order = sorted(range(bad), key=lambda i: skipped["id"][i])[:5]
+    first = "; ".join(f"{skipped['id'][i]} ({skipped['reason'][i]}: {skipped['detail'][i]})" for i in order)
+    raise ValueError(f"{bad} of {rows_read} rows could not be used ({count_skipped(skipped['reason'])}), more than "
+                     f"data.max_skip_fraction={max_fraction}; first: {first}")
+
+
+def inspect_shards(paths: list[str]) -> tuple[list[str], dict]:
+    """Check each shard's schema from its footer (no data read): a shard without an `image` or `label` column
+    contributes every row to `skipped` ({id: "<shard>#<row>", reason, detail}) and is left out of the returned
+    readable list. A file that is not parquet at all stops the run with its name."""
+    readable, skipped = [], {"id": [], "reason": [], "detail": []}
+    for path in paths:
+        try:
+            metadata = pq.read_metadata(path)
+        except Exception as error:  # pyarrow raises ArrowInvalid / OSError variants for damaged footers
+            raise ValueError(f"{path} is not a readable parquet file ({error.__class__.__name__}: {error})") from None
+        names = set(metadata.schema.to_arrow_schema().names)
+        reason = "missing_image" if "image" not in names else "missing_label" if "label" not in names else None
+        if reason is None:
+            readable.append(path)
+            continue
+        for row in range(metadata.num_rows):
+            skipped["id"].append(f"{path}#{row}")
+            skipped["reason"].append(reason)
+            skipped["detail"].append(f"shard has no {reason.split('_')[1]} column")
+    return readable, skipped
+
+
 def load_parquet_split(config: DataConfig, split: str) -> ImageSet:
-    """Read and decode a whole split in this process (small sets and evaluation; encoding streams through Ray)."""
-    parts = [decode_image_batch(pq.read_table(p).to_pydict(), config.image_size) for p in shard_paths(config.path, split)]
+    """Read and decode a whole split in this process (small sets and evaluation; encoding streams through Ray).
+    Bad rows are left out and counted in `skipped`, exactly as the encode stage leaves them out."""
+    readable, shard_skips = inspect_shards(shard_paths(config.path, split))
+    names = read_class_names(config.path)
+    all_skipped = {key: list(values) for key, values in shard_skips.items()}
+    parts = []
+    for path in readable:
+        decoded, skipped = decode_rows(pq.read_table(path, columns=["image", "label"]).to_pydict(),
+                                       config.image_size, len(names), config.max_image_pixels)
+        parts.append(decoded)
+        for key in all_skipped:
+            all_skipped[key] += skipped[key]
+    check_skipped(sum(len(p["id"]) for p in parts) + len(all_skipped["id"]), all_skipped, config.max_skip_fraction)
+    size = config.image_size
     return ImageSet(
-        np.concatenate([p["image"] for p in parts]),
-        np.concatenate([p["label"] for p in parts]),
-        np.concatenate([p["id"] for p in parts]),
-        read_class_names(config.path),
+        np.concatenate([p["image"] for p in parts]) if parts else np.zeros((0, size, size, 3), np.uint8),
+        np.concatenate([p["label"] for p in parts]) if parts else np.zeros(0, np.int64),
+        np.concatenate([p["id"] for p in parts]) if parts else np.zeros(0, object),
+        names,
+        count_skipped(all_skipped["reason"]),
     )
 
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from engine.config import DataConfig
-from engine.data import decode_image_batch, load_split
+from engine.data import BadImage, count_skipped, decode_image_batch, decode_image_bytes, decode_rows, load_split
 
 FASHION = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion_mnist"
 
@@ -64,3 +64,124 @@ def test_fashion_mnist_test_split_reads():
     images = load_split(DataConfig(source="parquet", path=str(FASHION), name="fashion_mnist", image_size=28), "test")
     assert len(images) == 10_000 and images.class_names[0] == "T-shirt/top"
     assert np.bincount(images.labels).tolist() == [1000] * 10
+
+
+# ---------------------------------------------------------------- bad input: every row converted or skipped
+
+
+def encoded(array: np.ndarray, mode: str, fmt: str = "PNG", **save) -> bytes:
+    buffer = io.BytesIO()
+    if mode == "LA":  # PIL builds LA images from two planes, not from an (H, W, 2) array
+        image = Image.merge("LA", [Image.fromarray(array[..., 0]), Image.fromarray(array[..., 1])])
+    else:
+        image = Image.fromarray(array) if mode == "I;16" else Image.fromarray(array, mode=mode)
+    assert image.mode == mode
+    image.save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+def png_claiming_size(width: int, height: int) -> bytes:
+    """A real 1x1 PNG whose header (IHDR, with a valid CRC) claims width x height: a decompression bomb's shape."""
+    import struct
+    import zlib
+
+    data = bytearray(encoded(np.zeros((1, 1), np.uint8), "L"))
+    ihdr = 8 + 8  # signature, then length + type of the first chunk
+    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
+    data[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])))
+    return bytes(data)
+
+
+def good_and_bad_rows() -> tuple[list[dict], list, dict, dict]:
+    """Rows of every kind a web-scraped shard holds; returns (image structs, labels, expected good ids, expected
+    skip reason per id)."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)
+    cmyk = Image.fromarray(rgb).convert("CMYK")
+    cmyk_jpeg = io.BytesIO()
+    cmyk.save(cmyk_jpeg, format="JPEG")
+    palette = io.BytesIO()
+    Image.fromarray(rgb).convert("P").save(palette, format="PNG", transparency=0)
+    png, jpeg = encoded(rgb, "RGB"), encoded(rgb, "RGB", "JPEG")
+    good = {
+        "gray.png": encoded(rgb[..., 0], "L"),
+        "rgba.png": encoded(rng.integers(0, 256, (9, 9, 4), dtype=np.uint8), "RGBA"),
+        "la.png": encoded(rng.integers(0, 256, (9, 9, 2), dtype=np.uint8), "LA"),
+        "palette.png": palette.getvalue(),
+        "cmyk.jpg": cmyk_jpeg.getvalue(),
+        "sixteen.png": encoded(rng.integers(0, 65536, (12, 12), dtype=np.uint16), "I;16"),
+        "one.png": encoded(rgb[:1, :1], "RGB"),
+        "odd.jpg": encoded(rng.integers(0, 256, (7, 31, 3), dtype=np.uint8), "RGB", "JPEG"),
+        "large.png": encoded(np.zeros((1500, 2000, 3), np.uint8), "RGB"),
+        "rgb.webp": encoded(rgb, "RGB", "WEBP"),
+    }
+    bad = {
+        "empty.png": (b"", "empty"),
+        "junk.png": (b"<html>404 not found</html>", "corrupt"),
+        "header-only.png": (png[:30], "corrupt"),
+        "truncated.png": (png[: len(png) // 2], "truncated"),
+        "truncated.jpg": (jpeg[: len(jpeg) // 2], "truncated"),
+        "bomb.png": (png_claiming_size(100_000, 100_000), "too_large"),
+    }
+    structs = [{"bytes": b, "path": p} for p, b in good.items()] + [{"bytes": b, "path": p} for p, (b, _) in bad.items()]
+    labels = [i % 3 for i in range(len(structs))]
+    structs += [{"bytes": png, "path": "label-7.png"}, {"bytes": png, "path": "label-neg.png"},
+                {"bytes": png, "path": "label-null.png"}, None]
+    labels += [7, -1, None, 0]
+    reasons = {p: r for p, (_, r) in bad.items()}
+    reasons.update({"label-7.png": "label_out_of_range", "label-neg.png": "label_out_of_range",
+                    "label-null.png": "missing_label", "<row 19 of its batch, no path>": "missing_image"})
+    return structs, labels, set(good), reasons
+
+
+def test_every_row_is_converted_or_skipped_with_its_reason():
+    structs, labels, good, reasons = good_and_bad_rows()
+    decoded, skipped = decode_rows({"image": structs, "label": labels}, 16, num_classes=3)
+    assert set(decoded["id"]) == good
+    assert decoded["image"].shape == (len(good), 16, 16, 3) and decoded["image"].dtype == np.uint8
+    assert dict(zip(skipped["id"], skipped["reason"])) == reasons
+    assert len(decoded["id"]) + len(skipped["id"]) == len(structs)  # nothing lost without a trace
+    assert count_skipped(skipped["reason"]) == {"empty": 1, "corrupt": 2, "truncated": 2, "too_large": 1,
+                                                "missing_image": 1, "missing_label": 1, "label_out_of_range": 2}
+
+
+def test_conversions_keep_the_pixels():
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).astype(np.uint16)
+    out = decode_image_bytes(encoded(ramp, "I;16"), 8)
+    np.testing.assert_array_equal(out[..., 0], np.rint(ramp / 257).astype(np.uint8))  # scaled, not saturated
+    gray = np.random.default_rng(1).integers(0, 256, (8, 8), dtype=np.uint8)
+    out = decode_image_bytes(encoded(np.dstack([gray, np.full_like(gray, 9)]), "LA"), 8)
+    assert (out == gray[..., None]).all()  # alpha dropped, gray replicated
+
+
+def test_the_pixel_limit_is_read_from_the_header():
+    with pytest.raises(BadImage, match="too_large"):
+        decode_image_bytes(png_claiming_size(5000, 5000), 16, max_pixels=1_000_000)
+    assert decode_image_bytes(encoded(np.zeros((10, 10), np.uint8), "L"), 16, max_pixels=100).shape == (16, 16, 3)
+
+
+def write_shard(path: Path, structs, labels) -> None:
+    columns = {"image": pa.array(structs, pa.struct([("bytes", pa.binary()), ("path", pa.string())]))}
+    if labels is not None:
+        columns["label"] = pa.array(labels, pa.int64())
+    pq.write_table(pa.table(columns), path)
+
+
+def test_bad_shards_are_counted_and_the_skip_fraction_is_enforced(tmp_path):
+    structs, labels, good, reasons = good_and_bad_rows()
+    write_shard(tmp_path / "train-00000-of-00002.parquet", structs, labels)
+    write_shard(tmp_path / "train-00001-of-00002.parquet", structs[:2], None)  # no label column
+    (tmp_path / "classes.txt").write_text("a\nb\nc\n")
+    config = DataConfig(source="parquet", path=str(tmp_path), max_skip_fraction=0.6)
+    images = load_split(config, "train")
+    assert set(images.ids) == good
+    assert images.skipped["missing_label"] == 1 + 2 and sum(images.skipped.values()) == len(reasons) + 2
+    with pytest.raises(ValueError, match=r"12 of 22 rows .* first: .*bomb.png \(too_large"):
+        load_split(DataConfig(source="parquet", path=str(tmp_path), max_skip_fraction=0.5), "train")
+
+
+def test_a_file_that_is_not_parquet_is_named(tmp_path):
+    (tmp_path / "train-00000-of-00001.parquet").write_bytes(b"PAR1 but not really")
+    (tmp_path / "classes.txt").write_text("a\n")
+    with pytest.raises(ValueError, match="train-00000-of-00001.parquet is not a readable parquet file"):
+        load_split(DataConfig(source="parquet", path=str(tmp_path)), "train")
