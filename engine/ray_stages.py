@@ -23,7 +23,8 @@ import ray.data
 from ray.data.extensions import ArrowTensorArray
 
 from engine.config import DataConfig, DecodeConfig, DistillConfig, QuantizeConfig, RuntimeConfig
-from engine.data import decode_image_batch, load_split, shard_paths
+from engine.data import check_skipped, class_names, decode_rows, inspect_shards, load_split, shard_paths
+from engine.faults import crash_once_if_requested
 
 
 def init_ray(runtime: RuntimeConfig) -> None:
@@ -42,8 +43,40 @@ def init_ray(runtime: RuntimeConfig) -> None:
 # ---------------------------------------------------------------- encode
 
 
-def source_dataset(data: DataConfig) -> ray.data.Dataset:
-    """Rows {id, label, image (H, W, 3) uint8} of the train split."""
+def deterministic_order() -> None:
+    """Blocks are bundled into batches in input order, so a re-run (or a retried task) sees the same batches and
+    the outputs are byte-identical."""
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+
+
+SKIPPED_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
+
+
+def write_skipped(skip_dir: str | Path, skipped: dict, tag: str) -> None:
+    """One small parquet file of skipped rows, named by its content: a retried task rewrites the same file, so
+    rows are never counted twice, and no driver-side re-read of the data is needed to count them."""
+    import hashlib
+
+    from engine.store import atomic_write_table
+
+    if not skipped["id"]:
+        return
+    table = pa.table({k: pa.array(skipped[k], pa.string()) for k in SKIPPED_SCHEMA.names}, schema=SKIPPED_SCHEMA)
+    digest = hashlib.sha256("\0".join([tag, *skipped["id"], *skipped["reason"]]).encode()).hexdigest()[:24]
+    atomic_write_table(Path(skip_dir) / f"{digest}.parquet", table)
+
+
+def decode_and_record_skips(batch: dict, size: int, num_classes: int, max_pixels: int, skip_dir: str) -> dict:
+    """Ray Data map over raw shard rows: decoded rows go on to the encoder, skipped rows to `skip_dir`."""
+    decoded, skipped = decode_rows(batch, size, num_classes, max_pixels)
+    tag = "\0".join(sorted(set(map(str, batch.get("path", ()))))) + "\0" + "\0".join(map(str, decoded["id"]))
+    write_skipped(skip_dir, skipped, tag)
+    return decoded
+
+
+def source_dataset(data: DataConfig, skip_dir: Path | None = None) -> ray.data.Dataset:
+    """Rows {id, label, image (H, W, 3) uint8} of the train split; rows that cannot be used are recorded as
+    {id, reason, detail} files under `skip_dir` (parquet sources only: the digits are known good)."""
     if data.source == "digits":
         images = load_split(data, "train")
         table = pa.table({
@@ -52,37 +85,61 @@ def source_dataset(data: DataConfig) -> ray.data.Dataset:
             "image": ArrowTensorArray.from_numpy(images.images),
         })
         return ray.data.from_arrow(table)
-    raw = ray.data.read_parquet(shard_paths(data.path, "train"), columns=["image", "label"])
-    return raw.map_batches(decode_image_batch, fn_kwargs={"size": data.image_size}, batch_size=256)
+    if skip_dir is None:
+        raise ValueError("a parquet source needs a folder for the records of skipped rows")
+    readable, shard_skips = inspect_shards(shard_paths(data.path, "train"))  # footers only
+    write_skipped(skip_dir, shard_skips, "shards")
+    if not readable:
+        raise ValueError(f"no shard under {data.path} has both an image and a label column")
+    raw = ray.data.read_parquet(readable, columns=["image", "label"], include_paths=True)
+    return raw.map_batches(decode_and_record_skips, batch_size=256, fn_kwargs={
+        "size": data.image_size, "num_classes": len(class_names(data)), "max_pixels": data.max_image_pixels,
+        "skip_dir": str(skip_dir)})
+
+
+def gather_skipped(skip_dir: Path) -> pa.Table:
+    """Every skipped-row record of a stage, sorted by id (order-independent, so re-runs compare equal)."""
+    files = sorted(Path(skip_dir).glob("*.parquet")) if Path(skip_dir).exists() else []
+    if not files:
+        return SKIPPED_SCHEMA.empty_table()
+    return pa.concat_tables([pq.read_table(f) for f in files]).sort_by([("id", "ascending"), ("reason", "ascending")])
 
 
 class VaeEncoder:
     """Ray Data callable class: loads the prior's VAE once per actor, encodes batches of images."""
 
-    def __init__(self, prior_folder: str, batch_size: int, device: str):
+    def __init__(self, prior_folder: str, batch_size: int, device: str, fault_dir: str = ""):
         from engine.priors.tiny import load_tiny_prior
 
         self.vae = load_tiny_prior(prior_folder).vae.to(device)
         self.batch_size = batch_size
+        self.fault_dir = fault_dir  # test-only crash injection (engine/faults.py); empty in normal runs
 
     def __call__(self, batch: dict) -> pa.Table:
         from engine.encode import encode_images
         from engine.store import latents_to_table
+
+        crash_once_if_requested(self.fault_dir, "encode")
 
         latents = encode_images(self.vae, batch["image"], self.batch_size)  # (B, C, h, w)
         return latents_to_table(batch["id"], batch["label"], latents)
 
 
 def encode_to_parquet(config: DistillConfig, prior_folder: Path, out_dir: Path) -> int:
-    """Encode the train split; latents land in out_dir/label=<c>/. Returns the number of images encoded."""
+    """Encode the train split; latents land in out_dir/label=<c>/, the rows that could not be used in
+    out_dir/../skipped.parquet {id, reason, detail}. Fails, before anything is published, when more than
+    `data.max_skip_fraction` of the rows read were skipped. Returns the number of images encoded."""
     runtime = config.runtime
     staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    skip_dir = out_dir.with_name(out_dir.name + ".skipped.partial")
+    for folder in (staging, skip_dir):
+        shutil.rmtree(folder, ignore_errors=True)
+    deterministic_order()
     use_gpu = runtime.gpus_per_actor > 0
-    latents = source_dataset(config.data).map_batches(
+    latents = source_dataset(config.data, skip_dir).map_batches(
         VaeEncoder,
         fn_constructor_kwargs={"prior_folder": str(prior_folder), "batch_size": config.encode.batch_size,
-                               "device": "cuda" if use_gpu else "cpu"},
+                               "device": "cuda" if use_gpu else "cpu", "fault_dir": str(config.run_dir)},
         batch_size=config.encode.batch_size,
         compute=ray.data.ActorPoolStrategy(size=runtime.encode_actors),
         num_gpus=runtime.gpus_per_actor,
@@ -90,8 +147,14 @@ def encode_to_parquet(config: DistillConfig, prior_folder: Path, out_dir: Path) 
     )
     latents.write_parquet(str(staging), partition_cols=["label"])
     count = sum(pq.ParquetFile(f).metadata.num_rows for f in staging.rglob("*.parquet"))
+    skipped = gather_skipped(skip_dir)
+    check_skipped(count + skipped.num_rows, skipped.to_pydict(), config.data.max_skip_fraction)
+    from engine.store import atomic_write_table
+
+    atomic_write_table(out_dir.parent / "skipped.parquet", skipped)
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)  # the stage's output appears whole or not at all
+    shutil.rmtree(skip_dir, ignore_errors=True)
     return count
 
 
@@ -170,7 +233,8 @@ class CentroidDecoder:
     """Ray Data callable class: loads the prior once, decodes centroid rows, writes each image as a PNG into the
     folder of every method that uses it (d4m and ddoq share centroids, differ only in weights)."""
 
-    def __init__(self, prior_folder: str, decode: DecodeConfig, set_dirs: dict[int, list[str]], device: str):
+    def __init__(self, prior_folder: str, decode: DecodeConfig, set_dirs: dict[int, list[str]], device: str,
+                 fault_dir: str = ""):
         from engine.priors.tiny import load_tiny_prior
 
         self.prior = load_tiny_prior(prior_folder)
@@ -178,10 +242,13 @@ class CentroidDecoder:
         self.prior.unet.to(device)
         self.decode = decode
         self.set_dirs = set_dirs
+        self.fault_dir = fault_dir  # test-only crash injection (engine/faults.py); empty in normal runs
 
     def __call__(self, batch: dict) -> dict:
         from engine.decode import decode_centroids
         from engine.store import image_file_name, write_png
+
+        crash_once_if_requested(self.fault_dir, "decode")
 
         latents = np.stack(batch["latent"]).reshape(len(batch["label"]), *self.prior.latent_shape)
         # Noise key per centroid: unique within the run, independent of batching.
@@ -203,10 +270,11 @@ def decode_centroids_to_sets(config: DistillConfig, prior_folder: Path, centroid
     runtime = config.runtime
     use_gpu = runtime.gpus_per_actor > 0
     rows = centroids.select(["label", "ipc", "index", "latent"])
+    deterministic_order()
     decoded = ray.data.from_arrow(rows).map_batches(
         CentroidDecoder,
         fn_constructor_kwargs={"prior_folder": str(prior_folder), "decode": config.decode, "set_dirs": set_dirs,
-                               "device": "cuda" if use_gpu else "cpu"},
+                               "device": "cuda" if use_gpu else "cpu", "fault_dir": str(config.run_dir)},
         batch_size=config.decode.batch_size,
         compute=ray.data.ActorPoolStrategy(size=runtime.decode_actors),
         num_gpus=runtime.gpus_per_actor,

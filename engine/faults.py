@@ -1,0 +1,35 @@
+"""Test-only fault injection: lets a test kill one Ray actor mid-stage, once, to check that Ray retries the work
+and that nothing is lost. Inert in normal runs: it fires only when a test has created the flag file
+`<run folder>/_faults/crash-<stage>`; costs one failed rename per batch otherwise."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+FAULTS_FOLDER = "_faults"
+
+
+def request_crash(run_dir: str | Path, stage: str) -> Path:
+    """Arm a one-shot crash of whichever actor of `stage` next processes a batch (tests only)."""
+    flag = Path(run_dir) / FAULTS_FOLDER / f"crash-{stage}"
+    flag.parent.mkdir(parents=True, exist_ok=True)
+    flag.touch()
+    return flag
+
+
+def crash_fired(run_dir: str | Path, stage: str) -> bool:
+    return (Path(run_dir) / FAULTS_FOLDER / f"crash-{stage}.fired").exists()
+
+
+def crash_once_if_requested(run_dir: str | None, stage: str) -> None:
+    """Exit this process abruptly (as a preempted node or an OOM kill would) if a crash of `stage` is armed.
+    The rename is atomic, so exactly one actor fires per armed flag, however many race for it."""
+    if not run_dir:
+        return
+    flag = Path(run_dir) / FAULTS_FOLDER / f"crash-{stage}"
+    try:
+        os.rename(flag, flag.with_name(flag.name + ".fired"))
+    except FileNotFoundError:
+        return
+    os._exit(17)
