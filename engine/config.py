@@ -264,7 +264,9 @@ def config_to_dict(config: Any) -> dict:
 
 
 def save_config(config: DistillConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    partial = Path(path).with_name(Path(path).name + ".partial")  # temp + rename: never a half-written config
+    partial.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    os.replace(partial, path)
 
 
 def config_hash(*parts: Any) -> str:

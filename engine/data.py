@@ -173,6 +173,10 @@ def read_class_names(root: str | Path) -> tuple[str, ...]:
     return tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
 
 
+class TooManyBadRows(ValueError):
+    """More rows skipped than data.max_skip_fraction allows; the message names the first bad rows."""
+
+
 def check_skipped(rows_read: int, skipped: dict, max_fraction: float) -> None:
     """Fail, naming the first bad rows by id and reason, when more than `max_fraction` of the rows read were
     skipped; below it the run goes on and the counts are reported."""
@@ -181,7 +185,7 @@ def check_skipped(rows_read: int, skipped: dict, max_fraction: float) -> None:
         return
     order = sorted(range(bad), key=lambda i: skipped["id"][i])[:5]
     first = "; ".join(f"{skipped['id'][i]} ({skipped['reason'][i]}: {skipped['detail'][i]})" for i in order)
-    raise ValueError(f"{bad} of {rows_read} rows could not be used ({count_skipped(skipped['reason'])}), more than "
+    raise TooManyBadRows(f"{bad} of {rows_read} rows could not be used ({count_skipped(skipped['reason'])}), more than "
                      f"data.max_skip_fraction={max_fraction}; first: {first}")
 
 

@@ -133,20 +133,24 @@ def decode_and_evaluate(config: DistillConfig, run_dir: Path, folder: Path, cent
 
 def run(config: DistillConfig, until: str = "evaluate") -> dict:
     from engine import ray_stages
-    from engine.data import class_names
+    from engine.checks import RunError, check_finite_centroids, check_finite_parameters, check_run_inputs
+    from engine.data import class_names, count_skipped
+    from engine.manifest import write_manifest
     from engine.priors import load_or_train_prior, prior_folder
 
+    names = class_names(config.data)
+    check_run_inputs(config, names, until)
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
     timings: dict[str, float] = {}
-    names = class_names(config.data)
 
     start = time.perf_counter()
     prior = load_or_train_prior(config.prior, config.data, config.cache_path, log=log)
     folder = prior_folder(config.prior, config.data, config.cache_path)
+    check_finite_parameters({n: getattr(prior, n) for n in ("vae", "unet") if hasattr(prior, n)}, f"prior {folder}")
     if prior.class_names != tuple(names):
-        raise ValueError(f"prior {folder} was trained for classes {prior.class_names[:5]}... ({prior.num_classes}), "
+        raise RunError(f"prior {folder} was trained for classes {prior.class_names[:5]}... ({prior.num_classes}), "
                          f"but the data has {len(names)} classes {tuple(names)[:5]}...")
     timings["prior"] = time.perf_counter() - start
     ray_stages.init_ray(config.runtime)
@@ -159,9 +163,13 @@ def run(config: DistillConfig, until: str = "evaluate") -> dict:
     if marker is None:
         log(f"encoding the train split with the prior's VAE (latent shape {prior.latent_shape})")
         encoded = ray_stages.encode_to_parquet(config, folder, latents_dir)
-        store.mark_stage_finished(run_dir, "encode", encode_key, images=encoded, latent_shape=prior.latent_shape)
+        skipped = count_skipped(pq.read_table(run_dir / "skipped.parquet", columns=["reason"]).column(0).to_pylist())
+        if skipped:
+            log(f"encode: skipped {sum(skipped.values())} unusable rows {skipped} (listed in skipped.parquet)")
+        store.mark_stage_finished(run_dir, "encode", encode_key, images=encoded, latent_shape=prior.latent_shape,
+                                  skipped=skipped)
     else:
-        encoded = marker["images"]
+        encoded, skipped = marker["images"], marker.get("skipped", {})
         log(f"encode: reusing {encoded} latents from an earlier run")
     timings["encode"] = time.perf_counter() - start
 
@@ -179,10 +187,16 @@ def run(config: DistillConfig, until: str = "evaluate") -> dict:
     centroids = pq.read_table(run_dir / "centroids.parquet")
     stats = pq.read_table(run_dir / "quantization.parquet").to_pandas()
     timings["quantize"] = time.perf_counter() - start
+    # Documented behaviour: a class with no usable image gets no distilled images; the run goes on and says so.
+    empty_classes = [names[c] for c in range(len(names)) if c not in set(stats.label)]
+    if empty_classes:
+        log(f"warning: {len(empty_classes)} class(es) have no usable images and get no distilled images: "
+            f"{empty_classes[:10]}")
 
     # Decode + the real-image baseline: the distilled sets, then every student.
     results: list[dict] = []
     if until == "evaluate":
+        check_finite_centroids(centroids)  # NaN/Inf never reaches the decoder
         results = decode_and_evaluate(config, run_dir, folder, centroids, quantize_key, names, timings)
 
     quantization = {
@@ -196,8 +210,10 @@ def run(config: DistillConfig, until: str = "evaluate") -> dict:
     }
     metrics = {"results": results, "quantization": quantization, "timings_s": {k: round(v, 2) for k, v in
                                                                             timings.items()},
-               "counts": {"images_encoded": int(encoded), "classes": int(stats.label.nunique())}}
+               "counts": {"images_read": int(encoded) + sum(skipped.values()), "images_encoded": int(encoded),
+                          "skipped": skipped, "classes": int(stats.label.nunique()), "empty_classes": empty_classes}}
     store.atomic_write_json(run_dir / "metrics.json", metrics)
+    write_manifest(run_dir)  # sha256 of every output file: compare runs, detect later changes
     return metrics
 
 
@@ -222,9 +238,17 @@ def format_table(metrics: dict) -> str:
 
 
 def main(argv=None) -> None:
-    config, until = parse_args(argv)
+    from engine.checks import RunError
+    from engine.config import ConfigError
+    from engine.data import TooManyBadRows
+
     start = time.perf_counter()
-    metrics = run(config, until)
+    try:  # problems the user can fix are one sentence, not a traceback
+        config, until = parse_args(argv)
+        metrics = run(config, until)
+    except (ConfigError, RunError, TooManyBadRows) as error:
+        print(f"distill: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
     print()
     print(format_table(metrics))
     print(f"\nrun folder: {config.run_dir}  ({time.perf_counter() - start:.0f}s)")

@@ -1,11 +1,19 @@
-"""The pure stage modules never import ray: Ray lives only in engine/ray_stages.py and the entry points."""
+"""The pure stage modules never import ray (Ray lives only in engine/ray_stages.py and the entry points), and no
+code loads untrusted bytes in a way that can run code (pickle and its relatives, torch.load without
+weights_only, yaml.load without SafeLoader, eval/exec, remote code) or writes an output non-atomically."""
 
+import ast
+import pathlib
 import subprocess
 import sys
 
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 PURE = ["engine.config", "engine.data", "engine.encode", "engine.decode", "engine.quantize", "engine.transport",
         "engine.store", "engine.students", "engine.train", "engine.baselines", "engine.priors",
-        "engine.priors.tiny", "engine.priors.train_tiny"]
+        "engine.priors.tiny", "engine.priors.train_tiny", "engine.manifest", "engine.checks", "engine.faults"]
+SCANNED = [p for d in ("engine", "jobs", "tune", "benchmarks") for p in sorted((ROOT / d).rglob("*.py"))]
 
 
 def test_pure_modules_do_not_import_ray():
@@ -14,12 +22,128 @@ def test_pure_modules_do_not_import_ray():
     assert out.stdout.strip() == "False"
 
 
-def test_no_unsafe_loads_in_the_code():
-    import pathlib
-    import re
+# Loaders that run code from the bytes they read, whatever their arguments.
+PICKLE_LIKE = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "marshal", "shelve"}
+PICKLE_CALLS = {"load", "loads", "Unpickler", "open"}
+SAFE_YAML_LOADERS = {"SafeLoader", "CSafeLoader"}
 
-    root = pathlib.Path(__file__).resolve().parents[1]
-    sources = [p for d in ("engine", "jobs", "tune") for p in (root / d).rglob("*.py")]
-    unsafe = re.compile(r"pickle\.load|allow_pickle\s*=\s*True|weights_only\s*=\s*False|torch\.load\((?![^)]*weights_only=True)")
-    hits = [f"{p}: {line}" for p in sources for line in p.read_text().splitlines() if unsafe.search(line)]
+
+def dotted(node: ast.AST) -> str:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return f"{dotted(node.value)}.{node.attr}"
+    return ""
+
+
+def keyword(call: ast.Call, name: str):
+    """The constant value of a keyword argument, `...` when it is not a constant, None when absent."""
+    for kw in call.keywords:
+        if kw.arg == name:
+            return kw.value.value if isinstance(kw.value, ast.Constant) else dotted(kw.value) or ...
+    return None
+
+
+def unsafe_loads(source: str) -> list[str]:
+    """Every unsafe load in a Python source, as 'line N: why'."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in PICKLE_LIKE:
+            if any(a.name in PICKLE_CALLS for a in node.names):
+                found.append(f"line {node.lineno}: imports a pickle-family loader from {node.module}")
+        if not isinstance(node, ast.Call):
+            continue
+        name = dotted(node.func)
+        parts = name.split(".")
+        why = None
+        if len(parts) >= 2 and parts[-2] in PICKLE_LIKE and parts[-1] in PICKLE_CALLS or parts[-1] == "read_pickle":
+            why = f"{name}() unpickles"
+        elif name == "torch.load" and keyword(node, "weights_only") is not True:
+            why = "torch.load() without weights_only=True"
+        elif parts[-1] == "load" and parts[0] in ("np", "numpy") and keyword(node, "allow_pickle") not in (None, False):
+            why = "numpy.load() with allow_pickle"
+        elif parts[0] == "yaml" and parts[-1] in ("unsafe_load", "full_load", "unsafe_load_all", "full_load_all"):
+            why = f"{name}() can build arbitrary objects"
+        elif parts[0] == "yaml" and parts[-1] in ("load", "load_all"):
+            loader = keyword(node, "Loader")
+            loader = loader if loader is not None or len(node.args) < 2 else dotted(node.args[1])
+            if str(loader).split(".")[-1] not in SAFE_YAML_LOADERS:
+                why = f"{name}() without SafeLoader"
+        elif name in ("eval", "exec", "builtins.eval", "builtins.exec"):
+            why = f"{name}() runs code"
+        for flag, bad in (("trust_remote_code", True), ("allow_pickle", True), ("weights_only", False),
+                          ("use_safetensors", False)):
+            if why is None and keyword(node, flag) is bad:
+                why = f"{name}({flag}={bad})"
+        if why:
+            found.append(f"line {node.lineno}: {why}")
+    return found
+
+
+@pytest.mark.parametrize("line", [
+    "import pickle\npickle.load(f)", "pickle.loads(b)", "from pickle import loads", "import dill\ndill.load(f)",
+    "joblib.load('m.joblib')", "pd.read_pickle(p)", "torch.load(p)", "torch.load(p, weights_only=False)",
+    "torch.load(\n  p,\n  map_location='cpu')", "np.load(p, allow_pickle=True)", "numpy.load(p, allow_pickle=flag)",
+    "yaml.load(text)", "yaml.load(text, Loader=yaml.Loader)", "yaml.load(text, yaml.FullLoader)",
+    "yaml.unsafe_load(text)", "yaml.full_load(text)", "eval(row['expr'])", "exec(code)",
+    "AutoModel.from_pretrained(p, trust_remote_code=True)", "Pipe.from_pretrained(p, use_safetensors=False)",
+    "marshal.loads(b)", "shelve.open(p)",
+])
+def test_the_scanner_catches_unsafe_loads(line):
+    assert unsafe_loads(line), line
+
+
+@pytest.mark.parametrize("line", [
+    "torch.load(p, weights_only=True)", "torch.load(\n  p,\n  weights_only=True,\n)", "np.load(p)",
+    "np.load(p, allow_pickle=False)", "yaml.safe_load(text)", "yaml.load(text, Loader=yaml.SafeLoader)",
+    "model.eval()", "teacher.eval()", "safetensors.torch.load_file(p)", "pq.read_table(p)", "json.loads(s)",
+])
+def test_the_scanner_passes_safe_loads(line):
+    assert unsafe_loads(line) == []
+
+
+def test_no_unsafe_loads_in_the_code():
+    assert len(SCANNED) > 10
+    hits = [f"{p.relative_to(ROOT)} {hit}" for p in SCANNED for hit in unsafe_loads(p.read_text())]
     assert hits == []
+
+
+# Calls that write a file; each must target a temporary name that is then renamed (or an in-memory buffer).
+WRITERS = {"write_text", "write_bytes", "save_file", "save", "write_table", "to_parquet", "to_csv", "savez",
+           "save_pretrained", "dump"}
+# Where a writer's destination is a temporary or staging name renamed into place by the same function/caller.
+ATOMIC_MARKERS = ("partial", "staging", "buffer", "sink")
+# Known sites that write into a folder the caller stages and renames (reason given).
+ATOMIC_BY_CALLER = {
+    "engine/priors/tiny.py": "TinyPrior.save writes a folder that load_or_train_prior stages and renames",
+}
+
+
+def non_atomic_writes(source: str) -> list[str]:
+    """Writes in a Python source whose destination is not visibly a temporary/staging name or a buffer."""
+    offenders, lines = [], source.splitlines()
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call):
+            continue
+        name = dotted(node.func)
+        line = lines[node.lineno - 1]
+        if name.split(".")[-1] in WRITERS and not any(marker in line.lower() for marker in ATOMIC_MARKERS):
+            offenders.append(f"{node.lineno}: {line.strip()}")
+        if name == "open" and len(node.args) > 1 and isinstance(node.args[1], ast.Constant):
+            if any(c in str(node.args[1].value) for c in "wax") and "partial" not in line:
+                offenders.append(f"{node.lineno}: {line.strip()}")
+    return offenders
+
+
+def test_the_write_audit_catches_direct_writes():
+    assert non_atomic_writes("path.write_text(text)") and non_atomic_writes("open(path, 'wb')")
+    assert non_atomic_writes("save_file(state, str(path))")
+    assert non_atomic_writes("partial.write_text(text)\nsave_file(s, str(p) + '.partial')") == []
+
+
+def test_every_write_is_atomic():
+    """Audit of half-written files: every write of an output goes to a temp/staging name first."""
+    offenders = [f"{p.relative_to(ROOT)}:{hit}" for p in SCANNED
+                 if str(p.relative_to(ROOT)) not in ATOMIC_BY_CALLER and "benchmarks" not in p.parts
+                 for hit in non_atomic_writes(p.read_text())]
+    assert offenders == []
