@@ -38,7 +38,10 @@ def write_dirty_shards(root: Path) -> int:
             Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(buffer, format="PNG")
             data = buffer.getvalue()
             bad = i % 5 == 4
-            rows.append({"bytes": data[: len(data) // 3] if bad else data, "path": f"train/{shard}/{i:03d}.png"})
+            # Paths are data, never file names: hostile ones must not make anything appear outside the run.
+            hostile = ["../../escape.png", str(root / "abs-escape.png")][shard]
+            path = hostile if i == 7 else f"train/{shard}/{i:03d}.png"
+            rows.append({"bytes": data[: len(data) // 3] if bad else data, "path": path})
             labels.append(i % 3)
             good += not bad
         pq.write_table(pa.table({"image": pa.array(rows), "label": pa.array(labels, pa.int64())}),
@@ -66,6 +69,10 @@ def test_encode_actor_killed_mid_stage_loses_nothing(ray_session, tmp_path, save
     assert digests["killed"] == digests["clean"]
     skipped = pq.read_table(tmp_path / "killed" / "skipped.parquet").to_pydict()
     assert len(skipped["id"]) == 40 - good and set(skipped["reason"]) == {"truncated"}  # counted once each
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean", "data", "killed", "prior"]
+    assert not list(tmp_path.rglob("*escape*")) and not (tmp_path.parent / "escape.png").exists()
+    assert sorted(p.name for p in data.iterdir()) == ["classes.txt", "train-00000-of-00002.parquet",
+                                                      "train-00001-of-00002.parquet"]
 
 
 def test_decode_actor_killed_mid_stage_loses_nothing(ray_session, tmp_path, saved_prior):
