@@ -3,8 +3,9 @@
 Every source yields the same in-memory form, `ImageSet`: uint8 RGB images (N, H, W, 3) at the configured square
 size, int64 labels (N,), a unique string id per image (the parquet `image.path`, or `digits/<split>/<index>`),
 and the class names. Parquet shards hold rows `{image: {bytes, path}, label}` (the layout of ImageNet-1K and
-../shared/data/fashion_mnist); `decode_image_batch` turns such rows into images and is what the Ray Data read
-stage maps over shards.
+../shared/data/fashion_mnist); `decode_rows` turns such rows into images and is what the Ray Data read stage
+maps over shards. Every row is either converted (any PIL mode, any size) or skipped with one of SKIP_REASONS,
+so a web-scraped shard never stops a run for one bad image and never loses a row without a trace.
 """
 
 from __future__ import annotations

@@ -123,7 +123,8 @@ def good_and_bad_rows() -> tuple[list[dict], list, dict, dict]:
         "truncated.jpg": (jpeg[: len(jpeg) // 2], "truncated"),
         "bomb.png": (png_claiming_size(100_000, 100_000), "too_large"),
     }
-    structs = [{"bytes": b, "path": p} for p, b in good.items()] + [{"bytes": b, "path": p} for p, (b, _) in bad.items()]
+    structs = [{"bytes": b, "path": p} for p, b in good.items()]
+    structs += [{"bytes": b, "path": p} for p, (b, _) in bad.items()]
     labels = [i % 3 for i in range(len(structs))]
     structs += [{"bytes": png, "path": "label-7.png"}, {"bytes": png, "path": "label-neg.png"},
                 {"bytes": png, "path": "label-null.png"}, None]

@@ -95,7 +95,8 @@ def test_nan_in_weights_is_named():
 
 
 def test_nan_centroids_are_stopped_before_the_decoder_naming_the_class():
-    rows = [{"label": c, "ipc": 2, "index": i, "weight_mass": 1.0, "latent": [0.0, 1.0]} for c in (0, 1) for i in (0, 1)]
+    rows = [{"label": c, "ipc": 2, "index": i, "weight_mass": 1.0, "latent": [0.0, 1.0]}
+            for c in (0, 1) for i in (0, 1)]
     check_finite_centroids(pa.Table.from_pylist(rows))
     rows[3]["latent"] = [float("nan"), 0.0]
     rows[0]["weight_mass"] = float("inf")
