@@ -38,7 +38,7 @@ def run_main(args: list[str], capsys) -> str:
 
 
 def write_toy_dataset(root: Path, class_names: str, per_class: dict[int, int], bad: int = 0, size: int = 16) -> None:
-    """train/test shards of random RGB images: `per_class` images per label in train, `bad` truncated rows, one
+    """train/test shards of random RGB images: `per_class` images per label in train, `bad` rows cut to 40 bytes (corrupt), one
     row with a label outside the classes, 2 test images per class."""
     rng = np.random.default_rng(0)
     root.mkdir(parents=True, exist_ok=True)
@@ -186,7 +186,7 @@ def test_driver_killed_mid_decode_then_rerun_gives_the_same_run(tmp_path):
     assert latent_rows(run_a) == latent_rows(run_b)
     metrics_a, metrics_b = (json.loads((r / "metrics.json").read_text()) for r in (run_a, run_b))
     assert metrics_b["counts"] == metrics_a["counts"] == {
-        "images_read": 17, "images_encoded": 13, "skipped": {"truncated": 3, "label_out_of_range": 1},
+        "images_read": 17, "images_encoded": 13, "skipped": {"corrupt": 3, "label_out_of_range": 1},
         "classes": 2, "empty_classes": ["two"]}
     untimed = [[{k: v for k, v in row.items() if k != "seconds"} for row in m["results"]] for m in (metrics_a, metrics_b)]
     assert untimed[0] == untimed[1] and len(untimed[0]) == 3 * 2  # same students, same top-1
