@@ -219,66 +219,100 @@ def decode_centroids_to_sets(config: DistillConfig, prior_folder: Path, centroid
 
 
 def _evaluation_loop(loop_config: dict) -> None:
-    """Runs on every Ray Train worker: teacher (cached), then each student job not finished yet."""
+    """Runs on every Ray Train worker: the teacher (cached or given), then each student job not finished yet.
+    Every job reports held-out top-1 `evaluate.reports` times (ray.train.report) and checkpoints alongside, so a
+    killed or restarted run resumes mid-job; a finished job's result file is never redone."""
     import ray.train
     import ray.train.torch
     import torch
     from safetensors.torch import load_file, save_file
 
+    from engine.protocols import get_protocol
     from engine.store import atomic_write_json, read_distilled_set
-    from engine.train import TrainSet, evaluate_top1, epochs_to_steps, train_student, train_teacher
+    from engine.students import create_student
+    from engine.train import (TrainSet, Worker, evaluate_top1, student_epochs,
+                              train_student, train_teacher)
 
     config: DistillConfig = loop_config["config"]
-    torch.set_num_threads(config.runtime.train_cpus_per_worker)
     evaluate = config.evaluate
-    rank = ray.train.get_context().get_world_rank()
-    wrap = ray.train.torch.prepare_model  # moves to the worker's device; DDP when there are several workers
+    protocol = get_protocol(evaluate.protocol)
+    torch.set_num_threads(config.runtime.train_cpus_per_worker)
+    context = ray.train.get_context()
+    worker = Worker(context.get_world_rank(), context.get_world_size(), ray.train.torch.prepare_model)
     train = load_split(config.data, "train")
     test = load_split(config.data, "test")
     num_classes = len(train.class_names)
     full = TrainSet(train.images, train.labels, np.ones(len(train.labels)))
-
-    teacher_path = Path(loop_config["teacher_path"])
-    if teacher_path.exists():
-        from engine.students import create_student
-
-        teacher = create_student(evaluate.student, num_classes, train.images.shape[1], evaluate.width)
-        teacher.load_state_dict(load_file(teacher_path))
-    else:
-        teacher = train_teacher(full, num_classes, evaluate, seed=0, wrap_model=wrap)
-        teacher = getattr(teacher, "module", teacher)
-        if rank == 0:
-            teacher_path.parent.mkdir(parents=True, exist_ok=True)
-            save_file(teacher.state_dict(), str(teacher_path) + ".partial")
-            os.replace(str(teacher_path) + ".partial", teacher_path)
-    teacher.eval()
-    teacher_top1 = evaluate_top1(teacher, test.images, test.labels)
-
     results_dir = Path(loop_config["results_dir"])
+
+    teacher, teacher_top1 = None, None
+    if protocol.soft_labels:  # the hard-label protocol never builds or reads a teacher
+        teacher_path = Path(loop_config["teacher_path"])
+        if teacher_path.exists():
+            teacher = create_student(evaluate.teacher, num_classes, train.images.shape[1], evaluate.width)
+            teacher.load_state_dict(load_file(teacher_path))
+        else:
+            teacher = train_teacher(full, num_classes, evaluate.teacher, evaluate, seed=0, worker=worker)
+            teacher = getattr(teacher, "module", teacher)
+            if worker.rank == 0:
+                teacher_path.parent.mkdir(parents=True, exist_ok=True)
+                save_file(teacher.state_dict(), str(teacher_path) + ".partial")
+                os.replace(str(teacher_path) + ".partial", teacher_path)
+        teacher.eval()
+        teacher_top1 = evaluate_top1(teacher, test.images, test.labels)
+
     for job in loop_config["jobs"]:
         result_path = results_dir / f"{job['job']}.json"
         if result_path.exists():  # finished in an earlier (killed) run of the same config
             continue
         start = time.perf_counter()
         if job["method"] == "full":
-            data = full
-            steps = epochs_to_steps(len(full.labels), evaluate.full_epochs, evaluate.batch_size)
+            data, epochs = full, evaluate.full_epochs
         else:
-            images, labels, weights = read_distilled_set(Path(job["set_dir"]))
-            data, steps = TrainSet(images, labels, weights), evaluate.student_steps
-        student = train_student(data, teacher, num_classes, steps, evaluate, job["seed"], wrap_model=wrap)
+            data, epochs = TrainSet(*read_distilled_set(Path(job["set_dir"]))), student_epochs(evaluate)
+        soft_labels = None
+        if protocol.stored_labels:
+            soft_labels = _stored_soft_labels(results_dir / "soft_labels" / f"{job['set']}-seed{job['seed']}.safetensors",
+                                              data, teacher, epochs, evaluate, job["seed"], worker.rank)
+
+        def report(step: int, model, job=job):
+            top1 = evaluate_top1(model, test.images, test.labels)
+            ray.train.report({"job": job["job"], "step": step, "top1": top1})
+
+        checkpoint = results_dir / "checkpoints" / f"{job['job']}.pt"
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        student = train_student(data, teacher, num_classes, job["student"], epochs, evaluate, job["seed"], worker,
+                                soft_labels=soft_labels, report=report, reports=evaluate.reports,
+                                checkpoint=checkpoint)
         top1 = evaluate_top1(getattr(student, "module", student), test.images, test.labels)
-        row = {**{k: job[k] for k in ("method", "ipc", "seed", "weights")}, "top1": top1,
-               "teacher_top1": teacher_top1, "images": int(len(data.labels)), "steps": steps,
-               "seconds": round(time.perf_counter() - start, 2)}
-        if rank == 0:
+        row = {**{k: job[k] for k in ("method", "weights", "ipc", "protocol", "student", "teacher", "seed")},
+               "top1": top1, "teacher_top1": teacher_top1, "images": int(len(data.labels)), "epochs": epochs,
+               "workers": worker.world, "seconds": round(time.perf_counter() - start, 2)}
+        if worker.rank == 0:
             atomic_write_json(result_path, row)
-        ray.train.report({"job": job["job"], **row})
+            checkpoint.unlink(missing_ok=True)
+
+
+def _stored_soft_labels(path: Path, data, teacher, epochs: int, evaluate, seed: int, rank: int) -> dict:
+    """FKD labels of one (set, seed): generated once, stored as safetensors, replayed by every student."""
+    from safetensors.torch import load_file, save_file
+
+    from engine.train import generate_soft_labels
+
+    if path.exists():
+        return load_file(path)
+    labels = generate_soft_labels(data, teacher, epochs, evaluate, seed)  # deterministic: same on every rank
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(labels, str(path) + ".partial")
+        os.replace(str(path) + ".partial", path)
+    return labels
 
 
 def evaluate_students(config: DistillConfig, jobs: list[dict], teacher_path: Path, results_dir: Path) -> list[dict]:
-    """Train every job's student through one TorchTrainer run; returns the result rows (one JSON per job)."""
-    from ray.train import RunConfig, ScalingConfig
+    """Train every job's student through one TorchTrainer run (DDP over `runtime.train_workers`); returns the
+    result rows (one JSON file per job)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     runtime = config.runtime
@@ -289,7 +323,9 @@ def evaluate_students(config: DistillConfig, jobs: list[dict], teacher_path: Pat
                            "results_dir": str(results_dir.resolve())},
         scaling_config=ScalingConfig(num_workers=runtime.train_workers, use_gpu=runtime.train_use_gpu,
                                      resources_per_worker={"CPU": runtime.train_cpus_per_worker}),
-        run_config=RunConfig(name="evaluate", storage_path=str((config.run_dir / "ray_train").resolve())),
+        # A failed worker group restarts; jobs resume from their checkpoints and finished jobs are skipped.
+        run_config=RunConfig(name="evaluate", storage_path=str((config.run_dir / "ray_train").resolve()),
+                             failure_config=FailureConfig(max_failures=2)),
     )
     trainer.fit()
     return [json.loads((results_dir / f"{job['job']}.json").read_text()) for job in jobs]
