@@ -155,3 +155,39 @@ def test_saved_folders_hold_no_pickles(sd15_folder, dit_folder):
     for folder in (sd15_folder, dit_folder):
         assert not [p for p in folder.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
         assert json.loads((folder / "model_index.json").read_text())["_class_name"].endswith("Pipeline")
+
+
+@pytest.mark.ray
+def test_sd15_through_the_ray_encode_and_decode_stages(ray_session, tmp_path, sd15_folder, sd15):
+    """Parquet shards at 20x20 are read at the prior's 32x32, encoded by the sd15 VAE on Ray Data, and centroids are
+    decoded back to PNGs at the data's 20x20: the path `jobs/distill.py` takes with prior.kind=sd15."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from engine import ray_stages, store
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(8):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(buffer, format="PNG")
+        rows.append({"bytes": buffer.getvalue(), "path": f"train/{i:06d}.png"})
+    table = pa.table({"image": pa.array(rows), "label": pa.array([i % 2 for i in range(8)], pa.int64())})
+    pq.write_table(table, tmp_path / "train-00000-of-00001.parquet")
+    (tmp_path / "classes.txt").write_text("tench\ngoldfish\n")
+    config = load_config(None, [f"runs_dir={tmp_path}", "data.source=parquet", f"data.path={tmp_path}",
+                                "data.name=toy", "data.image_size=20", "prior.kind=sd15", f"prior.path={sd15_folder}",
+                                "decode.num_steps=3", "decode.negative_prompt=cartoon"])
+    names = ("tench", "goldfish")
+    assert ray_stages.encode_to_parquet(config, sd15_folder, tmp_path / "latents", sd15.image_size, names) == 8
+    ids, latents = store.read_class_latents(store.class_latent_dirs(tmp_path / "latents")[1])
+    assert latents.shape == (4, 4 * 16 * 16)
+    centroids = pa.table({"label": pa.array([1, 1], pa.int64()), "ipc": pa.array([2, 2], pa.int64()),
+                          "index": pa.array([0, 1], pa.int64()), "latent": pa.array(list(latents[:2]))})
+    decoded = ray_stages.decode_centroids_to_sets(config, sd15_folder, centroids, {2: [str(tmp_path / "set")]}, names)
+    assert decoded.num_rows == 2
+    pngs = sorted((tmp_path / "set").glob("*.png"))
+    assert len(pngs) == 2 and all(Image.open(p).size == (20, 20) for p in pngs)
