@@ -191,3 +191,29 @@ def test_sd15_through_the_ray_encode_and_decode_stages(ray_session, tmp_path, sd
     assert decoded.num_rows == 2
     pngs = sorted((tmp_path / "set").glob("*.png"))
     assert len(pngs) == 2 and all(Image.open(p).size == (20, 20) for p in pngs)
+
+
+# Parameter counts of the published models, in millions (SD v1.5: UNet 859.5, VAE 83.7, CLIP text 123.1;
+# DiT-XL/2-256: 675.1): the configs in the code are the real architectures.
+FULL_SIZE = {"sd15": ({"unet": 860, "vae": 84, "text_encoder": 123}, (4, 64, 64), 512),
+             "dit": ({"transformer": 675, "vae": 84}, (4, 32, 32), 256)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sd15", "dit"])
+def test_full_size_prior_saves_loads_encodes_quantizes_decodes(tmp_path, kind):
+    millions, latent_shape, resolution = FULL_SIZE[kind]
+    torch.manual_seed(0)
+    built = build_sd15_prior(NAMES, tmp_path / "tok") if kind == "sd15" else build_dit_prior(NAMES)
+    for name, count in millions.items():
+        assert round(sum(p.numel() for p in getattr(built, name).parameters()) / 1e6) == count, name
+    built.save(tmp_path / "prior")
+    del built
+    prior = load_prior(kind, tmp_path / "prior", NAMES)
+    assert prior.latent_shape == latent_shape and prior.image_size == resolution
+    images = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    latents = prior.encode(images, batch_size=3)
+    centroids = quantize_class(latents, 2).centroids.reshape(-1, *latent_shape)
+    config = DecodeConfig(guidance_scale=4.0, strength=0.5, num_steps=2, negative_prompt="cartoon")
+    out = decode_latents(prior, centroids, np.array([0, 2]), config, size=32)
+    assert out.shape == (2, 32, 32, 3) and out.dtype == np.uint8
