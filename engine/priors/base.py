@@ -81,6 +81,14 @@ def load_scheduler(folder: Path):
     return cls.from_pretrained(folder)
 
 
+def move(module: torch.nn.Module, device: str, dtype: str) -> None:
+    """to(device), and to the dtype only when it changes (diffusers warns on every dtype cast, even a no-op)."""
+    if DTYPES[dtype] == next(module.parameters()).dtype:
+        module.to(device)
+    else:
+        module.to(device, DTYPES[dtype])
+
+
 def guided(eps_cond: torch.Tensor, eps_null: torch.Tensor, guidance_scale: float) -> torch.Tensor:
     """Classifier-free guidance."""
     return eps_null + guidance_scale * (eps_cond - eps_null)

@@ -21,7 +21,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel
 from engine.config import DecodeConfig
 from engine.decode import check_decode_inputs, img2img_timesteps, pixels_to_images, row_noise
 from engine.encode import encode_images
-from engine.priors.base import DTYPES, check_prior_folder, guided, load_scheduler
+from engine.priors.base import check_prior_folder, guided, load_scheduler, move
 from engine.priors.sd15 import SD15_VAE
 
 COMPONENTS = ("vae", "transformer", "scheduler")
@@ -63,7 +63,7 @@ class DiTPrior:
 
     def to(self, device: str, dtype: str = "float32") -> "DiTPrior":
         for module in (self.vae, self.transformer):
-            module.to(device, DTYPES[dtype])
+            move(module, device, dtype)
         return self
 
     def eval(self) -> "DiTPrior":

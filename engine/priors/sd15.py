@@ -23,7 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from engine.config import DecodeConfig
 from engine.decode import check_decode_inputs, img2img_timesteps, pixels_to_images, row_noise
 from engine.encode import encode_images
-from engine.priors.base import DTYPES, check_prior_folder, guided, load_scheduler
+from engine.priors.base import check_prior_folder, guided, load_scheduler, move
 
 COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 
@@ -72,7 +72,7 @@ class StableDiffusionPrior:
 
     def to(self, device: str, dtype: str = "float32") -> "StableDiffusionPrior":
         for module in (self.vae, self.unet, self.text_encoder):
-            module.to(device, DTYPES[dtype])
+            move(module, device, dtype)
         return self
 
     def eval(self) -> "StableDiffusionPrior":

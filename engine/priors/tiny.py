@@ -55,10 +55,10 @@ class TinyPrior:
         (folder / PRIOR_FILE).write_text(json.dumps(meta, indent=2))
 
     def to(self, device: str, dtype: str = "float32") -> "TinyPrior":
-        from engine.priors.base import DTYPES
+        from engine.priors.base import move
 
-        self.vae.to(device, DTYPES[dtype])
-        self.unet.to(device, DTYPES[dtype])
+        move(self.vae, device, dtype)
+        move(self.unet, device, dtype)
         return self
 
     def encode(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
