@@ -8,6 +8,9 @@ num_steps=1 and num_steps=2 at strength 1.0, so step = t(2) - t(1) is one denois
 overhead = t(1) - step (text encoder + VAE decode + setup). A full decode of S scheduler steps at strength s runs
 round(S * s) denoiser calls, so s/img = (overhead + round(S * s) * step) / B. Printed for D4M's 50 x 0.7 = 35 and
 for 50 x 1.0 = 50 (plain DiT). Figures in one run come from the same process and machine.
+On a shared machine wall time measures the neighbours too, so every figure is derived from the process's CPU
+time divided by torch's thread count ("free-core seconds": the wall time the same work takes on idle cores);
+wall times are printed beside them.
 """
 
 from __future__ import annotations
@@ -29,9 +32,12 @@ from engine.config import DecodeConfig  # noqa: E402
 
 
 def timed(fn) -> float:
-    start = time.perf_counter()
+    """Free-core seconds: process CPU time / threads (robust to other processes on the cores); also prints wall."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    print(f"    (wall {wall:.1f}s, cpu {cpu:.1f}s)", flush=True)
+    return cpu / torch.get_num_threads()
 
 
 def build(kind: str, tmp: Path):
