@@ -4,10 +4,11 @@
 
 encode: images/s of prior.encode (VAE encoder, posterior mean) at the prior's resolution.
 decode: prior.decode (the engine's img2img loop: text encoding, batched CFG, VAE decode) is timed twice, with
-num_steps=1 and num_steps=2 at strength 1.0, so step = t(2) - t(1) is one denoiser call on 2B rows and
-overhead = t(1) - step (text encoder + VAE decode + setup). A full decode of S scheduler steps at strength s runs
-round(S * s) denoiser calls, so s/img = (overhead + round(S * s) * step) / B. Printed for D4M's 50 x 0.7 = 35 and
-for 50 x 1.0 = 50 (plain DiT). Figures in one run come from the same process and machine.
+num_steps=1 and num_steps=2 at strength 1.0; with n(S, s) the denoiser calls the scheduler makes for S steps at
+strength s (DDIM: round(S * s); SD's PNDM repeats one step: one more for S > 1), step = (t(2) - t(1)) / (n(2, 1) - n(1, 1)) is one
+denoiser call on 2B rows and overhead = t(1) - n(1, 1) * step (text encoder + VAE decode + setup), so
+s/img = (overhead + n(S, s) * step) / B. Printed for D4M's 50 x 0.7 and for 50 x 1.0 (plain DiT).
+Figures in one run come from the same process and machine.
 On a shared machine wall time measures the neighbours too, so every figure is derived from the process's CPU
 time divided by torch's thread count ("free-core seconds": the wall time the same work takes on idle cores);
 wall times are printed beside them.
@@ -29,6 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from engine.config import DecodeConfig  # noqa: E402
+from engine.decode import img2img_timesteps  # noqa: E402
 
 
 def timed(fn) -> float:
@@ -69,10 +71,14 @@ def measure(kind: str, batch_sizes: list[int], device: str, dtype: str, tmp: Pat
         config = DecodeConfig(strength=1.0, guidance_scale=4.0, negative_prompt="cartoon, anime, painting")
         one = timed(lambda: prior.decode(latents, labels, replace(config, num_steps=1), keys))
         two = timed(lambda: prior.decode(latents, labels, replace(config, num_steps=2), keys))
-        step = max(two - one, 0.0)
-        overhead = one - step
+        # Denoiser calls per decode come from the scheduler itself (PNDM, SD's, runs num_steps + 1 calls).
+        calls = {k: len(img2img_timesteps(prior.scheduler, n, s)) for k, (n, s) in
+                 {"one": (1, 1.0), "two": (2, 1.0), "d4m": (50, 0.7), "full": (50, 1.0)}.items()}
+        step = max(two - one, 0.0) / (calls["two"] - calls["one"])
+        overhead = one - calls["one"] * step
         row = {"kind": kind, "batch": b, "encode_img_s": b / encode_s, "step_s": step, "overhead_s": overhead,
-               "decode_s_img_35": (overhead + 35 * step) / b, "decode_s_img_50": (overhead + 50 * step) / b}
+               "decode_s_img_35": (overhead + calls["d4m"] * step) / b,
+               "decode_s_img_50": (overhead + calls["full"] * step) / b}
         print(f"  B={b}: encode {row['encode_img_s']:.3f} img/s | denoiser step (2B rows, CFG) {step:.2f}s, "
               f"text+VAE-decode {overhead:.2f}s | decode {row['decode_s_img_35']:.1f} s/img at 50x0.7, "
               f"{row['decode_s_img_50']:.1f} s/img at 50x1.0", flush=True)
