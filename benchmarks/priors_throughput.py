@@ -5,8 +5,9 @@
 encode: images/s of prior.encode (VAE encoder, posterior mean) at the prior's resolution.
 decode: prior.decode (the engine's img2img loop: text encoding, batched CFG, VAE decode) is timed twice, with
 num_steps=1 and num_steps=2 at strength 1.0; with n(S, s) the denoiser calls the scheduler makes for S steps at
-strength s (DDIM: round(S * s); SD's PNDM repeats one step: one more for S > 1), step = (t(2) - t(1)) / (n(2, 1) - n(1, 1)) is one
-denoiser call on 2B rows and overhead = t(1) - n(1, 1) * step (text encoder + VAE decode + setup), so
+strength s (DDIM: round(S * s); SD's PNDM repeats one step: one more for S > 1),
+step = (t(2) - t(1)) / (n(2, 1) - n(1, 1)) is one denoiser call on 2B rows and
+overhead = t(1) - n(1, 1) * step (text encoder + VAE decode + setup), so
 s/img = (overhead + n(S, s) * step) / B. Printed for D4M's 50 x 0.7 and for 50 x 1.0 (plain DiT).
 Figures in one run come from the same process and machine.
 On a shared machine wall time measures the neighbours too, so every figure is derived from the process's CPU
@@ -103,7 +104,8 @@ def main() -> None:
     for kind in {r["kind"] for r in rows}:
         mine = [r for r in rows if r["kind"] == kind]
         first, last = mine[0], mine[-1]
-        print(f"{kind}: B={last['batch']} vs B={first['batch']}: encode img/s x{last['encode_img_s'] / first['encode_img_s']:.2f}, "
+        speedup = last["encode_img_s"] / first["encode_img_s"]
+        print(f"{kind}: B={last['batch']} vs B={first['batch']}: encode img/s x{speedup:.2f}, "
               f"decode s/img (50x0.7) x{last['decode_s_img_35'] / first['decode_s_img_35']:.2f}")
 
 

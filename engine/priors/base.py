@@ -67,7 +67,8 @@ def check_prior_folder(folder: Path, components: tuple[str, ...]) -> None:
         try:
             json.loads(config.read_text())
         except json.JSONDecodeError as error:
-            raise ValueError(f"prior folder {folder}: {config.relative_to(folder)} is not valid JSON ({error})") from None
+            name = config.relative_to(folder)
+            raise ValueError(f"prior folder {folder}: {name} is not valid JSON ({error})") from None
 
 
 def load_scheduler(folder: Path):
