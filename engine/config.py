@@ -37,8 +37,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class PriorConfig:
-    kind: Literal["tiny"] = "tiny"
-    # A diffusers-format folder; empty = the engine's cache, trained on first use.
+    # "tiny": trained by the engine; "sd15" / "dit": Stable Diffusion v1.5 / DiT-XL/2 from a local diffusers folder.
+    kind: Literal["tiny", "sd15", "dit"] = "tiny"
+    # A diffusers-format folder; empty = the engine's cache, trained on first use (tiny only).
     path: str = ""
     vae_channels: tuple[int, ...] = (16, 32)
     latent_channels: int = 4
@@ -54,6 +55,10 @@ class PriorConfig:
     class_dropout: float = 0.1
     num_train_timesteps: int = 1000
     seed: int = 0
+
+    def __post_init__(self):
+        if self.kind != "tiny" and not self.path:
+            raise ConfigError(f"prior.kind={self.kind} needs prior.path: a local diffusers folder with its weights")
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,10 @@ class DecodeConfig:
     num_steps: int = 50
     batch_size: int = 64
     seed: int = 0
+    # sd15: the text classifier-free guidance pushes away from (D4M: "cartoon, anime, painting"); "" = unconditional.
+    negative_prompt: str = ""
+    # dit: the model's class id for each data label (ImageNet-1K: empty = identity); other data needs a mapping.
+    class_ids: tuple[int, ...] = ()
 
 
 METHODS = ("random", "herding", "kcenter", "d4m", "ddoq", "full")
@@ -131,6 +140,8 @@ class RuntimeConfig:
     train_workers: int = 1
     train_cpus_per_worker: int = 2
     train_use_gpu: bool = False
+    # Weights and activations of the prior's networks on the decode/encode actors (bfloat16 on GPUs).
+    prior_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
 @dataclass(frozen=True)

@@ -42,8 +42,9 @@ def init_ray(runtime: RuntimeConfig) -> None:
 # ---------------------------------------------------------------- encode
 
 
-def source_dataset(data: DataConfig) -> ray.data.Dataset:
-    """Rows {id, label, image (H, W, 3) uint8} of the train split."""
+def source_dataset(data: DataConfig, size: int | None = None) -> ray.data.Dataset:
+    """Rows {id, label, image (H, W, 3) uint8} of the train split; shards are decoded straight to `size` (the prior's
+    resolution, e.g. 512 for sd15), default the data's."""
     if data.source == "digits":
         images = load_split(data, "train")
         table = pa.table({
@@ -53,36 +54,38 @@ def source_dataset(data: DataConfig) -> ray.data.Dataset:
         })
         return ray.data.from_arrow(table)
     raw = ray.data.read_parquet(shard_paths(data.path, "train"), columns=["image", "label"])
-    return raw.map_batches(decode_image_batch, fn_kwargs={"size": data.image_size}, batch_size=256)
+    return raw.map_batches(decode_image_batch, fn_kwargs={"size": size or data.image_size}, batch_size=256)
 
 
 class VaeEncoder:
     """Ray Data callable class: loads the prior's VAE once per actor, encodes batches of images."""
 
-    def __init__(self, prior_folder: str, batch_size: int, device: str):
-        from engine.priors.tiny import load_tiny_prior
+    def __init__(self, prior_kind: str, prior_folder: str, class_names: tuple, batch_size: int, device: str,
+                 dtype: str = "float32"):
+        from engine.priors import load_prior
 
-        self.vae = load_tiny_prior(prior_folder).vae.to(device)
+        self.prior = load_prior(prior_kind, prior_folder, class_names).to(device, dtype)
         self.batch_size = batch_size
 
     def __call__(self, batch: dict) -> pa.Table:
-        from engine.encode import encode_images
         from engine.store import latents_to_table
 
-        latents = encode_images(self.vae, batch["image"], self.batch_size)  # (B, C, h, w)
+        latents = self.prior.encode(batch["image"], self.batch_size)  # (B, C, h, w)
         return latents_to_table(batch["id"], batch["label"], latents)
 
 
-def encode_to_parquet(config: DistillConfig, prior_folder: Path, out_dir: Path) -> int:
-    """Encode the train split; latents land in out_dir/label=<c>/. Returns the number of images encoded."""
+def encode_to_parquet(config: DistillConfig, prior_folder: Path, out_dir: Path, resolution: int | None = None,
+                      class_names: tuple = ()) -> int:
+    """Encode the train split at the prior's `resolution`; latents land in out_dir/label=<c>/. Returns the count."""
     runtime = config.runtime
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     use_gpu = runtime.gpus_per_actor > 0
-    latents = source_dataset(config.data).map_batches(
+    latents = source_dataset(config.data, resolution).map_batches(
         VaeEncoder,
-        fn_constructor_kwargs={"prior_folder": str(prior_folder), "batch_size": config.encode.batch_size,
-                               "device": "cuda" if use_gpu else "cpu"},
+        fn_constructor_kwargs={"prior_kind": config.prior.kind, "prior_folder": str(prior_folder),
+                               "class_names": tuple(class_names), "batch_size": config.encode.batch_size,
+                               "device": "cuda" if use_gpu else "cpu", "dtype": runtime.prior_dtype},
         batch_size=config.encode.batch_size,
         compute=ray.data.ActorPoolStrategy(size=runtime.encode_actors),
         num_gpus=runtime.gpus_per_actor,
@@ -170,24 +173,23 @@ class CentroidDecoder:
     """Ray Data callable class: loads the prior once, decodes centroid rows, writes each image as a PNG into the
     folder of every method that uses it (d4m and ddoq share centroids, differ only in weights)."""
 
-    def __init__(self, prior_folder: str, decode: DecodeConfig, set_dirs: dict[int, list[str]], device: str):
-        from engine.priors.tiny import load_tiny_prior
+    def __init__(self, prior_kind: str, prior_folder: str, class_names: tuple, decode: DecodeConfig,
+                 set_dirs: dict[int, list[str]], device: str, image_size: int | None = None, dtype: str = "float32"):
+        from engine.priors import load_prior
 
-        self.prior = load_tiny_prior(prior_folder)
-        self.prior.vae.to(device)
-        self.prior.unet.to(device)
+        self.prior = load_prior(prior_kind, prior_folder, class_names).to(device, dtype)
         self.decode = decode
         self.set_dirs = set_dirs
+        self.image_size = image_size  # the evaluation resolution images are resized to
 
     def __call__(self, batch: dict) -> dict:
-        from engine.decode import decode_centroids
+        from engine.decode import decode_latents
         from engine.store import image_file_name, write_png
 
         latents = np.stack(batch["latent"]).reshape(len(batch["label"]), *self.prior.latent_shape)
         # Noise key per centroid: unique within the run, independent of batching.
         keys = batch["ipc"] * 1_000_000 + batch["label"] * 1_000 + batch["index"]
-        images = decode_centroids(self.prior, latents, batch["label"], self.decode.guidance_scale,
-                                  self.decode.strength, self.decode.num_steps, self.decode.seed, keys)
+        images = decode_latents(self.prior, latents, batch["label"], self.decode, keys, self.image_size)
         files = []
         for image, label, index, ipc in zip(images, batch["label"], batch["index"], batch["ipc"]):
             name = image_file_name(int(label), int(index))
@@ -198,15 +200,17 @@ class CentroidDecoder:
 
 
 def decode_centroids_to_sets(config: DistillConfig, prior_folder: Path, centroids: pa.Table,
-                             set_dirs: dict[int, list[str]]) -> pa.Table:
+                             set_dirs: dict[int, list[str]], class_names: tuple = ()) -> pa.Table:
     """Decode every centroid; returns rows {label, ipc, index, path}."""
     runtime = config.runtime
     use_gpu = runtime.gpus_per_actor > 0
     rows = centroids.select(["label", "ipc", "index", "latent"])
     decoded = ray.data.from_arrow(rows).map_batches(
         CentroidDecoder,
-        fn_constructor_kwargs={"prior_folder": str(prior_folder), "decode": config.decode, "set_dirs": set_dirs,
-                               "device": "cuda" if use_gpu else "cpu"},
+        fn_constructor_kwargs={"prior_kind": config.prior.kind, "prior_folder": str(prior_folder),
+                               "class_names": tuple(class_names), "decode": config.decode, "set_dirs": set_dirs,
+                               "device": "cuda" if use_gpu else "cpu", "image_size": config.data.image_size,
+                               "dtype": runtime.prior_dtype},
         batch_size=config.decode.batch_size,
         compute=ray.data.ActorPoolStrategy(size=runtime.decode_actors),
         num_gpus=runtime.gpus_per_actor,
@@ -230,6 +234,9 @@ def _evaluation_loop(loop_config: dict) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
+    from functools import cache
+
+    from engine.data import class_names
     from engine.protocols import get_protocol
     from engine.store import atomic_write_json, read_distilled_set
     from engine.students import create_student
@@ -242,20 +249,24 @@ def _evaluation_loop(loop_config: dict) -> None:
     torch.set_num_threads(config.runtime.train_cpus_per_worker)
     context = ray.train.get_context()
     worker = Worker(context.get_world_rank(), context.get_world_size(), ray.train.torch.prepare_model)
-    train = load_split(config.data, "train")
+
+    @cache
+    def full() -> TrainSet:  # the whole train split, loaded only if a teacher or the `full` method needs it
+        train = load_split(config.data, "train")
+        return TrainSet(train.images, train.labels, np.ones(len(train.labels)))
+
     test = load_split(config.data, "test")
-    num_classes = len(train.class_names)
-    full = TrainSet(train.images, train.labels, np.ones(len(train.labels)))
+    num_classes = len(class_names(config.data))
     results_dir = Path(loop_config["results_dir"])
 
     teacher, teacher_top1 = None, None
     if protocol.soft_labels:  # the hard-label protocol never builds or reads a teacher
         teacher_path = Path(loop_config["teacher_path"])
         if teacher_path.exists():
-            teacher = create_student(evaluate.teacher, num_classes, train.images.shape[1], evaluate.width)
+            teacher = create_student(evaluate.teacher, num_classes, config.data.image_size, evaluate.width)
             teacher.load_state_dict(load_file(teacher_path))
         else:
-            teacher = train_teacher(full, num_classes, evaluate.teacher, evaluate, seed=0, worker=worker)
+            teacher = train_teacher(full(), num_classes, evaluate.teacher, evaluate, seed=0, worker=worker)
             teacher = getattr(teacher, "module", teacher)
             if worker.rank == 0:
                 teacher_path.parent.mkdir(parents=True, exist_ok=True)
@@ -270,7 +281,7 @@ def _evaluation_loop(loop_config: dict) -> None:
             continue
         start = time.perf_counter()
         if job["method"] == "full":
-            data, epochs = full, evaluate.full_epochs
+            data, epochs = full(), evaluate.full_epochs
         else:
             data, epochs = TrainSet(*read_distilled_set(Path(job["set_dir"]))), student_epochs(evaluate)
         soft_labels = None

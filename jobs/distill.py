@@ -95,7 +95,7 @@ def decode_and_evaluate(config: DistillConfig, run_dir: Path, folder: Path, cent
         log(f"decoding {centroids.num_rows} centroids (strength {config.decode.strength}, "
             f"guidance {config.decode.guidance_scale}, {config.decode.num_steps} steps)")
         targets = {ipc: [str(set_dirs[key]) for key in latent_sets if key[2] == ipc] for ipc in config.quantize.ipc}
-        decoded = ray_stages.decode_centroids_to_sets(config, folder, centroids, targets)
+        decoded = ray_stages.decode_centroids_to_sets(config, folder, centroids, targets, tuple(names))
         files = {(r["ipc"], r["label"], r["index"]): r["path"] for r in decoded.to_pylist()}
         rows = centroids.drop_columns(["latent"]).to_pandas()
         for method, weights, ipc in latent_sets:
@@ -144,7 +144,7 @@ def run(config: DistillConfig, until: str = "evaluate") -> dict:
     start = time.perf_counter()
     prior = load_or_train_prior(config.prior, config.data, config.cache_path, log=log)
     folder = prior_folder(config.prior, config.data, config.cache_path)
-    if prior.class_names != tuple(names):
+    if prior.kind == "tiny" and prior.class_names != tuple(names):  # sd15/dit take the data's names
         raise ValueError(f"prior {folder} was trained for classes {prior.class_names[:5]}... ({prior.num_classes}), "
                          f"but the data has {len(names)} classes {tuple(names)[:5]}...")
     timings["prior"] = time.perf_counter() - start
@@ -157,7 +157,7 @@ def run(config: DistillConfig, until: str = "evaluate") -> dict:
     marker = store.finished_stage(run_dir, "encode", encode_key)
     if marker is None:
         log(f"encoding the train split with the prior's VAE (latent shape {prior.latent_shape})")
-        encoded = ray_stages.encode_to_parquet(config, folder, latents_dir)
+        encoded = ray_stages.encode_to_parquet(config, folder, latents_dir, prior.image_size, tuple(names))
         store.mark_stage_finished(run_dir, "encode", encode_key, images=encoded, latent_shape=prior.latent_shape)
     else:
         encoded = marker["images"]
