@@ -276,8 +276,10 @@ def _evaluation_loop(loop_config: dict) -> None:
         ray.train.report({"job": job["job"], **row})
 
 
-def evaluate_students(config: DistillConfig, jobs: list[dict], teacher_path: Path, results_dir: Path) -> list[dict]:
-    """Train every job's student through one TorchTrainer run; returns the result rows (one JSON per job)."""
+def evaluate_students(config: DistillConfig, jobs: list[dict], teacher_path: Path, results_dir: Path,
+                      callbacks=()) -> list[dict]:
+    """Train every job's student through one TorchTrainer run; returns the result rows (one JSON per job).
+    `callbacks`: Ray Train callbacks, e.g. TuneReportCallback when a Tune trial runs the evaluation."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -289,7 +291,8 @@ def evaluate_students(config: DistillConfig, jobs: list[dict], teacher_path: Pat
                            "results_dir": str(results_dir.resolve())},
         scaling_config=ScalingConfig(num_workers=runtime.train_workers, use_gpu=runtime.train_use_gpu,
                                      resources_per_worker={"CPU": runtime.train_cpus_per_worker}),
-        run_config=RunConfig(name="evaluate", storage_path=str((config.run_dir / "ray_train").resolve())),
+        run_config=RunConfig(name="evaluate", storage_path=str((config.run_dir / "ray_train").resolve()),
+                             callbacks=list(callbacks)),
     )
     trainer.fit()
     return [json.loads((results_dir / f"{job['job']}.json").read_text()) for job in jobs]
