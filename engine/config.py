@@ -226,8 +226,10 @@ def apply_override(values: dict, override: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw)
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> DistillConfig:
-    values: dict = {}
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = (),
+                values: dict | None = None) -> DistillConfig:
+    """From a YAML file, or from a nested dict (`values`, e.g. a sweep's base config), then the overrides."""
+    values = json.loads(json.dumps(values or {}))  # a deep copy: overrides edit it in place
     if path is not None:
         text = Path(path).read_text()
         values = yaml.safe_load(text) or {}
