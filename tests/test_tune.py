@@ -164,3 +164,10 @@ def submit_to_local_head(command: list[str]) -> subprocess.CompletedProcess:
         os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its own cluster on SIGTERM
         head.wait(timeout=60)
         shutil.rmtree(ray_temp, ignore_errors=True)
+
+
+def test_runs_dir_file_uri_and_object_stores(tmp_path):
+    uri = load_config(ROOT / "configs" / "digits.yaml", [f"runs_dir=file://{tmp_path}/shared"])
+    assert uri.run_dir == tmp_path / "shared" / "digits"
+    with pytest.raises(NotImplementedError, match="issue #7"):
+        load_config(ROOT / "configs" / "digits.yaml", ["runs_dir=s3://bucket/runs"]).run_dir

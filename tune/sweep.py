@@ -29,7 +29,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "jobs")]  # run as a script from any direc
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
-from engine.config import ConfigError, DistillConfig, config_hash, config_to_dict, load_config  # noqa: E402
+from engine.config import (ConfigError, DistillConfig, config_hash, config_to_dict, load_config,  # noqa: E402
+                           local_runs_path)
 
 DEFAULT_SPACE = ROOT / "tune" / "spaces" / "digits.yaml"
 SMOKE_SPACE = ROOT / "tune" / "spaces" / "smoke.yaml"
@@ -239,7 +240,7 @@ def run_sweep(base: DistillConfig, space: SearchSpace, max_concurrent: int | Non
     from engine.report import plot_sweep_accuracy
 
     # Absolute: Tune runs each trial in its own working directory.
-    base = dataclasses.replace(base, runs_dir=str(Path(base.runs_dir).expanduser().resolve()),
+    base = dataclasses.replace(base, runs_dir=str(Path(local_runs_path(base.runs_dir)).expanduser().resolve()),
                                cache_dir=str(base.cache_path.expanduser().resolve()))
     sweep_dir = Path(base.runs_dir) / f"{base.name}-sweep"
     sweep_dir.mkdir(parents=True, exist_ok=True)
