@@ -179,9 +179,11 @@ def _table(frame: pd.DataFrame) -> str:
 
 
 def results_table(results: pd.DataFrame) -> pd.DataFrame:
-    summary = results.groupby(["method", "weights", "ipc"], sort=False).top1.agg(["mean", "std", "count"])
-    summary[["mean", "std"]] = summary[["mean", "std"]].fillna(0.0) * 100
-    summary = summary.reset_index().rename(columns={"mean": "top-1 % mean", "std": "std", "count": "seeds"})
+    # Population std (ddof=0), as in the plot and the README's tables.
+    summary = results.groupby(["method", "weights", "ipc"], sort=False).top1.agg(
+        mean="mean", std=lambda s: s.std(ddof=0), seeds="count")
+    summary[["mean", "std"]] = summary[["mean", "std"]] * 100
+    summary = summary.reset_index().rename(columns={"mean": "top-1 % mean", "std": "top-1 % std"})
     summary["ipc"] = summary.ipc.map(lambda k: "all" if k == 0 else str(k))
     return summary
 
