@@ -89,6 +89,28 @@ def test_concurrency_rule_never_starves_trainers():
 
 
 @pytest.mark.ray
+def test_shared_stages_run_once_for_every_trial_of_the_smoke_space(ray_session, tmp_path):
+    """The default-tier proof of work sharing (the whole Tune sweep is the slow test below): the driver's
+    shared stages serve all 2 x 2 smoke trials, computed once, and computed zero times when run again."""
+    args = ["--smoke-test", f"runs_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}"]
+    base, space, _ = sweep.parse_args(args)
+    sweep_dir = tmp_path / "sweep"
+    folders = sweep.prepare_shared_stages(base, space, sweep_dir)
+    runs = [h["stage"] for h in store.stage_history(sweep_dir)]
+    assert (runs.count("encode"), runs.count("quantize")) == (1, 1)
+    trials = [sweep.trial_config(base, space, {"quantize.ipc": k, "decode.guidance_scale": g}, sweep_dir)
+              for k in (1, 2) for g in (1.0, 3.0)]
+    assert {sweep.shared_folder(t, sweep_dir) for t in trials} == set(folders) and len(folders) == 1
+    assert len({t.run_dir for t in trials}) == 4  # each trial decodes and trains in its own folder
+    shared = pq.read_table(folders[0] / "centroids.parquet").to_pandas()
+    assert sorted(shared.ipc.unique()) == [1, 2]  # quantized once at the union of the trials' IPCs
+    assert (shared.groupby(["ipc", "label"]).size() == shared.groupby(["ipc", "label"]).ipc.first()).all()
+    sweep.prepare_shared_stages(base, space, sweep_dir)
+    assert len(store.stage_history(sweep_dir)) == len(runs)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_smoke_sweep_runs_4_trials_and_shares_encode_and_quantize(ray_session, tmp_path):
     out = sweep.main(["--smoke-test", f"runs_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}"])
     sweep_dir = out["sweep_dir"]

@@ -120,7 +120,7 @@ def trial_config(base: DistillConfig, space: SearchSpace, params: dict, sweep_di
     values = config_to_dict(base)
     overrides = space.fixed + tuple(f"{k}={json.dumps(v)}" for k, v in params.items())
     config = load_config(None, overrides, values=values)
-    name = "t-" + config_hash(sorted(params.items()))
+    name = "t-" + config_hash(config)  # the whole trial config: a re-run finds it, any change gets a new folder
     return dataclasses.replace(config, runs_dir=str(Path(sweep_dir) / "trials"), name=name)
 
 
@@ -158,7 +158,9 @@ def run_trial(params: dict, base: DistillConfig, space: SearchSpace, sweep_dir: 
     import distill
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
+    import ray
     from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from engine import store
     from engine.config import save_config
@@ -172,10 +174,29 @@ def run_trial(params: dict, base: DistillConfig, space: SearchSpace, sweep_dir: 
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
-    timings: dict[str, float] = {}
-    results = distill.decode_and_evaluate(config, run_dir, folder, centroids, marker["key"], names, timings,
-                                          train_callbacks=(TuneReportCallback(),))
+    # Tune runs a trial inside a placement group that captures its child tasks: Ray Data's decode actors would
+    # wait forever for CPUs inside the trial's 0.01-CPU group. Run the stages from a task outside any group
+    # (the trainer makes its own group anyway); the rule in max_concurrent_trials sizes them.
+    outside = ray.remote(num_cpus=0)(_decode_and_evaluate).options(
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
+    results, timings = ray.get(outside.remote(config, run_dir, folder, centroids, marker["key"], names,
+                                              (TuneReportCallback(),)))
     store.atomic_write_json(run_dir / "metrics.json", {"params": params, "results": results, "timings_s": timings})
+
+
+def _decode_and_evaluate(config, run_dir, folder, centroids, quantize_key, names, callbacks) -> tuple[list, dict]:
+    """jobs/distill.py's decode + evaluate, as a Ray task body -> (result rows, stage timings)."""
+    import sys as _sys
+
+    import engine.store
+
+    _sys.path.insert(0, str(Path(engine.store.__file__).resolve().parents[1] / "jobs"))
+    import distill
+
+    timings: dict[str, float] = {}
+    results = distill.decode_and_evaluate(config, run_dir, folder, centroids, quantize_key, names, timings,
+                                          train_callbacks=callbacks)
+    return results, timings
 
 
 def pyarrow_array(values):
@@ -260,7 +281,8 @@ def run_sweep(base: DistillConfig, space: SearchSpace, max_concurrent: int | Non
     scheduler = None
     if space.scheduler == "asha":
         # One Tune iteration per ray.train.report: once per student job today (issue #6 adds per-epoch reports).
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(jobs_per_trial, space.grace_period),
+        # max_t one past the last report: ASHA only stops trials at its rungs, a finished trial writes its files.
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(jobs_per_trial, space.grace_period) + 1,
                                   grace_period=space.grace_period, reduction_factor=space.reduction_factor)
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, space=space,
                                                          sweep_dir=str(sweep_dir)), {"cpu": TRIAL_CPU})
