@@ -262,6 +262,7 @@ def plot_sweep_accuracy(table: pd.DataFrame, path: Path, x: str = "quantize.ipc"
     for value, part in frame.groupby("_hue"):
         by_x = part.groupby("_x").top1_mean.agg(["mean", "max"]) * 100
         ax.plot(by_x.index, by_x["mean"], marker="o", label=f"{hue.split('.')[-1]} {value}")
+    ax.set_xticks(sorted(frame["_x"].unique()))  # the swept IPCs, not fractional ticks between them
     ax.set_xlabel(f"{x} (IPC)" if x in table else "all trials")
     ax.set_ylabel("top-1 % (mean over the trial's students)")
     ax.set_title(f"{len(frame)} trials", fontsize=9)
