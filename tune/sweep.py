@@ -301,7 +301,10 @@ def run_sweep(base: DistillConfig, space: SearchSpace, max_concurrent: int | Non
     if finished.empty:
         raise RuntimeError(f"every trial failed; first error: {table.error.iloc[0]}")
     best_params = {k: _from_cell(finished.iloc[0][k]) for k in space.params}
-    save_config(trial_config(base, space, best_params, sweep_dir), sweep_dir / "best_config.yaml")
+    # Runnable as is (`jobs/distill.py --config best_config.yaml`), into runs_dir/<name>-best, not a trial folder.
+    best = dataclasses.replace(trial_config(base, space, best_params, sweep_dir), runs_dir=base.runs_dir,
+                               name=f"{base.name}-best")
+    save_config(best, sweep_dir / "best_config.yaml")
     plot = plot_sweep_accuracy(table, sweep_dir / "accuracy_vs_ipc.png")
     history = store.stage_history(sweep_dir)
     counts = {stage: sum(1 for h in history if h["stage"] == stage) for stage in ("encode", "quantize", "decode")}
