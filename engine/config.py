@@ -160,11 +160,23 @@ class DistillConfig:
     @property
     def run_dir(self) -> Path:
         # Absolute: Ray workers run in other working directories.
-        return (Path(os.path.expanduser(self.runs_dir)) / self.name).resolve()
+        return (Path(os.path.expanduser(local_runs_path(self.runs_dir))) / self.name).resolve()
 
     @property
     def cache_path(self) -> Path:
         return Path(os.path.expanduser(self.cache_dir))
+
+
+def local_runs_path(runs_dir: str) -> str:
+    """runs_dir as a local path: a plain path or a file:// URI. On a cluster, point it at a filesystem every node
+    mounts at the same path (EFS, Filestore, NFS, GCS FUSE). Object-store URIs are not built yet: the decode
+    actors and the trainer write their files with local file I/O."""
+    if runs_dir.startswith("file://"):
+        return runs_dir[len("file://"):]
+    if "://" in runs_dir:
+        raise NotImplementedError(f"runs_dir={runs_dir!r}: run folders on object stores (s3://, gs://) are not "
+                                  f"built yet (issue #7); use a shared mount as a local path or file:// URI")
+    return runs_dir
 
 
 # Value checks beyond types: (predicate, message) per dotted key.
@@ -252,8 +264,10 @@ def apply_override(values: dict, override: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw)
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> DistillConfig:
-    values: dict = {}
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = (),
+                values: dict | None = None) -> DistillConfig:
+    """From a YAML file, or from a nested dict (`values`, e.g. a sweep's base config), then the overrides."""
+    values = json.loads(json.dumps(values or {}))  # a deep copy: overrides edit it in place
     if path is not None:
         text = Path(path).read_text()
         values = yaml.safe_load(text) or {}

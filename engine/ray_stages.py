@@ -325,9 +325,11 @@ def _stored_soft_labels(path: Path, data, teacher, epochs: int, evaluate, seed: 
     return labels
 
 
-def evaluate_students(config: DistillConfig, jobs: list[dict], teacher_path: Path, results_dir: Path) -> list[dict]:
+def evaluate_students(config: DistillConfig, jobs: list[dict], teacher_path: Path, results_dir: Path,
+                      callbacks=()) -> list[dict]:
     """Train every job's student through one TorchTrainer run (DDP over `runtime.train_workers`); returns the
-    result rows (one JSON file per job)."""
+    result rows (one JSON file per job). `callbacks`: Ray Train callbacks, e.g. TuneReportCallback when a Tune
+    trial runs the evaluation."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -341,7 +343,7 @@ def evaluate_students(config: DistillConfig, jobs: list[dict], teacher_path: Pat
                                      resources_per_worker={"CPU": runtime.train_cpus_per_worker}),
         # A failed worker group restarts; jobs resume from their checkpoints and finished jobs are skipped.
         run_config=RunConfig(name="evaluate", storage_path=str((config.run_dir / "ray_train").resolve()),
-                             failure_config=FailureConfig(max_failures=2)),
+                             failure_config=FailureConfig(max_failures=2), callbacks=list(callbacks)),
     )
     trainer.fit()
     return [json.loads((results_dir / f"{job['job']}.json").read_text()) for job in jobs]

@@ -81,7 +81,7 @@ def teacher_cache_path(config: DistillConfig) -> Path:
 
 
 def decode_and_evaluate(config: DistillConfig, run_dir: Path, folder: Path, centroids, quantize_key: str,
-                        names: tuple[str, ...], timings: dict) -> list[dict]:
+                        names: tuple[str, ...], timings: dict, train_callbacks: tuple = ()) -> list[dict]:
     from engine import ray_stages
     from engine.data import load_split
     from engine.sets import REAL_METHODS, requested_sets, set_dir, write_real_sets
@@ -125,47 +125,48 @@ def decode_and_evaluate(config: DistillConfig, run_dir: Path, folder: Path, cent
     jobs = student_jobs(config, set_dirs)
     log(f"training {len(jobs)} students, protocol {config.evaluate.protocol} "
         f"({config.runtime.train_workers} Ray Train worker(s))")
-    results = ray_stages.evaluate_students(config, jobs, teacher_cache_path(config), results_dir)
+    results = ray_stages.evaluate_students(config, jobs, teacher_cache_path(config), results_dir,
+                                           callbacks=train_callbacks)
     timings["evaluate"] = time.perf_counter() - start
     return results
 
 
-def run(config: DistillConfig, until: str = "evaluate") -> dict:
-    from engine import ray_stages
+def prepare_prior(config: DistillConfig) -> tuple[Path, tuple[str, ...], tuple[int, ...], int]:
+    """Load (or train once and cache) the prior -> (its folder, class names, latent shape, its image size)."""
     from engine.data import class_names
     from engine.priors import load_or_train_prior, prior_folder
 
-    run_dir = config.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
-    timings: dict[str, float] = {}
     names = class_names(config.data)
-
-    start = time.perf_counter()
     prior = load_or_train_prior(config.prior, config.data, config.cache_path, log=log)
     folder = prior_folder(config.prior, config.data, config.cache_path)
     if prior.kind == "tiny" and prior.class_names != tuple(names):  # sd15/dit take the data's names
         raise ValueError(f"prior {folder} was trained for classes {prior.class_names[:5]}... ({prior.num_classes}), "
                          f"but the data has {len(names)} classes {tuple(names)[:5]}...")
-    timings["prior"] = time.perf_counter() - start
-    ray_stages.init_ray(config.runtime)
+    return folder, tuple(names), tuple(prior.latent_shape), prior.image_size
 
-    # Encode: once per (data, prior).
-    start = time.perf_counter()
+
+def encode_stage(config: DistillConfig, run_dir: Path, folder: Path, latent_shape, image_size: int,
+                 names: tuple[str, ...]) -> tuple[str, Path, int]:
+    """Encode once per (data, prior) into run_dir/latents -> (encode key, latents folder, images encoded)."""
+    from engine import ray_stages
+
     encode_key = config_hash(config.data, config.prior, str(folder.resolve()))
     latents_dir = run_dir / "latents"
     marker = store.finished_stage(run_dir, "encode", encode_key)
     if marker is None:
-        log(f"encoding the train split with the prior's VAE (latent shape {prior.latent_shape})")
-        encoded = ray_stages.encode_to_parquet(config, folder, latents_dir, prior.image_size, tuple(names))
-        store.mark_stage_finished(run_dir, "encode", encode_key, images=encoded, latent_shape=prior.latent_shape)
+        log(f"encoding the train split with the prior's VAE (latent shape {latent_shape})")
+        encoded = ray_stages.encode_to_parquet(config, folder, latents_dir, image_size, tuple(names))
+        store.mark_stage_finished(run_dir, "encode", encode_key, images=encoded, latent_shape=latent_shape)
     else:
         encoded = marker["images"]
         log(f"encode: reusing {encoded} latents from an earlier run")
-    timings["encode"] = time.perf_counter() - start
+    return encode_key, latents_dir, encoded
 
-    # Quantize: once per (latents, quantizer config).
-    start = time.perf_counter()
+
+def quantize_stage(config: DistillConfig, run_dir: Path, latents_dir: Path, encode_key: str):
+    """Quantize once per (latents, quantizer config) into run_dir -> (quantize key, centroids, stats frame)."""
+    from engine import ray_stages
+
     quantize_key = config_hash(encode_key, config.quantize)
     if store.finished_stage(run_dir, "quantize", quantize_key) is None:
         class_dirs = store.class_latent_dirs(latents_dir)
@@ -177,6 +178,29 @@ def run(config: DistillConfig, until: str = "evaluate") -> dict:
         store.mark_stage_finished(run_dir, "quantize", quantize_key, classes=len(class_dirs))
     centroids = pq.read_table(run_dir / "centroids.parquet")
     stats = pq.read_table(run_dir / "quantization.parquet").to_pandas()
+    return quantize_key, centroids, stats
+
+
+def run(config: DistillConfig, until: str = "evaluate") -> dict:
+    from engine import ray_stages
+    from engine.report import write_report
+
+    run_dir = config.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    timings: dict[str, float] = {}
+
+    start = time.perf_counter()
+    folder, names, latent_shape, image_size = prepare_prior(config)
+    timings["prior"] = time.perf_counter() - start
+    ray_stages.init_ray(config.runtime)
+
+    start = time.perf_counter()
+    encode_key, latents_dir, encoded = encode_stage(config, run_dir, folder, latent_shape, image_size, names)
+    timings["encode"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    quantize_key, centroids, stats = quantize_stage(config, run_dir, latents_dir, encode_key)
     timings["quantize"] = time.perf_counter() - start
 
     # Decode + the real-image baseline: the distilled sets, then every student.
@@ -197,6 +221,7 @@ def run(config: DistillConfig, until: str = "evaluate") -> dict:
                                                                             timings.items()},
                "counts": {"images_encoded": int(encoded), "classes": int(stats.label.nunique())}}
     store.atomic_write_json(run_dir / "metrics.json", metrics)
+    log(f"report: {write_report(run_dir)}")
     return metrics
 
 

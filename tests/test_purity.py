@@ -6,7 +6,7 @@ import sys
 PURE = ["engine.config", "engine.data", "engine.encode", "engine.decode", "engine.quantize", "engine.transport",
         "engine.store", "engine.students", "engine.train", "engine.baselines", "engine.priors",
         "engine.priors.tiny", "engine.priors.train_tiny", "engine.priors.base", "engine.priors.sd15",
-        "engine.priors.dit", "engine.priors.checkpoint"]
+        "engine.priors.dit", "engine.priors.checkpoint", "engine.report"]
 
 
 def test_pure_modules_do_not_import_ray():
