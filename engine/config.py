@@ -42,8 +42,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class PriorConfig:
-    kind: Literal["tiny"] = "tiny"
-    # A diffusers-format folder; empty = the engine's cache, trained on first use.
+    # "tiny": trained by the engine; "sd15" / "dit": Stable Diffusion v1.5 / DiT-XL/2 from a local diffusers folder.
+    kind: Literal["tiny", "sd15", "dit"] = "tiny"
+    # A diffusers-format folder; empty = the engine's cache, trained on first use (tiny only).
     path: str = ""
     vae_channels: tuple[int, ...] = (16, 32)
     latent_channels: int = 4
@@ -60,6 +61,10 @@ class PriorConfig:
     num_train_timesteps: int = 1000
     seed: int = 0
 
+    def __post_init__(self):
+        if self.kind != "tiny" and not self.path:
+            raise ConfigError(f"prior.kind={self.kind} needs prior.path: a local diffusers folder with its weights")
+
 
 @dataclass(frozen=True)
 class EncodeConfig:
@@ -69,8 +74,6 @@ class EncodeConfig:
 @dataclass(frozen=True)
 class QuantizeConfig:
     ipc: tuple[int, ...] = (1, 10)
-    # Weights given to the `ddoq` set: "mass" (Voronoi cell mass), "sqrt" (proportional to sqrt(count)).
-    weights: Literal["mass", "sqrt", "uniform"] = "mass"
     # "lloyd": faiss k-means; "clvq": competitive learning (online, mini-batch), the paper's analysed algorithm.
     algorithm: Literal["lloyd", "clvq"] = "lloyd"
     # "kmeans++": greedy D^2 seeding; "random": K distinct points; "faiss": faiss's own seeded sampling.
@@ -93,22 +96,39 @@ class DecodeConfig:
     num_steps: int = 50
     batch_size: int = 64
     seed: int = 0
+    # sd15: the text classifier-free guidance pushes away from (D4M: "cartoon, anime, painting"); "" = unconditional.
+    negative_prompt: str = ""
+    # dit: the model's class id for each data label (ImageNet-1K: empty = identity); other data needs a mapping.
+    class_ids: tuple[int, ...] = ()
+
+
+METHODS = ("random", "herding", "kcenter", "d4m", "ddoq", "full")
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    methods: tuple[str, ...] = ("random", "d4m", "ddoq", "full")
-    student: Literal["convnet3"] = "convnet3"
-    width: int = 64
+    # random / herding / kcenter: real images; d4m: centroids, uniform weights; ddoq: the same centroids with each
+    # weighting of `ddoq_weights`; full: the whole train split. See engine/baselines.py and engine/protocols.py.
+    methods: tuple[str, ...] = METHODS
+    ddoq_weights: tuple[str, ...] = ("mass", "sqrt")
+    # rded (online soft labels), fkd (stored soft labels) or hard (DC/DSA hard labels): engine/protocols.py.
+    protocol: Literal["rded", "fkd", "hard"] = "rded"
+    # Architectures: convnet3 or any timm model name (engine/students.py). Every student learns from the teacher.
+    teacher: str = "convnet3"
+    # A local safetensors state dict of `teacher` for this data; empty = train it on the full split (cached).
+    teacher_path: str = ""
+    students: tuple[str, ...] = ("convnet3",)
+    width: int = 64  # ConvNet-3 channels (128 in the classic hard-label tables)
     teacher_epochs: int = 30
-    # Distilled sets are tiny, so they are trained for a number of optimizer steps, not epochs.
-    student_steps: int = 500
+    # Epochs over the distilled set; 0 = the protocol's own (rded/fkd 300, hard 1000).
+    student_epochs: int = 0
     full_epochs: int = 15
     batch_size: int = 64
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.01
-    temperature: float = 4.0
-    flip: bool = False
+    temperature: float = 20.0  # RDED's T with CutMix
+    cutmix: bool = True  # rded / fkd only
+    flip: bool = False  # off for digits and other orientation-bearing data
+    # Held-out top-1 is measured and reported (ray.train.report, checkpoint saved) this many times per student.
+    reports: int = 5
     seeds: tuple[int, ...] = (0, 1, 2)
 
 
@@ -125,6 +145,8 @@ class RuntimeConfig:
     train_workers: int = 1
     train_cpus_per_worker: int = 2
     train_use_gpu: bool = False
+    # Weights and activations of the prior's networks on the decode/encode actors (bfloat16 on GPUs).
+    prior_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
 @dataclass(frozen=True)
@@ -143,11 +165,23 @@ class DistillConfig:
     @property
     def run_dir(self) -> Path:
         # Absolute: Ray workers run in other working directories.
-        return (Path(os.path.expanduser(self.runs_dir)) / self.name).resolve()
+        return (Path(os.path.expanduser(local_runs_path(self.runs_dir))) / self.name).resolve()
 
     @property
     def cache_path(self) -> Path:
         return Path(os.path.expanduser(self.cache_dir))
+
+
+def local_runs_path(runs_dir: str) -> str:
+    """runs_dir as a local path: a plain path or a file:// URI. On a cluster, point it at a filesystem every node
+    mounts at the same path (EFS, Filestore, NFS, GCS FUSE). Object-store URIs are not built yet: the decode
+    actors and the trainer write their files with local file I/O."""
+    if runs_dir.startswith("file://"):
+        return runs_dir[len("file://"):]
+    if "://" in runs_dir:
+        raise NotImplementedError(f"runs_dir={runs_dir!r}: run folders on object stores (s3://, gs://) are not "
+                                  f"built yet (issue #7); use a shared mount as a local path or file:// URI")
+    return runs_dir
 
 
 # Value checks beyond types: (predicate, message) per dotted key.
@@ -167,10 +201,14 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "decode.num_steps": (lambda v: v >= 1, "must be >= 1"),
     "prior.class_dropout": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
     "evaluate.seeds": (lambda v: len(v) > 0, "must list at least one seed"),
-    "evaluate.methods": (
-        lambda v: len(v) > 0 and set(v) <= {"random", "d4m", "ddoq", "full"},
-        "must be a non-empty subset of random, d4m, ddoq, full",
-    ),
+    "evaluate.methods": (lambda v: len(v) > 0 and set(v) <= set(METHODS),
+                         f"must be a non-empty subset of {', '.join(METHODS)}"),
+    "evaluate.ddoq_weights": (lambda v: len(v) > 0 and set(v) <= {"mass", "sqrt", "uniform"},
+                              "must be a non-empty subset of mass, sqrt, uniform"),
+    "evaluate.students": (lambda v: len(v) > 0, "must list at least one architecture"),
+    "evaluate.student_epochs": (lambda v: v >= 0, "must be >= 0 (0 = the protocol's default)"),
+    "evaluate.reports": (lambda v: v >= 1, "must be >= 1"),
+    "evaluate.batch_size": (lambda v: v >= 1, "must be >= 1"),
     "evaluate.temperature": (lambda v: v > 0, "must be > 0"),
     "runtime.train_workers": (lambda v: v >= 1, "must be >= 1"),
 }
@@ -233,8 +271,10 @@ def apply_override(values: dict, override: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw)
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> DistillConfig:
-    values: dict = {}
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = (),
+                values: dict | None = None) -> DistillConfig:
+    """From a YAML file, or from a nested dict (`values`, e.g. a sweep's base config), then the overrides."""
+    values = json.loads(json.dumps(values or {}))  # a deep copy: overrides edit it in place
     if path is not None:
         text = Path(path).read_text()
         values = yaml.safe_load(text) or {}
@@ -255,6 +295,7 @@ def _resolve_paths(config: DistillConfig) -> DistillConfig:
         config,
         data=dataclasses.replace(config.data, path=absolute(config.data.path)),
         prior=dataclasses.replace(config.prior, path=absolute(config.prior.path)),
+        evaluate=dataclasses.replace(config.evaluate, teacher_path=absolute(config.evaluate.teacher_path)),
     )
 
 

@@ -1,9 +1,10 @@
 """Decode: centroid latents (K, C, h, w) + labels -> uint8 images (K, H, W, 3) through the prior.
 
-img2img from each centroid: noise it to the timestep reached after (1 - strength) of the DDIM schedule, run the
-remaining steps with classifier-free guidance, eps = eps(null) + g * (eps(class) - eps(null)), and VAE-decode.
+img2img from each centroid: noise it to the timestep reached after (1 - strength) of the scheduler's schedule, run
+the remaining steps with classifier-free guidance, eps = eps(null) + g * (eps(class) - eps(null)), and VAE-decode.
 Noise is drawn per row from a generator seeded by (seed, row key), so an image does not depend on which other
-centroids share its batch.
+centroids share its batch. `decode_centroids` is the tiny prior's loop; sd15 and dit (engine/priors/) share the
+helpers below, and every prior is reached through `decode_latents`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.encode import tensor_to_images
+from engine.config import DecodeConfig
+from engine.encode import resize_pixels, tensor_to_images
 from engine.priors.tiny import TinyPrior
 
 
@@ -19,6 +21,30 @@ def row_noise(shape: tuple[int, ...], seed: int, keys: np.ndarray) -> torch.Tens
     """One standard-normal tensor per row, each from its own generator seeded by (seed, key)."""
     rows = [torch.randn(shape, generator=torch.Generator().manual_seed(int(seed) * 1_000_003 + int(k))) for k in keys]
     return torch.stack(rows)
+
+
+def check_decode_inputs(latents: np.ndarray, labels: np.ndarray, strength: float, num_classes: int) -> None:
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if not np.isfinite(latents).all():
+        raise ValueError("decode_centroids got NaN or Inf latents")
+    if len(labels) and not 0 <= int(np.min(labels)) <= int(np.max(labels)) < num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}) for this prior, got {np.min(labels)}..{np.max(labels)}")
+
+
+def img2img_timesteps(scheduler, num_steps: int, strength: float) -> torch.Tensor:
+    """Set the schedule and keep its last `strength` fraction (like diffusers' img2img; scheduler.order aware)."""
+    scheduler.set_timesteps(num_steps)  # also resets multistep state (PNDM's history) between batches
+    steps_run = max(1, int(round(num_steps * strength)))
+    start = (num_steps - steps_run) * scheduler.order
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    return scheduler.timesteps[start:]
+
+
+def pixels_to_images(pixels: torch.Tensor, size: int | None) -> np.ndarray:
+    """VAE output (K, 3, H, W) in [-1, 1] -> uint8 (K, size, size, 3), resized to the evaluation resolution."""
+    return tensor_to_images(resize_pixels(pixels.float(), size) if size else pixels.float())
 
 
 @torch.no_grad()
@@ -33,22 +59,15 @@ def decode_centroids(
     keys: np.ndarray | None = None,
 ) -> np.ndarray:
     """latents (K, C, h, w) already times the scaling factor; labels (K,) int; keys (K,) ints for the noise."""
-    if not 0.0 < strength <= 1.0:
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
-    if not np.isfinite(latents).all():
-        raise ValueError("decode_centroids got NaN or Inf latents")
-    if len(labels) and not 0 <= int(np.min(labels)) <= int(np.max(labels)) < prior.num_classes:
-        raise ValueError(f"labels must lie in [0, {prior.num_classes}) for this prior, got {np.min(labels)}..{np.max(labels)}")
+    check_decode_inputs(latents, labels, strength, prior.num_classes)
     keys = np.arange(len(latents)) if keys is None else keys
     device = next(prior.unet.parameters()).device
     scheduler = prior.scheduler
-    scheduler.set_timesteps(num_steps)
-    # Like diffusers' img2img: keep the last `strength` fraction of the schedule.
-    steps_run = max(1, int(round(num_steps * strength)))
-    timesteps = scheduler.timesteps[num_steps - steps_run :]
+    timesteps = img2img_timesteps(scheduler, num_steps, strength)
 
-    clean = torch.tensor(latents, dtype=torch.float32, device=device)  # (K, C, h, w)
-    noise = row_noise(tuple(clean.shape[1:]), seed, keys).to(device)
+    dtype = next(prior.unet.parameters()).dtype
+    clean = torch.tensor(latents, dtype=dtype, device=device)  # (K, C, h, w)
+    noise = row_noise(tuple(clean.shape[1:]), seed, keys).to(device, dtype)
     x = scheduler.add_noise(clean, noise, timesteps[:1].repeat(len(clean)))
     cond = torch.tensor(np.asarray(labels), dtype=torch.long, device=device)  # copy: Ray batches are read-only
     null = torch.full_like(cond, prior.null_class)
@@ -58,3 +77,10 @@ def decode_centroids(
         x = scheduler.step(eps, t, x).prev_sample
     pixels = prior.vae.decode(x / prior.vae.config.scaling_factor).sample  # (K, 3, H, W) in [-1, 1]
     return tensor_to_images(pixels)
+
+
+def decode_latents(prior, latents: np.ndarray, labels: np.ndarray, config: DecodeConfig,
+                   keys: np.ndarray | None = None, size: int | None = None) -> np.ndarray:
+    """Any prior (engine.priors.base.Prior): centroids -> uint8 images at `size` (None = the prior's own)."""
+    keys = np.arange(len(latents)) if keys is None else np.asarray(keys)
+    return prior.decode(np.asarray(latents), np.asarray(labels), config, keys, size)

@@ -1,5 +1,8 @@
 """Encode: uint8 RGB images (B, H, W, 3) -> VAE latents (B, C, h, w) float32, times the VAE scaling factor.
 
+Images are resized to the prior's resolution first when `size` is given (SD v1.5: 512, DiT: 256); the source
+stage already reads them at that size, so this only matters for in-memory sets such as digits.
+
 The posterior mean is used rather than a sample, so encoding is deterministic (the variance of a trained
 AutoencoderKL posterior is tiny; D4M samples, which only adds noise to the quantization).
 """
@@ -8,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 
@@ -23,13 +27,23 @@ def tensor_to_images(pixels: torch.Tensor) -> np.ndarray:
     return scaled.permute(0, 2, 3, 1).cpu().numpy()
 
 
+def resize_pixels(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 3, size, size), antialiased bilinear (a no-op at the same size)."""
+    if pixels.shape[-2:] == (size, size):
+        return pixels
+    return F.interpolate(pixels.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
 @torch.no_grad()
-def encode_images(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Latents (B, C, h, w) float32 = posterior mean * vae.config.scaling_factor."""
-    device = next(vae.parameters()).device
+def encode_images(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 256, size: int | None = None) -> np.ndarray:
+    """Latents (B, C, h, w) float32 = posterior mean * vae.config.scaling_factor, at resolution `size` if given."""
+    parameter = next(vae.parameters())
     out = []
     for start in range(0, len(images), batch_size):
-        pixels = images_to_tensor(images[start : start + batch_size]).to(device)
+        pixels = images_to_tensor(images[start : start + batch_size])
+        if size is not None:
+            pixels = resize_pixels(pixels, size)
+        pixels = pixels.to(parameter.device, parameter.dtype)
         mean = vae.encode(pixels).latent_dist.mean  # (b, C, h, w)
         out.append((mean * vae.config.scaling_factor).float().cpu())
     if not out:

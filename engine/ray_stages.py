@@ -74,8 +74,9 @@ def decode_and_record_skips(batch: dict, size: int, num_classes: int, max_pixels
     return decoded
 
 
-def source_dataset(data: DataConfig, skip_dir: Path | None = None) -> ray.data.Dataset:
-    """Rows {id, label, image (H, W, 3) uint8} of the train split; rows that cannot be used are recorded as
+def source_dataset(data: DataConfig, size: int | None = None, skip_dir: Path | None = None) -> ray.data.Dataset:
+    """Rows {id, label, image (H, W, 3) uint8} of the train split, decoded straight to `size` (the prior's
+    resolution, e.g. 512 for sd15; default the data's). Rows that cannot be used are recorded as
     {id, reason, detail} files under `skip_dir` (parquet sources only: the digits are known good)."""
     if data.source == "digits":
         images = load_split(data, "train")
@@ -93,8 +94,8 @@ def source_dataset(data: DataConfig, skip_dir: Path | None = None) -> ray.data.D
         raise ValueError(f"no shard under {data.path} has both an image and a label column")
     raw = ray.data.read_parquet(readable, columns=["image", "label"], include_paths=True)
     return raw.map_batches(decode_and_record_skips, batch_size=256, fn_kwargs={
-        "size": data.image_size, "num_classes": len(class_names(data)), "max_pixels": data.max_image_pixels,
-        "skip_dir": str(skip_dir)})
+        "size": size or data.image_size, "num_classes": len(class_names(data)),
+        "max_pixels": data.max_image_pixels, "skip_dir": str(skip_dir)})
 
 
 def gather_skipped(skip_dir: Path) -> pa.Table:
@@ -108,27 +109,28 @@ def gather_skipped(skip_dir: Path) -> pa.Table:
 class VaeEncoder:
     """Ray Data callable class: loads the prior's VAE once per actor, encodes batches of images."""
 
-    def __init__(self, prior_folder: str, batch_size: int, device: str, fault_dir: str = ""):
-        from engine.priors.tiny import load_tiny_prior
+    def __init__(self, prior_kind: str, prior_folder: str, class_names: tuple, batch_size: int, device: str,
+                 dtype: str = "float32", fault_dir: str = ""):
+        from engine.priors import load_prior
 
-        self.vae = load_tiny_prior(prior_folder).vae.to(device)
+        self.prior = load_prior(prior_kind, prior_folder, class_names).to(device, dtype)
         self.batch_size = batch_size
         self.fault_dir = fault_dir  # test-only crash injection (engine/faults.py); empty in normal runs
 
     def __call__(self, batch: dict) -> pa.Table:
-        from engine.encode import encode_images
         from engine.store import latents_to_table
 
         crash_once_if_requested(self.fault_dir, "encode")
 
-        latents = encode_images(self.vae, batch["image"], self.batch_size)  # (B, C, h, w)
+        latents = self.prior.encode(batch["image"], self.batch_size)  # (B, C, h, w)
         return latents_to_table(batch["id"], batch["label"], latents)
 
 
-def encode_to_parquet(config: DistillConfig, prior_folder: Path, out_dir: Path) -> int:
-    """Encode the train split; latents land in out_dir/label=<c>/, the rows that could not be used in
-    out_dir/../skipped.parquet {id, reason, detail}. Fails, before anything is published, when more than
-    `data.max_skip_fraction` of the rows read were skipped. Returns the number of images encoded."""
+def encode_to_parquet(config: DistillConfig, prior_folder: Path, out_dir: Path, resolution: int | None = None,
+                      class_names: tuple = ()) -> int:
+    """Encode the train split at the prior's `resolution`; latents land in out_dir/label=<c>/, the rows that could
+    not be used in out_dir/../skipped.parquet {id, reason, detail}. Fails, before anything is published, when more
+    than `data.max_skip_fraction` of the rows read were skipped. Returns the number of images encoded."""
     runtime = config.runtime
     staging = out_dir.with_name(out_dir.name + ".partial")
     skip_dir = out_dir.with_name(out_dir.name + ".skipped.partial")
@@ -136,10 +138,12 @@ def encode_to_parquet(config: DistillConfig, prior_folder: Path, out_dir: Path) 
         shutil.rmtree(folder, ignore_errors=True)
     deterministic_order()
     use_gpu = runtime.gpus_per_actor > 0
-    latents = source_dataset(config.data, skip_dir).map_batches(
+    latents = source_dataset(config.data, resolution, skip_dir).map_batches(
         VaeEncoder,
-        fn_constructor_kwargs={"prior_folder": str(prior_folder), "batch_size": config.encode.batch_size,
-                               "device": "cuda" if use_gpu else "cpu", "fault_dir": str(config.run_dir)},
+        fn_constructor_kwargs={"prior_kind": config.prior.kind, "prior_folder": str(prior_folder),
+                               "class_names": tuple(class_names), "batch_size": config.encode.batch_size,
+                               "device": "cuda" if use_gpu else "cpu", "dtype": runtime.prior_dtype,
+                               "fault_dir": str(config.run_dir)},
         batch_size=config.encode.batch_size,
         compute=ray.data.ActorPoolStrategy(size=runtime.encode_actors),
         num_gpus=runtime.gpus_per_actor,
@@ -233,19 +237,19 @@ class CentroidDecoder:
     """Ray Data callable class: loads the prior once, decodes centroid rows, writes each image as a PNG into the
     folder of every method that uses it (d4m and ddoq share centroids, differ only in weights)."""
 
-    def __init__(self, prior_folder: str, decode: DecodeConfig, set_dirs: dict[int, list[str]], device: str,
+    def __init__(self, prior_kind: str, prior_folder: str, class_names: tuple, decode: DecodeConfig,
+                 set_dirs: dict[int, list[str]], device: str, image_size: int | None = None, dtype: str = "float32",
                  fault_dir: str = ""):
-        from engine.priors.tiny import load_tiny_prior
+        from engine.priors import load_prior
 
-        self.prior = load_tiny_prior(prior_folder)
-        self.prior.vae.to(device)
-        self.prior.unet.to(device)
+        self.prior = load_prior(prior_kind, prior_folder, class_names).to(device, dtype)
         self.decode = decode
         self.set_dirs = set_dirs
+        self.image_size = image_size  # the evaluation resolution images are resized to
         self.fault_dir = fault_dir  # test-only crash injection (engine/faults.py); empty in normal runs
 
     def __call__(self, batch: dict) -> dict:
-        from engine.decode import decode_centroids
+        from engine.decode import decode_latents
         from engine.store import image_file_name, write_png
 
         crash_once_if_requested(self.fault_dir, "decode")
@@ -253,8 +257,7 @@ class CentroidDecoder:
         latents = np.stack(batch["latent"]).reshape(len(batch["label"]), *self.prior.latent_shape)
         # Noise key per centroid: unique within the run, independent of batching.
         keys = batch["ipc"] * 1_000_000 + batch["label"] * 1_000 + batch["index"]
-        images = decode_centroids(self.prior, latents, batch["label"], self.decode.guidance_scale,
-                                  self.decode.strength, self.decode.num_steps, self.decode.seed, keys)
+        images = decode_latents(self.prior, latents, batch["label"], self.decode, keys, self.image_size)
         files = []
         for image, label, index, ipc in zip(images, batch["label"], batch["index"], batch["ipc"]):
             name = image_file_name(int(label), int(index))
@@ -265,7 +268,7 @@ class CentroidDecoder:
 
 
 def decode_centroids_to_sets(config: DistillConfig, prior_folder: Path, centroids: pa.Table,
-                             set_dirs: dict[int, list[str]]) -> pa.Table:
+                             set_dirs: dict[int, list[str]], class_names: tuple = ()) -> pa.Table:
     """Decode every centroid; returns rows {label, ipc, index, path}."""
     runtime = config.runtime
     use_gpu = runtime.gpus_per_actor > 0
@@ -273,8 +276,10 @@ def decode_centroids_to_sets(config: DistillConfig, prior_folder: Path, centroid
     deterministic_order()
     decoded = ray.data.from_arrow(rows).map_batches(
         CentroidDecoder,
-        fn_constructor_kwargs={"prior_folder": str(prior_folder), "decode": config.decode, "set_dirs": set_dirs,
-                               "device": "cuda" if use_gpu else "cpu", "fault_dir": str(config.run_dir)},
+        fn_constructor_kwargs={"prior_kind": config.prior.kind, "prior_folder": str(prior_folder),
+                               "class_names": tuple(class_names), "decode": config.decode, "set_dirs": set_dirs,
+                               "device": "cuda" if use_gpu else "cpu", "image_size": config.data.image_size,
+                               "dtype": runtime.prior_dtype, "fault_dir": str(config.run_dir)},
         batch_size=config.decode.batch_size,
         compute=ray.data.ActorPoolStrategy(size=runtime.decode_actors),
         num_gpus=runtime.gpus_per_actor,
@@ -286,67 +291,115 @@ def decode_centroids_to_sets(config: DistillConfig, prior_folder: Path, centroid
 # ---------------------------------------------------------------- evaluate
 
 
+REPORT_IMAGES = 1000  # held-out images scored at each intermediate report
+
+
 def _evaluation_loop(loop_config: dict) -> None:
-    """Runs on every Ray Train worker: teacher (cached), then each student job not finished yet."""
+    """Runs on every Ray Train worker: the teacher (cached or given), then each student job not finished yet.
+    Every job reports held-out top-1 `evaluate.reports` times (ray.train.report) and checkpoints alongside, so a
+    killed or restarted run resumes mid-job; a finished job's result file is never redone."""
     import ray.train
     import ray.train.torch
     import torch
     from safetensors.torch import load_file, save_file
 
+    from functools import cache
+
+    from engine.data import class_names
+    from engine.protocols import get_protocol
     from engine.store import atomic_write_json, read_distilled_set
-    from engine.train import TrainSet, evaluate_top1, epochs_to_steps, train_student, train_teacher
+    from engine.students import create_student
+    from engine.train import (TrainSet, Worker, evaluate_top1, student_epochs,
+                              train_student, train_teacher)
 
     config: DistillConfig = loop_config["config"]
-    torch.set_num_threads(config.runtime.train_cpus_per_worker)
     evaluate = config.evaluate
-    rank = ray.train.get_context().get_world_rank()
-    wrap = ray.train.torch.prepare_model  # moves to the worker's device; DDP when there are several workers
-    train = load_split(config.data, "train")
+    protocol = get_protocol(evaluate.protocol)
+    torch.set_num_threads(config.runtime.train_cpus_per_worker)
+    context = ray.train.get_context()
+    worker = Worker(context.get_world_rank(), context.get_world_size(), ray.train.torch.prepare_model)
+
+    @cache
+    def full() -> TrainSet:  # the whole train split, loaded only if a teacher or the `full` method needs it
+        train = load_split(config.data, "train")
+        return TrainSet(train.images, train.labels, np.ones(len(train.labels)))
+
     test = load_split(config.data, "test")
-    num_classes = len(train.class_names)
-    full = TrainSet(train.images, train.labels, np.ones(len(train.labels)))
-
-    teacher_path = Path(loop_config["teacher_path"])
-    if teacher_path.exists():
-        from engine.students import create_student
-
-        teacher = create_student(evaluate.student, num_classes, train.images.shape[1], evaluate.width)
-        teacher.load_state_dict(load_file(teacher_path))
-    else:
-        teacher = train_teacher(full, num_classes, evaluate, seed=0, wrap_model=wrap)
-        teacher = getattr(teacher, "module", teacher)
-        if rank == 0:
-            teacher_path.parent.mkdir(parents=True, exist_ok=True)
-            save_file(teacher.state_dict(), str(teacher_path) + ".partial")
-            os.replace(str(teacher_path) + ".partial", teacher_path)
-    teacher.eval()
-    teacher_top1 = evaluate_top1(teacher, test.images, test.labels)
-
+    num_classes = len(class_names(config.data))
     results_dir = Path(loop_config["results_dir"])
+
+    teacher, teacher_top1 = None, None
+    if protocol.soft_labels:  # the hard-label protocol never builds or reads a teacher
+        teacher_path = Path(loop_config["teacher_path"])
+        if teacher_path.exists():
+            teacher = create_student(evaluate.teacher, num_classes, config.data.image_size, evaluate.width)
+            teacher.load_state_dict(load_file(teacher_path))
+        else:
+            teacher = train_teacher(full(), num_classes, evaluate.teacher, evaluate, seed=0, worker=worker)
+            teacher = getattr(teacher, "module", teacher)
+            if worker.rank == 0:
+                teacher_path.parent.mkdir(parents=True, exist_ok=True)
+                save_file(teacher.state_dict(), str(teacher_path) + ".partial")
+                os.replace(str(teacher_path) + ".partial", teacher_path)
+        teacher.eval()
+        teacher_top1 = evaluate_top1(teacher, test.images, test.labels)
+
     for job in loop_config["jobs"]:
         result_path = results_dir / f"{job['job']}.json"
         if result_path.exists():  # finished in an earlier (killed) run of the same config
             continue
         start = time.perf_counter()
         if job["method"] == "full":
-            data = full
-            steps = epochs_to_steps(len(full.labels), evaluate.full_epochs, evaluate.batch_size)
+            data, epochs = full(), evaluate.full_epochs
         else:
-            images, labels, weights = read_distilled_set(Path(job["set_dir"]))
-            data, steps = TrainSet(images, labels, weights), evaluate.student_steps
-        student = train_student(data, teacher, num_classes, steps, evaluate, job["seed"], wrap_model=wrap)
+            data, epochs = TrainSet(*read_distilled_set(Path(job["set_dir"]))), student_epochs(evaluate)
+        soft_labels = None
+        if protocol.stored_labels:
+            soft_labels = _stored_soft_labels(results_dir / "soft_labels" / f"{job['set']}-seed{job['seed']}.safetensors",
+                                              data, teacher, epochs, evaluate, job["seed"], worker.rank)
+
+        def report(step: int, model, job=job):
+            # Progress signal (and Tune's early-stopping metric) on a fixed slice of the held-out split: the whole
+            # split at every report would cost more than training a small set. The result row uses all of it.
+            top1 = evaluate_top1(model, test.images[:REPORT_IMAGES], test.labels[:REPORT_IMAGES])
+            ray.train.report({"job": job["job"], "step": step, "top1": top1})
+
+        checkpoint = results_dir / "checkpoints" / f"{job['job']}.pt"
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        student = train_student(data, teacher, num_classes, job["student"], epochs, evaluate, job["seed"], worker,
+                                soft_labels=soft_labels, report=report, reports=evaluate.reports,
+                                checkpoint=checkpoint)
         top1 = evaluate_top1(getattr(student, "module", student), test.images, test.labels)
-        row = {**{k: job[k] for k in ("method", "ipc", "seed", "weights")}, "top1": top1,
-               "teacher_top1": teacher_top1, "images": int(len(data.labels)), "steps": steps,
-               "seconds": round(time.perf_counter() - start, 2)}
-        if rank == 0:
+        row = {**{k: job[k] for k in ("method", "weights", "ipc", "protocol", "student", "teacher", "seed")},
+               "top1": top1, "teacher_top1": teacher_top1, "images": int(len(data.labels)), "epochs": epochs,
+               "workers": worker.world, "seconds": round(time.perf_counter() - start, 2)}
+        if worker.rank == 0:
             atomic_write_json(result_path, row)
-        ray.train.report({"job": job["job"], **row})
+            checkpoint.unlink(missing_ok=True)
 
 
-def evaluate_students(config: DistillConfig, jobs: list[dict], teacher_path: Path, results_dir: Path) -> list[dict]:
-    """Train every job's student through one TorchTrainer run; returns the result rows (one JSON per job)."""
-    from ray.train import RunConfig, ScalingConfig
+def _stored_soft_labels(path: Path, data, teacher, epochs: int, evaluate, seed: int, rank: int) -> dict:
+    """FKD labels of one (set, seed): generated once, stored as safetensors, replayed by every student."""
+    from safetensors.torch import load_file, save_file
+
+    from engine.train import generate_soft_labels
+
+    if path.exists():
+        return load_file(path)
+    labels = generate_soft_labels(data, teacher, epochs, evaluate, seed)  # deterministic: same on every rank
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(labels, str(path) + ".partial")
+        os.replace(str(path) + ".partial", path)
+    return labels
+
+
+def evaluate_students(config: DistillConfig, jobs: list[dict], teacher_path: Path, results_dir: Path,
+                      callbacks=()) -> list[dict]:
+    """Train every job's student through one TorchTrainer run (DDP over `runtime.train_workers`); returns the
+    result rows (one JSON file per job). `callbacks`: Ray Train callbacks, e.g. TuneReportCallback when a Tune
+    trial runs the evaluation."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     runtime = config.runtime
@@ -357,7 +410,9 @@ def evaluate_students(config: DistillConfig, jobs: list[dict], teacher_path: Pat
                            "results_dir": str(results_dir.resolve())},
         scaling_config=ScalingConfig(num_workers=runtime.train_workers, use_gpu=runtime.train_use_gpu,
                                      resources_per_worker={"CPU": runtime.train_cpus_per_worker}),
-        run_config=RunConfig(name="evaluate", storage_path=str((config.run_dir / "ray_train").resolve())),
+        # A failed worker group restarts; jobs resume from their checkpoints and finished jobs are skipped.
+        run_config=RunConfig(name="evaluate", storage_path=str((config.run_dir / "ray_train").resolve()),
+                             failure_config=FailureConfig(max_failures=2), callbacks=list(callbacks)),
     )
     trainer.fit()
     return [json.loads((results_dir / f"{job['job']}.json").read_text()) for job in jobs]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,22 @@ def finished_stage(run_dir: Path, stage: str, key: str) -> dict | None:
 
 def mark_stage_finished(run_dir: Path, stage: str, key: str, **facts) -> None:
     atomic_write_json(stage_marker(run_dir, stage), {"key": key, **facts})
+    # One line per stage that really computed (a reused stage writes nothing): sweeps and tests count them.
+    history_path = Path(run_dir) / "_stages" / "history.jsonl"
+    with open(history_path, "a") as history:  # audit: append-only log, a torn last line is skipped on read
+        history.write(json.dumps({"stage": stage, "key": key, "time": round(time.time(), 3)}) + "\n")
+
+
+def stage_history(run_dir: Path) -> list[dict]:
+    """Every stage computation recorded under run_dir (any depth), oldest first per folder."""
+    rows = []
+    for path in sorted(Path(run_dir).rglob("_stages/history.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a torn last line of a killed append: that stage did not finish
+                continue
+    return rows
 
 
 def latents_to_table(ids: np.ndarray, labels: np.ndarray, latents: np.ndarray) -> pa.Table:

@@ -1,11 +1,18 @@
-"""Student and teacher networks. ConvNet-3 is the dataset-distillation standard (DC/DM/MTT): three blocks of
-conv 3x3 -> instance norm -> ReLU -> avg-pool 2, then a linear classifier. timm students are the
-evaluation issue."""
+"""Student and teacher networks: ConvNet-3 (the dataset-distillation standard of DC/DM/MTT: three blocks of
+conv 3x3 -> instance norm -> ReLU -> avg-pool 2, then a linear classifier) or any timm model by name.
+
+Small images: timm's ImageNet stems downsample 4x (ResNet: 7x7 stride-2 conv + max-pool; MobileNet/EfficientNet:
+stride-2 conv), which leaves 1-2 pixels of a 28x28 image for the later stages. Below 64 px the stem is made
+CIFAR-style, as the distillation literature does for ResNet-18 on 32x32: ResNets get a 3x3 stride-1 conv and no
+max-pool; MobileNet/EfficientNet stems get stride 1; Swin gets the image size and a window that divides it.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+SMALL_IMAGE = 64  # below this side length, timm stems are made CIFAR-style
 
 
 class ConvNet(nn.Module):
@@ -29,7 +36,29 @@ class ConvNet(nn.Module):
         return self.classifier(self.features(x).flatten(1))
 
 
+def _small_image_stem(model: nn.Module, name: str) -> nn.Module:
+    if hasattr(model, "conv1") and hasattr(model, "maxpool"):  # timm ResNet family
+        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    elif hasattr(model, "conv_stem"):  # MobileNet / EfficientNet family
+        model.conv_stem.stride = (1, 1)
+    elif "swin" not in name:
+        raise ValueError(f"student {name!r}: no small-image stem rule for this timm family; use images >= "
+                         f"{SMALL_IMAGE} px or add a rule in engine/students.py")
+    return model
+
+
 def create_student(name: str, num_classes: int, image_size: int, width: int = 128) -> nn.Module:
+    """`convnet3` (width = channels) or a timm architecture name (randomly initialised; `width` unused)."""
     if name == "convnet3":
         return ConvNet(num_classes, image_size, width=width, depth=3)
-    raise NotImplementedError(f"student {name!r}: timm students are the evaluation issue (#6); only convnet3 exists")
+    import timm
+
+    if not timm.is_model(name):
+        raise ValueError(f"unknown student {name!r}: not convnet3 and not a timm model name")
+    kwargs = {}
+    if "swin" in name and image_size < 224:
+        # Patch 4 -> (image_size / 4)^2 tokens; the window must divide that side at every stage.
+        kwargs = {"img_size": image_size, "window_size": max(1, image_size // 32)}
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    return _small_image_stem(model, name) if image_size < SMALL_IMAGE else model

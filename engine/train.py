@@ -1,16 +1,18 @@
-"""Evaluate: train networks on image sets and measure top-1 on the held-out split. Pure torch.
+"""Train teachers and students on image sets and measure top-1 on the held-out split. Pure torch.
 
-Teacher: trained with cross-entropy on the full train split. Student (RDED-style online soft labels): on every
-augmented batch the teacher's logits at temperature T are the target; the per-sample loss is
-T^2 * KL(teacher || student) and each sample carries its set weight w (weights average 1 per class, so
-`uniform` weights reproduce the plain loss): loss = mean_i w_i * l_i.
-Images are (N, H, W, 3) uint8; `wrap_model` lets the Ray layer wrap the model for DDP without this module
-knowing about Ray.
+Images are (N, H, W, 3) uint8. The Ray layer passes `wrap_model` (DDP), its worker `rank`/`world`, a `report`
+callback and a checkpoint path; this module knows nothing about Ray. Data parallelism: every worker draws the
+same global batch plan from the same seeded generator and trains on its own rows (rank::world) of it, so the
+gradient DDP averages is the gradient of the global batch, and the result does not depend on the worker count
+beyond float rounding.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -19,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import EvaluateConfig
+from engine.protocols import (Protocol, apply_plan, get_protocol, make_optimizer, plan_batch, weighted_ce_loss,
+                              weighted_kd_loss)
 from engine.students import create_student
 
 
@@ -29,87 +33,146 @@ class TrainSet:
     weights: np.ndarray  # (N,) float, averaging 1 per class
 
 
+@dataclass(frozen=True)
+class Worker:
+    """Where this process sits in a data-parallel group, and how to wrap its model."""
+    rank: int = 0
+    world: int = 1
+    wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m
+
+
 def to_float(images: np.ndarray) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> (N, 3, H, W) float32, standardized to roughly zero mean, unit scale."""
     return (torch.tensor(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0 - 0.5) / 0.5
-
-
-def augment(x: torch.Tensor, generator: torch.Generator, flip: bool, min_scale: float = 0.5) -> torch.Tensor:
-    """Random-resized-crop (area scale in [min_scale, 1], aspect in [3/4, 4/3]) and optional horizontal flip,
-    vectorized as one affine grid_sample per batch. (B, 3, H, W) -> (B, 3, H, W)."""
-    b = len(x)
-    area = min_scale + (1 - min_scale) * torch.rand(b, generator=generator)
-    log_ratio = (torch.rand(b, generator=generator) - 0.5) * 2 * np.log(4 / 3)
-    sx = (area * log_ratio.exp()).sqrt().clamp(max=1.0)
-    sy = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
-    tx = (1 - sx) * (2 * torch.rand(b, generator=generator) - 1)
-    ty = (1 - sy) * (2 * torch.rand(b, generator=generator) - 1)
-    if flip:
-        sx = sx * torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, tx, sy, ty
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-def weighted_kd_loss(student_logits, teacher_logits, weights, temperature: float) -> torch.Tensor:
-    """mean_i w_i * T^2 * KL(softmax(t_i / T) || softmax(s_i / T))."""
-    log_p_student = F.log_softmax(student_logits / temperature, dim=1)
-    log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
-    per_sample = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(1) * temperature**2  # (B,)
-    return (weights * per_sample).mean()
-
-
-def _fit(model: nn.Module, data: TrainSet, steps: int, config: EvaluateConfig, seed: int,
-         loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> nn.Module:
-    """AdamW + cosine schedule for `steps` steps on random augmented batches drawn with replacement."""
-    generator = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
-    images, labels = to_float(data.images), torch.as_tensor(data.labels)
-    weights = torch.as_tensor(data.weights, dtype=torch.float32)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    batch = min(config.batch_size, len(images))
-    model.train()
-    for _ in range(steps):
-        index = torch.randint(0, len(images), (batch,), generator=generator)
-        x = augment(images[index], generator, config.flip).to(device)  # augmentation on CPU: same draws anywhere
-        loss = loss_fn(model(x), x, labels[index].to(device), weights[index].to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-    return model.eval()
 
 
 def epochs_to_steps(n: int, epochs: int, batch_size: int) -> int:
     return max(1, epochs * -(-n // batch_size))
 
 
-def train_teacher(data: TrainSet, num_classes: int, config: EvaluateConfig, seed: int,
-                  wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m) -> nn.Module:
+def student_epochs(config: EvaluateConfig) -> int:
+    return config.student_epochs or get_protocol(config.protocol).default_epochs
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def fit(model: nn.Module, data: TrainSet, steps: int, protocol: Protocol, config: EvaluateConfig, seed: int,
+        loss_fn: Callable, worker: Worker = Worker(), report: Callable[[int, nn.Module], None] | None = None,
+        report_every: int = 0, checkpoint: Path | None = None) -> nn.Module:
+    """The one training loop. `loss_fn(logits, x, plan_index, labels, weights, step)` on this worker's rows.
+
+    Every `report_every` steps (and at the end) `report(step, model)` is called and, when `checkpoint` is given,
+    the model, optimizer, schedule and generator are saved there (atomically, rank 0), so a killed job resumes
+    from its last report with the same batches it would have drawn."""
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    images, labels = to_float(data.images), torch.as_tensor(data.labels)
+    weights = torch.as_tensor(data.weights, dtype=torch.float32)
+    optimizer, schedule = make_optimizer(protocol, model, steps)
+    batch = min(config.batch_size, len(images))
+    if batch < worker.world:
+        raise ValueError(f"batch of {batch} images cannot be split over {worker.world} workers")
+    start = 0
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=True)
+        _unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        generator.set_state(state["generator"])
+        start = int(state["step"])
+    image_size = images.shape[-1]
+    model.train()
+    for step in range(start, steps):
+        plan = plan_batch(protocol, generator, len(images), batch, image_size, config.flip, config.cutmix)
+        x, w = apply_plan(images, weights, plan)  # the global batch, identical on every worker
+        mine = slice(worker.rank, None, worker.world)
+        x, w, y = x[mine].to(device), w[mine].to(device), labels[plan["index"][mine]].to(device)
+        loss = loss_fn(model(x), x, y, w, step, mine)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        done = step + 1
+        if report_every and (done % report_every == 0 or done == steps):
+            if checkpoint is not None and done < steps and worker.rank == 0:
+                state = {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                         "schedule": schedule.state_dict(), "generator": generator.get_state(), "step": done}
+                torch.save(state, str(checkpoint) + ".partial")
+                os.replace(str(checkpoint) + ".partial", checkpoint)
+            if report is not None:
+                report(done, _unwrap(model))
+                model.train()
+    return model.eval()
+
+
+def train_teacher(data: TrainSet, num_classes: int, arch: str, config: EvaluateConfig, seed: int,
+                  worker: Worker = Worker()) -> nn.Module:
+    """Cross-entropy on the full train split (AdamW, cosine, crop/flip, no CutMix) for `teacher_epochs`."""
     torch.manual_seed(seed)
-    model = wrap_model(create_student(config.student, num_classes, data.images.shape[1], config.width))
+    model = worker.wrap_model(create_student(arch, num_classes, data.images.shape[1], config.width))
     steps = epochs_to_steps(len(data.labels), config.teacher_epochs, config.batch_size)
+    crop = get_protocol("rded")
+    no_cutmix = dataclasses.replace(config, cutmix=False)
+    return fit(model, data, steps, crop, no_cutmix, seed, lambda logits, _x, y, _w, _s, _m: F.cross_entropy(logits, y),
+               worker)
 
-    def loss_fn(logits, _x, labels, _w):
-        return F.cross_entropy(logits, labels)
 
-    return _fit(model, data, steps, config, seed, loss_fn)
+def train_student(data: TrainSet, teacher: nn.Module | None, num_classes: int, arch: str, epochs: int,
+                  config: EvaluateConfig, seed: int, worker: Worker = Worker(),
+                  soft_labels: dict[str, torch.Tensor] | None = None, report: Callable | None = None,
+                  reports: int = 10, checkpoint: Path | None = None) -> nn.Module:
+    """Train `arch` on `data` under `config.protocol` for `epochs` epochs of the set.
 
-
-def train_student(data: TrainSet, teacher: nn.Module, num_classes: int, steps: int, config: EvaluateConfig,
-                  seed: int, wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m) -> nn.Module:
+    rded: `teacher` labels each augmented batch online. fkd: `soft_labels` (from `generate_soft_labels`, same
+    seed) supply each batch's stored logits; the teacher is not used. hard: labels and cross-entropy; the
+    teacher is ignored."""
+    protocol = get_protocol(config.protocol)
     torch.manual_seed(seed)
-    model = wrap_model(create_student(config.student, num_classes, data.images.shape[1], config.width))
+    model = worker.wrap_model(create_student(arch, num_classes, data.images.shape[1], config.width))
+    steps = epochs_to_steps(len(data.labels), epochs, config.batch_size)
+    if protocol.stored_labels and (soft_labels is None or len(soft_labels["logits"]) != steps):
+        raise ValueError(f"protocol fkd needs stored soft labels for all {steps} steps (generate_soft_labels)")
+    if protocol.soft_labels and not protocol.stored_labels and teacher is None:
+        raise ValueError(f"protocol {protocol.name} needs a teacher")
+    if teacher is not None:
+        teacher.eval()
+
+    def loss_fn(logits, x, y, w, step, mine):
+        if not protocol.soft_labels:
+            return weighted_ce_loss(logits, y, w)
+        if protocol.stored_labels:
+            target = soft_labels["logits"][step][mine].to(logits.device)
+        else:
+            with torch.no_grad():
+                target = teacher(x)  # soft labels of this very augmented batch
+        return weighted_kd_loss(logits, target, w, config.temperature)
+
+    every = max(1, steps // max(1, reports))
+    return fit(model, data, steps, protocol, config, seed, loss_fn, worker, report, every, checkpoint)
+
+
+@torch.no_grad()
+def generate_soft_labels(data: TrainSet, teacher: nn.Module, epochs: int, config: EvaluateConfig,
+                         seed: int) -> dict[str, torch.Tensor]:
+    """FKD: every batch plan of the run (same generator as `fit` with this seed) and the teacher's logits on it.
+    Returns {"logits": (steps, B, classes), "index": (steps, B), "affine": (steps, B, 5)[, "perm", "box"]}."""
+    protocol = get_protocol(config.protocol)
+    generator = torch.Generator().manual_seed(seed)
+    images, weights = to_float(data.images), torch.as_tensor(data.weights, dtype=torch.float32)
+    steps = epochs_to_steps(len(data.labels), epochs, config.batch_size)
+    batch = min(config.batch_size, len(images))
+    device = next(teacher.parameters()).device
     teacher.eval()
-
-    def loss_fn(logits, x, _labels, weights):
-        with torch.no_grad():
-            target = teacher(x)  # soft labels of this very augmented batch
-        return weighted_kd_loss(logits, target, weights, config.temperature)
-
-    return _fit(model, data, steps, config, seed, loss_fn)
+    stored: dict[str, list[torch.Tensor]] = {}
+    for _ in range(steps):
+        plan = plan_batch(protocol, generator, len(images), batch, images.shape[-1], config.flip, config.cutmix)
+        x, _ = apply_plan(images, weights, plan)
+        plan["logits"] = teacher(x.to(device)).float().cpu()
+        for key, value in plan.items():
+            stored.setdefault(key, []).append(value)
+    return {key: torch.stack(values) for key, values in stored.items()}
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from engine import store  # noqa: E402
 from engine.config import DistillConfig, config_hash, load_config, save_config  # noqa: E402
+from engine.protocols import get_protocol  # noqa: E402
 
 STAGES = ("quantize", "evaluate")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
@@ -28,7 +29,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
 # A tiny, fast version of the same run: every stage runs for real, on fewer steps.
 SMOKE_OVERRIDES = (
     "name=smoke", "quantize.ipc=[1,2]", "prior.vae_steps=30", "prior.unet_steps=30", "decode.num_steps=4",
-    "evaluate.teacher_epochs=1", "evaluate.student_steps=10", "evaluate.full_epochs=1", "evaluate.seeds=[0]",
+    "evaluate.teacher_epochs=1", "evaluate.student_epochs=5", "evaluate.full_epochs=1", "evaluate.seeds=[0]",
+    "evaluate.reports=1", "evaluate.methods=[random,herding,d4m,ddoq,full]", "evaluate.ddoq_weights=[mass]",
 )
 
 
@@ -48,133 +50,133 @@ def parse_args(argv=None) -> tuple[DistillConfig, str]:
     return load_config(args.config, overrides), args.until
 
 
-def student_jobs(config: DistillConfig, set_dirs: dict[tuple[str, int], Path]) -> list[dict]:
+def student_jobs(config: DistillConfig, set_dirs: dict[tuple[str, str, int], Path]) -> list[dict]:
+    """One job per (student architecture, set or `full`, seed); every row names all it was trained under."""
+    from engine.sets import requested_sets, set_name
+
+    e = config.evaluate
+    teacher = e.teacher if get_protocol(e.protocol).soft_labels else "none"
+    sets = requested_sets(config) + ([("full", "none", 0)] if "full" in e.methods else [])
     jobs = []
-    for method in config.evaluate.methods:
-        ipcs = [0] if method == "full" else list(config.quantize.ipc)
-        for ipc in ipcs:
-            for seed in config.evaluate.seeds:
-                weights = {"ddoq": config.quantize.weights, "d4m": "uniform"}.get(method, "none")
-                jobs.append({"job": f"{method}-ipc{ipc}-seed{seed}", "method": method, "ipc": ipc, "seed": seed,
-                             "weights": weights, "set_dir": str(set_dirs.get((method, ipc), ""))})
+    for student in e.students:
+        for method, weights, ipc in sets:
+            name = set_name(method, weights)
+            for seed in e.seeds:
+                jobs.append({"job": f"{name}-ipc{ipc}-{student}-seed{seed}", "set": f"{name}-ipc{ipc}",
+                             "method": method, "weights": weights, "ipc": ipc, "seed": seed, "student": student,
+                             "teacher": teacher, "protocol": e.protocol,
+                             "set_dir": str(set_dirs.get((method, weights, ipc), ""))})
     return jobs
 
 
-def write_random_sets(config: DistillConfig) -> dict[tuple[str, int], Path]:
-    from engine.baselines import select_random
-    from engine.data import load_split
-
-    train = load_split(config.data, "train")
-    dirs = {}
-    for ipc in config.quantize.ipc:
-        folder = store.distilled_dir(config.run_dir, "random", ipc)
-        chosen = select_random(train.labels, ipc, seed=config.quantize.seed)
-        files = []
-        for rank, i in enumerate(chosen):
-            files.append(store.image_file_name(int(train.labels[i]), rank))
-            store.write_png(folder / files[-1], train.images[i])
-        ones = np.ones(len(chosen))
-        store.write_set_index(folder, files, train.labels[chosen], train.class_names, ones, ones.astype(int))
-        dirs[("random", ipc)] = folder
-    return dirs
-
-
 def teacher_cache_path(config: DistillConfig) -> Path:
-    """Teachers are cached by (dataset, architecture, seed 0, everything that shapes their training)."""
+    """A given checkpoint, or the cache keyed by (dataset, architecture, seed 0, everything that shapes it)."""
     e = config.evaluate
-    key = config_hash(config.data, e.student, e.width, e.teacher_epochs, e.batch_size, e.learning_rate,
-                      e.weight_decay, e.flip)
-    return config.cache_path / "teachers" / f"{config.data.name}-{e.student}-seed0-{key}.safetensors"
+    if e.teacher_path:
+        if not Path(e.teacher_path).is_file():
+            raise FileNotFoundError(f"evaluate.teacher_path {e.teacher_path} is not a file")
+        return Path(e.teacher_path)
+    key = config_hash(config.data, e.teacher, e.width, e.teacher_epochs, e.batch_size, e.flip)
+    return config.cache_path / "teachers" / f"{config.data.name}-{e.teacher}-seed0-{key}.safetensors"
 
 
 def decode_and_evaluate(config: DistillConfig, run_dir: Path, folder: Path, centroids, quantize_key: str,
-                        names: tuple[str, ...], timings: dict) -> list[dict]:
+                        names: tuple[str, ...], timings: dict, train_callbacks: tuple = ()) -> list[dict]:
     from engine import ray_stages
+    from engine.data import load_split
+    from engine.sets import REAL_METHODS, requested_sets, set_dir, write_real_sets
 
-    # Decode: once per (centroids, decode config).
+    # Decode: once per (centroids, decode config); every d4m/ddoq set gets the same images, its own weights.
     start = time.perf_counter()
-    methods = config.evaluate.methods
-    set_dirs: dict[tuple[str, int], Path] = {}
-    latent_methods = [m for m in ("d4m", "ddoq") if m in methods]
-    for method in latent_methods:
-        set_dirs.update({(method, ipc): store.distilled_dir(run_dir, method, ipc) for ipc in config.quantize.ipc})
-    decode_key = config_hash(quantize_key, config.decode, latent_methods)
-    if latent_methods and store.finished_stage(run_dir, "decode", decode_key) is None:
+    latent_sets = [(m, w, k) for m, w, k in requested_sets(config) if m in ("d4m", "ddoq")]
+    set_dirs = {key: set_dir(run_dir, *key) for key in latent_sets}
+    decode_key = config_hash(quantize_key, config.decode, sorted(latent_sets))
+    if latent_sets and store.finished_stage(run_dir, "decode", decode_key) is None:
         log(f"decoding {centroids.num_rows} centroids (strength {config.decode.strength}, "
             f"guidance {config.decode.guidance_scale}, {config.decode.num_steps} steps)")
-        targets = {ipc: [str(set_dirs[(m, ipc)]) for m in latent_methods] for ipc in config.quantize.ipc}
-        decoded = ray_stages.decode_centroids_to_sets(config, folder, centroids, targets)
+        targets = {ipc: [str(set_dirs[key]) for key in latent_sets if key[2] == ipc] for ipc in config.quantize.ipc}
+        decoded = ray_stages.decode_centroids_to_sets(config, folder, centroids, targets, tuple(names))
         files = {(r["ipc"], r["label"], r["index"]): r["path"] for r in decoded.to_pylist()}
         rows = centroids.drop_columns(["latent"]).to_pandas()
-        for method in latent_methods:
-            mode = "uniform" if method == "d4m" else config.quantize.weights
-            for ipc in config.quantize.ipc:
-                part = rows[rows.ipc == ipc]
-                paths = [files[(ipc, label, index)] for label, index in zip(part.label, part["index"])]
-                store.write_set_index(set_dirs[(method, ipc)], paths, part.label.to_numpy(), names,
-                                      part[f"weight_{mode}"].to_numpy(), part["count"].to_numpy())
+        for method, weights, ipc in latent_sets:
+            part = rows[rows.ipc == ipc]
+            paths = [files[(ipc, label, index)] for label, index in zip(part.label, part["index"])]
+            store.write_set_index(set_dirs[(method, weights, ipc)], paths, part.label.to_numpy(), names,
+                                  part[f"weight_{weights}"].to_numpy(), part["count"].to_numpy())
         store.mark_stage_finished(run_dir, "decode", decode_key, images=len(files))
-    if "random" in methods:
-        set_dirs.update(write_random_sets(config))
     timings["decode"] = time.perf_counter() - start
+
+    # Real-image baselines: random, and herding / k-center in the prior's latent space.
+    start = time.perf_counter()
+    real = [m for m in config.evaluate.methods if m in REAL_METHODS]
+    real_key = config_hash(config.data, quantize_key, real, config.quantize.ipc)
+    real_dirs = {(m, "none", k): set_dir(run_dir, m, "none", k) for m in real for k in config.quantize.ipc}
+    if real and store.finished_stage(run_dir, "real_sets", real_key) is None:
+        log(f"selecting real-image baselines: {', '.join(real)}")
+        write_real_sets(config, load_split(config.data, "train"), run_dir / "latents")
+        store.mark_stage_finished(run_dir, "real_sets", real_key, methods=real)
+    set_dirs.update(real_dirs)
+    timings["baselines"] = time.perf_counter() - start
 
     # Evaluate: every student through Ray Train; finished jobs of the same config are kept.
     start = time.perf_counter()
-    evaluate_key = config_hash(decode_key, config.data, config.evaluate)
+    evaluate_key = config_hash(decode_key, real_key, config.data, config.evaluate)
     results_dir = run_dir / "results" / evaluate_key
-    teacher_path = teacher_cache_path(config)
     jobs = student_jobs(config, set_dirs)
-    log(f"training {len(jobs)} students ({config.runtime.train_workers} Ray Train worker(s))")
-    results = ray_stages.evaluate_students(config, jobs, teacher_path, results_dir)
+    log(f"training {len(jobs)} students, protocol {config.evaluate.protocol} "
+        f"({config.runtime.train_workers} Ray Train worker(s))")
+    results = ray_stages.evaluate_students(config, jobs, teacher_cache_path(config), results_dir,
+                                           callbacks=train_callbacks)
     timings["evaluate"] = time.perf_counter() - start
-
     return results
 
 
-def run(config: DistillConfig, until: str = "evaluate") -> dict:
-    from engine import ray_stages
-    from engine.checks import RunError, check_finite_centroids, check_finite_parameters, check_run_inputs
-    from engine.data import class_names, count_skipped
-    from engine.manifest import write_manifest
+def prepare_prior(config: DistillConfig) -> tuple[Path, tuple[str, ...], tuple[int, ...], int]:
+    """Load (or train once and cache) the prior -> (its folder, class names, latent shape, its image size).
+    A prior with NaN/Inf weights, or a tiny prior trained for other classes, stops the run here."""
+    from engine.checks import RunError, check_finite_parameters
+    from engine.data import class_names
     from engine.priors import load_or_train_prior, prior_folder
 
     names = class_names(config.data)
-    check_run_inputs(config, names, until)
-    run_dir = config.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
-    timings: dict[str, float] = {}
-
-    start = time.perf_counter()
     prior = load_or_train_prior(config.prior, config.data, config.cache_path, log=log)
     folder = prior_folder(config.prior, config.data, config.cache_path)
-    check_finite_parameters({n: getattr(prior, n) for n in ("vae", "unet") if hasattr(prior, n)}, f"prior {folder}")
-    if prior.class_names != tuple(names):
+    modules = ("vae", "unet", "transformer", "text_encoder")
+    check_finite_parameters({n: getattr(prior, n) for n in modules if hasattr(prior, n)}, f"prior {folder}")
+    if prior.kind == "tiny" and prior.class_names != tuple(names):  # sd15/dit take the data's names
         raise RunError(f"prior {folder} was trained for classes {prior.class_names[:5]}... ({prior.num_classes}), "
-                         f"but the data has {len(names)} classes {tuple(names)[:5]}...")
-    timings["prior"] = time.perf_counter() - start
-    ray_stages.init_ray(config.runtime)
+                       f"but the data has {len(names)} classes {tuple(names)[:5]}...")
+    return folder, tuple(names), tuple(prior.latent_shape), prior.image_size
 
-    # Encode: once per (data, prior).
-    start = time.perf_counter()
+
+def encode_stage(config: DistillConfig, run_dir: Path, folder: Path, latent_shape, image_size: int,
+                 names: tuple[str, ...]) -> tuple[str, Path, int, dict[str, int]]:
+    """Encode once per (data, prior) into run_dir/latents -> (encode key, latents folder, images encoded,
+    rows skipped per reason)."""
+    from engine import ray_stages
+    from engine.data import count_skipped
+
     encode_key = config_hash(config.data, config.prior, str(folder.resolve()))
     latents_dir = run_dir / "latents"
     marker = store.finished_stage(run_dir, "encode", encode_key)
     if marker is None:
-        log(f"encoding the train split with the prior's VAE (latent shape {prior.latent_shape})")
-        encoded = ray_stages.encode_to_parquet(config, folder, latents_dir)
+        log(f"encoding the train split with the prior's VAE (latent shape {latent_shape})")
+        encoded = ray_stages.encode_to_parquet(config, folder, latents_dir, image_size, tuple(names))
         skipped = count_skipped(pq.read_table(run_dir / "skipped.parquet", columns=["reason"]).column(0).to_pylist())
         if skipped:
             log(f"encode: skipped {sum(skipped.values())} unusable rows {skipped} (listed in skipped.parquet)")
-        store.mark_stage_finished(run_dir, "encode", encode_key, images=encoded, latent_shape=prior.latent_shape,
+        store.mark_stage_finished(run_dir, "encode", encode_key, images=encoded, latent_shape=latent_shape,
                                   skipped=skipped)
     else:
         encoded, skipped = marker["images"], marker.get("skipped", {})
         log(f"encode: reusing {encoded} latents from an earlier run")
-    timings["encode"] = time.perf_counter() - start
+    return encode_key, latents_dir, encoded, skipped
 
-    # Quantize: once per (latents, quantizer config).
-    start = time.perf_counter()
+
+def quantize_stage(config: DistillConfig, run_dir: Path, latents_dir: Path, encode_key: str):
+    """Quantize once per (latents, quantizer config) into run_dir -> (quantize key, centroids, stats frame)."""
+    from engine import ray_stages
+
     quantize_key = config_hash(encode_key, config.quantize)
     if store.finished_stage(run_dir, "quantize", quantize_key) is None:
         class_dirs = store.class_latent_dirs(latents_dir)
@@ -186,6 +188,33 @@ def run(config: DistillConfig, until: str = "evaluate") -> dict:
         store.mark_stage_finished(run_dir, "quantize", quantize_key, classes=len(class_dirs))
     centroids = pq.read_table(run_dir / "centroids.parquet")
     stats = pq.read_table(run_dir / "quantization.parquet").to_pandas()
+    return quantize_key, centroids, stats
+
+
+def run(config: DistillConfig, until: str = "evaluate") -> dict:
+    from engine import ray_stages
+    from engine.checks import check_finite_centroids, check_run_inputs
+    from engine.data import class_names
+    from engine.manifest import write_manifest
+    from engine.report import write_report
+
+    check_run_inputs(config, class_names(config.data), until)  # before anything is written or started
+    run_dir = config.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    timings: dict[str, float] = {}
+
+    start = time.perf_counter()
+    folder, names, latent_shape, image_size = prepare_prior(config)
+    timings["prior"] = time.perf_counter() - start
+    ray_stages.init_ray(config.runtime)
+
+    start = time.perf_counter()
+    encode_key, latents_dir, encoded, skipped = encode_stage(config, run_dir, folder, latent_shape, image_size, names)
+    timings["encode"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    quantize_key, centroids, stats = quantize_stage(config, run_dir, latents_dir, encode_key)
     timings["quantize"] = time.perf_counter() - start
     # Documented behaviour: a class with no usable image gets no distilled images; the run goes on and says so.
     empty_classes = [names[c] for c in range(len(names)) if c not in set(stats.label)]
@@ -214,6 +243,7 @@ def run(config: DistillConfig, until: str = "evaluate") -> dict:
                           "skipped": skipped, "classes": int(stats.label.nunique()), "empty_classes": empty_classes}}
     store.atomic_write_json(run_dir / "metrics.json", metrics)
     write_manifest(run_dir)  # sha256 of every output file: compare runs, detect later changes
+    log(f"report: {write_report(run_dir)}")
     return metrics
 
 
@@ -221,11 +251,13 @@ def format_table(metrics: dict) -> str:
     """Top-1 mean ± std over seeds per method and IPC, then the latent W2 per IPC."""
     import pandas as pd
 
-    frame = pd.DataFrame(metrics["results"], columns=["method", "ipc", "weights", "top1"])
-    lines = [f"{'method':<8} {'weights':<8} {'ipc':>4} {'top1 (mean ± std)':>20} {'seeds':>5}"]
-    for (method, ipc, weights), part in frame.groupby(["method", "ipc", "weights"], sort=False):
+    keys = ["protocol", "student", "method", "weights", "ipc"]
+    frame = pd.DataFrame(metrics["results"], columns=keys + ["top1"])
+    lines = [f"{'protocol':<8} {'student':<10} {'method':<8} {'weights':<8} {'ipc':>4} {'top1 (mean ± std)':>20} "
+             f"{'seeds':>5}"]
+    for (protocol, student, method, weights, ipc), part in frame.groupby(keys, sort=False):
         top1 = part.top1.to_numpy() * 100
-        lines.append(f"{method:<8} {weights:<8} {ipc if ipc else 'all':>4} "
+        lines.append(f"{protocol:<8} {student:<10} {method:<8} {weights:<8} {ipc if ipc else 'all':>4} "
                      f"{top1.mean():>12.1f} ± {top1.std():4.1f} {len(top1):>5}")
     lines.append("")
     lines.append(f"{'ipc':>4} {'distortion':>11} {'W2 uniform':>11} {'W2 mass':>9} {'W2 sqrt':>9} {'mass vs uniform':>16}")

@@ -38,17 +38,18 @@ def test_smoke_run_writes_every_output_and_reruns_from_cache(ray_session, tmp_pa
         assert (run_dir / name).exists(), name
 
     rows = metrics["results"]
-    assert {(r["method"], r["ipc"]) for r in rows} == {(m, k) for m in ("random", "d4m", "ddoq") for k in (1, 2)} | {
-        ("full", 0)}
+    methods = ("random", "herding", "d4m", "ddoq")
+    assert {(r["method"], r["ipc"]) for r in rows} == {(m, k) for m in methods for k in (1, 2)} | {("full", 0)}
     for row in rows:
-        assert {"method", "ipc", "top1", "seed"} <= set(row) and 0.0 <= row["top1"] <= 1.0
+        assert {"method", "weights", "ipc", "protocol", "student", "teacher", "seed"} <= set(row)
+        assert 0.0 <= row["top1"] <= 1.0
 
-    for method in ("random", "d4m", "ddoq"):
+    for method in ("random", "herding", "d4m", "ddoq-mass"):
         index = pq.read_table(run_dir / "distilled" / f"{method}-ipc2" / "index.parquet").to_pandas()
         assert list(index.columns) == ["path", "label", "class_name", "weight", "count"]
         assert len(index) == 20 and all((run_dir / "distilled" / f"{method}-ipc2" / p).exists() for p in index.path)
         np.testing.assert_allclose(index.groupby("label").weight.mean(), 1.0)
-    ddoq = pq.read_table(run_dir / "distilled" / "ddoq-ipc2" / "index.parquet").to_pandas()
+    ddoq = pq.read_table(run_dir / "distilled" / "ddoq-mass-ipc2" / "index.parquet").to_pandas()
     np.testing.assert_allclose(ddoq.weight, ddoq["count"] * 2 / ddoq.groupby("label")["count"].transform("sum"))
 
     stats = pq.read_table(run_dir / "quantization.parquet").to_pandas()
@@ -100,7 +101,7 @@ def test_ray_job_submit_against_a_local_head(tmp_path):
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         assert "succeeded" in out.stdout
         metrics = json.loads((tmp_path / "runs" / "smoke" / "metrics.json").read_text())
-        assert len(metrics["results"]) == 7
+        assert len(metrics["results"]) == 9
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its own cluster on SIGTERM
         head.wait(timeout=60)

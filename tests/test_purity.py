@@ -12,7 +12,9 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PURE = ["engine.config", "engine.data", "engine.encode", "engine.decode", "engine.quantize", "engine.transport",
         "engine.store", "engine.students", "engine.train", "engine.baselines", "engine.priors",
-        "engine.priors.tiny", "engine.priors.train_tiny", "engine.manifest", "engine.checks", "engine.faults"]
+        "engine.priors.tiny", "engine.priors.train_tiny", "engine.priors.base", "engine.priors.sd15",
+        "engine.priors.dit", "engine.priors.checkpoint", "engine.report", "engine.protocols", "engine.augment",
+        "engine.sets", "engine.manifest", "engine.checks", "engine.faults"]
 SCANNED = [p for d in ("engine", "jobs", "tune", "benchmarks") for p in sorted((ROOT / d).rglob("*.py"))]
 
 
@@ -116,6 +118,10 @@ ATOMIC_MARKERS = ("partial", "staging", "buffer", "sink")
 # Known sites that write into a folder the caller stages and renames (reason given).
 ATOMIC_BY_CALLER = {
     "engine/priors/tiny.py": "TinyPrior.save writes a folder that load_or_train_prior stages and renames",
+    "engine/priors/sd15.py": "StableDiffusionPrior.save: same contract as TinyPrior.save (tests build folders with it)",
+    "engine/priors/dit.py": "DiTPrior.save: same contract as TinyPrior.save (tests build folders with it)",
+    "engine/priors/checkpoint.py": "a checkpoint folder counts only once its state pointer is os.replace'd after it",
+    "engine/priors/train_tiny.py": "calls PriorCheckpoint.save (engine/priors/checkpoint.py), atomic by its pointer",
 }
 
 
@@ -127,6 +133,8 @@ def non_atomic_writes(source: str) -> list[str]:
             continue
         name = dotted(node.func)
         line = lines[node.lineno - 1]
+        if "# audit:" in line:  # a write that is safe by design, with the reason on the line
+            continue
         if name.split(".")[-1] in WRITERS and not any(marker in line.lower() for marker in ATOMIC_MARKERS):
             offenders.append(f"{node.lineno}: {line.strip()}")
         if name == "open" and len(node.args) > 1 and isinstance(node.args[1], ast.Constant):

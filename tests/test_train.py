@@ -2,11 +2,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine.baselines import select_random
+from engine.baselines import select_herding, select_kcenter, select_random
 from engine.config import DataConfig, EvaluateConfig
 from engine.data import load_split
 from engine.students import create_student
-from engine.train import TrainSet, augment, evaluate_top1, train_student, train_teacher, weighted_kd_loss
+from engine.protocols import get_protocol
+from engine.train import TrainSet, Worker, evaluate_top1, fit, train_student, train_teacher
 
 FAST = EvaluateConfig(width=16, teacher_epochs=2, batch_size=64)
 
@@ -16,27 +17,17 @@ def test_convnet_shapes_and_bad_sizes():
     assert model(torch.zeros(2, 3, 16, 16)).shape == (2, 10)
     with pytest.raises(ValueError, match="too small"):
         create_student("convnet3", 10, 4)
-    with pytest.raises(NotImplementedError, match="timm"):
-        create_student("resnet18", 10, 32)
+    with pytest.raises(ValueError, match="unknown student"):
+        create_student("resnet_does_not_exist", 10, 32)
 
 
-def test_weights_change_the_loss_and_uniform_weights_do_not():
-    torch.manual_seed(0)
-    student, teacher = torch.randn(6, 4), torch.randn(6, 4)
-    ones = torch.ones(6)
-    plain = weighted_kd_loss(student, teacher, ones, 4.0)
-    skewed = torch.tensor([3.0, 0.6, 0.6, 0.6, 0.6, 0.6])
-    assert not torch.isclose(weighted_kd_loss(student, teacher, skewed, 4.0), plain)
-    assert weighted_kd_loss(teacher, teacher, skewed, 4.0).abs() < 1e-6  # identical logits: no loss
-    assert plain > 0
-
-
-def test_augment_keeps_shape_and_is_seeded():
-    x = torch.randn(5, 3, 16, 16)
-    a = augment(x, torch.Generator().manual_seed(0), flip=True)
-    assert a.shape == x.shape
-    assert torch.equal(a, augment(x, torch.Generator().manual_seed(0), flip=True))
-    assert not torch.equal(a, x)
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv2_100", "efficientnet_b0", "swin_tiny_patch4_window7_224"])
+def test_timm_students_take_small_images_without_collapsing_them(name):
+    model = create_student(name, 10, 28)
+    assert model(torch.zeros(2, 3, 28, 28)).shape == (2, 10)
+    if name == "resnet18":  # CIFAR-style stem: the first stage sees the full 28x28 grid
+        features = model.forward_features(torch.zeros(1, 3, 28, 28))
+        assert features.shape[-1] == 4  # 28 -> 14 -> 7 -> 4 over three stride-2 stages (ImageNet stem: 1)
 
 
 def test_select_random_takes_ipc_per_class_seeded():
@@ -46,12 +37,77 @@ def test_select_random_takes_ipc_per_class_seeded():
     np.testing.assert_array_equal(chosen, select_random(labels, 2, seed=0))
 
 
+def test_herding_tracks_the_mean_and_kcenter_covers_the_spread():
+    rng = np.random.default_rng(0)
+    points = np.concatenate([rng.normal(0, 1, (95, 4)), rng.normal(20, 1, (5, 4))])  # a small far-away cluster
+    herd = select_herding(points, 5)
+    assert len(set(herd.tolist())) == 5
+    # herding's running mean approaches the class mean faster than random picks do
+    random_gap = np.mean([np.linalg.norm(points[rng.choice(100, 5, replace=False)].mean(0) - points.mean(0))
+                          for _ in range(50)])
+    assert np.linalg.norm(points[herd].mean(0) - points.mean(0)) < 0.5 * random_gap
+    center = select_kcenter(points, 2)
+    assert center[1] >= 95  # the second center is in the far cluster
+    assert sorted(select_kcenter(np.zeros((3, 2)), 5).tolist()) == [0, 1, 2]  # duplicates, k > n: no repeats
+    with pytest.raises(ValueError, match="NaN"):
+        select_herding(np.full((3, 2), np.nan), 1)
+
+
 def test_teacher_learns_digits_and_student_learns_from_it():
     train, test = load_split(DataConfig(), "train"), load_split(DataConfig(), "test")
-    teacher = train_teacher(TrainSet(train.images, train.labels, np.ones(len(train))), 10, FAST, seed=0)
-    teacher_top1 = evaluate_top1(teacher, test.images, test.labels)
-    assert teacher_top1 > 0.5  # chance is 0.1
+    teacher = train_teacher(TrainSet(train.images, train.labels, np.ones(len(train))), 10, "convnet3", FAST, seed=0)
+    assert evaluate_top1(teacher, test.images, test.labels) > 0.5  # chance is 0.1
     chosen = select_random(train.labels, 10, seed=0)
     small = TrainSet(train.images[chosen], train.labels[chosen], np.ones(len(chosen)))
-    student = train_student(small, teacher, 10, steps=60, config=FAST, seed=0)
+    reported = []
+    student = train_student(small, teacher, 10, "convnet3", 30, FAST, seed=0,
+                            report=lambda step, model: reported.append(step), reports=3)
     assert evaluate_top1(student, test.images, test.labels) > 0.3
+    assert reported == [20, 40, 60]  # 100 images, batch 64: 2 steps per epoch, 30 epochs
+
+
+def _digits_set(n_per_class=3):
+    train = load_split(DataConfig(), "train")
+    chosen = select_random(train.labels, n_per_class, seed=0)
+    return TrainSet(train.images[chosen], train.labels[chosen], np.ones(len(chosen)))
+
+
+def test_a_killed_student_resumes_from_its_checkpoint_exactly(tmp_path):
+    data, config = _digits_set(), EvaluateConfig(width=8, batch_size=16)
+    teacher = create_student("convnet3", 10, 16, 8).eval()
+    straight = train_student(data, teacher, 10, "convnet3", 4, config, seed=1, reports=2)
+
+    checkpoint = tmp_path / "job.pt"
+
+    def die_after_first_report(step, model):
+        raise KeyboardInterrupt  # the process dies right after its first checkpoint
+
+    with pytest.raises(KeyboardInterrupt):
+        train_student(data, teacher, 10, "convnet3", 4, config, seed=1, report=die_after_first_report, reports=2,
+                      checkpoint=checkpoint)
+    assert checkpoint.exists()
+    resumed = train_student(data, teacher, 10, "convnet3", 4, config, seed=1, reports=2, checkpoint=checkpoint)
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+def test_data_parallel_workers_split_one_global_batch():
+    """Every worker draws the same global batch and trains on its rows rank::world: the two shards of a 2-worker
+    run are exactly the rows of the 1-worker run's batch (so DDP's averaged gradient is the global batch's)."""
+    data, config = _digits_set(), EvaluateConfig(width=8, batch_size=16, protocol="hard")
+    seen = {}
+    for rank, world in [(0, 1), (0, 2), (1, 2)]:
+        rows = []
+
+        def loss_fn(logits, x, y, w, step, mine, rows=rows):
+            rows.append(x.detach().clone())
+            return logits.sum() * 0
+
+        model = create_student("convnet3", 10, 16, 8)
+        fit(model, data, 2, get_protocol("hard"), config, seed=0, loss_fn=loss_fn, worker=Worker(rank, world))
+        seen[(rank, world)] = rows
+    for step in range(2):
+        whole = seen[(0, 1)][step]
+        assert len(whole) == 16 and len(seen[(0, 2)][step]) == 8
+        torch.testing.assert_close(whole[0::2], seen[(0, 2)][step])
+        torch.testing.assert_close(whole[1::2], seen[(1, 2)][step])

@@ -1,5 +1,6 @@
-"""Generative priors DDOQ pushes centroids through. Only `tiny` (trained by the engine) is built so far;
-Stable Diffusion v1.5 and DiT are the generative-priors issue."""
+"""Generative priors DDOQ pushes centroids through, behind one interface (engine.priors.base.Prior):
+`tiny` (trained by the engine for a new domain, cached), `sd15` (Stable Diffusion v1.5) and `dit` (DiT-XL/2-256),
+the last two loaded from a local diffusers folder named by prior.path."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from engine.config import DataConfig, PriorConfig, config_hash
+from engine.priors.base import Prior
 from engine.priors.tiny import TinyPrior, load_tiny_prior
 
 
@@ -20,9 +22,29 @@ def prior_folder(prior: PriorConfig, data: DataConfig, cache_root: Path) -> Path
     return Path(prior.path) if prior.path else prior_cache_folder(prior, data, cache_root)
 
 
-def load_or_train_prior(prior: PriorConfig, data: DataConfig, cache_root: Path, log: Callable = print) -> TinyPrior:
+def load_prior(kind: str, folder: str | Path, class_names: tuple[str, ...]) -> Prior:
+    """The one loader of every kind (used by the job and by the Ray encode/decode actors). The tiny prior brings its
+    own class names and the caller checks them against the data; sd15/dit take the data's names (prompts)."""
+    if kind == "tiny":
+        return load_tiny_prior(folder)
+    if kind == "sd15":
+        from engine.priors.sd15 import load_sd15_prior
+
+        return load_sd15_prior(folder, class_names)
+    if kind == "dit":
+        from engine.priors.dit import load_dit_prior
+
+        return load_dit_prior(folder, class_names)
+    raise ValueError(f"unknown prior kind {kind!r}")
+
+
+def load_or_train_prior(prior: PriorConfig, data: DataConfig, cache_root: Path, log: Callable = print) -> Prior:
     """Load the configured prior folder, or train the tiny prior on the train split and cache it atomically."""
     folder = prior_folder(prior, data, cache_root)
+    if prior.kind != "tiny":
+        from engine.data import class_names
+
+        return load_prior(prior.kind, folder, class_names(data))
     if prior.path or folder.exists():
         return load_tiny_prior(folder)
     from engine.data import load_split
@@ -31,8 +53,12 @@ def load_or_train_prior(prior: PriorConfig, data: DataConfig, cache_root: Path, 
     log(f"training the tiny prior for {data.name} (cached at {folder})")
     train = load_split(data, "train")
     trained = train_tiny_prior(prior, train.images, train.labels, train.class_names, log=log)
+    save_prior_atomically(trained, folder)
+    return load_tiny_prior(folder)
+
+
+def save_prior_atomically(prior: TinyPrior, folder: Path) -> None:
     staging = folder.with_name(folder.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    trained.save(staging)
+    prior.save(staging)
     staging.rename(folder)  # atomic: a killed run never leaves a half-written prior behind
-    return load_tiny_prior(folder)

@@ -12,9 +12,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
 
-from engine.config import PriorConfig
+from engine.config import DecodeConfig, PriorConfig
 
 PRIOR_FILE = "prior.json"
 SUBFOLDERS = ("vae", "unet", "scheduler")
@@ -22,6 +23,9 @@ SUBFOLDERS = ("vae", "unet", "scheduler")
 
 @dataclass
 class TinyPrior:
+    """Implements engine.priors.base.Prior."""
+
+    kind = "tiny"  # class attribute, not a field
     vae: AutoencoderKL
     unet: UNet2DModel
     scheduler: DDIMScheduler
@@ -49,6 +53,27 @@ class TinyPrior:
         self.scheduler.save_pretrained(folder / "scheduler")
         meta = {"kind": "tiny", "image_size": self.image_size, "class_names": list(self.class_names)}
         (folder / PRIOR_FILE).write_text(json.dumps(meta, indent=2))
+
+    def to(self, device: str, dtype: str = "float32") -> "TinyPrior":
+        from engine.priors.base import move
+
+        move(self.vae, device, dtype)
+        move(self.unet, device, dtype)
+        return self
+
+    def encode(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        from engine.encode import encode_images
+
+        return encode_images(self.vae, images, batch_size, size=self.image_size)
+
+    def decode(self, latents: np.ndarray, labels: np.ndarray, config: DecodeConfig, keys: np.ndarray,
+               size: int | None = None) -> np.ndarray:
+        from engine.decode import decode_centroids, pixels_to_images
+        from engine.encode import images_to_tensor
+
+        images = decode_centroids(self, latents, labels, config.guidance_scale, config.strength, config.num_steps,
+                                  config.seed, keys)
+        return images if not size or size == self.image_size else pixels_to_images(images_to_tensor(images), size)
 
     def eval(self) -> "TinyPrior":
         self.vae.eval()

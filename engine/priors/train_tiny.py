@@ -16,19 +16,29 @@ import torch.nn.functional as F
 
 from engine.config import PriorConfig
 from engine.encode import encode_images, images_to_tensor
+from engine.priors.checkpoint import Checkpointer
 from engine.priors.tiny import TinyPrior, build_tiny_prior
 
 
-def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
-    for _ in range(steps):
-        yield torch.randint(0, n, (batch_size,), generator=generator)
+def _resume_step(checkpoint: Checkpointer | None, phase: str, prior: TinyPrior, optimizer, lr_schedule,
+                 generator: torch.Generator, log: Callable) -> int:
+    """The step to start `phase` at: 0, or the last checkpoint's step with weights/optimizer/RNG restored."""
+    state = checkpoint.state() if checkpoint else None
+    if state is None or state["phase"] != phase or state["step"] == 0:
+        return 0
+    checkpoint.restore(prior, optimizer, lr_schedule, generator)
+    log(f"  resuming the {phase} at step {state['step']} from {checkpoint.folder}")
+    return int(state["step"])
 
 
-def train_vae(prior: TinyPrior, pixels: torch.Tensor, config: PriorConfig, generator, log: Callable) -> float:
+def train_vae(prior: TinyPrior, pixels: torch.Tensor, config: PriorConfig, generator, log: Callable,
+              checkpoint: Checkpointer | None = None) -> float:
     optimizer = torch.optim.AdamW(prior.vae.parameters(), lr=config.learning_rate)
+    start = _resume_step(checkpoint, "vae", prior, optimizer, None, generator, log)
     prior.vae.train()
     loss_value = float("nan")
-    for step, index in enumerate(_batches(len(pixels), config.batch_size, config.vae_steps, generator)):
+    for step in range(start, config.vae_steps):
+        index = torch.randint(0, len(pixels), (config.batch_size,), generator=generator)
         x = pixels[index]  # (B, 3, H, W)
         posterior = prior.vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
@@ -40,18 +50,22 @@ def train_vae(prior: TinyPrior, pixels: torch.Tensor, config: PriorConfig, gener
         loss_value = loss.item()
         if step % 250 == 0 or step == config.vae_steps - 1:
             log(f"  vae step {step + 1}/{config.vae_steps} loss {loss_value:.4f}")
+        if checkpoint and checkpoint.due(step + 1, config.vae_steps):
+            checkpoint.save("vae", step + 1, prior, optimizer, None, generator)
     prior.vae.eval()
     return loss_value
 
 
 def train_unet(prior: TinyPrior, latents: torch.Tensor, labels: torch.Tensor, config: PriorConfig, generator,
-               log: Callable) -> float:
+               log: Callable, checkpoint: Checkpointer | None = None) -> float:
     optimizer = torch.optim.AdamW(prior.unet.parameters(), lr=config.learning_rate)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.learning_rate, total_steps=config.unet_steps,
                                                    pct_start=0.05)
+    start = _resume_step(checkpoint, "unet", prior, optimizer, schedule, generator, log)
     prior.unet.train()
     loss_value = float("nan")
-    for step, index in enumerate(_batches(len(latents), config.batch_size, config.unet_steps, generator)):
+    for step in range(start, config.unet_steps):
+        index = torch.randint(0, len(latents), (config.batch_size,), generator=generator)
         z0, y = latents[index], labels[index].clone()
         # Classifier-free guidance: sometimes train the null class on the same images.
         drop = torch.rand(len(y), generator=generator) < config.class_dropout
@@ -67,12 +81,16 @@ def train_unet(prior: TinyPrior, latents: torch.Tensor, labels: torch.Tensor, co
         loss_value = loss.item()
         if step % 500 == 0 or step == config.unet_steps - 1:
             log(f"  unet step {step + 1}/{config.unet_steps} loss {loss_value:.4f}")
+        if checkpoint and checkpoint.due(step + 1, config.unet_steps):
+            checkpoint.save("unet", step + 1, prior, optimizer, schedule, generator)
     prior.unet.eval()
     return loss_value
 
 
 def train_tiny_prior(config: PriorConfig, images: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...],
-                     log: Callable = print) -> TinyPrior:
+                     log: Callable = print, checkpoint: Checkpointer | None = None) -> TinyPrior:
+    """With a checkpointer, training saves every `checkpoint.every` steps and resumes from its last checkpoint: the
+    result equals an uninterrupted run's (weights, optimizer, LR schedule and RNG state are all restored)."""
     if len(images) == 0:
         raise ValueError("cannot train a prior on an empty image set")
     torch.manual_seed(config.seed)
@@ -80,12 +98,22 @@ def train_tiny_prior(config: PriorConfig, images: np.ndarray, labels: np.ndarray
     prior = build_tiny_prior(config, images.shape[1], class_names)
     pixels = images_to_tensor(images)
     start = time.perf_counter()
-    train_vae(prior, pixels, config, generator, log)
+    state = checkpoint.state() if checkpoint else None
+    if state is None or state["phase"] == "vae":
+        train_vae(prior, pixels, config, generator, log, checkpoint)
+        with torch.no_grad():
+            mean_latents = encode_images(prior.vae, images) / prior.vae.config.scaling_factor
+        prior.vae.register_to_config(scaling_factor=float(1.0 / mean_latents.std()))
+        if checkpoint:  # the finished VAE: a resume from here skips straight to the UNet
+            checkpoint.save("unet", 0, prior, None, None, generator)
+    else:
+        checkpoint.restore(prior, None, None, generator)
+        prior.vae.eval()  # as after train_vae: train mode encodes differently in the last bits
+        log(f"  vae restored from {checkpoint.folder}")
+    # Latents through the (scaled) VAE the same way whether or not the run resumed, so both give identical weights.
     with torch.no_grad():
-        mean_latents = encode_images(prior.vae, images) / prior.vae.config.scaling_factor
-    prior.vae.register_to_config(scaling_factor=float(1.0 / mean_latents.std()))
-    latents = torch.tensor(mean_latents * prior.vae.config.scaling_factor)
+        latents = torch.tensor(encode_images(prior.vae, images))
     log(f"  vae done in {time.perf_counter() - start:.0f}s, scaling factor {prior.vae.config.scaling_factor:.4f}")
-    train_unet(prior, latents, torch.as_tensor(labels, dtype=torch.long), config, generator, log)
+    train_unet(prior, latents, torch.as_tensor(labels, dtype=torch.long), config, generator, log, checkpoint)
     log(f"  prior trained in {time.perf_counter() - start:.0f}s")
     return prior.eval()

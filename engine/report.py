@@ -1,0 +1,271 @@
+"""The run's HTML report: static PNG figures (matplotlib, Agg) and tables, no server (pure: no Ray).
+
+run folder (metrics.json, quantization.parquet, centroids.parquet, distilled/<method>-ipc<k>/) ->
+  report.html next to metrics.json, figures in report/*.png (relative links: the folder can be copied anywhere).
+Every section is drawn from what the run actually wrote; a missing input (e.g. `--until quantize` has no
+distilled sets or results) is said in the page instead of drawn.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from engine.store import atomic_write_bytes
+
+MAX_CLASSES_IN_GRID = 10  # rows of an image grid; ImageNet has 1000 classes, a page shows the first ten
+MAX_IMAGES_PER_CELL = 10  # images per (class, method) cell of a grid, highest weight first
+WEIGHT_MODES = ("uniform", "mass", "sqrt")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> str:
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return f"{path.parent.name}/{path.name}"
+
+
+def distilled_sets(run_dir: Path) -> dict[int, dict[str, Path]]:
+    """ipc -> {method: folder} for every distilled/<method>-ipc<k>/ with an index.parquet."""
+    sets: dict[int, dict[str, Path]] = {}
+    for index in sorted(Path(run_dir).glob("distilled/*-ipc*/index.parquet")):
+        method, ipc = index.parent.name.rsplit("-ipc", 1)
+        sets.setdefault(int(ipc), {})[method] = index.parent
+    return sets
+
+
+def plot_image_grid(sets: dict[str, Path], ipc: int, path: Path) -> str:
+    """One row per class, one cell per method: real images (`random`) beside the decoded centroids; under each
+    decoded image its weight in the loss (d4m: uniform, ddoq: Voronoi mass), highest weight first."""
+    from PIL import Image
+
+    plt = _pyplot()
+    order = sorted(sets, key=lambda m: (m != "random", m))  # real samples first, beside the distilled ones
+    indexes = {m: pq.read_table(sets[m] / "index.parquet").to_pandas() for m in order}
+    labels = sorted(set().union(*(set(ix.label) for ix in indexes.values())))[:MAX_CLASSES_IN_GRID]
+    per_cell = min(ipc, MAX_IMAGES_PER_CELL)
+    columns = per_cell * len(order)
+    fig, axes = plt.subplots(len(labels), columns, figsize=(0.9 * columns + 1.2, 1.0 * len(labels) + 0.6),
+                             squeeze=False)
+    for row, label in enumerate(labels):
+        for group, method in enumerate(order):
+            cell = indexes[method][indexes[method].label == label].sort_values("weight", ascending=False)
+            for j in range(per_cell):
+                ax = axes[row, group * per_cell + j]
+                ax.set_xticks([]), ax.set_yticks([])
+                for side in ax.spines.values():
+                    side.set_visible(False)
+                if j < len(cell):
+                    item = cell.iloc[j]
+                    with Image.open(sets[method] / item.path) as image:
+                        ax.imshow(np.asarray(image.convert("RGB")), interpolation="nearest")
+                    if method != "random":
+                        ax.set_xlabel(f"w={item.weight:.2f}", fontsize=7, labelpad=1)
+                if row == 0 and j == 0:
+                    ax.set_title(method if method != "random" else "real (random)", fontsize=9, loc="left")
+            if group == 0:
+                axes[row, 0].set_ylabel(str(indexes[order[0]].query("label == @label").class_name.iloc[0])
+                                        if (indexes[order[0]].label == label).any() else str(label),
+                                        fontsize=8, rotation=0, ha="right", va="center")
+    fig.suptitle(f"IPC {ipc}: real images beside the decoded centroids (first {len(labels)} classes)", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_weight_histograms(centroids: pd.DataFrame, path: Path) -> str:
+    """Per IPC: histogram of the mass and sqrt weights (uniform is the line at 1)."""
+    plt = _pyplot()
+    ipcs = sorted(i for i in centroids.ipc.unique() if i > 1) or sorted(centroids.ipc.unique())
+    fig, axes = plt.subplots(1, len(ipcs), figsize=(4.2 * len(ipcs), 3.2), squeeze=False)
+    for ax, ipc in zip(axes[0], ipcs):
+        part = centroids[centroids.ipc == ipc]
+        high = max(part.weight_mass.max(), part.weight_sqrt.max(), 1.0) * 1.05
+        bins = np.linspace(0, high, 30)
+        ax.hist(part.weight_mass, bins=bins, alpha=0.6, label="mass (DDOQ)")
+        ax.hist(part.weight_sqrt, bins=bins, alpha=0.6, label="sqrt")
+        ax.axvline(1.0, color="k", linestyle="--", linewidth=1, label="uniform (D4M)")
+        ax.set_title(f"IPC {ipc}: {len(part)} centroids, weight std {part.weight_mass.std():.2f} (mass)", fontsize=9)
+        ax.set_xlabel("weight (mean 1 per class)")
+        ax.set_ylabel("centroids")
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_w2_per_class(stats: pd.DataFrame, path: Path) -> str:
+    """Per IPC: each class's W2 with uniform weights (x) against weighted (y); points below the diagonal are
+    classes the weights bring closer to the data. A scatter stays readable at 1000 classes, bars would not."""
+    plt = _pyplot()
+    ipcs = sorted(stats.ipc.unique())
+    fig, axes = plt.subplots(1, len(ipcs), figsize=(4 * len(ipcs), 3.8), squeeze=False)
+    for ax, ipc in zip(axes[0], ipcs):
+        part = stats[stats.ipc == ipc]
+        ax.scatter(part.w2_uniform, part.w2_mass, s=16, label="mass (DDOQ)")
+        ax.scatter(part.w2_uniform, part.w2_sqrt, s=16, marker="x", label="sqrt")
+        low, high = part[["w2_uniform", "w2_mass", "w2_sqrt"]].min().min(), part.w2_uniform.max()
+        ax.plot([low, high], [low, high], "k--", linewidth=1, label="= uniform (D4M)")
+        reduction = 100 * (1 - part.w2_mass / part.w2_uniform).mean()
+        ax.set_title(f"IPC {ipc}: mass lowers W2 by {reduction:.1f} % (mean)", fontsize=9)
+        ax.set_xlabel("W2, uniform weights")
+        ax.set_ylabel("W2, weighted")
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_accuracy_vs_ipc(results: pd.DataFrame, path: Path) -> str:
+    """Top-1 mean ± std over seeds per method against IPC (log axis); `full` is a horizontal band."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for method, part in results.groupby("method", sort=False):
+        if method == "full":
+            mean, std = part.top1.mean() * 100, part.top1.std(ddof=0) * 100
+            ax.axhline(mean, color="k", linestyle="--", linewidth=1, label=f"full train set ({mean:.1f})")
+            ax.axhspan(mean - std, mean + std, color="k", alpha=0.08)
+            continue
+        by_ipc = part.groupby("ipc").top1.agg(["mean", lambda s: s.std(ddof=0)]) * 100
+        ax.errorbar(by_ipc.index, by_ipc.iloc[:, 0], yerr=by_ipc.iloc[:, 1], marker="o", capsize=3, label=method)
+    ax.set_xscale("log")
+    ipcs = sorted(results[results.method != "full"].ipc.unique())
+    ax.set_xticks(ipcs, [str(i) for i in ipcs])
+    ax.set_xlabel("images per class (IPC)")
+    ax.set_ylabel("top-1 % on held-out images")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_timings(timings: dict[str, float], path: Path) -> str:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 0.45 * len(timings) + 0.8))
+    names = list(timings)
+    ax.barh(names, [timings[n] for n in names])
+    for y, name in enumerate(names):
+        ax.text(timings[name], y, f" {timings[name]:.1f} s", va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds")
+    ax.set_title(f"stage wall time, {sum(timings.values()):.0f} s in all", fontsize=9)
+    return _save(fig, path)
+
+
+def flatten_counts(counts: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """{"skipped": {"corrupt": 3}, "images_encoded": 10} -> [("images_encoded", 10), ("skipped.corrupt", 3)]:
+    whatever keys a stage writes into metrics["counts"] are shown, nested ones as dotted names."""
+    rows = []
+    for key, value in sorted(counts.items()):
+        if isinstance(value, dict):
+            rows += flatten_counts(value, f"{prefix}{key}.") or [(f"{prefix}{key}", "none")]
+        else:
+            rows.append((f"{prefix}{key}", value))
+    return rows
+
+
+def _table(frame: pd.DataFrame) -> str:
+    return frame.to_html(index=False, border=0, classes="t", float_format=lambda v: f"{v:.3f}", escape=True)
+
+
+def results_table(results: pd.DataFrame) -> pd.DataFrame:
+    # Population std (ddof=0), as in the plot and the README's tables.
+    summary = results.groupby(["method", "weights", "ipc"], sort=False).top1.agg(
+        mean="mean", std=lambda s: s.std(ddof=0), seeds="count")
+    summary[["mean", "std"]] = summary[["mean", "std"]] * 100
+    summary = summary.reset_index().rename(columns={"mean": "top-1 % mean", "std": "top-1 % std"})
+    summary["ipc"] = summary.ipc.map(lambda k: "all" if k == 0 else str(k))
+    return summary
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Draw every figure the run's outputs allow and write run_dir/report.html; returns its path."""
+    run_dir = Path(run_dir)
+    figures = run_dir / "report"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    sections: list[str] = []
+
+    def section(title: str, body: str) -> None:
+        sections.append(f"<h2>{html.escape(title)}</h2>\n{body}")
+
+    def image(src: str, alt: str) -> str:
+        return f'<img src="{html.escape(src)}" alt="{html.escape(alt)}">'
+
+    results = pd.DataFrame(metrics.get("results") or [])
+    if len(results):
+        body = image(plot_accuracy_vs_ipc(results, figures / "accuracy_vs_ipc.png"), "accuracy vs IPC")
+        section("Accuracy vs IPC", body + _table(results_table(results)))
+    else:
+        section("Accuracy vs IPC", "<p>No students were trained in this run (e.g. <code>--until quantize</code>).</p>")
+
+    sets = distilled_sets(run_dir)
+    grids = [image(plot_image_grid(sets[ipc], ipc, figures / f"images_ipc{ipc}.png"), f"images IPC {ipc}")
+             for ipc in sorted(sets)]
+    note = "" if any("random" in s for s in sets.values()) else \
+        "<p>No real-image set in this run (method <code>random</code> not evaluated), so no real samples.</p>"
+    section("Distilled images per class", "\n".join(grids) + note if grids else "<p>No distilled sets.</p>")
+
+    if (run_dir / "centroids.parquet").exists():
+        centroids = pq.read_table(run_dir / "centroids.parquet", columns=["ipc", "label"] + [
+            f"weight_{m}" for m in WEIGHT_MODES]).to_pandas()
+        section("Weights per IPC", image(plot_weight_histograms(centroids, figures / "weights.png"), "weights"))
+    if (run_dir / "quantization.parquet").exists():
+        stats = pq.read_table(run_dir / "quantization.parquet").to_pandas()
+        summary = pd.DataFrame([{"ipc": k[3:], **v} for k, v in (metrics.get("quantization") or {}).items()])
+        section("Latent W2 per class: uniform vs weighted",
+                image(plot_w2_per_class(stats, figures / "w2_per_class.png"), "W2 per class")
+                + (_table(summary) if len(summary) else ""))
+
+    timings = metrics.get("timings_s") or {}
+    body = image(plot_timings(timings, figures / "timings.png"), "stage timings") if timings else ""
+    counts = pd.DataFrame(flatten_counts(metrics.get("counts") or {}), columns=["count", "value"])
+    section("Stages: timings and counts", body + (_table(counts) if len(counts) else "<p>No counts.</p>"))
+
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>DDOQ run {html.escape(run_dir.name)}</title>
+<style>
+body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
+img {{ max-width: 100%; display: block; margin: 0.5em 0; }}
+table.t {{ border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }}
+table.t td, table.t th {{ padding: 0.2em 0.8em; border-bottom: 1px solid #ddd; text-align: right; }}
+</style></head><body>
+<h1>DDOQ run <code>{html.escape(run_dir.name)}</code></h1>
+<p>Folder <code>{html.escape(str(run_dir))}</code>; config in <code>config.yaml</code>, numbers in
+<code>metrics.json</code>. d4m and ddoq use the same decoded images and differ only in the weights of the loss.</p>
+{chr(10).join(sections)}
+</body></html>
+"""
+    out = run_dir / "report.html"
+    atomic_write_bytes(out, page.encode())
+    return out
+
+
+def plot_sweep_accuracy(table: pd.DataFrame, path: Path, x: str = "quantize.ipc",
+                        hue: str = "decode.guidance_scale") -> str:
+    """A sweep's top-1 against IPC, one line per guidance scale; other swept keys are averaged (the trials
+    table has every trial). Keys the sweep did not vary are drawn as a single point / a single line."""
+    plt = _pyplot()
+    frame = table.dropna(subset=["top1_mean"]).copy()
+    frame["_x"] = frame[x].map(lambda v: min(json.loads(v)) if isinstance(v, str) else v) if x in frame else 0
+    frame["_hue"] = frame[hue] if hue in frame else "all trials"
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for value, part in frame.groupby("_hue"):
+        by_x = part.groupby("_x").top1_mean.agg(["mean", "max"]) * 100
+        ax.plot(by_x.index, by_x["mean"], marker="o", label=f"{hue.split('.')[-1]} {value}")
+    ax.set_xticks(sorted(frame["_x"].unique()))  # the swept IPCs, not fractional ticks between them
+    ax.set_xlabel(f"{x} (IPC)" if x in table else "all trials")
+    ax.set_ylabel("top-1 % (mean over the trial's students)")
+    ax.set_title(f"{len(frame)} trials", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

@@ -1,0 +1,119 @@
+"""Train the `tiny` prior of a dataset, with progress lines and checkpoints that resume after a kill, then measure it.
+
+    python jobs/train_prior.py --config configs/fashion_mnist.yaml [dotted overrides]
+
+Writes the very folder `engine.priors.load_or_train_prior` reads (so jobs/distill.py picks the prior up), or
+prior.path when set. A folder that already holds a trained prior is only measured. Beside the prior it writes
+quality.json (VAE reconstruction MSE / PSNR on the test split, training time) and samples.png (rows = classes:
+first column a real test image, then its reconstruction, then samples generated from noise at the config's
+decode.guidance_scale / num_steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from engine.config import load_config  # noqa: E402
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+@torch.no_grad()
+def reconstruct(prior, images: np.ndarray) -> np.ndarray:
+    """uint8 images -> VAE posterior mean -> decoded uint8 images (what encode + decode at strength 0 would give)."""
+    from engine.encode import images_to_tensor, tensor_to_images
+
+    return tensor_to_images(prior.vae.decode(prior.vae.encode(images_to_tensor(images)).latent_dist.mean).sample)
+
+
+def reconstruction_quality(prior, images: np.ndarray, batch_size: int = 500) -> dict:
+    """MSE of VAE reconstructions on [0, 1] pixels, and PSNR in dB (of the mean MSE, and mean over images)."""
+    squared = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size]
+        recon = reconstruct(prior, batch)
+        squared.append(((recon.astype(np.float64) - batch) / 255.0) ** 2)
+    per_image = np.concatenate(squared).reshape(len(images), -1).mean(1)
+    mse = float(per_image.mean())
+    return {"images": len(images), "mse": mse, "psnr_db": float(10 * np.log10(1.0 / mse)),
+            "psnr_db_mean_per_image": float(np.mean(10 * np.log10(1.0 / np.maximum(per_image, 1e-12))))}
+
+
+def sample_grid(prior, test, decode, per_class: int) -> np.ndarray:
+    """(classes x (2 + per_class)) tiles: real, reconstruction, generated samples (strength 1 from noise)."""
+    import dataclasses
+
+    from engine.decode import decode_latents
+
+    rows = []
+    shape = prior.latent_shape
+    for label in range(prior.num_classes):
+        real = test.images[np.flatnonzero(test.labels == label)[:1]]
+        recon = reconstruct(prior, real)
+        samples = decode_latents(prior, np.zeros((per_class, *shape), np.float32), np.full(per_class, label),
+                                 dataclasses.replace(decode, strength=1.0), keys=label * 1000 + np.arange(per_class))
+        rows.append(np.concatenate([*real, *recon, *samples], axis=1))  # (H, W * tiles, 3)
+    return np.concatenate(rows, axis=0)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/digits.yaml")
+    parser.add_argument("--checkpoint-every", type=int, default=200, help="optimizer steps between checkpoints")
+    parser.add_argument("--samples-per-class", type=int, default=8)
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. prior.unet_steps=3000")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    if config.prior.kind != "tiny":
+        raise SystemExit(f"prior.kind={config.prior.kind}: only the tiny prior is trained by the engine")
+
+    from engine.data import load_split
+    from engine.priors import prior_folder, save_prior_atomically
+    from engine.priors.checkpoint import Checkpointer
+    from engine.priors.tiny import load_tiny_prior
+    from engine.priors.train_tiny import train_tiny_prior
+    from engine.store import atomic_write_json, write_png
+
+    folder = prior_folder(config.prior, config.data, config.cache_path)
+    seconds = None
+    if folder.exists():
+        log(f"{folder} already holds a trained prior: measuring it only")
+    else:
+        checkpoint = Checkpointer(folder.with_name(folder.name + ".checkpoints"), args.checkpoint_every)
+        train = load_split(config.data, "train")
+        log(f"training the tiny prior on {len(train)} {config.data.name} images at {config.data.image_size}px "
+            f"({config.prior.vae_steps} VAE + {config.prior.unet_steps} UNet steps, checkpoints every "
+            f"{args.checkpoint_every} in {checkpoint.folder})")
+        start = time.perf_counter()
+        prior = train_tiny_prior(config.prior, train.images, train.labels, train.class_names, log, checkpoint)
+        seconds = time.perf_counter() - start
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        save_prior_atomically(prior, folder)
+        checkpoint.clear()
+        log(f"saved {folder}")
+
+    prior = load_tiny_prior(folder)
+    test = load_split(config.data, "test")
+    quality = {"prior": str(folder), "data": config.data.name, "train_seconds_this_run": seconds,
+               "test": reconstruction_quality(prior, test.images)}
+    log(f"VAE reconstruction on {len(test)} test images: MSE {quality['test']['mse']:.5f} "
+        f"PSNR {quality['test']['psnr_db']:.2f} dB")
+    grid = sample_grid(prior, test, config.decode, args.samples_per_class)
+    write_png(folder / "samples.png", grid)  # atomic, like every output of the engine
+    atomic_write_json(folder / "quality.json", quality)
+    log(f"wrote {folder / 'samples.png'} and {folder / 'quality.json'}")
+    return folder
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+import numpy as np
+import pytest
+import torch
+
+from engine import augment
+from engine.config import DataConfig, EvaluateConfig
+from engine.data import load_split
+from engine.protocols import apply_plan, get_protocol, plan_batch, weighted_ce_loss, weighted_kd_loss
+from engine.students import create_student
+from engine.train import TrainSet, generate_soft_labels, to_float, train_student
+
+
+@pytest.fixture(scope="module")
+def small_set():
+    train = load_split(DataConfig(), "train")
+    chosen = np.concatenate([np.flatnonzero(train.labels == c)[:3] for c in range(10)])
+    return TrainSet(train.images[chosen], train.labels[chosen], np.linspace(0.5, 1.5, len(chosen)))
+
+
+def test_weights_change_every_protocols_loss_and_uniform_weights_do_not():
+    torch.manual_seed(0)
+    student, teacher, labels = torch.randn(6, 4), torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 1])
+    ones, skewed = torch.ones(6), torch.tensor([3.0, 0.6, 0.6, 0.6, 0.6, 0.6])
+    for loss in (lambda w: weighted_kd_loss(student, teacher, w, 4.0), lambda w: weighted_ce_loss(student, labels, w)):
+        assert not torch.isclose(loss(skewed), loss(ones))
+    assert torch.isclose(weighted_ce_loss(student, labels, ones), torch.nn.functional.cross_entropy(student, labels))
+    assert weighted_kd_loss(teacher, teacher, skewed, 4.0).abs() < 1e-6  # identical logits: no loss
+
+
+def test_weights_change_what_a_student_learns(small_set):
+    config = EvaluateConfig(width=8, batch_size=16, protocol="hard")
+    uniform = TrainSet(small_set.images, small_set.labels, np.ones(len(small_set.labels)))
+    a = train_student(uniform, None, 10, "convnet3", 3, config, seed=0)
+    b = train_student(small_set, None, 10, "convnet3", 3, config, seed=0)
+    assert not torch.allclose(a.classifier.weight, b.classifier.weight)
+
+
+def test_cutmix_mixes_pixels_and_weights_with_the_same_lambda():
+    x = torch.stack([torch.full((3, 8, 8), float(i)) for i in range(4)])
+    weights = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    generator = torch.Generator().manual_seed(3)
+    plan = plan_batch(get_protocol("rded"), generator, 4, 4, 8, flip=False, cutmix=True)
+    plan["affine"] = torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0]]).repeat(4, 1)  # identity crop: isolate CutMix
+    mixed, w = apply_plan(x, weights, plan)
+    lam = augment.cutmix_lambda(plan["box"], 8)
+    source = plan["index"]
+    for i in range(4):
+        own = (mixed[i] == x[source[i], 0, 0, 0]).float().mean()
+        assert torch.isclose(own, torch.tensor(lam)) or source[i] == source[plan["perm"][i]]
+        expected = lam * weights[source[i]] + (1 - lam) * weights[source[plan["perm"][i]]]
+        assert torch.isclose(w[i], expected)
+
+
+def test_fkd_replay_gives_the_generated_crops_and_logits(small_set):
+    config = EvaluateConfig(width=8, batch_size=16, protocol="fkd", flip=True)
+    teacher = create_student("convnet3", 10, 16, 8).eval()
+    stored = generate_soft_labels(small_set, teacher, 2, config, seed=5)
+    steps = len(stored["logits"])
+    assert steps == 2 * 2  # 30 images, batch 16: 2 steps per epoch
+    assert set(stored) >= {"index", "affine", "perm", "box", "logits"}
+    images, weights = to_float(small_set.images), torch.as_tensor(small_set.weights, dtype=torch.float32)
+    seen = []
+
+    def replayed_batches(logits, x, y, w, step, mine):
+        seen.append((step, x.detach()))
+        return weighted_kd_loss(logits, stored["logits"][step][mine], w, config.temperature)
+
+    from engine.train import fit
+
+    fit(create_student("convnet3", 10, 16, 8), small_set, steps, get_protocol("fkd"), config, 5, replayed_batches)
+    for step, x in seen:
+        plan = {k: stored[k][step] for k in ("index", "affine", "perm", "box")}
+        crops, _ = apply_plan(images, weights, plan)
+        torch.testing.assert_close(x, crops)  # the student trained on exactly the stored crops ...
+        with torch.no_grad():
+            torch.testing.assert_close(teacher(x), stored["logits"][step])  # ... whose stored logits are the teacher's
+    # and the student run itself needs no teacher
+    train_student(small_set, None, 10, "convnet3", 2, config, seed=5, soft_labels=stored)
+    with pytest.raises(ValueError, match="stored soft labels"):
+        train_student(small_set, None, 10, "convnet3", 2, config, seed=5)
+
+
+def test_hard_label_protocol_ignores_the_teacher(small_set):
+    config = EvaluateConfig(width=8, batch_size=16, protocol="hard")
+    without = train_student(small_set, None, 10, "convnet3", 2, config, seed=0)
+    teacher = create_student("convnet3", 10, 16, 8)
+    with_teacher = train_student(small_set, teacher, 10, "convnet3", 2, config, seed=0)
+    for a, b in zip(without.state_dict().values(), with_teacher.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="needs a teacher"):
+        train_student(small_set, None, 10, "convnet3", 1, EvaluateConfig(width=8, protocol="rded"), seed=0)
+
+
+def test_dsa_and_crop_plans_are_seeded_and_change_images():
+    x = torch.randn(6, 3, 16, 16)
+    for name in ("rded", "hard"):
+        plans = [plan_batch(get_protocol(name), torch.Generator().manual_seed(0), 6, 6, 16, True, True)
+                 for _ in range(2)]
+        a, _ = apply_plan(x, torch.ones(6), plans[0])
+        b, _ = apply_plan(x, torch.ones(6), plans[1])
+        torch.testing.assert_close(a, b)
+        assert a.shape == x.shape and not torch.allclose(a, x[plans[0]["index"]])

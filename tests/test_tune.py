@@ -1,0 +1,196 @@
+"""tune/sweep.py: search spaces, work sharing, the resource rule, the --smoke-test sweep and `ray job submit`."""
+
+import dataclasses
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from engine import store
+from engine.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tune"), str(ROOT / "jobs")]
+import sweep  # noqa: E402
+
+BASE = load_config(ROOT / "configs" / "digits.yaml")
+
+
+def write_space(tmp_path, text: str) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_bundled_spaces_load():
+    for path in sorted((ROOT / "tune" / "spaces").glob("*.yaml")):
+        space = sweep.load_search_space(path, BASE)
+        assert space.params and space.scheduler in ("asha", "none")
+
+
+def test_space_rejects_unknown_keys_and_continuous_shared_stages(tmp_path):
+    with pytest.raises(ConfigError, match="decode.nope"):
+        sweep.load_search_space(write_space(tmp_path, "params:\n  decode.nope: {grid: [1]}\n"), BASE)
+    with pytest.raises(ConfigError, match="grid or choice"):
+        sweep.load_search_space(write_space(tmp_path, "params:\n  quantize.nredo: {randint: [1, 4]}\n"), BASE)
+    with pytest.raises(ConfigError, match="one of"):
+        sweep.load_search_space(write_space(tmp_path, "params:\n  decode.strength: [0.5]\n"), BASE)
+
+
+def test_trials_share_quantization_across_ipc_weights_and_decode(tmp_path):
+    space = sweep.load_search_space(write_space(tmp_path, """
+params:
+  quantize.ipc: {grid: [1, 10, [2, 5]]}
+  evaluate.ddoq_weights: {choice: [[mass], [sqrt]]}
+  quantize.nredo: {grid: [1, 3]}
+  decode.guidance_scale: {uniform: [1.0, 4.0]}
+fixed:
+  evaluate.methods: [ddoq]
+"""), BASE)
+    assert sweep.all_ipcs(BASE, space) == (1, 2, 5, 10)
+    assert sweep.shared_combinations(space) == [{"quantize.nredo": 1}, {"quantize.nredo": 3}]
+    a = sweep.trial_config(BASE, space, {"quantize.ipc": 1, "quantize.nredo": 1, "decode.guidance_scale": 1.5},
+                           tmp_path)
+    b = sweep.trial_config(BASE, space, {"quantize.ipc": 10, "evaluate.ddoq_weights": ["sqrt"], "quantize.nredo": 1,
+                                         "decode.guidance_scale": 3.0}, tmp_path)
+    c = sweep.trial_config(BASE, space, {"quantize.ipc": 1, "quantize.nredo": 3}, tmp_path)
+    assert (a.quantize.ipc, b.quantize.ipc, b.evaluate.ddoq_weights, a.evaluate.methods) == ((1,), (10,), ("sqrt",),
+                                                                                         ("ddoq",))
+    assert a.run_dir != b.run_dir and a.run_dir.parent == tmp_path / "trials"
+    assert sweep.shared_folder(a, tmp_path) == sweep.shared_folder(b, tmp_path) != sweep.shared_folder(c, tmp_path)
+
+
+def runtime(**changes):
+    return dataclasses.replace(BASE, runtime=dataclasses.replace(BASE.runtime, **changes))
+
+
+def test_concurrency_rule_never_starves_trainers():
+    one_cpu = runtime(train_cpus_per_worker=1, decode_actors=1)
+    # Each trial holds 0.01 CPU for its whole life: on 2 CPUs, two trials could not both start a 1-CPU trainer.
+    assert sweep.max_concurrent_trials(one_cpu, {"CPU": 2.0}) == 1
+    assert sweep.max_concurrent_trials(one_cpu, {"CPU": 16.0}) == 15
+    assert sweep.max_concurrent_trials(runtime(train_cpus_per_worker=2, decode_actors=4), {"CPU": 16.0}) == 3
+    gpu = runtime(train_cpus_per_worker=4, train_use_gpu=True, decode_actors=2, gpus_per_actor=1.0)
+    assert sweep.max_concurrent_trials(gpu, {"CPU": 64.0, "GPU": 8.0}) == 4  # 2 GPUs at the decode peak
+    with pytest.raises(ConfigError, match="could never start"):
+        sweep.max_concurrent_trials(runtime(train_cpus_per_worker=2), {"CPU": 2.0})
+    for cpus in (2.0, 3.0, 8.0, 33.0):  # the rule itself: all running trials at their peak fit at once
+        for config in (one_cpu, runtime(train_cpus_per_worker=2, decode_actors=3)):
+            peak = sweep.peak_trial_resources(config)["CPU"]
+            if peak <= cpus:
+                assert sweep.max_concurrent_trials(config, {"CPU": cpus}) * peak <= cpus
+
+
+@pytest.mark.ray
+def test_shared_stages_run_once_for_every_trial_of_the_smoke_space(ray_session, tmp_path):
+    """The default-tier proof of work sharing (the whole Tune sweep is the slow test below): the driver's
+    shared stages serve all 2 x 2 smoke trials, computed once, and computed zero times when run again."""
+    args = ["--smoke-test", f"runs_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}"]
+    base, space, _ = sweep.parse_args(args)
+    sweep_dir = tmp_path / "sweep"
+    folders = sweep.prepare_shared_stages(base, space, sweep_dir)
+    runs = [h["stage"] for h in store.stage_history(sweep_dir)]
+    assert (runs.count("encode"), runs.count("quantize")) == (1, 1)
+    trials = [sweep.trial_config(base, space, {"quantize.ipc": k, "decode.guidance_scale": g}, sweep_dir)
+              for k in (1, 2) for g in (1.0, 3.0)]
+    assert {sweep.shared_folder(t, sweep_dir) for t in trials} == set(folders) and len(folders) == 1
+    assert len({t.run_dir for t in trials}) == 4  # each trial decodes and trains in its own folder
+    shared = pq.read_table(folders[0] / "centroids.parquet").to_pandas()
+    assert sorted(shared.ipc.unique()) == [1, 2]  # quantized once at the union of the trials' IPCs
+    assert (shared.groupby(["ipc", "label"]).size() == shared.groupby(["ipc", "label"]).ipc.first()).all()
+    sweep.prepare_shared_stages(base, space, sweep_dir)
+    assert len(store.stage_history(sweep_dir)) == len(runs)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_smoke_sweep_runs_4_trials_and_shares_encode_and_quantize(ray_session, tmp_path):
+    out = sweep.main(["--smoke-test", f"runs_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}"])
+    sweep_dir = out["sweep_dir"]
+    table = pq.read_table(sweep_dir / "trials.parquet").to_pandas()
+    assert len(table) == 4 and (table.error == "").all()
+    assert sorted(zip(table["quantize.ipc"], table["decode.guidance_scale"])) == [(1, 1.0), (1, 3.0), (2, 1.0),
+                                                                                 (2, 3.0)]
+    assert table.top1_mean.between(0, 1).all() and (table.jobs_done >= 1).all()
+    best = load_config(sweep_dir / "best_config.yaml")
+    assert best.quantize.ipc == (int(table["quantize.ipc"].iloc[0]),) and best.evaluate.methods == ("ddoq",)
+    assert (sweep_dir / "accuracy_vs_ipc.png").stat().st_size > 5000
+
+    # Stage runs, counted by the markers the stages themselves write: encode and quantize once for all trials,
+    # decode once per trial; every trial trained its student.
+    runs = [h["stage"] for h in store.stage_history(sweep_dir)]
+    assert (runs.count("encode"), runs.count("quantize"), runs.count("decode")) == (1, 1, 4)
+    assert out["stage_runs"] == {"encode": 1, "quantize": 1, "decode": 4}
+    assert len(list(sweep_dir.glob("trials/t-*/results/*/ddoq-ipc*-seed0.json"))) == 4
+    shared = pq.read_table(next(sweep_dir.glob("shared/quantize-*/centroids.parquet"))).to_pandas()
+    assert sorted(shared.ipc.unique()) == [1, 2]  # quantized once at the union of the trials' IPCs
+
+    # Preparing the shared stages again (a re-run of the sweep) computes nothing.
+    base, space, _ = sweep.parse_args(["--smoke-test", f"runs_dir={tmp_path / 'runs'}",
+                                       f"cache_dir={tmp_path / 'cache'}"])
+    sweep.prepare_shared_stages(base, space, sweep_dir)
+    assert len(store.stage_history(sweep_dir)) == len(runs)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_job_submit_sweep_against_a_local_head(tmp_path):
+    """`ray job submit --working-dir . -- python tune/sweep.py --smoke-test` on a real `ray start --head`."""
+    out = submit_to_local_head(["python", "tune/sweep.py", "--smoke-test", f"runs_dir={tmp_path / 'runs'}",
+                                f"cache_dir={tmp_path / 'cache'}"])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "succeeded" in out.stdout
+    table = pq.read_table(tmp_path / "runs" / "smoke-sweep" / "trials.parquet").to_pandas()
+    assert len(table) == 4 and (table.error == "").all()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def submit_to_local_head(command: list[str]) -> subprocess.CompletedProcess:
+    """tests/test_distill_job.py's approach: a real `ray start --head` on free ports and a short temp dir."""
+    import ray
+
+    ray.shutdown()  # two Ray instances on one node contend for the agents' fixed ports
+    ray_bin = Path(sys.executable).parent / "ray"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": "",
+           "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dashboard = free_port(), free_port()
+    ray_temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # unix socket paths are limited to ~107 characters
+    head = subprocess.Popen(
+        [str(ray_bin), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={ray_temp}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        for _ in range(60):
+            if subprocess.run([str(ray_bin), "job", "list", "--address", address], env=env,
+                              capture_output=True).returncode == 0:
+                break
+            time.sleep(1)
+        return subprocess.run([str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT),
+                               "--", *command], env=env, capture_output=True, text=True, timeout=900)
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its own cluster on SIGTERM
+        head.wait(timeout=60)
+        shutil.rmtree(ray_temp, ignore_errors=True)
+
+
+def test_runs_dir_file_uri_and_object_stores(tmp_path):
+    uri = load_config(ROOT / "configs" / "digits.yaml", [f"runs_dir=file://{tmp_path}/shared"])
+    assert uri.run_dir == tmp_path / "shared" / "digits"
+    with pytest.raises(NotImplementedError, match="issue #7"):
+        load_config(ROOT / "configs" / "digits.yaml", ["runs_dir=s3://bucket/runs"]).run_dir

@@ -1,0 +1,351 @@
+"""Ray Tune sweeps over any config key (IPC, guidance, strength, weights mode, ...), with shared stage outputs.
+
+    python tune/sweep.py [--config configs/digits.yaml] [--search-space tune/spaces/digits.yaml] [--smoke-test]
+                         [--max-concurrent N] [key.path=value ...]
+    ray job submit --working-dir . -- python tune/sweep.py --smoke-test
+
+Work sharing: before Tune starts, the driver encodes once per (data, prior) and quantizes once per (latents,
+quantizer settings) at the union of every IPC the space can draw, into <runs_dir>/<name>-sweep/shared/. A trial
+then only decodes its centroids and trains its students (Ray Train, reporting to Tune through
+TuneReportCallback), in its own folder trials/t-<hash of its parameters>/ — so a re-run skips finished trials too.
+Outputs in <runs_dir>/<name>-sweep/: trials.parquet (also printed), best_config.yaml, accuracy_vs_ipc.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "jobs")]  # run as a script from any directory
+
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+
+from engine.config import (ConfigError, DistillConfig, config_hash, config_to_dict, load_config,  # noqa: E402
+                           local_runs_path)
+
+DEFAULT_SPACE = ROOT / "tune" / "spaces" / "digits.yaml"
+SMOKE_SPACE = ROOT / "tune" / "spaces" / "smoke.yaml"
+# Keys whose stages run once per sweep in the driver, not per trial: a trial cannot draw them from a
+# continuous distribution (the driver must know every value in advance). ipc only selects among the shared
+# centroids (and evaluate.ddoq_weights among their weight columns), so it stays free per trial.
+SHARED_PREFIXES = ("data.", "prior.", "encode.", "quantize.")
+PER_TRIAL_QUANTIZE_KEYS = ("quantize.ipc",)
+DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
+TRIAL_CPU = 0.01  # a trial's own process only waits on its stages; Ray rejects 0
+
+
+def log(message: str) -> None:
+    print(f"[sweep {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    params: dict  # dotted key -> {distribution: values}
+    fixed: tuple[str, ...]  # dotted overrides applied to every trial
+    num_samples: int = 1  # random search: samples; with grids: repeats of the whole grid
+    scheduler: str = "asha"  # "asha" or "none"
+    grace_period: int = 1  # ASHA: reports a trial always gets before it can be stopped
+    reduction_factor: int = 2
+
+
+def load_search_space(path: str | Path, base: DistillConfig) -> SearchSpace:
+    """Read and validate a search-space YAML against the config (every key must be a real config key)."""
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    unknown = set(raw) - {"params", "fixed", "num_samples", "scheduler", "asha"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level key(s) {sorted(unknown)}")
+    params = raw.get("params") or {}
+    if not params:
+        raise ConfigError(f"{path}: `params` must name at least one dotted config key")
+    for key, spec in params.items():
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+            raise ConfigError(f"{path}: params.{key} must be one of {{{', '.join(DISTRIBUTIONS)}: ...}}")
+        kind = next(iter(spec))
+        if key.startswith(SHARED_PREFIXES) and key not in PER_TRIAL_QUANTIZE_KEYS and kind not in ("grid", "choice"):
+            raise ConfigError(f"params.{key}: stages shared by trials need known values; use grid or choice")
+        if key == "quantize.ipc" and kind not in ("grid", "choice"):
+            raise ConfigError("params.quantize.ipc: use grid or choice (the driver quantizes every IPC once)")
+    fixed = tuple(f"{k}={json.dumps(v)}" for k, v in (raw.get("fixed") or {}).items())
+    asha = raw.get("asha") or {}
+    space = SearchSpace(params, fixed, int(raw.get("num_samples", 1)), raw.get("scheduler", "asha"),
+                        int(asha.get("grace_period", 1)), int(asha.get("reduction_factor", 2)))
+    if space.scheduler not in ("asha", "none"):
+        raise ConfigError(f"{path}: scheduler must be asha or none")
+    for combo in shared_combinations(space):  # every key and value must build a valid config
+        trial_config(base, space, {**combo, **{k: first_value(v) for k, v in params.items()}}, Path("/tmp"))
+    return space
+
+
+def first_value(spec: dict):
+    kind, values = next(iter(spec.items()))
+    return values[0] if kind in ("grid", "choice") else (int(values[0]) if kind == "randint" else values[0])
+
+
+def tune_domain(spec: dict):
+    from ray import tune
+
+    kind, values = next(iter(spec.items()))
+    return {"grid": tune.grid_search, "choice": tune.choice}[kind](list(values)) if kind in ("grid", "choice") \
+        else getattr(tune, kind)(*values)
+
+
+def shared_combinations(space: SearchSpace) -> list[dict]:
+    """Every combination of the shared-stage keys the space can draw (IPC excluded)."""
+    keys = [k for k in space.params if k.startswith(SHARED_PREFIXES) and k not in PER_TRIAL_QUANTIZE_KEYS]
+    values = [next(iter(space.params[k].values())) for k in keys]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+
+
+def all_ipcs(base: DistillConfig, space: SearchSpace) -> tuple[int, ...]:
+    spec = space.params.get("quantize.ipc")
+    if spec is None:
+        return tuple(base.quantize.ipc)
+    drawn = set()
+    for value in next(iter(spec.values())):
+        drawn |= set(value) if isinstance(value, (list, tuple)) else {value}
+    return tuple(sorted(int(k) for k in drawn))
+
+
+def trial_config(base: DistillConfig, space: SearchSpace, params: dict, sweep_dir: Path) -> DistillConfig:
+    """The base config + the space's fixed overrides + this trial's parameters, in its own run folder."""
+    values = config_to_dict(base)
+    overrides = space.fixed + tuple(f"{k}={json.dumps(v)}" for k, v in params.items())
+    config = load_config(None, overrides, values=values)
+    name = "t-" + config_hash(config)  # the whole trial config: a re-run finds it, any change gets a new folder
+    return dataclasses.replace(config, runs_dir=str(Path(sweep_dir) / "trials"), name=name)
+
+
+def shared_folder(config: DistillConfig, sweep_dir: Path) -> Path:
+    """Where the quantized centroids for this trial's (data, prior, quantizer) live: IPC excluded."""
+    quantizer = dataclasses.replace(config.quantize, ipc=(1,))
+    return Path(sweep_dir) / "shared" / f"quantize-{config_hash(config.data, config.prior, quantizer)}"
+
+
+def prepare_shared_stages(base: DistillConfig, space: SearchSpace, sweep_dir: Path) -> list[Path]:
+    """Encode once per (data, prior) and quantize once per (latents, quantizer) at every IPC the sweep can use."""
+    import distill
+
+    ipcs = all_ipcs(base, space)
+    folders = []
+    for combo in shared_combinations(space):
+        config = trial_config(base, space, combo, sweep_dir)
+        config = dataclasses.replace(config, quantize=dataclasses.replace(config.quantize, ipc=ipcs))
+        folder, names, latent_shape, image_size = distill.prepare_prior(config)
+        encode_dir = Path(sweep_dir) / "shared" / f"encode-{config_hash(config.data, config.prior)}"
+        encode_key, latents_dir, _, _ = distill.encode_stage(config, encode_dir, folder, latent_shape, image_size, names)
+        target = shared_folder(config, sweep_dir)
+        distill.quantize_stage(config, target, latents_dir, encode_key)
+        folders.append(target)
+    return folders
+
+
+def run_trial(params: dict, base: DistillConfig, space: SearchSpace, sweep_dir: str) -> None:
+    """One Tune trial: decode this trial's centroids, train its students; Ray Train reports reach Tune."""
+    import sys as _sys
+
+    import engine.store
+
+    _sys.path.insert(0, str(Path(engine.store.__file__).resolve().parents[1] / "jobs"))  # on any worker
+    import distill
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    import ray
+    from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from engine import store
+    from engine.config import save_config
+
+    config = trial_config(base, space, params, Path(sweep_dir))
+    shared = shared_folder(config, Path(sweep_dir))
+    marker = json.loads(store.stage_marker(shared, "quantize").read_text())
+    centroids = pq.read_table(shared / "centroids.parquet")
+    centroids = centroids.filter(pc.is_in(centroids["ipc"], pyarrow_array(config.quantize.ipc)))
+    folder, names, _, _ = distill.prepare_prior(config)  # cached by the driver: a load, not a training
+    run_dir = config.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    # Tune runs a trial inside a placement group that captures its child tasks: Ray Data's decode actors would
+    # wait forever for CPUs inside the trial's 0.01-CPU group. Run the stages from a task outside any group
+    # (the trainer makes its own group anyway); the rule in max_concurrent_trials sizes them.
+    outside = ray.remote(num_cpus=0)(_decode_and_evaluate).options(
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
+    results, timings = ray.get(outside.remote(config, run_dir, folder, centroids, marker["key"], names,
+                                              (TuneReportCallback(),)))
+    store.atomic_write_json(run_dir / "metrics.json", {"params": params, "results": results, "timings_s": timings})
+
+
+def _decode_and_evaluate(config, run_dir, folder, centroids, quantize_key, names, callbacks) -> tuple[list, dict]:
+    """jobs/distill.py's decode + evaluate, as a Ray task body -> (result rows, stage timings)."""
+    import sys as _sys
+
+    import engine.store
+
+    _sys.path.insert(0, str(Path(engine.store.__file__).resolve().parents[1] / "jobs"))
+    import distill
+
+    timings: dict[str, float] = {}
+    results = distill.decode_and_evaluate(config, run_dir, folder, centroids, quantize_key, names, timings,
+                                          train_callbacks=callbacks)
+    return results, timings
+
+
+def pyarrow_array(values):
+    import pyarrow as pa
+
+    return pa.array(list(values), pa.int64())
+
+
+def peak_trial_resources(config: DistillConfig) -> dict[str, float]:
+    """What one trial holds at its busiest: its own process plus the larger of its decode actors and its
+    trainer (a trial runs them one after the other, never together)."""
+    runtime = config.runtime
+    cpu = max(runtime.decode_actors * 1, runtime.train_workers * runtime.train_cpus_per_worker)
+    gpu = max(runtime.decode_actors * runtime.gpus_per_actor, runtime.train_workers * int(runtime.train_use_gpu))
+    return {"CPU": TRIAL_CPU + cpu, "GPU": float(gpu)}
+
+
+def max_concurrent_trials(config: DistillConfig, cluster: dict[str, float], autoscaling: bool = False) -> int:
+    """The rule that keeps a sweep from starving its own trainers: run only as many trials at once as can all
+    be at their peak together. Tune reserves only TRIAL_CPU per trial, and a trial's trainer asks for its
+    workers later; if N trials each held a CPU and then all waited for a trainer's CPU, none could start
+    (measured on 2 CPUs: two 1-CPU trials deadlock). On an autoscaling cluster whose GPU group is at 0 nodes,
+    pass --max-concurrent to size for the nodes the autoscaler may add."""
+    peak = peak_trial_resources(config)
+    if peak["CPU"] > cluster.get("CPU", 0.0) + 1e-9 and not autoscaling:
+        raise ConfigError(f"one trial needs {peak['CPU']} CPUs at its peak (its process + trainer or decoders) but "
+                          f"the cluster has {cluster.get('CPU', 0.0)}: its trainer could never start. Lower "
+                          f"runtime.train_cpus_per_worker / runtime.decode_actors (or pass --max-concurrent on an "
+                          f"autoscaling cluster).")
+    fits = [math.floor(cluster.get(name, 0.0) / need + 1e-9) for name, need in peak.items() if need > 0]
+    return max(1, min(fits))
+
+
+def trials_table(grid, space: SearchSpace, jobs_per_trial: int) -> pd.DataFrame:
+    rows = []
+    for result in grid:
+        history = result.metrics_dataframe
+        top1 = history.top1 if history is not None and "top1" in history else pd.Series(dtype=float)
+        rows.append({**{k: result.config.get(k) for k in space.params},
+                     "top1_mean": float(top1.mean()) if len(top1) else float("nan"),
+                     "top1_std": float(top1.std(ddof=0)) if len(top1) else float("nan"),
+                     "jobs_done": int(len(top1)), "jobs": jobs_per_trial,
+                     "stopped_early": bool(result.error is None and len(top1) < jobs_per_trial),
+                     "error": "" if result.error is None else str(result.error).splitlines()[0][:200],
+                     "trial_dir": str(result.path)})
+    for key in space.params:  # lists (e.g. an IPC tuple) as text, so parquet gets one type per column
+        rows_key = [r[key] for r in rows]
+        if any(isinstance(v, (list, tuple)) for v in rows_key):
+            for r in rows:
+                r[key] = json.dumps(r[key])
+    return pd.DataFrame(rows).sort_values("top1_mean", ascending=False, na_position="last").reset_index(drop=True)
+
+
+def run_sweep(base: DistillConfig, space: SearchSpace, max_concurrent: int | None = None) -> dict:
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    import distill
+    from engine import ray_stages, store
+    from engine.config import save_config
+    from engine.report import plot_sweep_accuracy
+
+    # Absolute: Tune runs each trial in its own working directory.
+    base = dataclasses.replace(base, runs_dir=str(Path(local_runs_path(base.runs_dir)).expanduser().resolve()),
+                               cache_dir=str(base.cache_path.expanduser().resolve()))
+    sweep_dir = Path(base.runs_dir) / f"{base.name}-sweep"
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    ray_stages.init_ray(base.runtime)
+    if __name__ != "__main__":  # imported (tests): ship run_trial by value, workers need not find tune/ on a path
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+    start = time.perf_counter()
+    shared = prepare_shared_stages(base, space, sweep_dir)
+    log(f"shared stages ready in {time.perf_counter() - start:.0f}s: {len(shared)} quantized set(s)")
+
+    example = trial_config(base, space, {k: first_value(v) for k, v in space.params.items()}, sweep_dir)
+    jobs_per_trial = len(distill.student_jobs(example, {}))
+    concurrent = max_concurrent or max_concurrent_trials(example, ray.cluster_resources())
+    log(f"trials: {jobs_per_trial} student job(s) each, at most {concurrent} at once "
+        f"(peak per trial {peak_trial_resources(example)}, cluster {ray.cluster_resources()})")
+    scheduler = None
+    if space.scheduler == "asha":
+        # One Tune iteration per ray.train.report: once per student job today (issue #6 adds per-epoch reports).
+        # max_t one past the last report: ASHA only stops trials at its rungs, a finished trial writes its files.
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(jobs_per_trial, space.grace_period) + 1,
+                                  grace_period=space.grace_period, reduction_factor=space.reduction_factor)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, space=space,
+                                                         sweep_dir=str(sweep_dir)), {"cpu": TRIAL_CPU})
+    tuner = tune.Tuner(
+        trainable,
+        param_space={k: tune_domain(v) for k, v in space.params.items()},
+        tune_config=tune.TuneConfig(metric="top1", mode="max", scheduler=scheduler, num_samples=space.num_samples,
+                                    max_concurrent_trials=concurrent),
+        run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    )
+    grid = tuner.fit()
+    table = trials_table(grid, space, jobs_per_trial)
+    store.atomic_write_table(sweep_dir / "trials.parquet", __import__("pyarrow").Table.from_pandas(table))
+    finished = table[table.error == ""].dropna(subset=["top1_mean"])
+    if finished.empty:
+        raise RuntimeError(f"every trial failed; first error: {table.error.iloc[0]}")
+    best_params = {k: _from_cell(finished.iloc[0][k]) for k in space.params}
+    # Runnable as is (`jobs/distill.py --config best_config.yaml`), into runs_dir/<name>-best, not a trial folder.
+    best = dataclasses.replace(trial_config(base, space, best_params, sweep_dir), runs_dir=base.runs_dir,
+                               name=f"{base.name}-best")
+    save_config(best, sweep_dir / "best_config.yaml")
+    plot = plot_sweep_accuracy(table, sweep_dir / "accuracy_vs_ipc.png")
+    history = store.stage_history(sweep_dir)
+    counts = {stage: sum(1 for h in history if h["stage"] == stage) for stage in ("encode", "quantize", "decode")}
+    return {"sweep_dir": sweep_dir, "table": table, "best": best_params, "plot": plot, "stage_runs": counts}
+
+
+def _from_cell(value):
+    if hasattr(value, "item"):
+        return value.item()
+    return json.loads(value) if isinstance(value, str) and value.startswith("[") else value
+
+
+def parse_args(argv=None) -> tuple[DistillConfig, SearchSpace, int | None]:
+    import distill
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(distill.DEFAULT_CONFIG), help="base config (default: digits)")
+    parser.add_argument("--search-space", default=None, help=f"search-space YAML (default: {DEFAULT_SPACE.name}; "
+                                                             f"{SMOKE_SPACE.name} with --smoke-test)")
+    parser.add_argument("--smoke-test", action="store_true", help="2 x 2 trials of jobs/distill.py's smoke run")
+    parser.add_argument("--max-concurrent", type=int, default=None,
+                        help="trials at once (default: as many as the cluster holds at their peak)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides of the base config")
+    args = parser.parse_args(argv)
+    overrides = (distill.SMOKE_OVERRIDES if args.smoke_test else ()) + tuple(args.overrides)
+    base = load_config(args.config, overrides)
+    space_path = args.search_space or (SMOKE_SPACE if args.smoke_test else DEFAULT_SPACE)
+    return base, load_search_space(space_path, base), args.max_concurrent
+
+
+def main(argv=None) -> dict:
+    base, space, max_concurrent = parse_args(argv)
+    start = time.perf_counter()
+    out = run_sweep(base, space, max_concurrent)
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        print(out["table"].drop(columns=["trial_dir"]).to_string(index=False))
+    print(f"\nbest: {out['best']}  (full config: {out['sweep_dir'] / 'best_config.yaml'})")
+    print(f"stage runs: {out['stage_runs']}")
+    print(f"sweep folder: {out['sweep_dir']}  ({time.perf_counter() - start:.0f}s)")
+    return out
+
+
+if __name__ == "__main__":
+    main()
