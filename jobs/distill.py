@@ -242,8 +242,8 @@ def run(config: DistillConfig, until: str = "evaluate") -> dict:
                "counts": {"images_read": int(encoded) + sum(skipped.values()), "images_encoded": int(encoded),
                           "skipped": skipped, "classes": int(stats.label.nunique()), "empty_classes": empty_classes}}
     store.atomic_write_json(run_dir / "metrics.json", metrics)
-    write_manifest(run_dir)  # sha256 of every output file: compare runs, detect later changes
     log(f"report: {write_report(run_dir)}")
+    write_manifest(run_dir)  # last: sha256 of every output file (report included), to compare runs, detect changes
     return metrics
 
 
