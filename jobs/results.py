@@ -1,5 +1,6 @@
 """Every student result of one or more run folders as Markdown tables: one table per (protocol, teacher,
-student), a row per method and weighting, a column per IPC, top-1 % as mean ± std over seeds (n seeds).
+student), a row per method and weighting, a column per IPC, top-1 % as mean ± std over seeds (n seeds); then a
+teacher x student table for every set trained under more than one (teacher, student) pairing.
 
     python jobs/results.py runs/fashion_mnist [runs/other ...]
 
@@ -61,11 +62,34 @@ def tables(frame: pd.DataFrame) -> str:
     return "\n".join(out)
 
 
+def cross_architecture(frame: pd.DataFrame) -> str:
+    """Teacher x student tables, one per (run, protocol, set, IPC) trained under more than one pairing: how a set
+    distilled once transfers across architectures."""
+    out = []
+    frame = frame[frame.method != "full"]
+    for (run, protocol, method, weights, ipc), part in frame.groupby(["run", "protocol", "method", "weights", "ipc"]):
+        teachers, students = sorted(part.teacher.unique()), sorted(part.student.unique())
+        if len(teachers) * len(students) < 2:
+            continue
+        label = f"{method}" + (f" ({weights})" if weights != "none" else "")
+        out.append(f"### {run}: protocol `{protocol}`, {label}, IPC {ipc}: teacher (rows) x student (columns)\n")
+        out.append("| teacher | " + " | ".join(students) + " |")
+        out.append("|---|" + "---|" * len(students))
+        for teacher in teachers:
+            cells = [cell(rows.top1) if len(rows := part[(part.teacher == teacher) & (part.student == student)])
+                     else "–" for student in students]
+            out.append(f"| {teacher} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", type=Path)
     args = parser.parse_args(argv)
-    print(tables(load_rows(args.run_dirs)))
+    frame = load_rows(args.run_dirs)
+    print(tables(frame))
+    print(cross_architecture(frame))
 
 
 if __name__ == "__main__":
