@@ -2,19 +2,14 @@
 against a real local head."""
 
 import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+
+from tests.local_head import submit_to_local_head
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,48 +57,10 @@ def test_smoke_run_writes_every_output_and_reruns_from_cache(ray_session, tmp_pa
     assert again["timings_s"]["prior"] < 5 and again["timings_s"]["decode"] < metrics["timings_s"]["decode"] + 5
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ray_job_submit_against_a_local_head(tmp_path):
-    import ray
-
-    ray.shutdown()  # two Ray instances on one node contend for the agents' fixed ports
-    ray_bin = Path(sys.executable).parent / "ray"
-    # The job's `python` must be this venv's, as it is for a user who activated it.
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": "",
-           "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
-    gcs, dashboard = free_port(), free_port()
-    # Short: Ray's unix sockets live under the temp dir, and socket paths are limited to ~107 characters.
-    ray_temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    head = subprocess.Popen(
-        [str(ray_bin), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={ray_temp}",
-         f"--dashboard-agent-listen-port={free_port()}"],  # its default (52365) is taken by any other local Ray
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    try:
-        address = f"http://127.0.0.1:{dashboard}"
-        for _ in range(60):
-            if subprocess.run([str(ray_bin), "job", "list", "--address", address], env=env,
-                              capture_output=True).returncode == 0:
-                break
-            time.sleep(1)
-        out = subprocess.run(
-            [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-             "python", "jobs/distill.py", "--smoke-test", f"runs_dir={tmp_path / 'runs'}",
-             f"cache_dir={tmp_path / 'cache'}"],
-            env=env, capture_output=True, text=True, timeout=600,
-        )
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        assert "succeeded" in out.stdout
-        metrics = json.loads((tmp_path / "runs" / "smoke" / "metrics.json").read_text())
-        assert len(metrics["results"]) == 9
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its own cluster on SIGTERM
-        head.wait(timeout=60)
-        shutil.rmtree(ray_temp, ignore_errors=True)
+    out = submit_to_local_head(["python", "jobs/distill.py", "--smoke-test", f"runs_dir={tmp_path / 'runs'}",
+                                f"cache_dir={tmp_path / 'cache'}"], timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "succeeded" in out.stdout
+    metrics = json.loads((tmp_path / "runs" / "smoke" / "metrics.json").read_text())
+    assert len(metrics["results"]) == 9

@@ -1,14 +1,7 @@
 """tune/sweep.py: search spaces, work sharing, the resource rule, the --smoke-test sweep and `ray job submit`."""
 
 import dataclasses
-import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -16,6 +9,7 @@ import pytest
 
 from engine import store
 from engine.config import ConfigError, load_config
+from tests.local_head import submit_to_local_head
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tune"), str(ROOT / "jobs")]
@@ -150,43 +144,6 @@ def test_ray_job_submit_sweep_against_a_local_head(tmp_path):
     assert "succeeded" in out.stdout
     table = pq.read_table(tmp_path / "runs" / "smoke-sweep" / "trials.parquet").to_pandas()
     assert len(table) == 4 and (table.error == "").all()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def submit_to_local_head(command: list[str]) -> subprocess.CompletedProcess:
-    """tests/test_distill_job.py's approach: a real `ray start --head` on free ports and a short temp dir."""
-    import ray
-
-    ray.shutdown()  # two Ray instances on one node contend for the agents' fixed ports
-    ray_bin = Path(sys.executable).parent / "ray"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": "",
-           "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
-    gcs, dashboard = free_port(), free_port()
-    ray_temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # unix socket paths are limited to ~107 characters
-    head = subprocess.Popen(
-        [str(ray_bin), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={ray_temp}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    try:
-        address = f"http://127.0.0.1:{dashboard}"
-        for _ in range(60):
-            if subprocess.run([str(ray_bin), "job", "list", "--address", address], env=env,
-                              capture_output=True).returncode == 0:
-                break
-            time.sleep(1)
-        return subprocess.run([str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT),
-                               "--", *command], env=env, capture_output=True, text=True, timeout=900)
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its own cluster on SIGTERM
-        head.wait(timeout=60)
-        shutil.rmtree(ray_temp, ignore_errors=True)
 
 
 def test_runs_dir_file_uri_and_object_stores(tmp_path):
