@@ -163,25 +163,16 @@ class DistillConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     @property
-    def run_dir(self) -> Path:
-        # Absolute: Ray workers run in other working directories.
-        return (Path(os.path.expanduser(local_runs_path(self.runs_dir))) / self.name).resolve()
+    def run_dir(self):
+        """runs_dir/name: an absolute local Path (Ray workers run in other working directories), or an ObjectPath
+        when runs_dir is an object-store URI (s3://bucket/runs, gs://bucket/runs) that every node reaches."""
+        from engine.location import location
+
+        return (location(self.runs_dir) / self.name).resolve()
 
     @property
     def cache_path(self) -> Path:
         return Path(os.path.expanduser(self.cache_dir))
-
-
-def local_runs_path(runs_dir: str) -> str:
-    """runs_dir as a local path: a plain path or a file:// URI. On a cluster, point it at a filesystem every node
-    mounts at the same path (EFS, Filestore, NFS, GCS FUSE). Object-store URIs are not built yet: the decode
-    actors and the trainer write their files with local file I/O."""
-    if runs_dir.startswith("file://"):
-        return runs_dir[len("file://"):]
-    if "://" in runs_dir:
-        raise NotImplementedError(f"runs_dir={runs_dir!r}: run folders on object stores (s3://, gs://) are not "
-                                  f"built yet (issue #7); use a shared mount as a local path or file:// URI")
-    return runs_dir
 
 
 # Value checks beyond types: (predicate, message) per dotted key.
@@ -304,10 +295,10 @@ def config_to_dict(config: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
-def save_config(config: DistillConfig, path: Path) -> None:
-    partial = Path(path).with_name(Path(path).name + ".partial")  # temp + rename: never a half-written config
-    partial.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    os.replace(partial, path)
+def save_config(config: DistillConfig, path) -> None:
+    from engine.store import atomic_write_bytes
+
+    atomic_write_bytes(path, yaml.safe_dump(config_to_dict(config), sort_keys=False).encode())
 
 
 def config_hash(*parts: Any) -> str:

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from engine.config import DataConfig
+from engine.location import location
 
 
 # Why a row was skipped. Everything else a row can hold (any PIL mode, any size) is converted.
@@ -160,7 +161,8 @@ def load_digits_split(config: DataConfig, split: str) -> ImageSet:
 
 
 def shard_paths(root: str | Path, split: str) -> list[str]:
-    paths = sorted(str(p) for p in Path(root).glob(f"{split}-*.parquet"))
+    """The split's shards under a local folder or an object-store URI (s3://bucket/imagenet-1k/data)."""
+    paths = sorted(str(p) for p in location(root).glob(f"{split}-*.parquet"))
     if not paths:
         raise FileNotFoundError(f"no parquet shards matching {split}-*.parquet under {root}")
     return paths
@@ -168,7 +170,7 @@ def shard_paths(root: str | Path, split: str) -> list[str]:
 
 def read_class_names(root: str | Path) -> tuple[str, ...]:
     """classes.txt beside the shards (one name per line, in label order)."""
-    path = Path(root) / "classes.txt"
+    path = location(root) / "classes.txt"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: the dataset folder must list class names in label order")
     return tuple(line.strip() for line in path.read_text().splitlines() if line.strip())

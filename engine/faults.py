@@ -24,8 +24,9 @@ def crash_fired(run_dir: str | Path, stage: str) -> bool:
 
 def crash_once_if_requested(run_dir: str | None, stage: str) -> None:
     """Exit this process abruptly (as a preempted node or an OOM kill would) if a crash of `stage` is armed.
-    The rename is atomic, so exactly one actor fires per armed flag, however many race for it."""
-    if not run_dir:
+    The rename is atomic, so exactly one actor fires per armed flag, however many race for it. Local run folders
+    only: an object store has no atomic rename to claim the flag with."""
+    if not run_dir or "://" in str(run_dir):
         return
     flag = Path(run_dir) / FAULTS_FOLDER / f"crash-{stage}"
     try:

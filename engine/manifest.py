@@ -10,46 +10,45 @@ of tests, and Ray Train's own bookkeeping folder (`ray_train/`, timestamps insid
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
+import json
 
+from engine.location import list_files, location
 from engine.store import atomic_write_json
 
 MANIFEST = "manifest.json"
 EXCLUDED_FOLDERS = ("ray_train", "_faults")
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def build_manifest(root: Path) -> dict[str, dict]:
-    """{relative posix path: {sha256, bytes}} for every regular file under `root`, sorted by path."""
-    root = Path(root)
+def build_manifest(root) -> dict[str, dict]:
+    """{relative posix path: {sha256, bytes}} for every regular file under `root` (local or on an object store),
+    sorted by path."""
+    root = location(root)
     files = {}
-    for path in sorted(root.rglob("*")):
-        relative = path.relative_to(root)
-        if (not path.is_file() or path.is_symlink() or relative.as_posix() == MANIFEST
-                or relative.parts[0] in EXCLUDED_FOLDERS or any(p.startswith(".") for p in relative.parts)):
+    for relative, size in list_files(root).items():
+        parts = relative.split("/")
+        if relative == MANIFEST or parts[0] in EXCLUDED_FOLDERS or any(p.startswith(".") for p in parts):
             continue
-        files[relative.as_posix()] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        files[relative] = {"sha256": sha256_file(root / relative), "bytes": size}
     return files
 
 
-def write_manifest(run_dir: Path) -> dict[str, dict]:
+def write_manifest(run_dir) -> dict[str, dict]:
     """Hash every output file of the run into run_dir/manifest.json (atomically); returns the file table."""
     files = build_manifest(run_dir)
-    atomic_write_json(Path(run_dir) / MANIFEST, {"files": files})
+    atomic_write_json(location(run_dir) / MANIFEST, {"files": files})
     return files
 
 
-def read_manifest(run_dir: Path) -> dict[str, dict]:
-    import json
-
-    return json.loads((Path(run_dir) / MANIFEST).read_text())["files"]
+def read_manifest(run_dir) -> dict[str, dict]:
+    return json.loads((location(run_dir) / MANIFEST).read_text())["files"]
 
 
 def diff_manifests(a: dict[str, dict], b: dict[str, dict], prefixes: tuple[str, ...] = ("",)) -> list[str]:
@@ -61,6 +60,6 @@ def diff_manifests(a: dict[str, dict], b: dict[str, dict], prefixes: tuple[str, 
     return sorted(p for p in left.keys() | right.keys() if left.get(p) != right.get(p))
 
 
-def verify_manifest(run_dir: Path) -> list[str]:
+def verify_manifest(run_dir) -> list[str]:
     """Files of the run that no longer match its manifest (changed, missing or added)."""
     return diff_manifests(read_manifest(run_dir), build_manifest(run_dir))

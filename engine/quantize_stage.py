@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import resource
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from engine.config import QuantizeConfig
+from engine.location import location
 from engine.quantize import WEIGHT_MODES, quantize_and_measure
-from engine.store import atomic_write_table, read_class_latents
+from engine.store import atomic_write_table, read_class_latents, read_table
 
 
-def class_result_paths(out_dir: Path, label: int) -> tuple[Path, Path]:
-    return Path(out_dir) / f"class-{label:05d}.centroids.parquet", Path(out_dir) / f"class-{label:05d}.stats.parquet"
+def class_result_paths(out_dir, label: int) -> tuple:
+    """(centroids file, stats file) of one class, in a local folder or on an object store."""
+    folder = location(out_dir)
+    return folder / f"class-{label:05d}.centroids.parquet", folder / f"class-{label:05d}.stats.parquet"
 
 
 def peak_rss_mb() -> float:
@@ -31,7 +32,7 @@ def peak_rss_mb() -> float:
 
 def quantize_class_folder(label: int, class_dir: str, config: QuantizeConfig, out_dir: str) -> dict:
     """Quantize one class at every IPC of the config; returns {label, n, seconds, skipped, peak_rss_mb}."""
-    centroids_path, stats_path = class_result_paths(Path(out_dir), label)
+    centroids_path, stats_path = class_result_paths(out_dir, label)
     if stats_path.exists():
         return {"label": label, "n": -1, "seconds": 0.0, "skipped": True, "peak_rss_mb": peak_rss_mb()}
     start = time.perf_counter()
@@ -64,9 +65,9 @@ def quantize_class_folder(label: int, class_dir: str, config: QuantizeConfig, ou
             "peak_rss_mb": peak_rss_mb()}
 
 
-def gather_class_results(out_dir: Path, labels: list[int]) -> tuple[pa.Table, pa.Table]:
+def gather_class_results(out_dir, labels: list[int]) -> tuple[pa.Table, pa.Table]:
     """Every class's files -> (centroids, stats) tables sorted by (ipc, label, index)."""
-    centroids = pa.concat_tables([pq.read_table(class_result_paths(out_dir, c)[0]) for c in labels])
-    stats = pa.concat_tables([pq.read_table(class_result_paths(out_dir, c)[1]) for c in labels])
+    centroids = pa.concat_tables([read_table(class_result_paths(out_dir, c)[0]) for c in labels])
+    stats = pa.concat_tables([read_table(class_result_paths(out_dir, c)[1]) for c in labels])
     return (centroids.sort_by([("ipc", "ascending"), ("label", "ascending"), ("index", "ascending")]),
             stats.sort_by([("ipc", "ascending"), ("label", "ascending")]))

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 import ray.data
 from ray.data.extensions import ArrowTensorArray
@@ -25,6 +23,7 @@ from ray.data.extensions import ArrowTensorArray
 from engine.config import DataConfig, DecodeConfig, DistillConfig, QuantizeConfig, RuntimeConfig
 from engine.data import check_skipped, class_names, decode_rows, inspect_shards, load_split, shard_paths
 from engine.faults import crash_once_if_requested
+from engine.location import ObjectPath, filesystem_and_path, location, ray_storage, remove_tree
 
 
 def init_ray(runtime: RuntimeConfig) -> None:
@@ -63,7 +62,7 @@ def write_skipped(skip_dir: str | Path, skipped: dict, tag: str) -> None:
         return
     table = pa.table({k: pa.array(skipped[k], pa.string()) for k in SKIPPED_SCHEMA.names}, schema=SKIPPED_SCHEMA)
     digest = hashlib.sha256("\0".join([tag, *skipped["id"], *skipped["reason"]]).encode()).hexdigest()[:24]
-    atomic_write_table(Path(skip_dir) / f"{digest}.parquet", table)
+    atomic_write_table(location(skip_dir) / f"{digest}.parquet", table)
 
 
 def decode_and_record_skips(batch: dict, size: int, num_classes: int, max_pixels: int, skip_dir: str) -> dict:
@@ -74,7 +73,7 @@ def decode_and_record_skips(batch: dict, size: int, num_classes: int, max_pixels
     return decoded
 
 
-def source_dataset(data: DataConfig, size: int | None = None, skip_dir: Path | None = None) -> ray.data.Dataset:
+def source_dataset(data: DataConfig, size: int | None = None, skip_dir=None) -> ray.data.Dataset:
     """Rows {id, label, image (H, W, 3) uint8} of the train split, decoded straight to `size` (the prior's
     resolution, e.g. 512 for sd15; default the data's). Rows that cannot be used are recorded as
     {id, reason, detail} files under `skip_dir` (parquet sources only: the digits are known good)."""
@@ -98,12 +97,14 @@ def source_dataset(data: DataConfig, size: int | None = None, skip_dir: Path | N
         "max_pixels": data.max_image_pixels, "skip_dir": str(skip_dir)})
 
 
-def gather_skipped(skip_dir: Path) -> pa.Table:
+def gather_skipped(skip_dir) -> pa.Table:
     """Every skipped-row record of a stage, sorted by id (order-independent, so re-runs compare equal)."""
-    files = sorted(Path(skip_dir).glob("*.parquet")) if Path(skip_dir).exists() else []
+    from engine.store import read_table
+
+    files = sorted(location(skip_dir).glob("*.parquet"))  # none when the folder does not exist
     if not files:
         return SKIPPED_SCHEMA.empty_table()
-    return pa.concat_tables([pq.read_table(f) for f in files]).sort_by([("id", "ascending"), ("reason", "ascending")])
+    return pa.concat_tables([read_table(f) for f in files]).sort_by([("id", "ascending"), ("reason", "ascending")])
 
 
 class VaeEncoder:
@@ -126,16 +127,22 @@ class VaeEncoder:
         return latents_to_table(batch["id"], batch["label"], latents)
 
 
-def encode_to_parquet(config: DistillConfig, prior_folder: Path, out_dir: Path, resolution: int | None = None,
+def encode_to_parquet(config: DistillConfig, prior_folder: Path, out_dir, resolution: int | None = None,
                       class_names: tuple = ()) -> int:
     """Encode the train split at the prior's `resolution`; latents land in out_dir/label=<c>/, the rows that could
     not be used in out_dir/../skipped.parquet {id, reason, detail}. Fails, before anything is published, when more
-    than `data.max_skip_fraction` of the rows read were skipped. Returns the number of images encoded."""
+    than `data.max_skip_fraction` of the rows read were skipped. Returns the number of images encoded.
+    Locally the latents go to a staging folder renamed into place. Object stores cannot rename a folder: there
+    they are written in place, and the caller's stage marker (removed before, written after) says they are whole."""
+    from engine.store import atomic_write_table, parquet_rows
+
     runtime = config.runtime
-    staging = out_dir.with_name(out_dir.name + ".partial")
+    out_dir = location(out_dir)
+    in_place = isinstance(out_dir, ObjectPath)
+    staging = out_dir if in_place else out_dir.with_name(out_dir.name + ".partial")
     skip_dir = out_dir.with_name(out_dir.name + ".skipped.partial")
     for folder in (staging, skip_dir):
-        shutil.rmtree(folder, ignore_errors=True)
+        remove_tree(folder)
     deterministic_order()
     use_gpu = runtime.gpus_per_actor > 0
     latents = source_dataset(config.data, resolution, skip_dir).map_batches(
@@ -149,16 +156,16 @@ def encode_to_parquet(config: DistillConfig, prior_folder: Path, out_dir: Path, 
         num_gpus=runtime.gpus_per_actor,
         num_cpus=1,
     )
-    latents.write_parquet(str(staging), partition_cols=["label"])
-    count = sum(pq.ParquetFile(f).metadata.num_rows for f in staging.rglob("*.parquet"))
+    filesystem, inner = filesystem_and_path(staging)
+    latents.write_parquet(inner, filesystem=filesystem, partition_cols=["label"])
+    count = sum(parquet_rows(f) for f in staging.rglob("*.parquet"))
     skipped = gather_skipped(skip_dir)
     check_skipped(count + skipped.num_rows, skipped.to_pydict(), config.data.max_skip_fraction)
-    from engine.store import atomic_write_table
-
     atomic_write_table(out_dir.parent / "skipped.parquet", skipped)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.rename(out_dir)  # the stage's output appears whole or not at all
-    shutil.rmtree(skip_dir, ignore_errors=True)
+    if not in_place:
+        remove_tree(out_dir)
+        staging.rename(out_dir)  # the stage's output appears whole or not at all
+    remove_tree(skip_dir)
     return count
 
 
@@ -192,8 +199,8 @@ class QuantizeWorker:
                 "peak_rss_mb": peak_rss_mb()}
 
 
-def start_quantize_workers(config: DistillConfig, out_dir: Path) -> list:
-    out_dir.mkdir(parents=True, exist_ok=True)
+def start_quantize_workers(config: DistillConfig, out_dir) -> list:
+    location(out_dir).mkdir(parents=True, exist_ok=True)
     gpus = config.runtime.quantize_gpus_per_actor
     return [QuantizeWorker.options(num_gpus=gpus).remote(config.quantize, str(out_dir))
             for _ in range(max(1, config.runtime.quantize_actors))]
@@ -262,7 +269,7 @@ class CentroidDecoder:
         for image, label, index, ipc in zip(images, batch["label"], batch["index"], batch["ipc"]):
             name = image_file_name(int(label), int(index))
             for folder in self.set_dirs[int(ipc)]:
-                write_png(Path(folder) / name, image)
+                write_png(location(folder) / name, image)
             files.append(name)
         return {"label": batch["label"], "ipc": batch["ipc"], "index": batch["index"], "path": np.array(files)}
 
@@ -301,13 +308,14 @@ def _evaluation_loop(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load
+    from safetensors.torch import save as to_safetensors_bytes
 
     from functools import cache
 
     from engine.data import class_names
     from engine.protocols import get_protocol
-    from engine.store import atomic_write_json, read_distilled_set
+    from engine.store import atomic_write_bytes, atomic_write_json, read_distilled_set
     from engine.students import create_student
     from engine.train import (TrainSet, Worker, evaluate_top1, student_epochs,
                               train_student, train_teacher)
@@ -326,21 +334,19 @@ def _evaluation_loop(loop_config: dict) -> None:
 
     test = load_split(config.data, "test")
     num_classes = len(class_names(config.data))
-    results_dir = Path(loop_config["results_dir"])
+    results_dir = location(loop_config["results_dir"])
 
     teacher, teacher_top1 = None, None
     if protocol.soft_labels:  # the hard-label protocol never builds or reads a teacher
-        teacher_path = Path(loop_config["teacher_path"])
+        teacher_path = location(loop_config["teacher_path"])
         if teacher_path.exists():
             teacher = create_student(evaluate.teacher, num_classes, config.data.image_size, evaluate.width)
-            teacher.load_state_dict(load_file(teacher_path))
+            teacher.load_state_dict(load(teacher_path.read_bytes()))
         else:
             teacher = train_teacher(full(), num_classes, evaluate.teacher, evaluate, seed=0, worker=worker)
             teacher = getattr(teacher, "module", teacher)
             if worker.rank == 0:
-                teacher_path.parent.mkdir(parents=True, exist_ok=True)
-                save_file(teacher.state_dict(), str(teacher_path) + ".partial")
-                os.replace(str(teacher_path) + ".partial", teacher_path)
+                atomic_write_bytes(teacher_path, to_safetensors_bytes(teacher.state_dict()))
         teacher.eval()
         teacher_top1 = evaluate_top1(teacher, test.images, test.labels)
 
@@ -352,7 +358,7 @@ def _evaluation_loop(loop_config: dict) -> None:
         if job["method"] == "full":
             data, epochs = full(), evaluate.full_epochs
         else:
-            data, epochs = TrainSet(*read_distilled_set(Path(job["set_dir"]))), student_epochs(evaluate)
+            data, epochs = TrainSet(*read_distilled_set(job["set_dir"])), student_epochs(evaluate)
         soft_labels = None
         if protocol.stored_labels:
             soft_labels = _stored_soft_labels(results_dir / "soft_labels" / f"{job['set']}-seed{job['seed']}.safetensors",
@@ -378,23 +384,23 @@ def _evaluation_loop(loop_config: dict) -> None:
             checkpoint.unlink(missing_ok=True)
 
 
-def _stored_soft_labels(path: Path, data, teacher, epochs: int, evaluate, seed: int, rank: int) -> dict:
+def _stored_soft_labels(path, data, teacher, epochs: int, evaluate, seed: int, rank: int) -> dict:
     """FKD labels of one (set, seed): generated once, stored as safetensors, replayed by every student."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load
+    from safetensors.torch import save as to_safetensors_bytes
 
+    from engine.store import atomic_write_bytes
     from engine.train import generate_soft_labels
 
     if path.exists():
-        return load_file(path)
+        return load(path.read_bytes())
     labels = generate_soft_labels(data, teacher, epochs, evaluate, seed)  # deterministic: same on every rank
     if rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(labels, str(path) + ".partial")
-        os.replace(str(path) + ".partial", path)
+        atomic_write_bytes(path, to_safetensors_bytes(labels))
     return labels
 
 
-def evaluate_students(config: DistillConfig, jobs: list[dict], teacher_path: Path, results_dir: Path,
+def evaluate_students(config: DistillConfig, jobs: list[dict], teacher_path, results_dir,
                       callbacks=()) -> list[dict]:
     """Train every job's student through one TorchTrainer run (DDP over `runtime.train_workers`); returns the
     result rows (one JSON file per job). `callbacks`: Ray Train callbacks, e.g. TuneReportCallback when a Tune
@@ -411,7 +417,7 @@ def evaluate_students(config: DistillConfig, jobs: list[dict], teacher_path: Pat
         scaling_config=ScalingConfig(num_workers=runtime.train_workers, use_gpu=runtime.train_use_gpu,
                                      resources_per_worker={"CPU": runtime.train_cpus_per_worker}),
         # A failed worker group restarts; jobs resume from their checkpoints and finished jobs are skipped.
-        run_config=RunConfig(name="evaluate", storage_path=str((config.run_dir / "ray_train").resolve()),
+        run_config=RunConfig(name="evaluate", **ray_storage(config.run_dir / "ray_train"),
                              failure_config=FailureConfig(max_failures=2), callbacks=list(callbacks)),
     )
     trainer.fit()

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
-from engine.store import atomic_write_bytes
+from engine.location import location
+from engine.store import atomic_write_bytes, read_image, read_table
 
 MAX_CLASSES_IN_GRID = 10  # rows of an image grid; ImageNet has 1000 classes, a page shows the first ten
 MAX_IMAGES_PER_CELL = 10  # images per (class, method) cell of a grid, highest weight first
@@ -32,7 +32,7 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> str:
+def _save(fig, path) -> str:
     import io
 
     buffer = io.BytesIO()
@@ -42,23 +42,21 @@ def _save(fig, path: Path) -> str:
     return f"{path.parent.name}/{path.name}"
 
 
-def distilled_sets(run_dir: Path) -> dict[int, dict[str, Path]]:
+def distilled_sets(run_dir) -> dict[int, dict[str, Path]]:
     """ipc -> {method: folder} for every distilled/<method>-ipc<k>/ with an index.parquet."""
     sets: dict[int, dict[str, Path]] = {}
-    for index in sorted(Path(run_dir).glob("distilled/*-ipc*/index.parquet")):
+    for index in sorted(location(run_dir).glob("distilled/*-ipc*/index.parquet")):
         method, ipc = index.parent.name.rsplit("-ipc", 1)
         sets.setdefault(int(ipc), {})[method] = index.parent
     return sets
 
 
-def plot_image_grid(sets: dict[str, Path], ipc: int, path: Path) -> str:
+def plot_image_grid(sets: dict[str, Path], ipc: int, path) -> str:
     """One row per class, one cell per method: real images (`random`) beside the decoded centroids; under each
     decoded image its weight in the loss (d4m: uniform, ddoq: Voronoi mass), highest weight first."""
-    from PIL import Image
-
     plt = _pyplot()
     order = sorted(sets, key=lambda m: (m != "random", m))  # real samples first, beside the distilled ones
-    indexes = {m: pq.read_table(sets[m] / "index.parquet").to_pandas() for m in order}
+    indexes = {m: read_table(sets[m] / "index.parquet").to_pandas() for m in order}
     labels = sorted(set().union(*(set(ix.label) for ix in indexes.values())))[:MAX_CLASSES_IN_GRID]
     per_cell = min(ipc, MAX_IMAGES_PER_CELL)
     columns = per_cell * len(order)
@@ -74,8 +72,7 @@ def plot_image_grid(sets: dict[str, Path], ipc: int, path: Path) -> str:
                     side.set_visible(False)
                 if j < len(cell):
                     item = cell.iloc[j]
-                    with Image.open(sets[method] / item.path) as image:
-                        ax.imshow(np.asarray(image.convert("RGB")), interpolation="nearest")
+                    ax.imshow(read_image(sets[method] / item.path), interpolation="nearest")
                     if method != "random":
                         ax.set_xlabel(f"w={item.weight:.2f}", fontsize=7, labelpad=1)
                 if row == 0 and j == 0:
@@ -188,9 +185,10 @@ def results_table(results: pd.DataFrame) -> pd.DataFrame:
     return summary
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Draw every figure the run's outputs allow and write run_dir/report.html; returns its path."""
-    run_dir = Path(run_dir)
+def write_report(run_dir) -> Path:
+    """Draw every figure the run's outputs allow and write run_dir/report.html (local or on an object store);
+    returns its path."""
+    run_dir = location(run_dir)
     figures = run_dir / "report"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     sections: list[str] = []
@@ -216,11 +214,11 @@ def write_report(run_dir: str | Path) -> Path:
     section("Distilled images per class", "\n".join(grids) + note if grids else "<p>No distilled sets.</p>")
 
     if (run_dir / "centroids.parquet").exists():
-        centroids = pq.read_table(run_dir / "centroids.parquet", columns=["ipc", "label"] + [
+        centroids = read_table(run_dir / "centroids.parquet", ["ipc", "label"] + [
             f"weight_{m}" for m in WEIGHT_MODES]).to_pandas()
         section("Weights per IPC", image(plot_weight_histograms(centroids, figures / "weights.png"), "weights"))
     if (run_dir / "quantization.parquet").exists():
-        stats = pq.read_table(run_dir / "quantization.parquet").to_pandas()
+        stats = read_table(run_dir / "quantization.parquet").to_pandas()
         summary = pd.DataFrame([{"ipc": k[3:], **v} for k, v in (metrics.get("quantization") or {}).items()])
         section("Latent W2 per class: uniform vs weighted",
                 image(plot_w2_per_class(stats, figures / "w2_per_class.png"), "W2 per class")

@@ -9,25 +9,33 @@ runs/<name>/
   distilled/<method>-ipc<k>/  PNGs + index.parquet {path, label, class_name, weight, count}
   results/<job>.json          one evaluation result per trained student
   metrics.json                results rows + per-stage timings
-Every file is written to a temporary name and renamed, so a killed run never leaves a half-written file.
+The folder may be local or on an object store (runs_dir=s3://bucket/runs: engine/location.py): every file is
+written whole or not at all (a local temporary name renamed, or one object PUT), so a killed run never leaves a
+half-written file, and nothing is ever appended to.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from engine.location import ObjectPath, filesystem_and_path, location
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
+
+def atomic_write_bytes(path: Path | ObjectPath | str, data: bytes) -> None:
+    path = location(path)
+    if isinstance(path, ObjectPath):
+        path.write_bytes(data)  # audit: one object PUT, it appears whole or not at all
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".")
     try:
@@ -49,8 +57,20 @@ def atomic_write_table(path: Path, table: pa.Table) -> None:
     atomic_write_bytes(path, sink.getvalue().to_pybytes())
 
 
-def stage_marker(run_dir: Path, stage: str) -> Path:
-    return Path(run_dir) / "_stages" / f"{stage}.json"
+def read_table(path: Path | ObjectPath | str, columns: list[str] | None = None) -> pa.Table:
+    """A parquet file, local or remote."""
+    fs, inner = filesystem_and_path(location(path))
+    return pq.read_table(inner, filesystem=fs, columns=columns)
+
+
+def parquet_rows(path) -> int:
+    """Rows of a parquet file, local or remote, from its footer."""
+    fs, inner = filesystem_and_path(location(path))
+    return pq.read_metadata(inner, filesystem=fs).num_rows
+
+
+def stage_marker(run_dir: Path | ObjectPath, stage: str) -> Path | ObjectPath:
+    return location(run_dir) / "_stages" / f"{stage}.json"
 
 
 def finished_stage(run_dir: Path, stage: str, key: str) -> dict | None:
@@ -62,24 +82,24 @@ def finished_stage(run_dir: Path, stage: str, key: str) -> dict | None:
     return marker if marker.get("key") == key else None
 
 
-def mark_stage_finished(run_dir: Path, stage: str, key: str, **facts) -> None:
+def invalidate_stage(run_dir: Path | ObjectPath, stage: str) -> None:
+    """Forget that `stage` finished, before its output is overwritten: a run killed half-way through rewriting
+    it must not find the old marker and reuse a half-written output."""
+    stage_marker(run_dir, stage).unlink(missing_ok=True)
+
+
+def mark_stage_finished(run_dir: Path | ObjectPath, stage: str, key: str, **facts) -> None:
     atomic_write_json(stage_marker(run_dir, stage), {"key": key, **facts})
-    # One line per stage that really computed (a reused stage writes nothing): sweeps and tests count them.
-    history_path = Path(run_dir) / "_stages" / "history.jsonl"
-    with open(history_path, "a") as history:  # audit: append-only log, a torn last line is skipped on read
-        history.write(json.dumps({"stage": stage, "key": key, "time": round(time.time(), 3)}) + "\n")
+    # One record per stage that really computed (a reused stage writes nothing): sweeps and tests count them.
+    # One small file each, never an append: object stores cannot append, and no record is ever torn.
+    now = time.time_ns()
+    atomic_write_json(location(run_dir) / "_stages" / "history" / f"{now:020d}-{stage}.json",
+                      {"stage": stage, "key": key, "time": round(now / 1e9, 3)})
 
 
-def stage_history(run_dir: Path) -> list[dict]:
+def stage_history(run_dir: Path | ObjectPath) -> list[dict]:
     """Every stage computation recorded under run_dir (any depth), oldest first per folder."""
-    rows = []
-    for path in sorted(Path(run_dir).rglob("_stages/history.jsonl")):
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a torn last line of a killed append: that stage did not finish
-                continue
-    return rows
+    return [json.loads(path.read_text()) for path in sorted(location(run_dir).rglob("_stages/history/*.json"))]
 
 
 def latents_to_table(ids: np.ndarray, labels: np.ndarray, latents: np.ndarray) -> pa.Table:
@@ -96,30 +116,21 @@ def table_latents(table: pa.Table) -> np.ndarray:
     return np.asarray(column.flatten(), dtype=np.float32).reshape(-1, dim)
 
 
-def _filesystem(path: str | Path) -> tuple[pafs.FileSystem, str]:
-    """A local path or any URI pyarrow knows (s3://, gs://, hdfs://, file://) -> (filesystem, path inside it)."""
-    text = str(path)
-    if "://" in text:
-        return pafs.FileSystem.from_uri(text)
-    return pafs.LocalFileSystem(), str(Path(text).absolute())
-
-
-def class_latent_dirs(latents_dir: str | Path) -> dict[int, str | Path]:
-    """label -> its partition folder (a Path for local folders, a URI string for remote ones)."""
-    fs, root = _filesystem(latents_dir)
-    remote = "://" in str(latents_dir)
+def class_latent_dirs(latents_dir: str | Path | ObjectPath) -> dict[int, Path | ObjectPath]:
+    """label -> its partition folder, local or remote (one listing, whatever the number of classes)."""
+    folder = location(latents_dir)
+    fs, root = filesystem_and_path(folder)
     found = {}
     for info in fs.get_file_info(pafs.FileSelector(root)):
         if info.type == pafs.FileType.Directory and info.base_name.startswith("label="):
-            child = f"{str(latents_dir).rstrip('/')}/{info.base_name}" if remote else Path(latents_dir) / info.base_name
-            found[int(info.base_name.split("=", 1)[1])] = child
+            found[int(info.base_name.split("=", 1)[1])] = folder / info.base_name
     return dict(sorted(found.items()))
 
 
-def read_class_latents(class_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
+def read_class_latents(class_dir: str | Path | ObjectPath) -> tuple[np.ndarray, np.ndarray]:
     """One class's latents, local or remote, sorted by image id so results do not depend on write order:
     (ids (n,), latents (n, d) float32). Reads only this class: memory is one class, whatever the dataset."""
-    fs, root = _filesystem(class_dir)
+    fs, root = filesystem_and_path(location(class_dir))
     files = sorted(info.path for info in fs.get_file_info(pafs.FileSelector(root))
                    if info.type == pafs.FileType.File and info.base_name.endswith(".parquet"))
     if not files:
@@ -129,18 +140,16 @@ def read_class_latents(class_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(table.column("id").to_pylist(), dtype=object), table_latents(table)
 
 
-def distilled_dir(run_dir: Path, method: str, ipc: int) -> Path:
-    return Path(run_dir) / "distilled" / f"{method}-ipc{ipc}"
+def distilled_dir(run_dir: Path | ObjectPath, method: str, ipc: int) -> Path | ObjectPath:
+    return location(run_dir) / "distilled" / f"{method}-ipc{ipc}"
 
 
 def image_file_name(label: int, index: int) -> str:
     return f"c{label:05d}_{index:04d}.png"
 
 
-def write_png(path: Path, image: np.ndarray) -> None:
+def write_png(path: Path | ObjectPath, image: np.ndarray) -> None:
     """(H, W, 3) uint8 -> PNG file, atomically."""
-    import io
-
     from PIL import Image
 
     buffer = io.BytesIO()
@@ -148,7 +157,7 @@ def write_png(path: Path, image: np.ndarray) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def write_set_index(folder: Path, files: list[str], labels, class_names, weights, counts) -> None:
+def write_set_index(folder: Path | ObjectPath, files: list[str], labels, class_names, weights, counts) -> None:
     """index.parquet of a distilled set: {path (relative), label, class_name, weight, count}."""
     table = pa.table({
         "path": pa.array(files, pa.string()),
@@ -157,20 +166,25 @@ def write_set_index(folder: Path, files: list[str], labels, class_names, weights
         "weight": pa.array(np.asarray(weights, dtype=np.float64)),
         "count": pa.array(np.asarray(counts), pa.int64()),
     })
-    atomic_write_table(Path(folder) / "index.parquet", table)
+    atomic_write_table(location(folder) / "index.parquet", table)
 
 
-def read_distilled_set(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A distilled set -> images (N, H, W, 3) uint8, labels (N,), weights (N,)."""
+def read_image(path: Path | ObjectPath) -> np.ndarray:
+    """An image file, local or remote -> (H, W, 3) uint8."""
     from PIL import Image
 
-    folder = Path(folder)
-    index = pq.read_table(folder / "index.parquet").to_pydict()
+    with Image.open(io.BytesIO(path.read_bytes())) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def read_distilled_set(folder: Path | ObjectPath | str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A distilled set -> images (N, H, W, 3) uint8, labels (N,), weights (N,)."""
+    folder = location(folder)
+    index = read_table(folder / "index.parquet").to_pydict()
     images = []
     for name in index["path"]:
-        path = (folder / name).resolve()
-        if folder.resolve() not in path.parents:
+        relative = PurePosixPath(name)
+        if relative.is_absolute() or ".." in relative.parts or len(relative.parts) != 1:
             raise ValueError(f"{folder}/index.parquet points outside its folder: {name!r}")
-        with Image.open(path) as image:
-            images.append(np.asarray(image.convert("RGB"), dtype=np.uint8))
+        images.append(read_image(folder / name))
     return np.stack(images), np.asarray(index["label"], np.int64), np.asarray(index["weight"], np.float64)

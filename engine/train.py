@@ -10,7 +10,7 @@ beyond float rounding.
 from __future__ import annotations
 
 import dataclasses
-import os
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,6 +23,7 @@ from torch import nn
 from engine.config import EvaluateConfig
 from engine.protocols import (Protocol, apply_plan, get_protocol, make_optimizer, plan_batch, weighted_ce_loss,
                               weighted_kd_loss)
+from engine.store import atomic_write_bytes
 from engine.students import create_student
 
 
@@ -76,7 +77,7 @@ def fit(model: nn.Module, data: TrainSet, steps: int, protocol: Protocol, config
         raise ValueError(f"batch of {batch} images cannot be split over {worker.world} workers")
     start = 0
     if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=True)
+        state = torch.load(io.BytesIO(checkpoint.read_bytes()), weights_only=True)
         _unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -99,8 +100,9 @@ def fit(model: nn.Module, data: TrainSet, steps: int, protocol: Protocol, config
             if checkpoint is not None and done < steps and worker.rank == 0:
                 state = {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                          "schedule": schedule.state_dict(), "generator": generator.get_state(), "step": done}
-                torch.save(state, str(checkpoint) + ".partial")
-                os.replace(str(checkpoint) + ".partial", checkpoint)
+                buffer = io.BytesIO()
+                torch.save(state, buffer)
+                atomic_write_bytes(checkpoint, buffer.getvalue())  # local or object store, whole or not at all
             if report is not None:
                 report(done, _unwrap(model))
                 model.train()

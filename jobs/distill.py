@@ -17,7 +17,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
 
 import numpy as np  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
 
 from engine import store  # noqa: E402
 from engine.config import DistillConfig, config_hash, load_config, save_config  # noqa: E402
@@ -69,18 +68,25 @@ def student_jobs(config: DistillConfig, set_dirs: dict[tuple[str, str, int], Pat
     return jobs
 
 
-def teacher_cache_path(config: DistillConfig) -> Path:
-    """A given checkpoint, or the cache keyed by (dataset, architecture, seed 0, everything that shapes it)."""
+def teacher_cache_path(config: DistillConfig):
+    """A given checkpoint (local or a URI), or the cache keyed by (dataset, architecture, seed 0, everything that
+    shapes it): in cache_dir, or beside the run folders (runs_dir/_cache) when they are on an object store, the
+    one place every node of a cluster shares (a per-node cache would leave a multi-node trainer's ranks
+    disagreeing on whether to train)."""
+    from engine.location import ObjectPath, location
+
     e = config.evaluate
     if e.teacher_path:
-        if not Path(e.teacher_path).is_file():
+        if not location(e.teacher_path).is_file():
             raise FileNotFoundError(f"evaluate.teacher_path {e.teacher_path} is not a file")
-        return Path(e.teacher_path)
+        return location(e.teacher_path)
     key = config_hash(config.data, e.teacher, e.width, e.teacher_epochs, e.batch_size, e.flip)
-    return config.cache_path / "teachers" / f"{config.data.name}-{e.teacher}-seed0-{key}.safetensors"
+    runs = location(config.runs_dir)
+    cache = runs / "_cache" if isinstance(runs, ObjectPath) else config.cache_path
+    return cache / "teachers" / f"{config.data.name}-{e.teacher}-seed0-{key}.safetensors"
 
 
-def decode_and_evaluate(config: DistillConfig, run_dir: Path, folder: Path, centroids, quantize_key: str,
+def decode_and_evaluate(config: DistillConfig, run_dir, folder: Path, centroids, quantize_key: str,
                         names: tuple[str, ...], timings: dict, train_callbacks: tuple = ()) -> list[dict]:
     from engine import ray_stages
     from engine.data import load_split
@@ -149,8 +155,8 @@ def prepare_prior(config: DistillConfig) -> tuple[Path, tuple[str, ...], tuple[i
     return folder, tuple(names), tuple(prior.latent_shape), prior.image_size
 
 
-def encode_stage(config: DistillConfig, run_dir: Path, folder: Path, latent_shape, image_size: int,
-                 names: tuple[str, ...]) -> tuple[str, Path, int, dict[str, int]]:
+def encode_stage(config: DistillConfig, run_dir, folder: Path, latent_shape, image_size: int,
+                 names: tuple[str, ...]) -> tuple[str, object, int, dict[str, int]]:
     """Encode once per (data, prior) into run_dir/latents -> (encode key, latents folder, images encoded,
     rows skipped per reason)."""
     from engine import ray_stages
@@ -161,8 +167,9 @@ def encode_stage(config: DistillConfig, run_dir: Path, folder: Path, latent_shap
     marker = store.finished_stage(run_dir, "encode", encode_key)
     if marker is None:
         log(f"encoding the train split with the prior's VAE (latent shape {latent_shape})")
+        store.invalidate_stage(run_dir, "encode")  # the old latents are about to be replaced
         encoded = ray_stages.encode_to_parquet(config, folder, latents_dir, image_size, tuple(names))
-        skipped = count_skipped(pq.read_table(run_dir / "skipped.parquet", columns=["reason"]).column(0).to_pylist())
+        skipped = count_skipped(store.read_table(run_dir / "skipped.parquet", ["reason"]).column(0).to_pylist())
         if skipped:
             log(f"encode: skipped {sum(skipped.values())} unusable rows {skipped} (listed in skipped.parquet)")
         store.mark_stage_finished(run_dir, "encode", encode_key, images=encoded, latent_shape=latent_shape,
@@ -173,7 +180,7 @@ def encode_stage(config: DistillConfig, run_dir: Path, folder: Path, latent_shap
     return encode_key, latents_dir, encoded, skipped
 
 
-def quantize_stage(config: DistillConfig, run_dir: Path, latents_dir: Path, encode_key: str):
+def quantize_stage(config: DistillConfig, run_dir, latents_dir, encode_key: str):
     """Quantize once per (latents, quantizer config) into run_dir -> (quantize key, centroids, stats frame)."""
     from engine import ray_stages
 
@@ -186,22 +193,25 @@ def quantize_stage(config: DistillConfig, run_dir: Path, latents_dir: Path, enco
         store.atomic_write_table(run_dir / "centroids.parquet", centroids)
         store.atomic_write_table(run_dir / "quantization.parquet", stats)
         store.mark_stage_finished(run_dir, "quantize", quantize_key, classes=len(class_dirs))
-    centroids = pq.read_table(run_dir / "centroids.parquet")
-    stats = pq.read_table(run_dir / "quantization.parquet").to_pandas()
+    centroids = store.read_table(run_dir / "centroids.parquet")
+    stats = store.read_table(run_dir / "quantization.parquet").to_pandas()
     return quantize_key, centroids, stats
 
 
 def run(config: DistillConfig, until: str = "evaluate") -> dict:
     from engine import ray_stages
-    from engine.checks import check_finite_centroids, check_run_inputs
+    from engine.checks import RunError, check_finite_centroids, check_run_inputs
     from engine.data import class_names
     from engine.manifest import write_manifest
     from engine.report import write_report
 
     check_run_inputs(config, class_names(config.data), until)  # before anything is written or started
-    run_dir = config.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
+    try:  # an unreachable object store or a missing bucket is one sentence, before any work
+        run_dir = config.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+    except OSError as error:
+        raise RunError(f"cannot write the run folder under runs_dir={config.runs_dir}: {error}") from error
     timings: dict[str, float] = {}
 
     start = time.perf_counter()

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pandas as pd
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
+from engine.location import location  # noqa: E402
+
 METHOD_ORDER = ["random", "herding", "kcenter", "d4m", "ddoq", "full"]
 GROUP = ["protocol", "teacher", "student"]
 
@@ -25,10 +28,10 @@ GROUP = ["protocol", "teacher", "student"]
 def load_rows(run_dirs: list[Path]) -> pd.DataFrame:
     rows = []
     for run_dir in run_dirs:
-        for path in sorted(Path(run_dir).glob("results/*/*.json")):
+        for path in sorted(location(run_dir).glob("results/*/*.json")):
             row = json.loads(path.read_text())
             if "protocol" in row:  # rows of the current evaluation (older rows lack the fields to group them)
-                rows.append({**row, "run": Path(run_dir).name})
+                rows.append({**row, "run": location(run_dir).name})
     if not rows:
         raise SystemExit(f"no result rows under {', '.join(map(str, run_dirs))}")
     return pd.DataFrame(rows)
@@ -85,7 +88,7 @@ def cross_architecture(frame: pd.DataFrame) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dirs", nargs="+", type=Path)
+    parser.add_argument("run_dirs", nargs="+", help="run folders: local paths or URIs (s3://bucket/runs/digits)")
     args = parser.parse_args(argv)
     frame = load_rows(args.run_dirs)
     print(tables(frame))

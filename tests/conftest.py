@@ -39,11 +39,29 @@ def images_u8():
     return rng.integers(0, 256, size=(6, 16, 16, 3), dtype=np.uint8)
 
 
+_ray_node_started_here = None  # by ray_session, after s3_env: its workers carry the endpoint's variables
+
+
 @pytest.fixture
-def ray_session():
-    """One local Ray for the whole session (started on first use: ~5 s), re-started if a test shut it down."""
+def ray_session(s3_env):
+    """One local Ray for the whole session (started on first use: ~5 s), re-started if a test shut it down or
+    started its own. Started after the test S3 endpoint, so its workers reach s3:// run folders as a cluster's
+    nodes would."""
+    global _ray_node_started_here
     import ray
 
+    if ray.is_initialized() and ray.get_runtime_context().get_node_id() != _ray_node_started_here:
+        ray.shutdown()
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        _ray_node_started_here = ray.get_runtime_context().get_node_id()
     return ray
+
+
+@pytest.fixture(scope="session")
+def s3_env():
+    """A local S3 endpoint (moto) for the session: {AWS_* variables, "bucket"}; tests use their own prefixes."""
+    from tests.object_store import s3_endpoint
+
+    with s3_endpoint() as env:
+        yield env

@@ -57,10 +57,48 @@ def test_smoke_run_writes_every_output_and_reruns_from_cache(ray_session, tmp_pa
     assert again["timings_s"]["prior"] < 5 and again["timings_s"]["decode"] < metrics["timings_s"]["decode"] + 5
 
 
-def test_ray_job_submit_against_a_local_head(tmp_path):
-    out = submit_to_local_head(["python", "jobs/distill.py", "--smoke-test", f"runs_dir={tmp_path / 'runs'}",
+def test_smoke_run_on_an_object_store_run_folder(ray_session, s3_env, tmp_path):
+    """runs_dir=s3://...: every stage writes its files to the bucket (latents from Ray Data, class files from the
+    quantize actors, PNGs from the decoders, results and the teacher from Ray Train), nothing lands locally, and
+    the same command again reuses every stage and every student."""
+    import distill
+    from engine import store
+    from engine.location import ObjectPath, list_files, location
+    from engine.manifest import verify_manifest
+
+    runs = f"s3://{s3_env['bucket']}/{tmp_path.name}/runs"
+    config, _ = distill.parse_args(["--smoke-test", f"runs_dir={runs}", f"cache_dir={tmp_path / 'cache'}"])
+    metrics = distill.run(config)
+    run_dir = config.run_dir
+    assert isinstance(run_dir, ObjectPath) and str(run_dir) == f"{runs}/smoke"
+    assert len(metrics["results"]) == 9 and metrics["counts"]["images_encoded"] > 0
+    files = list_files(run_dir)
+    assert {"config.yaml", "metrics.json", "report.html", "manifest.json", "centroids.parquet"} <= set(files)
+    assert sum(f.startswith("latents/label=") for f in files) >= 10  # every class's partition
+    assert sum(f.startswith("distilled/ddoq-mass-ipc2/") for f in files) == 21  # 20 PNGs + index.parquet
+    assert verify_manifest(run_dir) == []
+    images, labels, weights = store.read_distilled_set(run_dir / "distilled" / "ddoq-mass-ipc2")
+    assert images.shape[0] == 20 and np.isclose(weights.sum(), 20)
+    # The teacher is cached beside the run folders, where every node of a cluster finds it.
+    assert any(f.startswith("teachers/") for f in list_files(location(runs) / "_cache"))
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["priors"]  # only the driver's prior is local
+
+    computed = store.stage_history(run_dir)
+    assert sorted(h["stage"] for h in computed) == ["decode", "encode", "quantize", "real_sets"]
+    again = distill.run(config)
+    assert again["results"] == metrics["results"]
+    assert store.stage_history(run_dir) == computed  # nothing recomputed
+
+
+def test_ray_job_submit_against_a_local_head(tmp_path, s3_env):
+    """The cluster way: a job on a head whose processes share one run folder on an object store (the head and
+    its workers get the endpoint from the environment, as nodes get credentials from their instance role)."""
+    from engine.location import location
+
+    runs = f"s3://{s3_env['bucket']}/{tmp_path.name}/runs"
+    out = submit_to_local_head(["python", "jobs/distill.py", "--smoke-test", f"runs_dir={runs}",
                                 f"cache_dir={tmp_path / 'cache'}"], timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "succeeded" in out.stdout
-    metrics = json.loads((tmp_path / "runs" / "smoke" / "metrics.json").read_text())
+    metrics = json.loads((location(runs) / "smoke" / "metrics.json").read_text())
     assert len(metrics["results"]) == 9

@@ -122,6 +122,7 @@ ATOMIC_BY_CALLER = {
     "engine/priors/dit.py": "DiTPrior.save: same contract as TinyPrior.save (tests build folders with it)",
     "engine/priors/checkpoint.py": "a checkpoint folder counts only once its state pointer is os.replace'd after it",
     "engine/priors/train_tiny.py": "calls PriorCheckpoint.save (engine/priors/checkpoint.py), atomic by its pointer",
+    "engine/location.py": "ObjectPath writes one object store PUT, published whole when the stream closes",
 }
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from engine import store
 from engine.config import ConfigError, load_config
+from engine.location import ObjectPath
 from tests.local_head import submit_to_local_head
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,8 +147,9 @@ def test_ray_job_submit_sweep_against_a_local_head(tmp_path):
     assert len(table) == 4 and (table.error == "").all()
 
 
-def test_runs_dir_file_uri_and_object_stores(tmp_path):
+def test_runs_dir_file_uri_and_object_stores(tmp_path, s3_env):
     uri = load_config(ROOT / "configs" / "digits.yaml", [f"runs_dir=file://{tmp_path}/shared"])
     assert uri.run_dir == tmp_path / "shared" / "digits"
-    with pytest.raises(NotImplementedError, match="issue #7"):
-        load_config(ROOT / "configs" / "digits.yaml", ["runs_dir=s3://bucket/runs"]).run_dir
+    remote = load_config(ROOT / "configs" / "digits.yaml", [f"runs_dir=s3://{s3_env['bucket']}/runs"]).run_dir
+    assert isinstance(remote, ObjectPath) and str(remote) == f"s3://{s3_env['bucket']}/runs/digits"
+    assert sweep.shared_folder(BASE, remote).uri.startswith(str(remote) + "/shared/quantize-")

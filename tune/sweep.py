@@ -29,8 +29,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "jobs")]  # run as a script from any direc
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
-from engine.config import (ConfigError, DistillConfig, config_hash, config_to_dict, load_config,  # noqa: E402
-                           local_runs_path)
+from engine.config import ConfigError, DistillConfig, config_hash, config_to_dict, load_config  # noqa: E402
+from engine.location import location, ray_storage  # noqa: E402
 
 DEFAULT_SPACE = ROOT / "tune" / "spaces" / "digits.yaml"
 SMOKE_SPACE = ROOT / "tune" / "spaces" / "smoke.yaml"
@@ -121,16 +121,16 @@ def trial_config(base: DistillConfig, space: SearchSpace, params: dict, sweep_di
     overrides = space.fixed + tuple(f"{k}={json.dumps(v)}" for k, v in params.items())
     config = load_config(None, overrides, values=values)
     name = "t-" + config_hash(config)  # the whole trial config: a re-run finds it, any change gets a new folder
-    return dataclasses.replace(config, runs_dir=str(Path(sweep_dir) / "trials"), name=name)
+    return dataclasses.replace(config, runs_dir=str(location(sweep_dir) / "trials"), name=name)
 
 
-def shared_folder(config: DistillConfig, sweep_dir: Path) -> Path:
+def shared_folder(config: DistillConfig, sweep_dir):
     """Where the quantized centroids for this trial's (data, prior, quantizer) live: IPC excluded."""
     quantizer = dataclasses.replace(config.quantize, ipc=(1,))
-    return Path(sweep_dir) / "shared" / f"quantize-{config_hash(config.data, config.prior, quantizer)}"
+    return location(sweep_dir) / "shared" / f"quantize-{config_hash(config.data, config.prior, quantizer)}"
 
 
-def prepare_shared_stages(base: DistillConfig, space: SearchSpace, sweep_dir: Path) -> list[Path]:
+def prepare_shared_stages(base: DistillConfig, space: SearchSpace, sweep_dir) -> list:
     """Encode once per (data, prior) and quantize once per (latents, quantizer) at every IPC the sweep can use."""
     import distill
 
@@ -140,7 +140,7 @@ def prepare_shared_stages(base: DistillConfig, space: SearchSpace, sweep_dir: Pa
         config = trial_config(base, space, combo, sweep_dir)
         config = dataclasses.replace(config, quantize=dataclasses.replace(config.quantize, ipc=ipcs))
         folder, names, latent_shape, image_size = distill.prepare_prior(config)
-        encode_dir = Path(sweep_dir) / "shared" / f"encode-{config_hash(config.data, config.prior)}"
+        encode_dir = location(sweep_dir) / "shared" / f"encode-{config_hash(config.data, config.prior)}"
         encode_key, latents_dir, _, _ = distill.encode_stage(config, encode_dir, folder, latent_shape, image_size, names)
         target = shared_folder(config, sweep_dir)
         distill.quantize_stage(config, target, latents_dir, encode_key)
@@ -157,7 +157,6 @@ def run_trial(params: dict, base: DistillConfig, space: SearchSpace, sweep_dir: 
     _sys.path.insert(0, str(Path(engine.store.__file__).resolve().parents[1] / "jobs"))  # on any worker
     import distill
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
     import ray
     from ray.tune.integration.ray_train import TuneReportCallback
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -165,10 +164,10 @@ def run_trial(params: dict, base: DistillConfig, space: SearchSpace, sweep_dir: 
     from engine import store
     from engine.config import save_config
 
-    config = trial_config(base, space, params, Path(sweep_dir))
-    shared = shared_folder(config, Path(sweep_dir))
+    config = trial_config(base, space, params, sweep_dir)
+    shared = shared_folder(config, sweep_dir)
     marker = json.loads(store.stage_marker(shared, "quantize").read_text())
-    centroids = pq.read_table(shared / "centroids.parquet")
+    centroids = store.read_table(shared / "centroids.parquet")
     centroids = centroids.filter(pc.is_in(centroids["ipc"], pyarrow_array(config.quantize.ipc)))
     folder, names, _, _ = distill.prepare_prior(config)  # cached by the driver: a load, not a training
     run_dir = config.run_dir
@@ -261,9 +260,9 @@ def run_sweep(base: DistillConfig, space: SearchSpace, max_concurrent: int | Non
     from engine.report import plot_sweep_accuracy
 
     # Absolute: Tune runs each trial in its own working directory.
-    base = dataclasses.replace(base, runs_dir=str(Path(local_runs_path(base.runs_dir)).expanduser().resolve()),
+    base = dataclasses.replace(base, runs_dir=str(location(base.runs_dir).resolve()),
                                cache_dir=str(base.cache_path.expanduser().resolve()))
-    sweep_dir = Path(base.runs_dir) / f"{base.name}-sweep"
+    sweep_dir = location(base.runs_dir) / f"{base.name}-sweep"
     sweep_dir.mkdir(parents=True, exist_ok=True)
     ray_stages.init_ray(base.runtime)
     if __name__ != "__main__":  # imported (tests): ship run_trial by value, workers need not find tune/ on a path
@@ -291,7 +290,7 @@ def run_sweep(base: DistillConfig, space: SearchSpace, max_concurrent: int | Non
         param_space={k: tune_domain(v) for k, v in space.params.items()},
         tune_config=tune.TuneConfig(metric="top1", mode="max", scheduler=scheduler, num_samples=space.num_samples,
                                     max_concurrent_trials=concurrent),
-        run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=1,
+        run_config=tune.RunConfig(name="tune", **ray_storage(sweep_dir), verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
     grid = tuner.fit()
