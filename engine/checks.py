@@ -8,7 +8,6 @@ fail deep inside with a traceback (or, worse, silently decode NaN into black ima
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -21,8 +20,10 @@ class RunError(ValueError):
 
 
 def check_run_inputs(config: DistillConfig, class_names: tuple[str, ...], until: str) -> None:
+    from engine.location import location
+
     prior_path = config.prior.path
-    if prior_path and "://" not in prior_path and not Path(prior_path).is_dir():
+    if prior_path and not location(prior_path).is_dir():
         raise RunError(f"prior.path={prior_path} does not exist (or is not a folder): point it at a saved prior, "
                        f"or leave it empty to train the tiny prior into the cache")
     if len(class_names) == 0:

@@ -181,6 +181,8 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "data.test_fraction": (lambda v: 0.0 < v < 1.0, "must be in (0, 1)"),
     "data.max_skip_fraction": (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
     "data.max_image_pixels": (lambda v: v >= 1, "must be >= 1"),
+    "prior.vae_steps": (lambda v: v >= 1, "must be >= 1"),
+    "prior.unet_steps": (lambda v: v >= 1, "must be >= 1"),
     "quantize.ipc": (lambda v: len(v) > 0 and all(k >= 1 for k in v), "must be one or more integers >= 1"),
     "quantize.niter": (lambda v: v >= 1, "must be >= 1"),
     "quantize.nredo": (lambda v: v >= 1, "must be >= 1"),

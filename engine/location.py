@@ -208,6 +208,49 @@ def list_files(root: Path | ObjectPath) -> dict[str, int]:
     return dict(sorted(found.items()))
 
 
+PUBLISHED = "_published"  # written last into a folder uploaded by publish_folder: the upload is whole
+
+
+def local_copy(place: Path | ObjectPath, cache_root: Path | None = None) -> Path:
+    """A local folder with `place`'s files: `place` itself when local; for a URI, a copy under
+    cache_root/<hash of the URI> made once per machine (downloaded to a staging name and renamed, so the actors of
+    one node racing for it never load half a copy). Models load from local folders (diffusers from_pretrained)."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    if not isinstance(place, ObjectPath):
+        return place
+    root = Path(os.path.expanduser(str(cache_root or os.environ.get("DDOQ_REMOTE_CACHE", "~/.cache/ddoq/remote"))))
+    target = root / hashlib.sha256(place.uri.encode()).hexdigest()[:16]
+    if target.is_dir():
+        return target
+    if not place.is_dir():
+        raise FileNotFoundError(f"{place} is not a folder on its object store")
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name}."))
+    try:
+        pafs.copy_files(place.inner, str(staging / "copy"), source_filesystem=place.fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        (staging / "copy" / "SOURCE").write_text(place.uri + "\n")  # audit: inside the staging folder
+        os.rename(staging / "copy", target)
+    except OSError:
+        if not target.is_dir():  # not a lost race with another actor: a real failure
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def publish_folder(folder: Path, place: ObjectPath) -> ObjectPath:
+    """Upload a local folder to `place` once (the marker `_published`, written last, says it is whole)."""
+    if not (place / PUBLISHED).exists():
+        pafs.copy_files(str(folder), place.inner, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=place.fs)
+        (place / PUBLISHED).write_text(str(folder) + "\n")
+    return place
+
+
 def remove_tree(place: Path | ObjectPath) -> None:
     """Delete a folder and everything in it, if it exists."""
     import shutil

@@ -139,9 +139,11 @@ def decode_and_evaluate(config: DistillConfig, run_dir, folder: Path, centroids,
 
 def prepare_prior(config: DistillConfig) -> tuple[Path, tuple[str, ...], tuple[int, ...], int]:
     """Load (or train once and cache) the prior -> (its folder, class names, latent shape, its image size).
-    A prior with NaN/Inf weights, or a tiny prior trained for other classes, stops the run here."""
+    A prior with NaN/Inf weights, or a tiny prior trained for other classes, stops the run here. With run folders
+    on an object store, the folder returned is there too (the actors of every machine load it)."""
     from engine.checks import RunError, check_finite_parameters
     from engine.data import class_names
+    from engine.location import ObjectPath, location, publish_folder
     from engine.priors import load_or_train_prior, prior_folder
 
     names = class_names(config.data)
@@ -152,6 +154,11 @@ def prepare_prior(config: DistillConfig) -> tuple[Path, tuple[str, ...], tuple[i
     if prior.kind == "tiny" and prior.class_names != tuple(names):  # sd15/dit take the data's names
         raise RunError(f"prior {folder} was trained for classes {prior.class_names[:5]}... ({prior.num_classes}), "
                        f"but the data has {len(names)} classes {tuple(names)[:5]}...")
+    runs = location(config.runs_dir)
+    if isinstance(runs, ObjectPath) and not config.prior.path:
+        # The prior this driver trained into its cache_dir: the encode/decode actors may run on other machines,
+        # which share only the object store, so they load it from there (each machine copies it once).
+        folder = publish_folder(folder, runs / "_cache" / "priors" / folder.name)
     return folder, tuple(names), tuple(prior.latent_shape), prior.image_size
 
 

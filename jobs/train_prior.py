@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> Path:
     from engine.store import atomic_write_json, write_png
 
     folder = prior_folder(config.prior, config.data, config.cache_path)
+    if not isinstance(folder, Path):
+        raise SystemExit(f"prior.path={config.prior.path}: train_prior writes a local folder; train into one, copy it "
+                         f"to the object store (e.g. `aws s3 sync`), and give distill runs that URI as prior.path")
     seconds = None
     if folder.exists():
         log(f"{folder} already holds a trained prior: measuring it only")

@@ -79,8 +79,9 @@ def test_smoke_run_on_an_object_store_run_folder(ray_session, s3_env, tmp_path):
     assert verify_manifest(run_dir) == []
     images, labels, weights = store.read_distilled_set(run_dir / "distilled" / "ddoq-mass-ipc2")
     assert images.shape[0] == 20 and np.isclose(weights.sum(), 20)
-    # The teacher is cached beside the run folders, where every node of a cluster finds it.
-    assert any(f.startswith("teachers/") for f in list_files(location(runs) / "_cache"))
+    # The teacher and the prior the driver trained are cached beside the run folders, where every node finds them.
+    cached = list_files(location(runs) / "_cache")
+    assert any(f.startswith("teachers/") for f in cached) and any(f.endswith("priors/_published") for f in cached)
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["priors"]  # only the driver's prior is local
 
     computed = store.stage_history(run_dir)

@@ -111,3 +111,56 @@ def test_a_missing_bucket_is_one_clear_sentence(s3_env, tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in err
     assert "cannot write the run folder under runs_dir=s3://no-such-bucket-ddoq/runs" in err and "not found" in err
+
+
+def test_parquet_shards_read_from_an_object_store(remote, tmp_path):
+    """data.path=s3://...: shards and classes.txt are listed and read through pyarrow, as from a local folder."""
+    from engine.config import DataConfig
+    from engine.data import class_names, load_split, shard_paths
+    from tests.test_reliability import write_toy_dataset
+
+    write_toy_dataset(tmp_path / "toy", "cat dog", {0: 3, 1: 2})
+    for path in (tmp_path / "toy").iterdir():
+        (remote / "toy" / path.name).write_bytes(path.read_bytes())
+    local = DataConfig(source="parquet", path=str(tmp_path / "toy"), name="toy", image_size=16)
+    on_s3 = DataConfig(source="parquet", path=str(remote / "toy"), name="toy", image_size=16)
+    assert shard_paths(on_s3.path, "train") == [str(remote / "toy" / "train-00000-of-00001.parquet")]
+    assert class_names(on_s3) == class_names(local) == ("cat", "dog")
+    for split in ("train", "test"):
+        a, b = load_split(local, split), load_split(on_s3, split)
+        assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels) and len(a.labels) > 0
+
+
+def test_a_prior_on_an_object_store_is_copied_once_per_machine_then_loaded(remote, saved_prior, tmp_path,
+                                                                              monkeypatch):
+    """prior.path=s3://...: every actor loads a local copy (diffusers loads local folders), made once per machine."""
+    import torch
+
+    from engine.location import PUBLISHED, local_copy, publish_folder
+    from engine.priors import load_prior
+    from tests.conftest import CLASS_NAMES
+
+    place = publish_folder(saved_prior, remote / "prior")
+    assert (place / PUBLISHED).exists()
+    assert {f.split("/")[0] for f in list_files(place)} == {p.name for p in saved_prior.iterdir()} | {PUBLISHED}
+    monkeypatch.setenv("DDOQ_REMOTE_CACHE", str(tmp_path / "copies"))
+    copy = local_copy(place)
+    assert copy.parent == tmp_path / "copies" and (copy / "SOURCE").read_text().strip() == place.uri
+    assert local_copy(place) == copy  # no second download
+    loaded, original = load_prior("tiny", str(place), CLASS_NAMES), load_prior("tiny", saved_prior, CLASS_NAMES)
+    for a, b in zip(loaded.vae.parameters(), original.vae.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        local_copy(remote / "missing")
+
+
+def test_a_missing_prior_on_an_object_store_is_one_clear_sentence(s3_env, tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+    import distill
+
+    with pytest.raises(SystemExit) as exit_info:
+        distill.main(["--smoke-test", f"prior.path=s3://{s3_env['bucket']}/no/prior", f"cache_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err and "does not exist" in err

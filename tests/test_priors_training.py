@@ -11,7 +11,7 @@ import torch
 from engine.config import DataConfig, load_config
 from engine.priors import load_or_train_prior, prior_cache_folder
 from engine.priors.checkpoint import Checkpointer
-from engine.priors.train_tiny import train_tiny_prior
+from engine.priors.train_tiny import one_cycle, train_tiny_prior
 from tests.conftest import CLASS_NAMES, TINY_PRIOR
 
 CONFIG = dataclasses.replace(TINY_PRIOR, vae_steps=4, unet_steps=4)
@@ -84,3 +84,14 @@ def test_train_prior_job_writes_the_folder_distill_loads(tmp_path):
     calls = []
     load_or_train_prior(config.prior, config.data, tmp_path, log=calls.append)
     assert calls == []  # the distill job's loader finds it: nothing trained
+
+
+def test_the_unet_schedule_runs_for_any_step_count():
+    """OneCycleLR divided by zero at 20 steps (a 5% warm-up of exactly one step)."""
+    for steps in (1, 2, 3, 4, 19, 20, 21, 40, 1500):
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        schedule = one_cycle(optimizer, 1e-3, steps)
+        for _ in range(steps - 1):
+            optimizer.step()
+            schedule.step()
+    assert one_cycle(optimizer, 1e-3, 1500).total_steps == 1500

@@ -137,14 +137,20 @@ def test_smoke_sweep_runs_4_trials_and_shares_encode_and_quantize(ray_session, t
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_ray_job_submit_sweep_against_a_local_head(tmp_path):
-    """`ray job submit --working-dir . -- python tune/sweep.py --smoke-test` on a real `ray start --head`."""
-    out = submit_to_local_head(["python", "tune/sweep.py", "--smoke-test", f"runs_dir={tmp_path / 'runs'}",
+def test_ray_job_submit_sweep_against_a_local_head(tmp_path, s3_env):
+    """`ray job submit --working-dir . -- python tune/sweep.py --smoke-test` on a real `ray start --head`, the sweep
+    folder (shared stages, trials, Tune's own files) on an object store."""
+    from engine.location import list_files, location
+
+    runs = location(f"s3://{s3_env['bucket']}/{tmp_path.name}/runs")
+    out = submit_to_local_head(["python", "tune/sweep.py", "--smoke-test", f"runs_dir={runs}",
                                 f"cache_dir={tmp_path / 'cache'}"])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "succeeded" in out.stdout
-    table = pq.read_table(tmp_path / "runs" / "smoke-sweep" / "trials.parquet").to_pandas()
+    table = store.read_table(runs / "smoke-sweep" / "trials.parquet").to_pandas()
     assert len(table) == 4 and (table.error == "").all()
+    files = list_files(runs / "smoke-sweep")
+    assert "best_config.yaml" in files and any(f.startswith("tune/") for f in files)
 
 
 def test_runs_dir_file_uri_and_object_stores(tmp_path, s3_env):

@@ -1,6 +1,7 @@
 """Generative priors DDOQ pushes centroids through, behind one interface (engine.priors.base.Prior):
 `tiny` (trained by the engine for a new domain, cached), `sd15` (Stable Diffusion v1.5) and `dit` (DiT-XL/2-256),
-the last two loaded from a local diffusers folder named by prior.path."""
+the last two loaded from a diffusers folder named by prior.path: local, or a URI (s3://bucket/models/sd15) that
+each machine copies once to a local folder before loading it."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from engine.config import DataConfig, PriorConfig, config_hash
+from engine.location import ObjectPath, local_copy, location
 from engine.priors.base import Prior
 from engine.priors.tiny import TinyPrior, load_tiny_prior
 
@@ -18,13 +20,15 @@ def prior_cache_folder(prior: PriorConfig, data: DataConfig, cache_root: Path) -
     return cache_root / "priors" / f"{data.name}-{prior.kind}-{config_hash(prior, data)}"
 
 
-def prior_folder(prior: PriorConfig, data: DataConfig, cache_root: Path) -> Path:
-    return Path(prior.path) if prior.path else prior_cache_folder(prior, data, cache_root)
+def prior_folder(prior: PriorConfig, data: DataConfig, cache_root: Path) -> Path | ObjectPath:
+    return location(prior.path) if prior.path else prior_cache_folder(prior, data, cache_root)
 
 
-def load_prior(kind: str, folder: str | Path, class_names: tuple[str, ...]) -> Prior:
+def load_prior(kind: str, folder: str | Path | ObjectPath, class_names: tuple[str, ...]) -> Prior:
     """The one loader of every kind (used by the job and by the Ray encode/decode actors). The tiny prior brings its
-    own class names and the caller checks them against the data; sd15/dit take the data's names (prompts)."""
+    own class names and the caller checks them against the data; sd15/dit take the data's names (prompts).
+    A folder on an object store is copied to this machine first (once)."""
+    folder = local_copy(location(folder))
     if kind == "tiny":
         return load_tiny_prior(folder)
     if kind == "sd15":
@@ -46,7 +50,7 @@ def load_or_train_prior(prior: PriorConfig, data: DataConfig, cache_root: Path, 
 
         return load_prior(prior.kind, folder, class_names(data))
     if prior.path or folder.exists():
-        return load_tiny_prior(folder)
+        return load_prior("tiny", folder, ())
     from engine.data import load_split
     from engine.priors.train_tiny import train_tiny_prior
 

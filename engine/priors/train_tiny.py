@@ -56,11 +56,17 @@ def train_vae(prior: TinyPrior, pixels: torch.Tensor, config: PriorConfig, gener
     return loss_value
 
 
+def one_cycle(optimizer, learning_rate: float, steps: int):
+    """OneCycleLR with a 5% warm-up. It divides by (warm-up steps - 1) and by the steps after the warm-up, so a
+    warm-up of exactly one step (5% of 20) or of every step would divide by zero: at least two, or none at all."""
+    warmup = max(2, round(0.05 * steps)) if steps >= 3 else 0
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, learning_rate, total_steps=steps, pct_start=warmup / steps)
+
+
 def train_unet(prior: TinyPrior, latents: torch.Tensor, labels: torch.Tensor, config: PriorConfig, generator,
                log: Callable, checkpoint: Checkpointer | None = None) -> float:
     optimizer = torch.optim.AdamW(prior.unet.parameters(), lr=config.learning_rate)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.learning_rate, total_steps=config.unet_steps,
-                                                   pct_start=0.05)
+    schedule = one_cycle(optimizer, config.learning_rate, config.unet_steps)
     start = _resume_step(checkpoint, "unet", prior, optimizer, schedule, generator, log)
     prior.unet.train()
     loss_value = float("nan")
