@@ -18,6 +18,7 @@ from functools import cache
 from pathlib import Path, PurePosixPath
 from types import SimpleNamespace
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 
@@ -39,8 +40,18 @@ def location(place: str | Path | ObjectPath) -> Path | ObjectPath:
 
 @cache
 def _filesystem(base: str, query: str) -> tuple[pafs.FileSystem, str]:
-    """One filesystem per (scheme + authority, options) and process: an S3 client is costly to build."""
-    return pafs.FileSystem.from_uri(base + (f"?{query}" if query else ""))
+    """One filesystem per (scheme + authority, options) and process: an S3 client is costly to build.
+    pyarrow's own filesystems first (s3, gs, hdfs, abfs); any other fsspec protocol through pyarrow's wrapper."""
+    uri = base + (f"?{query}" if query else "")
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except pa.ArrowInvalid as error:
+        if "nrecognized filesystem" not in str(error):
+            raise
+    import fsspec
+
+    filesystem, inner = fsspec.core.url_to_fs(uri)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(filesystem)), inner
 
 
 class ObjectPath:

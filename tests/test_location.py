@@ -164,3 +164,16 @@ def test_a_missing_prior_on_an_object_store_is_one_clear_sentence(s3_env, tmp_pa
         distill.main(["--smoke-test", f"prior.path=s3://{s3_env['bucket']}/no/prior", f"cache_dir={tmp_path}"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in err and "does not exist" in err
+
+
+def test_fsspec_protocols_go_through_pyarrows_wrapper(request):
+    """A protocol pyarrow has no filesystem for (here fsspec's in-memory one) works the same way."""
+    place = location(f"memory://ddoq/{request.node.name}")
+    assert isinstance(place, ObjectPath) and place.uri == f"memory://ddoq/{request.node.name}"
+    store.mark_stage_finished(place, "encode", "k", images=3)
+    store.atomic_write_table(place / "t.parquet", pa.table({"x": [1, 2, 3]}))
+    assert store.finished_stage(place, "encode", "k")["images"] == 3
+    assert store.read_table(place / "t.parquet").num_rows == 3 and store.parquet_rows(place / "t.parquet") == 3
+    assert write_manifest(place).keys() == {"t.parquet", "_stages/encode.json"} | {
+        f for f in list_files(place) if f.startswith("_stages/history/")}
+    assert verify_manifest(place) == []
