@@ -84,6 +84,9 @@ def test_smoke_run_on_an_object_store_run_folder(ray_session, s3_env, tmp_path):
     assert any(f.startswith("teachers/") for f in cached) and any(f.startswith("priors/") and f.endswith("/_published") for f in cached)
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["priors"]  # only the driver's prior is local
 
+    import results  # jobs/results.py reads the rows back from the bucket
+
+    assert len(results.load_rows([str(run_dir)])) == 9
     computed = store.stage_history(run_dir)
     assert sorted(h["stage"] for h in computed) == ["decode", "encode", "quantize", "real_sets"]
     again = distill.run(config)
