@@ -31,8 +31,7 @@ def location(place: str | Path | ObjectPath) -> Path | ObjectPath:
     if isinstance(place, ObjectPath):
         return place
     text = str(place)
-    if text.startswith("file://"):
-        text = text[len("file://"):]
+    text = text.removeprefix("file://")
     if is_uri(text):
         return ObjectPath.from_uri(text)
     return Path(os.path.expanduser(text)).absolute()

@@ -16,7 +16,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
 
-import numpy as np  # noqa: E402
 
 from engine import store  # noqa: E402
 from engine.config import DistillConfig, config_hash, load_config, save_config  # noqa: E402
