@@ -8,6 +8,7 @@ gs://, hdfs://) becomes an ObjectPath with the part of Path's API the engine use
 Object stores have no rename and no append. A write is one PUT of the whole object, which readers see entirely or
 not at all, so ObjectPath.write_bytes needs no temporary name; store.atomic_write_bytes picks the right way.
 An ObjectPath pickles as its URI (Ray ships paths to actors) and each process opens the filesystem once.
+Model folders on an object store are copied once per machine (`local_copy`): diffusers loads local folders.
 """
 
 from __future__ import annotations
@@ -30,8 +31,7 @@ def location(place: str | Path | ObjectPath) -> Path | ObjectPath:
     """A local path (absolute, ~ expanded; file:// URIs included) or an ObjectPath for any other URI."""
     if isinstance(place, ObjectPath):
         return place
-    text = str(place)
-    text = text.removeprefix("file://")
+    text = str(place).removeprefix("file://")
     if is_uri(text):
         return ObjectPath.from_uri(text)
     return Path(os.path.expanduser(text)).absolute()
@@ -224,7 +224,8 @@ PUBLISHED = "_published"  # written last into a folder uploaded by publish_folde
 def local_copy(place: Path | ObjectPath, cache_root: Path | None = None) -> Path:
     """A local folder with `place`'s files: `place` itself when local; for a URI, a copy under
     cache_root/<hash of the URI> made once per machine (downloaded to a staging name and renamed, so the actors of
-    one node racing for it never load half a copy). Models load from local folders (diffusers from_pretrained)."""
+    one node racing for it never load half a copy). Keyed by the URI alone: a folder changed in place needs a new
+    URI (or the copy deleted)."""
     import hashlib
     import shutil
     import tempfile
