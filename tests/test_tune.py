@@ -124,7 +124,7 @@ def test_smoke_sweep_runs_4_trials_and_shares_encode_and_quantize(ray_session, t
     runs = [h["stage"] for h in store.stage_history(sweep_dir)]
     assert (runs.count("encode"), runs.count("quantize"), runs.count("decode")) == (1, 1, 4)
     assert out["stage_runs"] == {"encode": 1, "quantize": 1, "decode": 4}
-    assert len(list(sweep_dir.glob("trials/t-*/results/*/ddoq-ipc*-seed0.json"))) == 4
+    assert len(list(sweep_dir.glob("trials/t-*/results/*/ddoq-*-ipc*-seed0.json"))) == 4
     shared = pq.read_table(next(sweep_dir.glob("shared/quantize-*/centroids.parquet"))).to_pandas()
     assert sorted(shared.ipc.unique()) == [1, 2]  # quantized once at the union of the trials' IPCs
 
