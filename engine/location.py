@@ -23,16 +23,12 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 
-def is_uri(text) -> bool:
-    return "://" in str(text) and not str(text).startswith("file://")
-
-
 def location(place: str | Path | ObjectPath) -> Path | ObjectPath:
     """A local path (absolute, ~ expanded; file:// URIs included) or an ObjectPath for any other URI."""
     if isinstance(place, ObjectPath):
         return place
     text = str(place).removeprefix("file://")
-    if is_uri(text):
+    if "://" in text:
         return ObjectPath.from_uri(text)
     return Path(os.path.expanduser(text)).absolute()
 

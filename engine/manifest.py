@@ -3,7 +3,7 @@ differs, and to detect a file changed after the run.
 
     manifest.json = {"files": {relative path: {"sha256": hex, "bytes": n}}}
 
-Left out: the manifest itself, hidden temporary files of atomic writes (`.name.XXXX`), the injected-fault flags
+Left out: the manifest itself, hidden temporary files of atomic writes (`.<name>.<random>`), the injected-fault flags
 of tests, and Ray Train's own bookkeeping folder (`ray_train/`, timestamps inside).
 """
 

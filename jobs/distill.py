@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
 
-
 from engine import store  # noqa: E402
 from engine.config import DistillConfig, config_hash, load_config, save_config  # noqa: E402
+from engine.location import ObjectPath, location, publish_folder  # noqa: E402
 from engine.protocols import get_protocol  # noqa: E402
 
 STAGES = ("quantize", "evaluate")
@@ -67,22 +67,24 @@ def student_jobs(config: DistillConfig, set_dirs: dict[tuple[str, str, int], Pat
     return jobs
 
 
-def teacher_cache_path(config: DistillConfig):
-    """A given checkpoint (local or a URI), or the cache keyed by (dataset, architecture, seed 0, everything that
-    shapes it): in cache_dir, or beside the run folders (runs_dir/_cache) when they are on an object store, the
-    one place every node of a cluster shares (a per-node cache would leave a multi-node trainer's ranks
-    disagreeing on whether to train)."""
-    from engine.location import ObjectPath, location
+def shared_cache(config: DistillConfig) -> ObjectPath | None:
+    """runs_dir/_cache when the run folders are on an object store: the one place every machine of a cluster
+    shares, so caches the actors or trainer workers read (the teacher, the prior this driver trained) go there."""
+    runs = location(config.runs_dir)
+    return runs / "_cache" if isinstance(runs, ObjectPath) else None
 
+
+def teacher_cache_path(config: DistillConfig) -> Path | ObjectPath:
+    """A given checkpoint (local or a URI), or the cache keyed by (dataset, architecture, seed 0, everything that
+    shapes it): in cache_dir, or in the shared cache when the run folders are on an object store (a per-node cache
+    would leave a multi-node trainer's ranks disagreeing on whether to train)."""
     e = config.evaluate
     if e.teacher_path:
         if not location(e.teacher_path).is_file():
             raise FileNotFoundError(f"evaluate.teacher_path {e.teacher_path} is not a file")
         return location(e.teacher_path)
     key = config_hash(config.data, e.teacher, e.width, e.teacher_epochs, e.batch_size, e.flip)
-    runs = location(config.runs_dir)
-    cache = runs / "_cache" if isinstance(runs, ObjectPath) else config.cache_path
-    return cache / "teachers" / f"{config.data.name}-{e.teacher}-seed0-{key}.safetensors"
+    return (shared_cache(config) or config.cache_path) / "teachers" / f"{config.data.name}-{e.teacher}-seed0-{key}.safetensors"
 
 
 def decode_and_evaluate(config: DistillConfig, run_dir, folder: Path, centroids, quantize_key: str,
@@ -142,7 +144,6 @@ def prepare_prior(config: DistillConfig) -> tuple[Path, tuple[str, ...], tuple[i
     on an object store, the folder returned is there too (the actors of every machine load it)."""
     from engine.checks import RunError, check_finite_parameters
     from engine.data import class_names
-    from engine.location import ObjectPath, location, publish_folder
     from engine.priors import load_or_train_prior, prior_folder
 
     names = class_names(config.data)
@@ -153,16 +154,15 @@ def prepare_prior(config: DistillConfig) -> tuple[Path, tuple[str, ...], tuple[i
     if prior.kind == "tiny" and prior.class_names != tuple(names):  # sd15/dit take the data's names
         raise RunError(f"prior {folder} was trained for classes {prior.class_names[:5]}... ({prior.num_classes}), "
                        f"but the data has {len(names)} classes {tuple(names)[:5]}...")
-    runs = location(config.runs_dir)
-    if isinstance(runs, ObjectPath) and not config.prior.path:
+    if shared_cache(config) is not None and not config.prior.path:
         # The prior this driver trained into its cache_dir: the encode/decode actors may run on other machines,
         # which share only the object store, so they load it from there (each machine copies it once).
-        folder = publish_folder(folder, runs / "_cache" / "priors" / folder.name)
+        folder = publish_folder(folder, shared_cache(config) / "priors" / folder.name)
     return folder, tuple(names), tuple(prior.latent_shape), prior.image_size
 
 
 def encode_stage(config: DistillConfig, run_dir, folder: Path, latent_shape, image_size: int,
-                 names: tuple[str, ...]) -> tuple[str, object, int, dict[str, int]]:
+                 names: tuple[str, ...]) -> tuple[str, Path | ObjectPath, int, dict[str, int]]:
     """Encode once per (data, prior) into run_dir/latents -> (encode key, latents folder, images encoded,
     rows skipped per reason)."""
     from engine import ray_stages
