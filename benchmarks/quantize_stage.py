@@ -58,15 +58,16 @@ def timed_pool(config: DistillConfig, folders: dict[int, Path], out_dir: Path, m
     per-class cost and would dominate small class counts)."""
     import ray
 
-    from engine import ray_stages
+    from engine.ray.quantize import start_quantize_workers
+    from engine.ray.quantize import run_class_pool
 
     shutil.rmtree(out_dir, ignore_errors=True)
-    actors = ray_stages.start_quantize_workers(config, out_dir)
+    actors = start_quantize_workers(config, out_dir)
     first = next(iter(folders.items()))
     ray.get([actor.read.remote(first[0], str(first[1])) for actor in actors])  # imports done, actors warm
     drop_page_cache()
     start = time.perf_counter()
-    summaries = ray_stages.run_class_pool(config, folders, out_dir, method, actors=actors)
+    summaries = run_class_pool(config, folders, out_dir, method, actors=actors)
     seconds = time.perf_counter() - start
     for actor in actors:
         ray.kill(actor)
@@ -85,7 +86,7 @@ def main() -> None:
 
     import ray
 
-    from engine.ray_stages import init_ray
+    from engine.ray.cluster import init_ray
 
     init_ray(RuntimeConfig(num_cpus=args.actors))
     dim = int(np.prod(args.shape))

@@ -3,8 +3,8 @@
 img2img from each centroid: noise it to the timestep reached after (1 - strength) of the scheduler's schedule, run
 the remaining steps with classifier-free guidance, eps = eps(null) + g * (eps(class) - eps(null)), and VAE-decode.
 Noise is drawn per row from a generator seeded by (seed, row key), so an image does not depend on which other
-centroids share its batch. `decode_centroids` is the tiny prior's loop; sd15 and dit (engine/priors/) share the
-helpers below, and every prior is reached through `decode_latents`.
+centroids share its batch. Each prior's loop lives with the prior (engine/priors/: tiny, sd15, dit) and shares the helpers below; every prior
+is reached through `decode_latents`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import torch
 
 from engine.config import DecodeConfig
 from engine.encode import resize_pixels, tensor_to_images
-from engine.priors.tiny import TinyPrior
 
 
 def row_noise(shape: tuple[int, ...], seed: int, keys: np.ndarray) -> torch.Tensor:
@@ -45,38 +44,6 @@ def img2img_timesteps(scheduler, num_steps: int, strength: float) -> torch.Tenso
 def pixels_to_images(pixels: torch.Tensor, size: int | None) -> np.ndarray:
     """VAE output (K, 3, H, W) in [-1, 1] -> uint8 (K, size, size, 3), resized to the evaluation resolution."""
     return tensor_to_images(resize_pixels(pixels.float(), size) if size else pixels.float())
-
-
-@torch.no_grad()
-def decode_centroids(
-    prior: TinyPrior,
-    latents: np.ndarray,
-    labels: np.ndarray,
-    guidance_scale: float,
-    strength: float,
-    num_steps: int,
-    seed: int,
-    keys: np.ndarray | None = None,
-) -> np.ndarray:
-    """latents (K, C, h, w) already times the scaling factor; labels (K,) int; keys (K,) ints for the noise."""
-    check_decode_inputs(latents, labels, strength, prior.num_classes)
-    keys = np.arange(len(latents)) if keys is None else keys
-    device = next(prior.unet.parameters()).device
-    scheduler = prior.scheduler
-    timesteps = img2img_timesteps(scheduler, num_steps, strength)
-
-    dtype = next(prior.unet.parameters()).dtype
-    clean = torch.tensor(latents, dtype=dtype, device=device)  # (K, C, h, w)
-    noise = row_noise(tuple(clean.shape[1:]), seed, keys).to(device, dtype)
-    x = scheduler.add_noise(clean, noise, timesteps[:1].repeat(len(clean)))
-    cond = torch.tensor(np.asarray(labels), dtype=torch.long, device=device)  # copy: Ray batches are read-only
-    null = torch.full_like(cond, prior.null_class)
-    for t in timesteps:
-        eps_cond, eps_null = prior.unet(torch.cat([x, x]), t, class_labels=torch.cat([cond, null])).sample.chunk(2)
-        eps = eps_null + guidance_scale * (eps_cond - eps_null)
-        x = scheduler.step(eps, t, x).prev_sample
-    pixels = prior.vae.decode(x / prior.vae.config.scaling_factor).sample  # (K, 3, H, W) in [-1, 1]
-    return tensor_to_images(pixels)
 
 
 def decode_latents(prior, latents: np.ndarray, labels: np.ndarray, config: DecodeConfig,

@@ -63,7 +63,7 @@ def test_project_installed_from_the_lock_on_every_node():
 
 
 def stage_requests(runtime: RuntimeConfig) -> dict[str, dict[str, float]]:
-    """One actor / worker of each stage, as engine/ray_stages.py requests it."""
+    """One actor / worker of each stage, as engine/ray/ requests it."""
     return {
         "encode": {"CPU": 1, "GPU": runtime.gpus_per_actor},
         "decode": {"CPU": 1, "GPU": runtime.gpus_per_actor},

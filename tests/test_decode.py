@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from engine.decode import decode_centroids
+from engine.priors.tiny import decode_centroids
 
 
 @pytest.fixture

@@ -21,8 +21,8 @@ def test_students_train_with_ddp_on_two_workers(ray_session, tmp_path):
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from engine import ray_stages
-    from jobs.distill import student_jobs
+    from engine.ray.evaluate import evaluate_students
+    from engine.pipeline import student_jobs
 
     config = load_config(None, [f"runs_dir={tmp_path}", "name=ddp", f"cache_dir={tmp_path}/cache",
                                 "evaluate.protocol=fkd", "evaluate.methods=[random]", "quantize.ipc=[2]",
@@ -41,7 +41,7 @@ def test_students_train_with_ddp_on_two_workers(ray_session, tmp_path):
     jobs = student_jobs(config, {("random", "none", 2): folder})
     assert [j["job"] for j in jobs] == ["random-ipc2-convnet3-seed0"]
     results_dir = tmp_path / "results"
-    rows = ray_stages.evaluate_students(config, jobs, tmp_path / "cache" / "teacher.safetensors", results_dir)
+    rows = evaluate_students(config, jobs, tmp_path / "cache" / "teacher.safetensors", results_dir)
     (row,) = rows
     assert set(row) == FIELDS
     assert row["workers"] == 2 and row["protocol"] == "fkd" and row["teacher"] == "convnet3"

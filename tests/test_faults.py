@@ -51,7 +51,7 @@ def write_dirty_shards(root: Path) -> int:
 
 
 def test_encode_actor_killed_mid_stage_loses_nothing(ray_session, tmp_path, saved_prior):
-    from engine import ray_stages
+    from engine.ray.encode import encode_to_parquet
 
     data = tmp_path / "data"
     data.mkdir()
@@ -63,7 +63,7 @@ def test_encode_actor_killed_mid_stage_loses_nothing(ray_session, tmp_path, save
         if name == "killed":
             faults.request_crash(config.run_dir, "encode")
         latents_dir = config.run_dir / "latents"
-        assert ray_stages.encode_to_parquet(config, saved_prior, latents_dir) == good
+        assert encode_to_parquet(config, saved_prior, latents_dir) == good
         digests[name] = (latents_digest(latents_dir), build_manifest(config.run_dir)["skipped.parquet"])
     assert faults.crash_fired(tmp_path / "killed", "encode")  # an actor really died mid-stage
     assert digests["killed"] == digests["clean"]
@@ -76,7 +76,7 @@ def test_encode_actor_killed_mid_stage_loses_nothing(ray_session, tmp_path, save
 
 
 def test_decode_actor_killed_mid_stage_loses_nothing(ray_session, tmp_path, saved_prior):
-    from engine import ray_stages
+    from engine.ray.decode import decode_centroids_to_sets
 
     rng = np.random.default_rng(0)
     rows = [{"label": c, "ipc": k, "index": i, "latent": rng.standard_normal(4 * 8 * 8).astype(np.float32).tolist()}
@@ -89,7 +89,7 @@ def test_decode_actor_killed_mid_stage_loses_nothing(ray_session, tmp_path, save
         if name == "killed":
             faults.request_crash(config.run_dir, "decode")
         targets = {k: [str(config.run_dir / "distilled" / f"set-ipc{k}")] for k in (1, 3)}
-        decoded = ray_stages.decode_centroids_to_sets(config, saved_prior, centroids, targets)
+        decoded = decode_centroids_to_sets(config, saved_prior, centroids, targets)
         assert decoded.num_rows == len(rows)
         manifests[name] = build_manifest(config.run_dir / "distilled")
     assert faults.crash_fired(tmp_path / "killed", "decode")

@@ -167,7 +167,9 @@ def test_sd15_through_the_ray_encode_and_decode_stages(ray_session, tmp_path, sd
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from engine import ray_stages, store
+    from engine.ray.encode import encode_to_parquet
+    from engine.ray.decode import decode_centroids_to_sets
+    from engine import store
 
     rng = np.random.default_rng(0)
     rows = []
@@ -182,12 +184,12 @@ def test_sd15_through_the_ray_encode_and_decode_stages(ray_session, tmp_path, sd
                                 "data.name=toy", "data.image_size=20", "prior.kind=sd15", f"prior.path={sd15_folder}",
                                 "decode.num_steps=3", "decode.negative_prompt=cartoon"])
     names = ("tench", "goldfish")
-    assert ray_stages.encode_to_parquet(config, sd15_folder, tmp_path / "latents", sd15.image_size, names) == 8
+    assert encode_to_parquet(config, sd15_folder, tmp_path / "latents", sd15.image_size, names) == 8
     ids, latents = store.read_class_latents(store.class_latent_dirs(tmp_path / "latents")[1])
     assert latents.shape == (4, 4 * 16 * 16)
     centroids = pa.table({"label": pa.array([1, 1], pa.int64()), "ipc": pa.array([2, 2], pa.int64()),
                           "index": pa.array([0, 1], pa.int64()), "latent": pa.array(list(latents[:2]))})
-    decoded = ray_stages.decode_centroids_to_sets(config, sd15_folder, centroids, {2: [str(tmp_path / "set")]}, names)
+    decoded = decode_centroids_to_sets(config, sd15_folder, centroids, {2: [str(tmp_path / "set")]}, names)
     assert decoded.num_rows == 2
     pngs = sorted((tmp_path / "set").glob("*.png"))
     assert len(pngs) == 2 and all(Image.open(p).size == (20, 20) for p in pngs)

@@ -1,4 +1,4 @@
-"""The pure stage modules never import ray (Ray lives only in engine/ray_stages.py and the entry points), and no
+"""The pure stage modules never import ray (Ray lives only in engine/ray/ and the entry points), and no
 code loads untrusted bytes in a way that can run code (pickle and its relatives, torch.load without
 weights_only, yaml.load without SafeLoader, eval/exec, remote code) or writes an output non-atomically."""
 
@@ -14,7 +14,8 @@ PURE = ["engine.config", "engine.data", "engine.encode", "engine.decode", "engin
         "engine.store", "engine.students", "engine.train", "engine.baselines", "engine.priors",
         "engine.priors.tiny", "engine.priors.train_tiny", "engine.priors.base", "engine.priors.sd15",
         "engine.priors.dit", "engine.priors.checkpoint", "engine.report", "engine.protocols", "engine.augment",
-        "engine.sets", "engine.manifest", "engine.checks", "engine.faults"]
+        "engine.sets", "engine.manifest", "engine.checks", "engine.faults", "engine.pipeline", "engine.quantize_stage",
+        "engine.location"]
 SCANNED = [p for d in ("engine", "jobs", "tune", "benchmarks") for p in sorted((ROOT / d).rglob("*.py"))]
 
 
@@ -22,6 +23,25 @@ def test_pure_modules_do_not_import_ray():
     code = f"import sys\nfor m in {PURE!r}: __import__(m)\nprint('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def imported_modules(path: pathlib.Path) -> set[str]:
+    """Every module a file imports, at any depth of the file (lazy imports inside functions included)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_only_the_ray_package_imports_ray_and_tune_never_imports_jobs():
+    outside = [p for p in sorted((ROOT / "engine").rglob("*.py")) if (ROOT / "engine" / "ray") not in p.parents]
+    for path in outside:
+        assert not {m for m in imported_modules(path) if m == "ray" or m.startswith("ray.")}, path
+    for path in sorted((ROOT / "tune").rglob("*.py")):
+        assert not {m for m in imported_modules(path) if m in ("distill", "jobs") or m.startswith("jobs.")}, path
 
 
 # Loaders that run code from the bytes they read, whatever their arguments.

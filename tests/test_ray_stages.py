@@ -19,13 +19,15 @@ def config(tmp_path, saved_prior):
 
 
 def test_encode_quantize_decode_on_ray(ray_session, config, saved_prior, tmp_path):
-    from engine import ray_stages
+    from engine.ray.encode import encode_to_parquet
+    from engine.ray.decode import decode_centroids_to_sets
+    from engine.ray.quantize import quantize_classes
     from engine.data import load_split
     from engine.encode import encode_images
     from engine.priors.tiny import load_tiny_prior
 
     latents_dir = tmp_path / "latents"
-    count = ray_stages.encode_to_parquet(config, saved_prior, latents_dir)
+    count = encode_to_parquet(config, saved_prior, latents_dir)
     train = load_split(config.data, "train")
     assert count == len(train)
     class_dirs = store.class_latent_dirs(latents_dir)
@@ -40,7 +42,7 @@ def test_encode_quantize_decode_on_ray(ray_session, config, saved_prior, tmp_pat
 
     # Actor pool: a few classes, every IPC; identical to calling the pure function directly.
     subset = {label: class_dirs[label] for label in (0, 1, 2)}  # the test prior knows 3 classes
-    centroids, stats = ray_stages.quantize_classes(config, subset, tmp_path / "quantized")
+    centroids, stats = quantize_classes(config, subset, tmp_path / "quantized")
     assert sorted(set(stats.column("label").to_pylist())) == [0, 1, 2]
     assert centroids.num_rows == 3 * (1 + 3)
     direct = quantize_class(got, 3, config.quantize)
@@ -52,7 +54,7 @@ def test_encode_quantize_decode_on_ray(ray_session, config, saved_prior, tmp_pat
 
     # Decode through Ray Data: one PNG per centroid in every target folder.
     targets = {ipc: [str(tmp_path / f"a{ipc}"), str(tmp_path / f"b{ipc}")] for ipc in (1, 3)}
-    decoded = ray_stages.decode_centroids_to_sets(config, saved_prior, centroids, targets)
+    decoded = decode_centroids_to_sets(config, saved_prior, centroids, targets)
     assert decoded.num_rows == centroids.num_rows
     for ipc in (1, 3):
         for folder in targets[ipc]:
@@ -67,7 +69,7 @@ def test_parquet_shards_stream_through_ray_data(ray_session, tmp_path, saved_pri
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from engine import ray_stages
+    from engine.ray.encode import encode_to_parquet
 
     rng = np.random.default_rng(0)
     for shard in range(2):  # two shards, as ImageNet has many
@@ -81,7 +83,7 @@ def test_parquet_shards_stream_through_ray_data(ray_session, tmp_path, saved_pri
     (tmp_path / "classes.txt").write_text("even\nodd\n")
     config = load_config(None, [f"runs_dir={tmp_path}", "data.source=parquet", f"data.path={tmp_path}",
                                 "data.name=toy", f"prior.path={saved_prior}"])
-    assert ray_stages.encode_to_parquet(config, saved_prior, tmp_path / "latents") == 12
+    assert encode_to_parquet(config, saved_prior, tmp_path / "latents") == 12
     class_dirs = store.class_latent_dirs(tmp_path / "latents")
     ids, latents = store.read_class_latents(class_dirs[1])
     assert list(ids) == [f"train/{i:06d}.png" for i in range(12) if i % 2 == 1]

@@ -24,11 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "jobs")]  # run as a script from any directory
+sys.path.insert(0, str(ROOT))  # run as a script from any directory
 
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
+from engine import pipeline  # noqa: E402
 from engine.config import ConfigError, DistillConfig, config_hash, config_to_dict, load_config  # noqa: E402
 from engine.location import location, ray_storage  # noqa: E402
 
@@ -132,30 +133,22 @@ def shared_folder(config: DistillConfig, sweep_dir):
 
 def prepare_shared_stages(base: DistillConfig, space: SearchSpace, sweep_dir) -> list:
     """Encode once per (data, prior) and quantize once per (latents, quantizer) at every IPC the sweep can use."""
-    import distill
-
     ipcs = all_ipcs(base, space)
     folders = []
     for combo in shared_combinations(space):
         config = trial_config(base, space, combo, sweep_dir)
         config = dataclasses.replace(config, quantize=dataclasses.replace(config.quantize, ipc=ipcs))
-        folder, names, latent_shape, image_size = distill.prepare_prior(config)
+        folder, names, latent_shape, image_size = pipeline.prepare_prior(config)
         encode_dir = location(sweep_dir) / "shared" / f"encode-{config_hash(config.data, config.prior)}"
-        encode_key, latents_dir, _, _ = distill.encode_stage(config, encode_dir, folder, latent_shape, image_size, names)
+        encode_key, latents_dir, _, _ = pipeline.encode_stage(config, encode_dir, folder, latent_shape, image_size, names)
         target = shared_folder(config, sweep_dir)
-        distill.quantize_stage(config, target, latents_dir, encode_key)
+        pipeline.quantize_stage(config, target, latents_dir, encode_key)
         folders.append(target)
     return folders
 
 
 def run_trial(params: dict, base: DistillConfig, space: SearchSpace, sweep_dir: str) -> None:
     """One Tune trial: decode this trial's centroids, train its students; Ray Train reports reach Tune."""
-    import sys as _sys
-
-    import engine.store
-
-    _sys.path.insert(0, str(Path(engine.store.__file__).resolve().parents[1] / "jobs"))  # on any worker
-    import distill
     import pyarrow.compute as pc
     import ray
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -169,7 +162,7 @@ def run_trial(params: dict, base: DistillConfig, space: SearchSpace, sweep_dir: 
     marker = json.loads(store.stage_marker(shared, "quantize").read_text())
     centroids = store.read_table(shared / "centroids.parquet")
     centroids = centroids.filter(pc.is_in(centroids["ipc"], pyarrow_array(config.quantize.ipc)))
-    folder, names, _, _ = distill.prepare_prior(config)  # cached by the driver: a load, not a training
+    folder, names, _, _ = pipeline.prepare_prior(config)  # cached by the driver: a load, not a training
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
@@ -184,16 +177,9 @@ def run_trial(params: dict, base: DistillConfig, space: SearchSpace, sweep_dir: 
 
 
 def _decode_and_evaluate(config, run_dir, folder, centroids, quantize_key, names, callbacks) -> tuple[list, dict]:
-    """jobs/distill.py's decode + evaluate, as a Ray task body -> (result rows, stage timings)."""
-    import sys as _sys
-
-    import engine.store
-
-    _sys.path.insert(0, str(Path(engine.store.__file__).resolve().parents[1] / "jobs"))
-    import distill
-
+    """engine/pipeline.py's decode + evaluate, as a Ray task body -> (result rows, stage timings)."""
     timings: dict[str, float] = {}
-    results = distill.decode_and_evaluate(config, run_dir, folder, centroids, quantize_key, names, timings,
+    results = pipeline.decode_and_evaluate(config, run_dir, folder, centroids, quantize_key, names, timings,
                                           train_callbacks=callbacks)
     return results, timings
 
@@ -254,8 +240,8 @@ def run_sweep(base: DistillConfig, space: SearchSpace, max_concurrent: int | Non
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    import distill
-    from engine import ray_stages, store
+    from engine import store
+    from engine.ray.cluster import init_ray
     from engine.config import save_config
     from engine.report import plot_sweep_accuracy
 
@@ -264,7 +250,7 @@ def run_sweep(base: DistillConfig, space: SearchSpace, max_concurrent: int | Non
                                cache_dir=str(base.cache_path.expanduser().resolve()))
     sweep_dir = location(base.runs_dir) / f"{base.name}-sweep"
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    ray_stages.init_ray(base.runtime)
+    init_ray(base.runtime)
     if __name__ != "__main__":  # imported (tests): ship run_trial by value, workers need not find tune/ on a path
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -273,7 +259,7 @@ def run_sweep(base: DistillConfig, space: SearchSpace, max_concurrent: int | Non
     log(f"shared stages ready in {time.perf_counter() - start:.0f}s: {len(shared)} quantized set(s)")
 
     example = trial_config(base, space, {k: first_value(v) for k, v in space.params.items()}, sweep_dir)
-    jobs_per_trial = len(distill.student_jobs(example, {}))
+    jobs_per_trial = len(pipeline.student_jobs(example, {}))
     concurrent = max_concurrent or max_concurrent_trials(example, ray.cluster_resources())
     log(f"trials: {jobs_per_trial} student job(s) each, at most {concurrent} at once "
         f"(peak per trial {peak_trial_resources(example)}, cluster {ray.cluster_resources()})")
@@ -317,10 +303,8 @@ def _from_cell(value):
 
 
 def parse_args(argv=None) -> tuple[DistillConfig, SearchSpace, int | None]:
-    import distill
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(distill.DEFAULT_CONFIG), help="base config (default: digits)")
+    parser.add_argument("--config", default=str(pipeline.DEFAULT_CONFIG), help="base config (default: digits)")
     parser.add_argument("--search-space", default=None, help=f"search-space YAML (default: {DEFAULT_SPACE.name}; "
                                                              f"{SMOKE_SPACE.name} with --smoke-test)")
     parser.add_argument("--smoke-test", action="store_true", help="2 x 2 trials of jobs/distill.py's smoke run")
@@ -328,7 +312,7 @@ def parse_args(argv=None) -> tuple[DistillConfig, SearchSpace, int | None]:
                         help="trials at once (default: as many as the cluster holds at their peak)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the base config")
     args = parser.parse_args(argv)
-    overrides = (distill.SMOKE_OVERRIDES if args.smoke_test else ()) + tuple(args.overrides)
+    overrides = (pipeline.SMOKE_OVERRIDES if args.smoke_test else ()) + tuple(args.overrides)
     base = load_config(args.config, overrides)
     space_path = args.search_space or (SMOKE_SPACE if args.smoke_test else DEFAULT_SPACE)
     return base, load_search_space(space_path, base), args.max_concurrent

@@ -13,9 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
 
 from engine.config import DecodeConfig, PriorConfig
+from engine.decode import check_decode_inputs, img2img_timesteps, pixels_to_images, row_noise
+from engine.encode import images_to_tensor, tensor_to_images
 
 PRIOR_FILE = "prior.json"
 SUBFOLDERS = ("vae", "unet", "scheduler")
@@ -68,9 +71,6 @@ class TinyPrior:
 
     def decode(self, latents: np.ndarray, labels: np.ndarray, config: DecodeConfig, keys: np.ndarray,
                size: int | None = None) -> np.ndarray:
-        from engine.decode import decode_centroids, pixels_to_images
-        from engine.encode import images_to_tensor
-
         images = decode_centroids(self, latents, labels, config.guidance_scale, config.strength, config.num_steps,
                                   config.seed, keys)
         return images if not size or size == self.image_size else pixels_to_images(images_to_tensor(images), size)
@@ -79,6 +79,38 @@ class TinyPrior:
         self.vae.eval()
         self.unet.eval()
         return self
+
+
+@torch.no_grad()
+def decode_centroids(
+    prior: TinyPrior,
+    latents: np.ndarray,
+    labels: np.ndarray,
+    guidance_scale: float,
+    strength: float,
+    num_steps: int,
+    seed: int,
+    keys: np.ndarray | None = None,
+) -> np.ndarray:
+    """latents (K, C, h, w) already times the scaling factor; labels (K,) int; keys (K,) ints for the noise."""
+    check_decode_inputs(latents, labels, strength, prior.num_classes)
+    keys = np.arange(len(latents)) if keys is None else keys
+    device = next(prior.unet.parameters()).device
+    scheduler = prior.scheduler
+    timesteps = img2img_timesteps(scheduler, num_steps, strength)
+
+    dtype = next(prior.unet.parameters()).dtype
+    clean = torch.tensor(latents, dtype=dtype, device=device)  # (K, C, h, w)
+    noise = row_noise(tuple(clean.shape[1:]), seed, keys).to(device, dtype)
+    x = scheduler.add_noise(clean, noise, timesteps[:1].repeat(len(clean)))
+    cond = torch.tensor(np.asarray(labels), dtype=torch.long, device=device)  # copy: Ray batches are read-only
+    null = torch.full_like(cond, prior.null_class)
+    for t in timesteps:
+        eps_cond, eps_null = prior.unet(torch.cat([x, x]), t, class_labels=torch.cat([cond, null])).sample.chunk(2)
+        eps = eps_null + guidance_scale * (eps_cond - eps_null)
+        x = scheduler.step(eps, t, x).prev_sample
+    pixels = prior.vae.decode(x / prior.vae.config.scaling_factor).sample  # (K, 3, H, W) in [-1, 1]
+    return tensor_to_images(pixels)
 
 
 def build_tiny_prior(config: PriorConfig, image_size: int, class_names: tuple[str, ...]) -> TinyPrior:

@@ -1,0 +1,247 @@
+"""The stage graph that jobs/distill.py and tune/sweep.py both run: prior -> encode -> quantize -> decode ->
+real-image baselines -> evaluate. Each stage writes into the run folder with a completion marker keyed by a hash of
+everything it depends on, so a re-run (or a killed run started again) skips finished stages and finished students.
+The Ray layer (engine/ray/) places each stage; this module only decides what runs, in which order, with which key.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from engine import store
+from engine.config import DistillConfig, config_hash, save_config
+from engine.location import ObjectPath, location, publish_folder
+from engine.protocols import get_protocol
+
+STAGES = ("quantize", "evaluate")
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
+
+# A tiny, fast version of the same run: every stage runs for real, on fewer steps.
+SMOKE_OVERRIDES = (
+    "name=smoke", "quantize.ipc=[1,2]", "prior.vae_steps=30", "prior.unet_steps=30", "decode.num_steps=4",
+    "evaluate.teacher_epochs=1", "evaluate.student_epochs=5", "evaluate.full_epochs=1", "evaluate.seeds=[0]",
+    "evaluate.reports=1", "evaluate.methods=[random,herding,d4m,ddoq,full]", "evaluate.ddoq_weights=[mass]",
+)
+
+
+def log(message: str) -> None:
+    print(f"[distill {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def student_jobs(config: DistillConfig, set_dirs: dict[tuple[str, str, int], Path]) -> list[dict]:
+    """One job per (student architecture, set or `full`, seed); every row names all it was trained under."""
+    from engine.sets import requested_sets, set_name
+
+    e = config.evaluate
+    teacher = e.teacher if get_protocol(e.protocol).soft_labels else "none"
+    sets = requested_sets(config) + ([("full", "none", 0)] if "full" in e.methods else [])
+    jobs = []
+    for student in e.students:
+        for method, weights, ipc in sets:
+            name = set_name(method, weights)
+            for seed in e.seeds:
+                jobs.append({"job": f"{name}-ipc{ipc}-{student}-seed{seed}", "set": f"{name}-ipc{ipc}",
+                             "method": method, "weights": weights, "ipc": ipc, "seed": seed, "student": student,
+                             "teacher": teacher, "protocol": e.protocol,
+                             "set_dir": str(set_dirs.get((method, weights, ipc), ""))})
+    return jobs
+
+
+def shared_cache(config: DistillConfig) -> ObjectPath | None:
+    """runs_dir/_cache when the run folders are on an object store: the one place every machine of a cluster
+    shares, so caches the actors or trainer workers read (the teacher, the prior this driver trained) go there."""
+    runs = location(config.runs_dir)
+    return runs / "_cache" if isinstance(runs, ObjectPath) else None
+
+
+def teacher_cache_path(config: DistillConfig) -> Path | ObjectPath:
+    """A given checkpoint (local or a URI), or the cache keyed by (dataset, architecture, seed 0, everything that
+    shapes it): in cache_dir, or in the shared cache when the run folders are on an object store (a per-node cache
+    would leave a multi-node trainer's ranks disagreeing on whether to train)."""
+    e = config.evaluate
+    if e.teacher_path:
+        if not location(e.teacher_path).is_file():
+            raise FileNotFoundError(f"evaluate.teacher_path {e.teacher_path} is not a file")
+        return location(e.teacher_path)
+    key = config_hash(config.data, e.teacher, e.width, e.teacher_epochs, e.batch_size, e.flip)
+    return (shared_cache(config) or config.cache_path) / "teachers" / f"{config.data.name}-{e.teacher}-seed0-{key}.safetensors"
+
+
+def decode_and_evaluate(config: DistillConfig, run_dir, folder: Path, centroids, quantize_key: str,
+                        names: tuple[str, ...], timings: dict, train_callbacks: tuple = ()) -> list[dict]:
+    from engine.data import load_split
+    from engine.ray.decode import decode_centroids_to_sets
+    from engine.ray.evaluate import evaluate_students
+    from engine.sets import REAL_METHODS, requested_sets, set_dir, write_real_sets
+
+    # Decode: once per (centroids, decode config); every d4m/ddoq set gets the same images, its own weights.
+    start = time.perf_counter()
+    latent_sets = [(m, w, k) for m, w, k in requested_sets(config) if m in ("d4m", "ddoq")]
+    set_dirs = {key: set_dir(run_dir, *key) for key in latent_sets}
+    decode_key = config_hash(quantize_key, config.decode, sorted(latent_sets))
+    if latent_sets and store.finished_stage(run_dir, "decode", decode_key) is None:
+        log(f"decoding {centroids.num_rows} centroids (strength {config.decode.strength}, "
+            f"guidance {config.decode.guidance_scale}, {config.decode.num_steps} steps)")
+        targets = {ipc: [str(set_dirs[key]) for key in latent_sets if key[2] == ipc] for ipc in config.quantize.ipc}
+        decoded = decode_centroids_to_sets(config, folder, centroids, targets, tuple(names))
+        files = {(r["ipc"], r["label"], r["index"]): r["path"] for r in decoded.to_pylist()}
+        rows = centroids.drop_columns(["latent"]).to_pandas()
+        for method, weights, ipc in latent_sets:
+            part = rows[rows.ipc == ipc]
+            paths = [files[(ipc, label, index)] for label, index in zip(part.label, part["index"])]
+            store.write_set_index(set_dirs[(method, weights, ipc)], paths, part.label.to_numpy(), names,
+                                  part[f"weight_{weights}"].to_numpy(), part["count"].to_numpy())
+        store.mark_stage_finished(run_dir, "decode", decode_key, images=len(files))
+    timings["decode"] = time.perf_counter() - start
+
+    # Real-image baselines: random, and herding / k-center in the prior's latent space.
+    start = time.perf_counter()
+    real = [m for m in config.evaluate.methods if m in REAL_METHODS]
+    real_key = config_hash(config.data, quantize_key, real, config.quantize.ipc)
+    real_dirs = {(m, "none", k): set_dir(run_dir, m, "none", k) for m in real for k in config.quantize.ipc}
+    if real and store.finished_stage(run_dir, "real_sets", real_key) is None:
+        log(f"selecting real-image baselines: {', '.join(real)}")
+        write_real_sets(config, load_split(config.data, "train"), run_dir / "latents")
+        store.mark_stage_finished(run_dir, "real_sets", real_key, methods=real)
+    set_dirs.update(real_dirs)
+    timings["baselines"] = time.perf_counter() - start
+
+    # Evaluate: every student through Ray Train; finished jobs of the same config are kept.
+    start = time.perf_counter()
+    evaluate_key = config_hash(decode_key, real_key, config.data, config.evaluate)
+    results_dir = run_dir / "results" / evaluate_key
+    jobs = student_jobs(config, set_dirs)
+    log(f"training {len(jobs)} students, protocol {config.evaluate.protocol} "
+        f"({config.runtime.train_workers} Ray Train worker(s))")
+    results = evaluate_students(config, jobs, teacher_cache_path(config), results_dir,
+                                           callbacks=train_callbacks)
+    timings["evaluate"] = time.perf_counter() - start
+    return results
+
+
+def prepare_prior(config: DistillConfig) -> tuple[Path, tuple[str, ...], tuple[int, ...], int]:
+    """Load (or train once and cache) the prior -> (its folder, class names, latent shape, its image size).
+    A prior with NaN/Inf weights, or a tiny prior trained for other classes, stops the run here. With run folders
+    on an object store, the folder returned is there too (the actors of every machine load it)."""
+    from engine.checks import RunError, check_finite_parameters
+    from engine.data import class_names
+    from engine.priors import load_or_train_prior, prior_folder
+
+    names = class_names(config.data)
+    prior = load_or_train_prior(config.prior, config.data, config.cache_path, log=log)
+    folder = prior_folder(config.prior, config.data, config.cache_path)
+    modules = ("vae", "unet", "transformer", "text_encoder")
+    check_finite_parameters({n: getattr(prior, n) for n in modules if hasattr(prior, n)}, f"prior {folder}")
+    if prior.kind == "tiny" and prior.class_names != tuple(names):  # sd15/dit take the data's names
+        raise RunError(f"prior {folder} was trained for classes {prior.class_names[:5]}... ({prior.num_classes}), "
+                       f"but the data has {len(names)} classes {tuple(names)[:5]}...")
+    if shared_cache(config) is not None and not config.prior.path:
+        # The prior this driver trained into its cache_dir: the encode/decode actors may run on other machines,
+        # which share only the object store, so they load it from there (each machine copies it once).
+        folder = publish_folder(folder, shared_cache(config) / "priors" / folder.name)
+    return folder, tuple(names), tuple(prior.latent_shape), prior.image_size
+
+
+def encode_stage(config: DistillConfig, run_dir, folder: Path, latent_shape, image_size: int,
+                 names: tuple[str, ...]) -> tuple[str, Path | ObjectPath, int, dict[str, int]]:
+    """Encode once per (data, prior) into run_dir/latents -> (encode key, latents folder, images encoded,
+    rows skipped per reason)."""
+    from engine.data import count_skipped
+    from engine.ray.encode import encode_to_parquet
+
+    encode_key = config_hash(config.data, config.prior, str(folder.resolve()))
+    latents_dir = run_dir / "latents"
+    marker = store.finished_stage(run_dir, "encode", encode_key)
+    if marker is None:
+        log(f"encoding the train split with the prior's VAE (latent shape {latent_shape})")
+        store.invalidate_stage(run_dir, "encode")  # the old latents are about to be replaced
+        encoded = encode_to_parquet(config, folder, latents_dir, image_size, tuple(names))
+        skipped = count_skipped(store.read_table(run_dir / "skipped.parquet", ["reason"]).column(0).to_pylist())
+        if skipped:
+            log(f"encode: skipped {sum(skipped.values())} unusable rows {skipped} (listed in skipped.parquet)")
+        store.mark_stage_finished(run_dir, "encode", encode_key, images=encoded, latent_shape=latent_shape,
+                                  skipped=skipped)
+    else:
+        encoded, skipped = marker["images"], marker.get("skipped", {})
+        log(f"encode: reusing {encoded} latents from an earlier run")
+    return encode_key, latents_dir, encoded, skipped
+
+
+def quantize_stage(config: DistillConfig, run_dir, latents_dir, encode_key: str):
+    """Quantize once per (latents, quantizer config) into run_dir -> (quantize key, centroids, stats frame)."""
+    from engine.ray.quantize import quantize_classes
+
+    
+    quantize_key = config_hash(encode_key, config.quantize)
+    if store.finished_stage(run_dir, "quantize", quantize_key) is None:
+        class_dirs = store.class_latent_dirs(latents_dir)
+        log(f"quantizing {len(class_dirs)} classes at IPC {list(config.quantize.ipc)} on "
+            f"{config.runtime.quantize_actors} actors")
+        centroids, stats = quantize_classes(config, class_dirs, run_dir / "quantized" / quantize_key, log)
+        store.atomic_write_table(run_dir / "centroids.parquet", centroids)
+        store.atomic_write_table(run_dir / "quantization.parquet", stats)
+        store.mark_stage_finished(run_dir, "quantize", quantize_key, classes=len(class_dirs))
+    centroids = store.read_table(run_dir / "centroids.parquet")
+    stats = store.read_table(run_dir / "quantization.parquet").to_pandas()
+    return quantize_key, centroids, stats
+
+
+def run(config: DistillConfig, until: str = "evaluate") -> dict:
+    """The whole run: every stage up to `until`, then metrics.json, report.html and manifest.json."""
+    from engine.checks import RunError, check_finite_centroids, check_run_inputs
+    from engine.data import class_names
+    from engine.manifest import write_manifest
+    from engine.ray.cluster import init_ray
+    from engine.report import write_report
+
+    check_run_inputs(config, class_names(config.data), until)  # before anything is written or started
+    try:  # an unreachable object store or a missing bucket is one sentence, before any work
+        run_dir = config.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+    except OSError as error:
+        raise RunError(f"cannot write the run folder under runs_dir={config.runs_dir}: {error}") from error
+    timings: dict[str, float] = {}
+
+    start = time.perf_counter()
+    folder, names, latent_shape, image_size = prepare_prior(config)
+    timings["prior"] = time.perf_counter() - start
+    init_ray(config.runtime)
+
+    start = time.perf_counter()
+    encode_key, latents_dir, encoded, skipped = encode_stage(config, run_dir, folder, latent_shape, image_size, names)
+    timings["encode"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    quantize_key, centroids, stats = quantize_stage(config, run_dir, latents_dir, encode_key)
+    timings["quantize"] = time.perf_counter() - start
+    # Documented behaviour: a class with no usable image gets no distilled images; the run goes on and says so.
+    empty_classes = [names[c] for c in range(len(names)) if c not in set(stats.label)]
+    if empty_classes:
+        log(f"warning: {len(empty_classes)} class(es) have no usable images and get no distilled images: "
+            f"{empty_classes[:10]}")
+
+    # Decode + the real-image baseline: the distilled sets, then every student.
+    results: list[dict] = []
+    if until == "evaluate":
+        check_finite_centroids(centroids)  # NaN/Inf never reaches the decoder
+        results = decode_and_evaluate(config, run_dir, folder, centroids, quantize_key, names, timings)
+
+    quantization = {
+        f"ipc{ipc}": {
+            "distortion": float(part.distortion.mean()),
+            **{f"w2_{m}": float(part[f"w2_{m}"].mean()) for m in ("uniform", "mass", "sqrt")},
+            "w2_reduction_mass": float((1 - part.w2_mass / part.w2_uniform).mean()),
+            "w2_reduction_sqrt": float((1 - part.w2_sqrt / part.w2_uniform).mean()),
+        }
+        for ipc, part in stats.groupby("ipc")
+    }
+    metrics = {"results": results, "quantization": quantization, "timings_s": {k: round(v, 2) for k, v in
+                                                                            timings.items()},
+               "counts": {"images_read": int(encoded) + sum(skipped.values()), "images_encoded": int(encoded),
+                          "skipped": skipped, "classes": int(stats.label.nunique()), "empty_classes": empty_classes}}
+    store.atomic_write_json(run_dir / "metrics.json", metrics)
+    log(f"report: {write_report(run_dir)}")
+    write_manifest(run_dir)  # last: sha256 of every output file (report included), to compare runs, detect changes
+    return metrics

@@ -1,0 +1,77 @@
+"""The quantize stage: an actor pool of QuantizeWorker, one task per class (every IPC of the class)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import ray
+
+from engine.config import DistillConfig, QuantizeConfig
+from engine.location import location
+
+
+# Retries: a killed actor is restarted and its task re-run; a finished class is skipped by its marker file.
+@ray.remote(num_cpus=1, max_restarts=3, max_task_retries=3)
+class QuantizeWorker:
+    """Quantizes whole classes, one task per class, writing each class's results atomically."""
+
+    def __init__(self, config: QuantizeConfig, out_dir: str):
+        import faiss
+
+        faiss.omp_set_num_threads(1)  # one CPU per actor; parallelism comes from the pool
+        self.config, self.out_dir = config, out_dir
+
+    def quantize(self, label: int, class_dir: str) -> dict:
+        from engine.quantize_stage import quantize_class_folder
+
+        return quantize_class_folder(label, class_dir, self.config, self.out_dir)
+
+    def read(self, label: int, class_dir: str) -> dict:
+        """Only read the class (the I/O floor the stage is measured against in benchmarks/)."""
+        from engine.quantize_stage import peak_rss_mb
+        from engine.store import read_class_latents
+
+        start = time.perf_counter()
+        _, latents = read_class_latents(class_dir)
+        return {"label": label, "n": len(latents), "seconds": time.perf_counter() - start,
+                "peak_rss_mb": peak_rss_mb()}
+
+
+def start_quantize_workers(config: DistillConfig, out_dir) -> list:
+    location(out_dir).mkdir(parents=True, exist_ok=True)
+    gpus = config.runtime.quantize_gpus_per_actor
+    return [QuantizeWorker.options(num_gpus=gpus).remote(config.quantize, str(out_dir))
+            for _ in range(max(1, config.runtime.quantize_actors))]
+
+
+def run_class_pool(config: DistillConfig, class_dirs: dict[int, Path], out_dir: Path, method: str = "quantize",
+                   log=None, actors: list | None = None) -> list[dict]:
+    """One task per class on `runtime.quantize_actors` actors (or the given, already started ones, which are then
+    left running); returns the tasks' summaries in completion order."""
+    from ray.util import ActorPool
+
+    owned = actors is None
+    actors = start_quantize_workers(config, out_dir) if owned else actors
+    summaries = []
+    try:
+        pool = ActorPool(actors)
+        tasks = list(class_dirs.items())
+        for done in pool.map_unordered(lambda a, task: getattr(a, method).remote(task[0], str(task[1])), tasks):
+            summaries.append(done)
+            if log and (len(summaries) % max(1, len(tasks) // 10) == 0 or len(summaries) == len(tasks)):
+                log(f"  {method}: {len(summaries)}/{len(tasks)} classes")
+    finally:
+        for actor in actors if owned else []:
+            ray.kill(actor)
+    return summaries
+
+
+def quantize_classes(config: DistillConfig, class_dirs: dict[int, Path], out_dir: Path,
+                     log=None) -> tuple[pa.Table, pa.Table]:
+    """All classes through the actor pool -> (centroids table, per-class statistics table)."""
+    from engine.quantize_stage import gather_class_results
+
+    run_class_pool(config, class_dirs, out_dir, "quantize", log)
+    return gather_class_results(out_dir, sorted(class_dirs))
