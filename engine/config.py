@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import types
 import typing
@@ -25,12 +26,15 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    # "digits": scikit-learn's embedded digits; "parquet": Hugging-Face-style shards under `path`.
-    source: Literal["digits", "parquet"] = "digits"
+    # "digits": scikit-learn's embedded digits. Files under `path` (a local folder or a URI), see engine/sources.py:
+    # "parquet": Hugging-Face-style shards <split>-*.parquet; "imagefolder": torchvision's tree
+    # <path>/<train|val>/<class folder>/<image>; "webdataset": [<prefix>-]<split>-<n>.tar shards of samples
+    # <key>.<jpg|png|...> + <key>.cls. Split "test" reads val (else validation, else test) of the latter two.
+    source: Literal["digits", "parquet", "imagefolder", "webdataset"] = "digits"
     path: str = ""
     name: str = "digits"
     image_size: int = 16
-    # digits only: held-out fraction of a seeded stratified split (parquet shards bring their own test split).
+    # digits only: held-out fraction of a seeded stratified split (file sources bring their own test split).
     test_fraction: float = 0.2
     split_seed: int = 0
     # Undecodable rows (corrupt, truncated, empty, too large, bad label) are skipped and counted; the job fails,
@@ -58,6 +62,9 @@ class PriorConfig:
     kl_weight: float = 1e-4
     # Probability of replacing the class by the null class while training, so classifier-free guidance works.
     class_dropout: float = 0.1
+    # The tiny prior trains on a seeded, class-stratified sample of at most this many train images (streamed from
+    # the source, never the whole split in memory); 0 = every image (small sets only).
+    train_images: int = 60_000
     num_train_timesteps: int = 1000
     seed: int = 0
 
@@ -100,6 +107,14 @@ class DecodeConfig:
     negative_prompt: str = ""
     # dit: the model's class id for each data label (ImageNet-1K: empty = identity); other data needs a mapping.
     class_ids: tuple[int, ...] = ()
+    # Speed of the sd15/dit networks (engine/priors/sd15.py NetworkTuning; the tiny prior ignores them):
+    # channels_last memory format for the convolutions; SDPA (fused) attention rather than diffusers' classic
+    # softmax(QK^T)V; torch.compile of the denoiser: "inductor" generates kernels (minutes of compile, once per
+    # actor), "eager" only traces the graph (a check of compilability, e.g. on the CPU). Unmeasured on a GPU
+    # here: benchmarks/gpu_check.py measures each, and the defaults should follow its table.
+    channels_last: bool = False
+    sdpa: bool = True
+    compile: Literal["none", "inductor", "eager"] = "none"
 
 
 METHODS = ("random", "herding", "kcenter", "d4m", "ddoq", "full")
@@ -142,11 +157,29 @@ class RuntimeConfig:
     quantize_gpus_per_actor: float = 0.0
     decode_actors: int = 1
     gpus_per_actor: float = 0.0
+    # CPUs Ray reserves per encode / decode actor. Their input is read (and their images written) by Ray Data
+    # tasks of one CPU each, so a local pool must leave one CPU free: 2 actors on 2 cores take 0.5 each.
+    encode_cpus_per_actor: float = 1.0
+    decode_cpus_per_actor: float = 1.0
+    # torch threads per encode / decode actor; 0 = its CPU reservation rounded up (Ray's OMP_NUM_THREADS).
+    encode_threads_per_actor: int = 0
+    decode_threads_per_actor: int = 0
+    # The encode stage's group-by-class shuffle: through local disk (memory bounded whatever the data size) or,
+    # when false, the object store; and its number of hash partitions (at most one per class).
+    disk_shuffle: bool = True
+    shuffle_partitions: int = 200
+    # An encode / decode pool waits this long for all its actors (GPU nodes the autoscaler adds) before failing.
+    pool_start_timeout_s: int = 1800
     train_workers: int = 1
     train_cpus_per_worker: int = 2
     train_use_gpu: bool = False
     # Weights and activations of the prior's networks on the decode/encode actors (bfloat16 on GPUs).
     prior_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    def threads(self, stage: str) -> int:
+        """torch threads of one `stage` ("encode" / "decode") actor."""
+        given = getattr(self, f"{stage}_threads_per_actor")
+        return given or max(1, math.ceil(getattr(self, f"{stage}_cpus_per_actor")))
 
 
 @dataclass(frozen=True)
@@ -204,6 +237,14 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "evaluate.batch_size": (lambda v: v >= 1, "must be >= 1"),
     "evaluate.temperature": (lambda v: v > 0, "must be > 0"),
     "runtime.train_workers": (lambda v: v >= 1, "must be >= 1"),
+    "runtime.encode_actors": (lambda v: v >= 1, "must be >= 1"),
+    "runtime.decode_actors": (lambda v: v >= 1, "must be >= 1"),
+    "runtime.encode_cpus_per_actor": (lambda v: v > 0, "must be > 0"),
+    "runtime.decode_cpus_per_actor": (lambda v: v > 0, "must be > 0"),
+    "runtime.encode_threads_per_actor": (lambda v: v >= 0, "must be >= 0 (0 = the CPU reservation)"),
+    "runtime.decode_threads_per_actor": (lambda v: v >= 0, "must be >= 0 (0 = the CPU reservation)"),
+    "runtime.shuffle_partitions": (lambda v: v >= 1, "must be >= 1"),
+    "prior.train_images": (lambda v: v >= 0, "must be >= 0 (0 = every train image)"),
 }
 
 

@@ -1,15 +1,18 @@
-"""Image sources: scikit-learn's embedded digits and Hugging-Face-style parquet shards.
+"""Image sources: scikit-learn's embedded digits and files (parquet shards, ImageFolder trees, WebDataset tars).
 
 Every source yields the same in-memory form, `ImageSet`: uint8 RGB images (N, H, W, 3) at the configured square
-size, int64 labels (N,), a unique string id per image (the parquet `image.path`, or `digits/<split>/<index>`),
-and the class names. Parquet shards hold rows `{image: {bytes, path}, label}` (the layout of ImageNet-1K and
-../shared/data/fashion_mnist); `decode_rows` turns such rows into images and is what the Ray Data read stage
-maps over shards. Every row is either converted (any PIL mode, any size) or skipped with one of SKIP_REASONS,
-so a web-scraped shard never stops a run for one bad image and never loses a row without a trace.
+size, int64 labels (N,), a unique string id per image (the parquet `image.path`, the ImageFolder file below
+data.path, `<shard>/<key>` of a tar, or `digits/<split>/<index>`), and the class names. Parquet shards hold rows
+`{image: {bytes, path}, label}` (the layout of ImageNet-1K and ../shared/data/fashion_mnist); ImageFolder trees and
+WebDataset tars are read as the same rows (engine/sources.py); `decode_rows` turns such rows into images and is what
+the Ray Data read stage maps over them. Every row is either converted (any PIL mode, any size) or skipped with one
+of SKIP_REASONS, so a web-scraped shard never stops a run for one bad image and never loses a row without a trace.
 """
 
 from __future__ import annotations
 
+import hashlib
+import heapq
 import io
 import math
 import struct
@@ -214,16 +217,18 @@ def inspect_shards(paths: list[str]) -> tuple[list[str], dict]:
     return readable, skipped
 
 
-def load_parquet_split(config: DataConfig, split: str) -> ImageSet:
-    """Read and decode a whole split in this process (small sets and evaluation; encoding streams through Ray).
-    Bad rows are left out and counted in `skipped`, exactly as the encode stage leaves them out."""
-    readable, shard_skips = inspect_shards(shard_paths(config.path, split))
-    names = read_class_names(config.path)
-    all_skipped = {key: list(values) for key, values in shard_skips.items()}
+def load_file_split(config: DataConfig, split: str) -> ImageSet:
+    """Read and decode a whole split of a file source (parquet, imagefolder, webdataset; engine/sources.py) in this
+    process (small sets and evaluation; encoding streams through Ray). Bad rows are left out and counted in
+    `skipped`, exactly as the encode stage leaves them out: the listing's skips, then decode_rows' per batch."""
+    from engine.sources import class_names_of, iter_row_batches, scan_source
+
+    listing = scan_source(config, split)
+    names = class_names_of(config)
+    all_skipped = {key: list(values) for key, values in listing.skipped.items()}
     parts = []
-    for path in readable:
-        decoded, skipped = decode_rows(pq.read_table(path, columns=["image", "label"]).to_pydict(),
-                                       config.image_size, len(names), config.max_image_pixels)
+    for rows in iter_row_batches(config, split, listing=listing):
+        decoded, skipped = decode_rows(rows, config.image_size, len(names), config.max_image_pixels)
         parts.append(decoded)
         for key in all_skipped:
             all_skipped[key] += skipped[key]
@@ -238,16 +243,52 @@ def load_parquet_split(config: DataConfig, split: str) -> ImageSet:
     )
 
 
+def sample_key(seed: int, row_id: str) -> int:
+    """A row's place in the seeded sample order: a hash of (seed, id), so the sample depends neither on the order
+    rows are read in nor on which other rows exist."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}\0{row_id}".encode(), digest_size=8).digest(), "big")
+
+
+def sample_split(config: DataConfig, split: str, limit: int, seed: int) -> ImageSet:
+    """A seeded, class-stratified sample of at most `limit` images of a split, in one streamed pass: per class,
+    the limit / classes rows of lowest sample_key are kept (encoded bytes only, a bounded heap per class) and
+    decoded at the end. Memory is the sample, never the split. limit=0, or a split no larger than the limit,
+    gives the whole split (as load_split); the embedded digits are always whole (1437 images)."""
+    if limit == 0 or config.source == "digits":
+        return load_split(config, split)
+    from engine.sources import class_names_of, iter_row_batches
+
+    names = class_names_of(config)
+    quota = max(1, limit // len(names))
+    kept: dict[int, list] = {}  # label -> heap of (-key, id, bytes, label): the quota lowest keys seen so far
+    for rows in iter_row_batches(config, split):
+        for image, label in zip(rows["image"], rows["label"]):
+            if image is None or label is None or not 0 <= int(label) < len(names):
+                continue  # decode_rows would skip it; a sample needs no count of the split's bad rows
+            entry = (-sample_key(seed, str(image.get("path"))), str(image.get("path")), image.get("bytes"), int(label))
+            heap = kept.setdefault(int(label), [])
+            if len(heap) < quota:
+                heapq.heappush(heap, entry)
+            elif entry > heap[0]:
+                heapq.heapreplace(heap, entry)
+    chosen = sorted((e for heap in kept.values() for e in heap), key=lambda e: e[1])
+    batch = {"image": [{"bytes": e[2], "path": e[1]} for e in chosen], "label": [e[3] for e in chosen]}
+    decoded, skipped = decode_rows(batch, config.image_size, len(names), config.max_image_pixels)
+    return ImageSet(decoded["image"], decoded["label"], decoded["id"], names, count_skipped(skipped["reason"]))
+
+
 def load_split(config: DataConfig, split: str) -> ImageSet:
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if config.source == "digits":
         return load_digits_split(config, split)
-    return load_parquet_split(config, split)
+    return load_file_split(config, split)
 
 
 def class_names(config: DataConfig) -> tuple[str, ...]:
     if config.source == "digits":
         return tuple(str(i) for i in range(10))
-    return read_class_names(config.path)
+    from engine.sources import class_names_of
+
+    return class_names_of(config)
 

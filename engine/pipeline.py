@@ -14,7 +14,7 @@ from engine.config import DistillConfig, config_hash, save_config
 from engine.location import ObjectPath, location, publish_folder
 from engine.protocols import get_protocol
 
-STAGES = ("quantize", "evaluate")
+STAGES = ("quantize", "decode", "baselines", "evaluate")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
 
 # A tiny, fast version of the same run: every stage runs for real, on fewer steps.
@@ -68,54 +68,103 @@ def teacher_cache_path(config: DistillConfig) -> Path | ObjectPath:
     return (shared_cache(config) or config.cache_path) / "teachers" / f"{config.data.name}-{e.teacher}-seed0-{key}.safetensors"
 
 
-def decode_and_evaluate(config: DistillConfig, run_dir, folder: Path, centroids, quantize_key: str,
-                        names: tuple[str, ...], timings: dict, train_callbacks: tuple = ()) -> list[dict]:
-    from engine.data import load_split
-    from engine.ray.decode import decode_centroids_to_sets
-    from engine.ray.evaluate import evaluate_students
-    from engine.sets import REAL_METHODS, requested_sets, set_dir, write_real_sets
+def decode_identity(decode):
+    """The decode settings that decide the images: batch size (noise is per centroid) and the networks' speed
+    settings (memory format, attention kernel, compilation) only change how fast they are made."""
+    import dataclasses
 
-    # Decode: once per (centroids, decode config); every d4m/ddoq set gets the same images, its own weights.
-    start = time.perf_counter()
+    return dataclasses.replace(decode, batch_size=0, channels_last=False, sdpa=True, compile="none")
+
+
+def decode_stage(config: DistillConfig, run_dir, folder: Path, quantized_dir, quantize_key: str,
+                 names: tuple[str, ...]) -> tuple[str, dict]:
+    """Decode once per (centroids, decode config): every d4m/ddoq set of an IPC gets the same images (written
+    once), each its own weights -> (decode key, {(method, weights, ipc): set folder})."""
+    from engine.quantize_stage import class_result_paths
+    from engine.ray.decode import decode_centroids_to_sets
+    from engine.sets import requested_sets, set_dir
+
     latent_sets = [(m, w, k) for m, w, k in requested_sets(config) if m in ("d4m", "ddoq")]
     set_dirs = {key: set_dir(run_dir, *key) for key in latent_sets}
-    decode_key = config_hash(quantize_key, config.decode, sorted(latent_sets))
+    decode_key = config_hash(quantize_key, decode_identity(config.decode), sorted(latent_sets))
     if latent_sets and store.finished_stage(run_dir, "decode", decode_key) is None:
-        log(f"decoding {centroids.num_rows} centroids (strength {config.decode.strength}, "
-            f"guidance {config.decode.guidance_scale}, {config.decode.num_steps} steps)")
-        targets = {ipc: [str(set_dirs[key]) for key in latent_sets if key[2] == ipc] for ipc in config.quantize.ipc}
-        decoded = decode_centroids_to_sets(config, folder, centroids, targets, tuple(names))
-        files = {(r["ipc"], r["label"], r["index"]): r["path"] for r in decoded.to_pylist()}
-        rows = centroids.drop_columns(["latent"]).to_pandas()
+        ipcs = sorted({k for _, _, k in latent_sets})
+        labels = store.quantized_labels(quantized_dir)
+        files = {label: class_result_paths(quantized_dir, label)[0] for label in labels}
+        log(f"decoding the centroids of {len(files)} classes at IPC {ipcs} (strength {config.decode.strength}, "
+            f"guidance {config.decode.guidance_scale}, {config.decode.num_steps} steps, "
+            f"{config.runtime.decode_actors} actor(s))")
+        targets = {ipc: [str(set_dirs[key]) for key in latent_sets if key[2] == ipc] for ipc in ipcs}
+        decoded = decode_centroids_to_sets(config, folder, files, targets, tuple(names)).to_pandas()
         for method, weights, ipc in latent_sets:
-            part = rows[rows.ipc == ipc]
-            paths = [files[(ipc, label, index)] for label, index in zip(part.label, part["index"])]
-            store.write_set_index(set_dirs[(method, weights, ipc)], paths, part.label.to_numpy(), names,
+            part = decoded[decoded.ipc == ipc]
+            store.write_set_index(set_dirs[(method, weights, ipc)], part.path.tolist(), part.label.to_numpy(), names,
                                   part[f"weight_{weights}"].to_numpy(), part["count"].to_numpy())
-        store.mark_stage_finished(run_dir, "decode", decode_key, images=len(files))
-    timings["decode"] = time.perf_counter() - start
+        share = decoded.groupby("actor").size()
+        log(f"decode: {len(decoded)} images, per actor {sorted(int(v) for v in share)}")
+        store.mark_stage_finished(run_dir, "decode", decode_key, images=len(decoded),
+                                  images_per_actor=sorted(int(v) for v in share))
+    return decode_key, set_dirs
 
-    # Real-image baselines: random, and herding / k-center in the prior's latent space.
-    start = time.perf_counter()
+
+def baselines_stage(config: DistillConfig, run_dir, quantized_dir, quantize_key: str,
+                    names: tuple[str, ...]) -> tuple[str, dict]:
+    """Real-image baselines (random, herding, k-center) from the ids the quantize actors picked: only the chosen
+    rows are read back from the source -> (baselines key, {(method, "none", ipc): set folder})."""
+    import numpy as np
+
+    from engine.quantize_stage import gather_picks
+    from engine.ray.baselines import write_real_sets
+    from engine.sets import REAL_METHODS, set_dir
+
     real = [m for m in config.evaluate.methods if m in REAL_METHODS]
-    real_key = config_hash(config.data, quantize_key, real, config.quantize.ipc)
-    real_dirs = {(m, "none", k): set_dir(run_dir, m, "none", k) for m in real for k in config.quantize.ipc}
+    ipcs = tuple(config.quantize.ipc)
+    real_key = config_hash(config.data, quantize_key, real, ipcs)
+    real_dirs = {(m, "none", k): set_dir(run_dir, m, "none", k) for m in real for k in ipcs}
     if real and store.finished_stage(run_dir, "real_sets", real_key) is None:
-        log(f"selecting real-image baselines: {', '.join(real)}")
-        write_real_sets(config, load_split(config.data, "train"), run_dir / "latents")
-        store.mark_stage_finished(run_dir, "real_sets", real_key, methods=real)
-    set_dirs.update(real_dirs)
-    timings["baselines"] = time.perf_counter() - start
+        log(f"real-image baselines: {', '.join(real)} at IPC {list(ipcs)}, reading only the chosen rows back")
+        picks = gather_picks(quantized_dir, store.quantized_labels(quantized_dir), ipcs, tuple(real))
+        files = write_real_sets(config, picks, {(m, k): str(d) for (m, _, k), d in real_dirs.items()})
+        frame = picks.to_pandas().sort_values(["label", "rank"])
+        for (method, _, ipc), folder in real_dirs.items():
+            part = frame[(frame.method == method) & (frame.ipc == ipc)]
+            paths = [store.image_file_name(int(c), int(r)) for c, r in zip(part.label, part["rank"])]
+            ones = np.ones(len(part))
+            store.write_set_index(folder, paths, part.label.to_numpy(), names, ones, ones.astype(int))
+        store.mark_stage_finished(run_dir, "real_sets", real_key, methods=real, files=files)
+    return real_key, real_dirs
 
-    # Evaluate: every student through Ray Train; finished jobs of the same config are kept.
-    start = time.perf_counter()
-    evaluate_key = config_hash(decode_key, real_key, config.data, config.evaluate)
+
+def evaluate_stage(config: DistillConfig, run_dir, set_dirs: dict, stage_keys: tuple[str, ...],
+                   train_callbacks: tuple = ()) -> list[dict]:
+    """Every student through Ray Train; finished jobs of the same config are kept."""
+    from engine.ray.evaluate import evaluate_students
+
+    evaluate_key = config_hash(*stage_keys, config.data, config.evaluate)
     results_dir = run_dir / "results" / evaluate_key
     jobs = student_jobs(config, set_dirs)
     log(f"training {len(jobs)} students, protocol {config.evaluate.protocol} "
         f"({config.runtime.train_workers} Ray Train worker(s))")
-    results = evaluate_students(config, jobs, teacher_cache_path(config), results_dir,
-                                           callbacks=train_callbacks)
+    return evaluate_students(config, jobs, teacher_cache_path(config), results_dir, callbacks=train_callbacks)
+
+
+def decode_and_evaluate(config: DistillConfig, run_dir, folder: Path, quantized_dir, quantize_key: str,
+                        names: tuple[str, ...], timings: dict, train_callbacks: tuple = (),
+                        until: str = "evaluate") -> list[dict]:
+    """decode -> real-image baselines -> evaluate (as far as `until`), each timed into `timings`."""
+    start = time.perf_counter()
+    decode_key, set_dirs = decode_stage(config, run_dir, folder, quantized_dir, quantize_key, names)
+    timings["decode"] = time.perf_counter() - start
+    if until == "decode":
+        return []
+    start = time.perf_counter()
+    real_key, real_dirs = baselines_stage(config, run_dir, quantized_dir, quantize_key, names)
+    set_dirs.update(real_dirs)
+    timings["baselines"] = time.perf_counter() - start
+    if until == "baselines":
+        return []
+    start = time.perf_counter()
+    results = evaluate_stage(config, run_dir, set_dirs, (decode_key, real_key), train_callbacks)
     timings["evaluate"] = time.perf_counter() - start
     return results
 
@@ -169,27 +218,30 @@ def encode_stage(config: DistillConfig, run_dir, folder: Path, latent_shape, ima
 
 
 def quantize_stage(config: DistillConfig, run_dir, latents_dir, encode_key: str):
-    """Quantize once per (latents, quantizer config) into run_dir -> (quantize key, centroids, stats frame)."""
+    """Quantize once per (latents, quantizer config) into run_dir/quantized/<key>/ (one set of files per class)
+    -> (quantize key, that folder, stats frame). centroids.parquet lists every centroid's weights and count, not
+    its latent: the latents stay in the class files, which the decode stage reads class by class."""
+    from engine.quantize_stage import gather_centroid_weights
     from engine.ray.quantize import quantize_classes
 
-    
     quantize_key = config_hash(encode_key, config.quantize)
+    quantized_dir = location(run_dir) / "quantized" / quantize_key
     if store.finished_stage(run_dir, "quantize", quantize_key) is None:
         class_dirs = store.class_latent_dirs(latents_dir)
         log(f"quantizing {len(class_dirs)} classes at IPC {list(config.quantize.ipc)} on "
             f"{config.runtime.quantize_actors} actors")
-        centroids, stats = quantize_classes(config, class_dirs, run_dir / "quantized" / quantize_key, log)
-        store.atomic_write_table(run_dir / "centroids.parquet", centroids)
+        stats = quantize_classes(config, class_dirs, quantized_dir, log)
+        weights = gather_centroid_weights(quantized_dir, sorted(class_dirs))
+        store.atomic_write_table(run_dir / "centroids.parquet", weights)
         store.atomic_write_table(run_dir / "quantization.parquet", stats)
         store.mark_stage_finished(run_dir, "quantize", quantize_key, classes=len(class_dirs))
-    centroids = store.read_table(run_dir / "centroids.parquet")
     stats = store.read_table(run_dir / "quantization.parquet").to_pandas()
-    return quantize_key, centroids, stats
+    return quantize_key, quantized_dir, stats
 
 
 def run(config: DistillConfig, until: str = "evaluate") -> dict:
     """The whole run: every stage up to `until`, then metrics.json, report.html and manifest.json."""
-    from engine.checks import RunError, check_finite_centroids, check_run_inputs
+    from engine.checks import RunError, check_run_inputs
     from engine.data import class_names
     from engine.manifest import write_manifest
     from engine.ray.cluster import init_ray
@@ -214,7 +266,7 @@ def run(config: DistillConfig, until: str = "evaluate") -> dict:
     timings["encode"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    quantize_key, centroids, stats = quantize_stage(config, run_dir, latents_dir, encode_key)
+    quantize_key, quantized_dir, stats = quantize_stage(config, run_dir, latents_dir, encode_key)
     timings["quantize"] = time.perf_counter() - start
     # Documented behaviour: a class with no usable image gets no distilled images; the run goes on and says so.
     empty_classes = [names[c] for c in range(len(names)) if c not in set(stats.label)]
@@ -222,11 +274,11 @@ def run(config: DistillConfig, until: str = "evaluate") -> dict:
         log(f"warning: {len(empty_classes)} class(es) have no usable images and get no distilled images: "
             f"{empty_classes[:10]}")
 
-    # Decode + the real-image baseline: the distilled sets, then every student.
+    # Decode, the real-image baselines, then every student (as far as `until`).
     results: list[dict] = []
-    if until == "evaluate":
-        check_finite_centroids(centroids)  # NaN/Inf never reaches the decoder
-        results = decode_and_evaluate(config, run_dir, folder, centroids, quantize_key, names, timings)
+    if until != "quantize":  # NaN/Inf centroids are stopped by the decoder, named by class and IPC
+        results = decode_and_evaluate(config, run_dir, folder, quantized_dir, quantize_key, names, timings,
+                                      until=until)
 
     quantization = {
         f"ipc{ipc}": {

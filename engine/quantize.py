@@ -7,6 +7,11 @@ to average 1.0 within the class (so `uniform` is all ones and the weighted loss 
   uniform  1                         D4M (CVPR'24)
   mass     count_k * K / n           the Voronoi cell mass: optimal quantization's W2-best weights
   sqrt     proportional to sqrt(count_k)   the variance-reduction reading of DDOQ's heuristic
+
+Devices: "cpu" (faiss-cpu), or "cuda": faiss-gpu when it imports and sees a GPU, else the same algorithm in torch
+(engine/quantize_torch.py: faiss-gpu's wheels are CUDA 12 builds, the pinned torch is CUDA 13). A quantize actor
+given a GPU gets its device from `quantize_device`, which fails rather than quietly quantizing on the CPU.
+faiss and POT are imported where they are used, so the torch path runs on a machine with neither.
 """
 
 from __future__ import annotations
@@ -14,14 +19,13 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 
 from engine.config import QuantizeConfig
-from engine.transport import squared_distances, w2_distance
 
 WEIGHT_MODES = ("uniform", "mass", "sqrt")
 INITS = ("kmeans++", "random", "faiss")
+DEVICES = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,28 @@ class Quantization:
     @property
     def k(self) -> int:
         return len(self.centroids)
+
+
+def quantize_device(gpus_per_actor: float) -> str:
+    """The device of a quantize actor given `gpus_per_actor` GPUs: "cpu" for none, else "cuda", and an error
+    rather than a silent CPU run when the GPU it was given is not visible to torch."""
+    if gpus_per_actor <= 0:
+        return "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"runtime.quantize_gpus_per_actor={gpus_per_actor} but no CUDA device is visible to "
+                           f"this quantize actor (torch.cuda.is_available() is False)")
+    return "cuda"
+
+
+def faiss_sees_gpu() -> bool:
+    """faiss imports here and is the faiss-gpu build with a GPU visible (`pip install .[gpu]`)."""
+    try:
+        import faiss
+    except ImportError:
+        return False
+    return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
 
 
 def weights_from_counts(counts: np.ndarray, mode: str) -> np.ndarray:
@@ -95,14 +121,15 @@ def initial_centroids(points: np.ndarray, k: int, init: str, rng: np.random.Gene
     raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
 
 
-def lloyd(points: np.ndarray, start: np.ndarray | None, k: int, niter: int, seed: int, tol: float) -> np.ndarray:
+def lloyd(points: np.ndarray, start: np.ndarray | None, k: int, niter: int, seed: int, tol: float,
+          on_gpu: bool = False) -> np.ndarray:
     """faiss Lloyd iterations on every point (faiss would otherwise subsample to 256 per centroid), run in chunks
     of 5 so it can stop once a chunk improves the objective by less than `tol` (relative): faiss itself always
-    runs all `niter`, and most classes converge in far fewer."""
+    runs all `niter`, and most classes converge in far fewer. `on_gpu`: faiss-gpu (see quantize_class)."""
+    import faiss
+
     n, d = points.shape
     centroids, previous, done = start, np.inf, 0
-    # faiss-gpu, when this process sees a GPU (a quantize actor with runtime.quantize_gpus_per_actor > 0).
-    on_gpu = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
     while done < niter:
         steps = min(5, niter - done)
         kmeans = faiss.Kmeans(d, k, niter=steps, seed=seed + done, verbose=False, min_points_per_centroid=1,
@@ -137,8 +164,21 @@ def clvq(points: np.ndarray, start: np.ndarray, epochs: int, batch_size: int, rn
     return centroids
 
 
-def quantize_class(latents: np.ndarray, k: int, config: QuantizeConfig = QuantizeConfig()) -> Quantization:
-    """Quantize one class's latents (n, ...) into K = min(k, n) centroids; the best of `nredo` seeded runs."""
+def quantize_class(latents: np.ndarray, k: int, config: QuantizeConfig = QuantizeConfig(),
+                   device: str = "cpu") -> Quantization:
+    """Quantize one class's latents (n, ...) into K = min(k, n) centroids; the best of `nredo` seeded runs.
+    device "cuda": faiss-gpu if it sees a GPU, else engine.quantize_torch (see the module docstring)."""
+    if device not in DEVICES:
+        raise ValueError(f"unknown quantize device {device!r}; expected one of {DEVICES}")
+    if device == "cuda" and config.algorithm != "lloyd":  # clvq is numpy: it would run on the CPU unannounced
+        raise ValueError(f"quantize.algorithm={config.algorithm} runs on the CPU only; use lloyd on a GPU or set "
+                         f"runtime.quantize_gpus_per_actor=0")
+    if device == "cuda" and not faiss_sees_gpu():
+        from engine.quantize_torch import quantize_class_torch
+
+        return quantize_class_torch(latents, k, config, device)
+    import faiss
+
     if len(latents) == 0:
         raise ValueError("cannot quantize an empty class")
     points = np.ascontiguousarray(latents, dtype=np.float32).reshape(len(latents), -1)
@@ -161,7 +201,7 @@ def quantize_class(latents: np.ndarray, k: int, config: QuantizeConfig = Quantiz
             start = start if start is not None else initial_centroids(points, k, "random", rng)
             centroids = clvq(points, start, config.clvq_epochs, config.clvq_batch_size, rng)
         else:
-            centroids = lloyd(points, start, k, config.niter, seed, config.tol)
+            centroids = lloyd(points, start, k, config.niter, seed, config.tol, on_gpu=device == "cuda")
         index.reset()
         index.add(centroids)
         nearest_d2, nearest = index.search(points, 1)  # all points, not a training subsample
@@ -184,12 +224,15 @@ class ClassReport:
     n: int
 
 
-def quantize_and_measure(latents: np.ndarray, k: int, config: QuantizeConfig = QuantizeConfig()) -> ClassReport:
-    """quantize_class, then every weighting and its exact W2 to the class's empirical measure."""
+def quantize_and_measure(latents: np.ndarray, k: int, config: QuantizeConfig = QuantizeConfig(),
+                         device: str = "cpu") -> ClassReport:
+    """quantize_class (on `device`), then every weighting and its exact W2 to the class's empirical measure."""
+    from engine.transport import squared_distances, w2_distance
+
     points = np.asarray(latents, dtype=np.float32).reshape(len(latents), -1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # K > n is recorded in the report (k < requested_k), not printed per class
-        q = quantize_class(points, k, config)
+        q = quantize_class(points, k, config, device)
     weights = {mode: weights_from_counts(q.counts, mode) for mode in WEIGHT_MODES}
     cost = squared_distances(points, q.centroids)  # (n, K), shared by the three weightings
     w2 = {mode: w2_distance(points, q.centroids, w, cost) for mode, w in weights.items()}

@@ -3,10 +3,13 @@
 runs/<name>/
   config.yaml                 resolved config
   _stages/<stage>.json        completion marker: the stage's cache key and facts about its output
-  latents/label=<c>/*.parquet encoded latents, Hive-partitioned by class: {id: str, latent: fixed_size_list<f32>}
-  centroids.parquet           per centroid: label, ipc, index, count, weight_<mode>..., latent
+  latents/label=<c>/part-00000.parquet  one file per class, sorted by id:
+                              {id: str, source: str (file it came from), latent: fixed_size_list<f32>}
+  quantized/<key>/class-<c>.{centroids,picks,stats}.parquet  per class: centroids (latent fixed_size_list<f32>,
+                              count, weight_<mode>), real-image picks (random/herding/kcenter ids), statistics
   quantization.parquet        per class and IPC: n, k, distortion, W2 for each weighting
-  distilled/<method>-ipc<k>/  PNGs + index.parquet {path, label, class_name, weight, count}
+  distilled/<method>-ipc<k>/  an ImageFolder: <label:05d>/c<label>_<index>.png + index.parquet
+                              {path, label, class_name, weight, count} + metadata.jsonl (the same, for HF datasets)
   results/<job>.json          one evaluation result per trained student
   metrics.json                results rows + per-stage timings
 The folder may be local or on an object store (runs_dir=s3://bucket/runs: engine/location.py): every file is
@@ -16,6 +19,7 @@ half-written file, and nothing is ever appended to.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -28,7 +32,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from engine.location import ObjectPath, filesystem_and_path, location
+from engine.location import ObjectPath, filesystem_and_path, list_files, location
 
 
 def atomic_write_bytes(path: Path | ObjectPath | str, data: bytes) -> None:
@@ -47,14 +51,26 @@ def atomic_write_bytes(path: Path | ObjectPath | str, data: bytes) -> None:
         raise
 
 
+def write_recorded(path: Path | ObjectPath | str, data: bytes) -> dict:
+    """atomic_write_bytes that returns {sha256, bytes}: writers record the hashes of what they write, so the run's
+    manifest is merged from these records instead of reading the folder back."""
+    atomic_write_bytes(path, data)
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
 def atomic_write_json(path: Path, value) -> None:
     atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
 
 
-def atomic_write_table(path: Path, table: pa.Table) -> None:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+def atomic_write_table(path: Path, table: pa.Table) -> dict:
+    """A parquet file written whole; returns its {sha256, bytes} record."""
+    return write_recorded(path, table_bytes(table))
 
 
 def read_table(path: Path | ObjectPath | str, columns: list[str] | None = None) -> pa.Table:
@@ -104,9 +120,14 @@ def stage_history(run_dir: Path | ObjectPath) -> list[dict]:
 
 def latents_to_table(ids: np.ndarray, labels: np.ndarray, latents: np.ndarray) -> pa.Table:
     """(B,) ids, (B,) labels, (B, ...) float latents -> rows with a flat fixed-size latent column."""
-    flat = np.ascontiguousarray(latents, dtype=np.float32).reshape(len(latents), -1)
-    column = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
+    column = float32_rows(np.asarray(latents).reshape(len(latents), -1))
     return pa.table({"id": pa.array([str(i) for i in ids]), "label": pa.array(labels, pa.int64()), "latent": column})
+
+
+def float32_rows(rows: np.ndarray) -> pa.FixedSizeListArray:
+    """(n, d) floats -> a fixed_size_list<float32, d> column: compact, and read back without a Python list."""
+    flat = np.ascontiguousarray(rows, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
 
 
 def table_latents(table: pa.Table) -> np.ndarray:
@@ -114,6 +135,15 @@ def table_latents(table: pa.Table) -> np.ndarray:
     column = table.column("latent").combine_chunks()
     dim = column.type.list_size
     return np.asarray(column.flatten(), dtype=np.float32).reshape(-1, dim)
+
+
+def write_class_latents(out_dir, label: int, table: pa.Table) -> dict:
+    """Every latent row of one class, in any order -> out_dir/label=<c>/part-00000.parquet {id, source, latent},
+    sorted by id (so a re-run is byte-identical). Returns {label, rows, path (relative), sha256, bytes}."""
+    table = table.select([c for c in ("id", "source", "latent") if c in table.column_names]).sort_by("id")
+    relative = f"label={label}/part-00000.parquet"
+    return {"label": label, "rows": table.num_rows, "path": relative,
+            **atomic_write_table(location(out_dir) / relative, table)}
 
 
 def class_latent_dirs(latents_dir: str | Path | ObjectPath) -> dict[int, Path | ObjectPath]:
@@ -127,16 +157,34 @@ def class_latent_dirs(latents_dir: str | Path | ObjectPath) -> dict[int, Path | 
     return dict(sorted(found.items()))
 
 
-def read_class_latents(class_dir: str | Path | ObjectPath) -> tuple[np.ndarray, np.ndarray]:
-    """One class's latents, local or remote, sorted by image id so results do not depend on write order:
-    (ids (n,), latents (n, d) float32). Reads only this class: memory is one class, whatever the dataset."""
+def quantized_labels(quantized_dir) -> list[int]:
+    """Labels of the classes a quantize stage finished (their stats files, the completion markers), one listing."""
+    names = list_files(location(quantized_dir))
+    return sorted(int(n[len("class-"):-len(".stats.parquet")]) for n in names if n.endswith(".stats.parquet"))
+
+
+def read_class_table(class_dir: str | Path | ObjectPath, columns: tuple[str, ...] = ("id", "latent")) -> pa.Table:
+    """One class's latent rows, local or remote, sorted by image id so results do not depend on write order.
+    Reads only this class: memory is one class, whatever the dataset. Latents written before the `source` column
+    existed read back with an empty one."""
     fs, root = filesystem_and_path(location(class_dir))
     files = sorted(info.path for info in fs.get_file_info(pafs.FileSelector(root))
                    if info.type == pafs.FileType.File and info.base_name.endswith(".parquet"))
     if not files:
         raise FileNotFoundError(f"no latent files in {class_dir}")
-    table = pa.concat_tables([pq.read_table(f, columns=["id", "latent"], filesystem=fs) for f in files])
-    table = table.sort_by("id")
+    parts = []
+    for file in files:
+        present = set(pq.read_schema(file, filesystem=fs).names)
+        part = pq.read_table(file, columns=[c for c in columns if c in present], filesystem=fs)
+        for missing in (c for c in columns if c not in present and c == "source"):
+            part = part.append_column(missing, pa.array([""] * part.num_rows, pa.string()))
+        parts.append(part.select(list(columns)))
+    return pa.concat_tables(parts).sort_by("id")
+
+
+def read_class_latents(class_dir: str | Path | ObjectPath) -> tuple[np.ndarray, np.ndarray]:
+    """One class's latents: (ids (n,), latents (n, d) float32), sorted by id (see read_class_table)."""
+    table = read_class_table(class_dir)
     return np.asarray(table.column("id").to_pylist(), dtype=object), table_latents(table)
 
 
@@ -145,20 +193,49 @@ def distilled_dir(run_dir: Path | ObjectPath, method: str, ipc: int) -> Path | O
 
 
 def image_file_name(label: int, index: int) -> str:
-    return f"c{label:05d}_{index:04d}.png"
+    """An image's path inside its set folder: one subfolder per class, so every set is an ImageFolder tree.
+    Zero-padded labels sort as the labels do, which is how torchvision's ImageFolder numbers its classes."""
+    return f"{label:05d}/c{label:05d}_{index:04d}.png"
 
 
-def write_png(path: Path | ObjectPath, image: np.ndarray) -> None:
-    """(H, W, 3) uint8 -> PNG file, atomically."""
+def png_bytes(image: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 -> PNG bytes."""
     from PIL import Image
 
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def share_file(source: Path | ObjectPath, target: Path | ObjectPath) -> None:
+    """Make `target` hold the same bytes as `source` without writing them again: a hard link on a local disk
+    (renamed into place, so it appears whole), a server-side copy on an object store. Several sets (d4m and each
+    ddoq weighting, nested herding picks) share one image this way."""
+    source, target = location(source), location(target)
+    if isinstance(target, ObjectPath):
+        target.fs.copy_file(filesystem_and_path(source)[1], filesystem_and_path(target)[1])
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.{os.getpid()}.link")
+    staging.unlink(missing_ok=True)
+    try:
+        os.link(source, staging)
+    except OSError:  # another filesystem, or one without hard links: a copy, still renamed into place
+        import shutil
+
+        shutil.copyfile(source, staging)
+    os.replace(staging, target)
+
+
+def write_png(path: Path | ObjectPath, image: np.ndarray) -> dict:
+    """(H, W, 3) uint8 -> PNG file, atomically; returns its {sha256, bytes} record."""
+    return write_recorded(path, png_bytes(image))
 
 
 def write_set_index(folder: Path | ObjectPath, files: list[str], labels, class_names, weights, counts) -> None:
-    """index.parquet of a distilled set: {path (relative), label, class_name, weight, count}."""
+    """The two indexes of a distilled set: index.parquet {path (relative), label, class_name, weight, count}, and
+    the same rows as metadata.jsonl with `file_name`, the file Hugging Face datasets' `imagefolder` builder reads
+    (torchvision's ImageFolder needs neither: the class subfolders are the labels)."""
     table = pa.table({
         "path": pa.array(files, pa.string()),
         "label": pa.array(np.asarray(labels), pa.int64()),
@@ -166,7 +243,10 @@ def write_set_index(folder: Path | ObjectPath, files: list[str], labels, class_n
         "weight": pa.array(np.asarray(weights, dtype=np.float64)),
         "count": pa.array(np.asarray(counts), pa.int64()),
     })
-    atomic_write_table(location(folder) / "index.parquet", table)
+    folder = location(folder)
+    atomic_write_table(folder / "index.parquet", table)
+    lines = [json.dumps({"file_name": row.pop("path"), **row}) for row in table.to_pylist()]
+    atomic_write_bytes(folder / "metadata.jsonl", ("\n".join(lines) + "\n").encode() if lines else b"")
 
 
 def read_image(path: Path | ObjectPath) -> np.ndarray:
@@ -184,7 +264,7 @@ def read_distilled_set(folder: Path | ObjectPath | str) -> tuple[np.ndarray, np.
     images = []
     for name in index["path"]:
         relative = PurePosixPath(name)
-        if relative.is_absolute() or ".." in relative.parts or len(relative.parts) != 1:
+        if relative.is_absolute() or ".." in relative.parts or not 1 <= len(relative.parts) <= 2:
             raise ValueError(f"{folder}/index.parquet points outside its folder: {name!r}")
         images.append(read_image(folder / name))
     return np.stack(images), np.asarray(index["label"], np.int64), np.asarray(index["weight"], np.float64)

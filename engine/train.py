@@ -155,6 +155,24 @@ def train_student(data: TrainSet, teacher: nn.Module | None, num_classes: int, a
     return fit(model, data, steps, protocol, config, seed, loss_fn, worker, report, every, checkpoint)
 
 
+def load_teacher(path_or_bytes: str | Path | bytes, architecture: str, num_classes: int, image_size: int,
+                 width: int, device: str | torch.device) -> nn.Module:
+    """A teacher from a safetensors state dict (a local path, anything with `read_bytes()` such as an object-store
+    path, or the bytes themselves), in eval mode and ON `device`: the student's batches live on the worker's
+    device, and a teacher left on the CPU crashes the first soft-label batch on a GPU."""
+    from safetensors.torch import load
+
+    if isinstance(path_or_bytes, (bytes, bytearray)):
+        blob = bytes(path_or_bytes)
+    elif hasattr(path_or_bytes, "read_bytes"):
+        blob = path_or_bytes.read_bytes()
+    else:
+        blob = Path(path_or_bytes).read_bytes()
+    teacher = create_student(architecture, num_classes, image_size, width)
+    teacher.load_state_dict(load(blob))
+    return teacher.to(device).eval().requires_grad_(False)
+
+
 @torch.no_grad()
 def generate_soft_labels(data: TrainSet, teacher: nn.Module, epochs: int, config: EvaluateConfig,
                          seed: int) -> dict[str, torch.Tensor]:

@@ -66,6 +66,9 @@ def sample_grid(prior, test, decode, per_class: int) -> np.ndarray:
     return np.concatenate(rows, axis=0)
 
 
+QUALITY_IMAGES = 10_000  # held-out images the reconstruction is measured on (a seeded sample beyond that)
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/digits.yaml")
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> Path:
     if config.prior.kind != "tiny":
         raise SystemExit(f"prior.kind={config.prior.kind}: only the tiny prior is trained by the engine")
 
-    from engine.data import load_split
+    from engine.data import sample_split
     from engine.priors import prior_folder, save_prior_atomically
     from engine.priors.checkpoint import Checkpointer
     from engine.priors.tiny import load_tiny_prior
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> Path:
         log(f"{folder} already holds a trained prior: measuring it only")
     else:
         checkpoint = Checkpointer(folder.with_name(folder.name + ".checkpoints"), args.checkpoint_every)
-        train = load_split(config.data, "train")
+        train = sample_split(config.data, "train", config.prior.train_images, config.prior.seed)  # bounded
         log(f"training the tiny prior on {len(train)} {config.data.name} images at {config.data.image_size}px "
             f"({config.prior.vae_steps} VAE + {config.prior.unet_steps} UNet steps, checkpoints every "
             f"{args.checkpoint_every} in {checkpoint.folder})")
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> Path:
         log(f"saved {folder}")
 
     prior = load_tiny_prior(folder)
-    test = load_split(config.data, "test")
+    test = sample_split(config.data, "test", QUALITY_IMAGES, 0)  # bounded: ImageNet's val is 50,000 images
     quality = {"prior": str(folder), "data": config.data.name, "train_seconds_this_run": seconds,
                "test": reconstruction_quality(prior, test.images)}
     log(f"VAE reconstruction on {len(test)} test images: MSE {quality['test']['mse']:.5f} "

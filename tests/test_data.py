@@ -186,3 +186,31 @@ def test_a_file_that_is_not_parquet_is_named(tmp_path):
     (tmp_path / "classes.txt").write_text("a\n")
     with pytest.raises(ValueError, match="train-00000-of-00001.parquet is not a readable parquet file"):
         load_split(DataConfig(source="parquet", path=str(tmp_path)), "train")
+
+
+def test_a_bounded_sample_is_stratified_seeded_and_order_free(tmp_path):
+    """The tiny prior's training sample: at most `limit` images, the same number per class, the same rows whatever
+    the shard order, streamed (never the split decoded whole)."""
+    from engine.data import sample_split
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], [40, 25, 30])
+    rows = [{"bytes": png_bytes(rng.integers(0, 256, (8, 8), dtype=np.uint8), "L"), "path": f"train/{i:06d}.png"}
+            for i in range(len(labels))]
+    order = rng.permutation(len(labels))
+    for name, part in (("a", order[:50]), ("b", order[50:])):
+        shard = pa.table({"image": pa.array([rows[i] for i in part]), "label": pa.array(labels[part], pa.int64())})
+        pq.write_table(shard, tmp_path / f"train-0000{0 if name == 'a' else 1}-of-00002.parquet")
+    (tmp_path / "classes.txt").write_text("a\nb\nc\n")
+    config = DataConfig(source="parquet", path=str(tmp_path), image_size=8)
+    sample = sample_split(config, "train", 30, seed=3)
+    assert len(sample) == 30 and np.bincount(sample.labels).tolist() == [10, 10, 10]
+    again = sample_split(config, "train", 30, seed=3)
+    assert again.ids.tolist() == sample.ids.tolist()
+    assert sample_split(config, "train", 30, seed=4).ids.tolist() != sample.ids.tolist()
+    # Reversing the shards' contents changes the read order, not the sample.
+    for path in tmp_path.glob("train-*.parquet"):
+        table = pq.read_table(path)
+        pq.write_table(table.take(pa.array(range(table.num_rows - 1, -1, -1))), path)
+    assert sample_split(config, "train", 30, seed=3).ids.tolist() == sample.ids.tolist()
+    assert len(sample_split(config, "train", 0, seed=3)) == len(labels)  # 0 = the whole split

@@ -75,7 +75,7 @@ def test_smoke_run_on_an_object_store_run_folder(ray_session, s3_env, tmp_path):
     files = list_files(run_dir)
     assert {"config.yaml", "metrics.json", "report.html", "manifest.json", "centroids.parquet"} <= set(files)
     assert sum(f.startswith("latents/label=") for f in files) >= 10  # every class's partition
-    assert sum(f.startswith("distilled/ddoq-mass-ipc2/") for f in files) == 21  # 20 PNGs + index.parquet
+    assert sum(f.startswith("distilled/ddoq-mass-ipc2/") for f in files) == 22  # 20 PNGs, index.parquet, metadata.jsonl
     assert verify_manifest(run_dir) == []
     images, labels, weights = store.read_distilled_set(run_dir / "distilled" / "ddoq-mass-ipc2")
     assert images.shape[0] == 20 and np.isclose(weights.sum(), 20)

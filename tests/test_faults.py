@@ -78,10 +78,12 @@ def test_encode_actor_killed_mid_stage_loses_nothing(ray_session, tmp_path, save
 def test_decode_actor_killed_mid_stage_loses_nothing(ray_session, tmp_path, saved_prior):
     from engine.ray.decode import decode_centroids_to_sets
 
+    from tests.centroid_files import write_centroid_files
+
     rng = np.random.default_rng(0)
-    rows = [{"label": c, "ipc": k, "index": i, "latent": rng.standard_normal(4 * 8 * 8).astype(np.float32).tolist()}
-            for k in (1, 3) for c in range(3) for i in range(k)]
-    centroids = pa.Table.from_pylist(rows)
+    files = write_centroid_files(tmp_path / "quantized", {
+        c: {k: rng.standard_normal((k, 4 * 8 * 8)).astype(np.float32) for k in (1, 3)} for c in range(3)})
+    rows = range(3 * (1 + 3))
     manifests = {}
     for name in ("clean", "killed"):
         config = load_config(None, [f"runs_dir={tmp_path}", f"name={name}", "decode.num_steps=2",
@@ -89,7 +91,7 @@ def test_decode_actor_killed_mid_stage_loses_nothing(ray_session, tmp_path, save
         if name == "killed":
             faults.request_crash(config.run_dir, "decode")
         targets = {k: [str(config.run_dir / "distilled" / f"set-ipc{k}")] for k in (1, 3)}
-        decoded = decode_centroids_to_sets(config, saved_prior, centroids, targets)
+        decoded = decode_centroids_to_sets(config, saved_prior, files, targets)
         assert decoded.num_rows == len(rows)
         manifests[name] = build_manifest(config.run_dir / "distilled")
     assert faults.crash_fired(tmp_path / "killed", "decode")

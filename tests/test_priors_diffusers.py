@@ -187,11 +187,12 @@ def test_sd15_through_the_ray_encode_and_decode_stages(ray_session, tmp_path, sd
     assert encode_to_parquet(config, sd15_folder, tmp_path / "latents", sd15.image_size, names) == 8
     ids, latents = store.read_class_latents(store.class_latent_dirs(tmp_path / "latents")[1])
     assert latents.shape == (4, 4 * 16 * 16)
-    centroids = pa.table({"label": pa.array([1, 1], pa.int64()), "ipc": pa.array([2, 2], pa.int64()),
-                          "index": pa.array([0, 1], pa.int64()), "latent": pa.array(list(latents[:2]))})
-    decoded = decode_centroids_to_sets(config, sd15_folder, centroids, {2: [str(tmp_path / "set")]}, names)
+    from tests.centroid_files import write_centroid_files
+
+    files = write_centroid_files(tmp_path / "quantized", {1: {2: latents[:2]}})
+    decoded = decode_centroids_to_sets(config, sd15_folder, files, {2: [str(tmp_path / "set")]}, names)
     assert decoded.num_rows == 2
-    pngs = sorted((tmp_path / "set").glob("*.png"))
+    pngs = sorted((tmp_path / "set").glob("*/*.png"))
     assert len(pngs) == 2 and all(Image.open(p).size == (20, 20) for p in pngs)
 
 

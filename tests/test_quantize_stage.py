@@ -4,7 +4,9 @@ import pytest
 
 from engine import store
 from engine.config import QuantizeConfig
-from engine.quantize_stage import class_result_paths, gather_class_results, quantize_class_folder
+from engine.baselines import select_herding, select_kcenter
+from engine.quantize_stage import (class_picks_path, class_result_paths, gather_centroid_weights, gather_class_stats,
+                                  gather_picks, quantize_class_folder)
 
 
 def write_class(root, label, latents):
@@ -24,9 +26,36 @@ def test_class_results_are_written_once_and_skipped_on_retry(tmp_path):
     before = class_result_paths(out, 0)[1].stat().st_mtime_ns
     again = quantize_class_folder(0, str(folders[0]), config, str(out))
     assert again["skipped"] and class_result_paths(out, 0)[1].stat().st_mtime_ns == before
-    centroids, stats = gather_class_results(out, [0, 1])
+    centroids, stats = gather_centroid_weights(out, [0, 1]), gather_class_stats(out, [0, 1])
     assert centroids.num_rows == 2 * (1 + 3) and stats.num_rows == 4
     assert stats.column("ipc").to_pylist() == [1, 1, 3, 3]  # sorted by (ipc, label)
+    # Centroid latents are float32 rows, not lists of doubles.
+    latent_type = pq.read_schema(class_result_paths(out, 0)[0]).field("latent").type
+    assert str(latent_type) == "fixed_size_list<element: float>[8]"
+
+
+def test_real_image_picks_are_made_beside_the_kmeans(tmp_path):
+    """random / herding / kcenter picks per class: the same herding and k-center rows as selecting on the class's
+    latents directly (today's driver-side code did exactly that), random seeded per class, nested for the greedy
+    methods, with the source file of every pick."""
+    rng = np.random.default_rng(1)
+    latents = rng.standard_normal((30, 8)).astype(np.float32)
+    folder = write_class(tmp_path / "latents", 2, latents)
+    out = tmp_path / "out"
+    quantize_class_folder(2, str(folder), QuantizeConfig(ipc=(1, 4), seed=5), str(out))
+    picks = gather_picks(out, [2], (1, 4), ("random", "herding", "kcenter")).to_pandas()
+    ids = np.array([f"2/{i:04d}" for i in range(30)])  # write_class's ids, already in sorted order
+    for method, select in (("herding", select_herding), ("kcenter", select_kcenter)):
+        chosen = picks[(picks.method == method) & (picks.ipc == 4)].sort_values("rank")
+        assert chosen.id.tolist() == ids[select(latents, 4)].tolist()
+        first = picks[(picks.method == method) & (picks.ipc == 1)].id.tolist()
+        assert first == chosen.id.tolist()[:1]  # greedy: IPC 1 is the first pick of IPC 4
+    random4 = picks[(picks.method == "random") & (picks.ipc == 4)]
+    assert len(set(random4.id)) == 4 and set(random4.label) == {2}
+    again = gather_picks(out, [2], (4,), ("random",)).to_pandas()
+    assert again.id.tolist() == random4.id.tolist()  # seeded
+    assert set(picks.source) == {""}  # latents written without a source column read back with an empty one
+    assert class_picks_path(out, 2).exists()
 
 
 def test_small_class_is_recorded_and_nan_names_the_class(tmp_path):

@@ -3,11 +3,14 @@
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from engine import store
 from engine.config import load_config
 from engine.quantize import quantize_class
+from engine.quantize_stage import class_result_paths
+from engine.ray.decode import decode_centroids_to_sets
 
 pytestmark = pytest.mark.ray
 
@@ -20,7 +23,6 @@ def config(tmp_path, saved_prior):
 
 def test_encode_quantize_decode_on_ray(ray_session, config, saved_prior, tmp_path):
     from engine.ray.encode import encode_to_parquet
-    from engine.ray.decode import decode_centroids_to_sets
     from engine.ray.quantize import quantize_classes
     from engine.data import load_split
     from engine.encode import encode_images
@@ -42,8 +44,11 @@ def test_encode_quantize_decode_on_ray(ray_session, config, saved_prior, tmp_pat
 
     # Actor pool: a few classes, every IPC; identical to calling the pure function directly.
     subset = {label: class_dirs[label] for label in (0, 1, 2)}  # the test prior knows 3 classes
-    centroids, stats = quantize_classes(config, subset, tmp_path / "quantized")
+    quantized = tmp_path / "quantized"
+    stats = quantize_classes(config, subset, quantized)
     assert sorted(set(stats.column("label").to_pylist())) == [0, 1, 2]
+    assert store.quantized_labels(quantized) == [0, 1, 2]
+    centroids = pa.concat_tables([store.read_table(class_result_paths(quantized, c)[0]) for c in (0, 1, 2)])
     assert centroids.num_rows == 3 * (1 + 3)
     direct = quantize_class(got, 3, config.quantize)
     rows = centroids.to_pandas().query("label == 2 and ipc == 3")
@@ -52,13 +57,36 @@ def test_encode_quantize_decode_on_ray(ray_session, config, saved_prior, tmp_pat
     for mode in ("uniform", "mass", "sqrt"):
         assert rows[f"weight_{mode}"].mean() == pytest.approx(1.0)
 
-    # Decode through Ray Data: one PNG per centroid in every target folder.
+    # Decode through Ray Data: one PNG per centroid in every target folder (written once, shared by the second).
     targets = {ipc: [str(tmp_path / f"a{ipc}"), str(tmp_path / f"b{ipc}")] for ipc in (1, 3)}
-    decoded = decode_centroids_to_sets(config, saved_prior, centroids, targets)
+    files = {c: class_result_paths(quantized, c)[0] for c in (0, 1, 2)}
+    decoded = decode_centroids_to_sets(config, saved_prior, files, targets)
     assert decoded.num_rows == centroids.num_rows
     for ipc in (1, 3):
         for folder in targets[ipc]:
-            assert len(list(Path(folder).glob("*.png"))) == 3 * ipc
+            assert len(list(Path(folder).glob("*/*.png"))) == 3 * ipc
+        first, second = (Path(f) / "00002" / "c00002_0000.png" for f in targets[ipc])
+        assert first.read_bytes() == second.read_bytes() and first.stat().st_ino == second.stat().st_ino
+
+
+def test_decode_gives_every_actor_of_the_pool_work(ray_session, config, saved_prior, tmp_path):
+    """Input split by classes: with 2 decode actors (half a CPU each, one CPU left for the write tasks) both decode."""
+    import dataclasses
+
+    rng = np.random.default_rng(0)
+    quantized = tmp_path / "quantized"
+    for label in range(3):
+        latents = rng.standard_normal((4, 4 * 8 * 8)).astype(np.float32)
+        rows = pa.table({"label": [label] * 4, "ipc": [4] * 4, "index": list(range(4)), "count": [1] * 4,
+                         **{f"weight_{m}": [1.0] * 4 for m in ("uniform", "mass", "sqrt")}})
+        store.atomic_write_table(class_result_paths(quantized, label)[0],
+                                 rows.append_column("latent", store.float32_rows(latents)))
+    runtime = dataclasses.replace(config.runtime, decode_actors=2, decode_cpus_per_actor=0.5)
+    config = dataclasses.replace(config, runtime=runtime,
+                                 decode=dataclasses.replace(config.decode, batch_size=4))  # one class per batch
+    files = {c: class_result_paths(quantized, c)[0] for c in range(3)}
+    decoded = decode_centroids_to_sets(config, saved_prior, files, {4: [str(tmp_path / "set")]}).to_pandas()
+    assert len(decoded) == 12 and decoded.actor.nunique() == 2
 
 
 def test_parquet_shards_stream_through_ray_data(ray_session, tmp_path, saved_prior):

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -58,3 +60,35 @@ def test_index_paths_cannot_escape_the_set_folder(tmp_path):
     store.write_set_index(folder, ["../outside.png"], [0], ("a",), [1.0], [1])
     with pytest.raises(ValueError, match="outside its folder"):
         store.read_distilled_set(folder)
+
+
+def test_a_distilled_set_loads_as_it_is_with_torchvision_and_its_metadata(tmp_path):
+    """Every set is an ImageFolder tree (class subfolders) with metadata.jsonl beside index.parquet: torchvision's
+    ImageFolder reads the labels from the folders, the weights come from metadata.jsonl by file name."""
+    import json
+
+    from torchvision.datasets import ImageFolder
+
+    images = np.random.default_rng(1).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    labels, weights = [0, 0, 2, 2], [0.5, 1.5, 1.25, 0.75]  # class 1 has no image: its folder is absent
+    files = [store.image_file_name(label, i) for i, label in enumerate(labels)]
+    for name, image in zip(files, images):
+        store.write_png(tmp_path / name, image)
+    store.write_set_index(tmp_path, files, labels, ("zero", "one", "two"), weights, [3, 1, 2, 2])
+    loaded = ImageFolder(str(tmp_path))
+    assert loaded.classes == ["00000", "00002"]  # zero-padded labels sort as the labels do
+    lines = (tmp_path / "metadata.jsonl").read_text().splitlines()
+    metadata = {row["file_name"]: row for row in map(json.loads, lines)}
+    for (path, target), label, weight, image in zip(loaded.samples, labels, weights, images):
+        row = metadata[str(Path(path).relative_to(tmp_path))]
+        assert int(loaded.classes[target]) == row["label"] == label and row["weight"] == weight
+        assert row["class_name"] == ("zero", "one", "two")[label]
+        np.testing.assert_array_equal(np.asarray(loaded.loader(path)), image)
+
+
+def test_shared_files_are_one_copy(tmp_path):
+    store.write_png(tmp_path / "a" / "x.png", np.zeros((2, 2, 3), np.uint8))
+    store.share_file(tmp_path / "a" / "x.png", tmp_path / "b" / "00001" / "x.png")
+    first, second = tmp_path / "a" / "x.png", tmp_path / "b" / "00001" / "x.png"
+    assert first.read_bytes() == second.read_bytes() and first.stat().st_ino == second.stat().st_ino
+    assert not [p for p in tmp_path.rglob(".*")]  # no staging name left behind

@@ -149,7 +149,6 @@ def prepare_shared_stages(base: DistillConfig, space: SearchSpace, sweep_dir) ->
 
 def run_trial(params: dict, base: DistillConfig, space: SearchSpace, sweep_dir: str) -> None:
     """One Tune trial: decode this trial's centroids, train its students; Ray Train reports reach Tune."""
-    import pyarrow.compute as pc
     import ray
     from ray.tune.integration.ray_train import TuneReportCallback
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -160,8 +159,7 @@ def run_trial(params: dict, base: DistillConfig, space: SearchSpace, sweep_dir: 
     config = trial_config(base, space, params, sweep_dir)
     shared = shared_folder(config, sweep_dir)
     marker = json.loads(store.stage_marker(shared, "quantize").read_text())
-    centroids = store.read_table(shared / "centroids.parquet")
-    centroids = centroids.filter(pc.is_in(centroids["ipc"], pyarrow_array(config.quantize.ipc)))
+    quantized_dir = shared / "quantized" / marker["key"]  # every IPC of the sweep; the trial decodes its own
     folder, names, _, _ = pipeline.prepare_prior(config)  # cached by the driver: a load, not a training
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -171,30 +169,26 @@ def run_trial(params: dict, base: DistillConfig, space: SearchSpace, sweep_dir: 
     # (the trainer makes its own group anyway); the rule in max_concurrent_trials sizes them.
     outside = ray.remote(num_cpus=0)(_decode_and_evaluate).options(
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
-    results, timings = ray.get(outside.remote(config, run_dir, folder, centroids, marker["key"], names,
+    results, timings = ray.get(outside.remote(config, run_dir, folder, quantized_dir, marker["key"], names,
                                               (TuneReportCallback(),)))
     store.atomic_write_json(run_dir / "metrics.json", {"params": params, "results": results, "timings_s": timings})
 
 
-def _decode_and_evaluate(config, run_dir, folder, centroids, quantize_key, names, callbacks) -> tuple[list, dict]:
-    """engine/pipeline.py's decode + evaluate, as a Ray task body -> (result rows, stage timings)."""
+def _decode_and_evaluate(config, run_dir, folder, quantized_dir, quantize_key, names,
+                         callbacks) -> tuple[list, dict]:
+    """engine/pipeline.py's decode + baselines + evaluate, as a Ray task body -> (result rows, stage timings)."""
     timings: dict[str, float] = {}
-    results = pipeline.decode_and_evaluate(config, run_dir, folder, centroids, quantize_key, names, timings,
+    results = pipeline.decode_and_evaluate(config, run_dir, folder, quantized_dir, quantize_key, names, timings,
                                           train_callbacks=callbacks)
     return results, timings
-
-
-def pyarrow_array(values):
-    import pyarrow as pa
-
-    return pa.array(list(values), pa.int64())
 
 
 def peak_trial_resources(config: DistillConfig) -> dict[str, float]:
     """What one trial holds at its busiest: its own process plus the larger of its decode actors and its
     trainer (a trial runs them one after the other, never together)."""
     runtime = config.runtime
-    cpu = max(runtime.decode_actors * 1, runtime.train_workers * runtime.train_cpus_per_worker)
+    cpu = max(runtime.decode_actors * runtime.decode_cpus_per_actor + 0.5,  # + its PNG-writing tasks
+              runtime.train_workers * runtime.train_cpus_per_worker)
     gpu = max(runtime.decode_actors * runtime.gpus_per_actor, runtime.train_workers * int(runtime.train_use_gpu))
     return {"CPU": TRIAL_CPU + cpu, "GPU": float(gpu)}
 

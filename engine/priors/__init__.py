@@ -51,11 +51,13 @@ def load_or_train_prior(prior: PriorConfig, data: DataConfig, cache_root: Path, 
         return load_prior(prior.kind, folder, class_names(data))
     if prior.path or folder.exists():
         return load_prior("tiny", folder, ())
-    from engine.data import load_split
+    from engine.data import sample_split
     from engine.priors.train_tiny import train_tiny_prior
 
     log(f"training the tiny prior for {data.name} (cached at {folder})")
-    train = load_split(data, "train")
+    train = sample_split(data, "train", prior.train_images, prior.seed)  # bounded: never the whole split
+    log(f"  on {len(train)} train images" + (f" (a seeded sample of at most {prior.train_images})"
+                                             if prior.train_images else ""))
     trained = train_tiny_prior(prior, train.images, train.labels, train.class_names, log=log)
     save_prior_atomically(trained, folder)
     return load_tiny_prior(folder)

@@ -11,7 +11,7 @@ diffusers' DiTPipeline, and guidance is applied to eps with the extra "null" cla
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ from engine.config import DecodeConfig
 from engine.decode import check_decode_inputs, img2img_timesteps, pixels_to_images, row_noise
 from engine.encode import encode_images
 from engine.priors.base import check_prior_folder, guided, load_scheduler, move
-from engine.priors.sd15 import SD15_VAE
+from engine.priors.sd15 import SD15_VAE, NetworkTuning
 
 COMPONENTS = ("vae", "transformer", "scheduler")
 
@@ -47,6 +47,7 @@ class DiTPrior:
     transformer: DiTTransformer2DModel
     scheduler: object
     class_names: tuple[str, ...]
+    tuning: NetworkTuning = field(default_factory=NetworkTuning, repr=False, compare=False)
 
     @property
     def image_size(self) -> int:
@@ -99,10 +100,11 @@ class DiTPrior:
             x = self.scheduler.add_noise(clean, noise, timesteps[:1].repeat(len(clean)))
         classes = torch.cat([ids, torch.full_like(ids, self.num_model_classes)])  # batched CFG: class, then null
         channels = self.latent_shape[0]
+        transformer = self.tuning.denoiser(self.transformer, self.vae, config)
         for t in timesteps:
             model_input = self.scheduler.scale_model_input(torch.cat([x, x]), t)
-            out = self.transformer(model_input, timestep=t.expand(len(model_input)).to(device),
-                                   class_labels=classes).sample  # (2K, 8, 32, 32): eps and learned sigma
+            out = transformer(model_input, timestep=t.expand(len(model_input)).to(device),
+                              class_labels=classes).sample  # (2K, 8, 32, 32): eps and learned sigma
             eps_cond, eps_null = out[:, :channels].chunk(2)
             x = self.scheduler.step(guided(eps_cond, eps_null, config.guidance_scale), t, x).prev_sample
         pixels = self.vae.decode(x / self.vae.config.scaling_factor).sample  # (K, 3, 256, 256)

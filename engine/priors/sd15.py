@@ -7,12 +7,14 @@ painting"): noise to `strength`, denoise with the class-name prompt and batched 
 the negative prompt, VAE-decode, resize to the evaluation resolution.
 The SD15_* dicts are SD v1.5's published configs: tests and benchmarks build the real architecture from them
 with random weights (no hub access here).
+The decode config's speed keys (channels_last, sdpa, compile) are applied to the networks by NetworkTuning, which
+the dit prior shares.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +52,32 @@ SD15_SCHEDULER = dict(
 
 
 @dataclass
+class NetworkTuning:
+    """The decode config's speed keys applied to a prior's networks, once per setting: re-applying them on every
+    batch would rebuild the attention processors that a compiled graph guards on, and recompile it."""
+
+    setting: tuple = ()
+    compiled: torch.nn.Module | None = None
+
+    def denoiser(self, denoiser: torch.nn.Module, vae: torch.nn.Module, config: DecodeConfig) -> torch.nn.Module:
+        """The callable denoiser for `config` (compiled or not), after tuning it and the VAE in place."""
+        from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+        setting = (config.channels_last, config.sdpa, config.compile)
+        if setting == self.setting:
+            return denoiser if self.compiled is None else self.compiled
+        memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        for network in (denoiser, vae):
+            network.to(memory_format=memory_format)  # 4-D weights only: the convolutions then run NHWC
+            for module in network.modules():
+                if isinstance(module, Attention):
+                    module.set_processor(AttnProcessor2_0() if config.sdpa else AttnProcessor())
+        self.compiled = None if config.compile == "none" else torch.compile(denoiser, backend=config.compile)
+        self.setting = setting
+        return denoiser if self.compiled is None else self.compiled
+
+
+@dataclass
 class StableDiffusionPrior:
     """Implements engine.priors.base.Prior. Class names come from the data: they are the prompts."""
 
@@ -60,6 +88,7 @@ class StableDiffusionPrior:
     tokenizer: CLIPTokenizer
     scheduler: object
     class_names: tuple[str, ...]
+    tuning: NetworkTuning = field(default_factory=NetworkTuning, repr=False, compare=False)
 
     @property
     def image_size(self) -> int:
@@ -105,9 +134,10 @@ class StableDiffusionPrior:
         cond = embedded[[unique.index(name) for name in names]]
         null = embedded[-1:].expand_as(cond)
         context = torch.cat([cond, null])  # batched CFG: one UNet call on 2K rows
+        unet = self.tuning.denoiser(self.unet, self.vae, config)
         for t in timesteps:
             model_input = self.scheduler.scale_model_input(torch.cat([x, x]), t)
-            eps_cond, eps_null = self.unet(model_input, t, encoder_hidden_states=context).sample.chunk(2)
+            eps_cond, eps_null = unet(model_input, t, encoder_hidden_states=context).sample.chunk(2)
             x = self.scheduler.step(guided(eps_cond, eps_null, config.guidance_scale), t, x).prev_sample
         pixels = self.vae.decode(x / self.vae.config.scaling_factor).sample  # (K, 3, 512, 512) in [-1, 1]
         return pixels_to_images(pixels, size)

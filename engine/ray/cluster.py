@@ -1,4 +1,4 @@
-"""What every Ray stage shares: joining or starting the cluster, and Ray Data's ordering."""
+"""What every Ray stage shares: joining or starting the cluster, pools that fit it, Ray Data's ordering."""
 
 from __future__ import annotations
 
@@ -23,10 +23,46 @@ def init_ray(runtime: RuntimeConfig) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = True
 
 
-# ---------------------------------------------------------------- encode
-
-
 def deterministic_order() -> None:
     """Blocks are bundled into batches in input order, so a re-run (or a retried task) sees the same batches and
     the outputs are byte-identical."""
     ray.data.DataContext.get_current().execution_options.preserve_order = True
+
+
+# Ray Data's read tasks (and the decode/convert tasks fused with them) ask for one CPU each; the decode stage's
+# PNG-writing tasks for half of one (they are light, and a one-actor decode then fits in 2 CPUs beside a trial).
+TASK_CPUS = 1.0
+WRITE_TASK_CPUS = 0.5
+
+
+def check_pool_fits(stage: str, actors: int, cpus_per_actor: float, gpus_per_actor: float = 0.0,
+                    task_cpus: float = TASK_CPUS) -> None:
+    """Refuse an actor pool that would hold every CPU while its own input still has to be read (or its output
+    written) by Ray Data tasks: those would never be scheduled and the stage would hang without a word (seen: two
+    1-CPU encode actors on 2 CPUs, no progress for 13 minutes). Checked on a one-node Ray, whose size is known;
+    GPU actors and multi-node clusters (where the autoscaler may add nodes) are left to Ray."""
+    from engine.checks import RunError
+
+    alive = [node for node in ray.nodes() if node.get("Alive")]
+    if gpus_per_actor > 0 or len(alive) != 1:
+        return
+    total = ray.cluster_resources().get("CPU", 0.0)
+    held = actors * cpus_per_actor
+    if held + task_cpus > total + 1e-9:
+        raise RunError(
+            f"the {stage} stage's {actors} actor(s) x {cpus_per_actor:g} CPU leave {total - held:g} of {total:g} "
+            f"CPUs for the Ray Data tasks that feed them ({task_cpus:g} CPU each): the stage could never make "
+            f"progress. Lower runtime.{stage}_actors or runtime.{stage}_cpus_per_actor (a fraction such as 0.5 "
+            f"is fine: runtime.{stage}_threads_per_actor sets the actor's threads).")
+
+
+def shuffle_on_disk(enabled: bool) -> None:
+    """Hash shuffles (the encode stage's group-by-class) through files on each node's local disk instead of the
+    object store, so their memory stays bounded whatever the dataset size."""
+    ray.data.DataContext.get_current().use_disk_based_hash_shuffle = enabled
+
+
+def wait_for_pool(timeout_s: float) -> None:
+    """An actor pool starts work only once all its actors are up (or fails after `timeout_s`, naming the wait),
+    so every actor gets its share of the input; on a cluster the timeout covers the autoscaler adding nodes."""
+    ray.data.DataContext.get_current().wait_for_min_actors_s = int(timeout_s)

@@ -1,8 +1,16 @@
-"""The decode stage: centroid rows -> map_batches(CentroidDecoder, actor pool) -> PNGs of the distilled sets."""
+"""The decode stage: per-class centroid files -> map_batches(CentroidDecoder, actor pool) -> images ->
+map_batches(write_images, tasks) -> PNGs of the distilled sets.
+
+Input rows are class files, not centroids: one small row per class, split into one block per batch of classes,
+so every actor of the pool gets work and no process ever holds more than a batch of classes' centroids. The
+decoder only decodes; PNG encoding and writing run in separate Ray Data tasks, off the GPU actor's critical path.
+Each image is written once, into the first set that uses it, and shared with the others (d4m and every ddoq
+weighting hold the same images with different weights) by `store.share_file`.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import math
 
 import numpy as np
 import pyarrow as pa
@@ -12,59 +20,98 @@ import ray.data
 from engine.config import DecodeConfig, DistillConfig
 from engine.faults import crash_once_if_requested
 from engine.location import location
-from engine.ray.cluster import deterministic_order
+from engine.ray.cluster import WRITE_TASK_CPUS, check_pool_fits, deterministic_order, wait_for_pool
+
+META_COLUMNS = ("label", "ipc", "index", "count", "weight_uniform", "weight_mass", "weight_sqrt")
 
 
 class CentroidDecoder:
-    """Ray Data callable class: loads the prior once, decodes centroid rows, writes each image as a PNG into the
-    folder of every method that uses it (d4m and ddoq share centroids, differ only in weights)."""
+    """Ray Data callable class: loads the prior once; decodes every requested centroid of a batch of classes."""
 
     def __init__(self, prior_kind: str, prior_folder: str, class_names: tuple, decode: DecodeConfig,
-                 set_dirs: dict[int, list[str]], device: str, image_size: int | None = None, dtype: str = "float32",
-                 fault_dir: str = ""):
+                 ipcs: tuple[int, ...], device: str, image_size: int | None = None, dtype: str = "float32",
+                 threads: int = 1, fault_dir: str = ""):
+        import torch
+
         from engine.priors import load_prior
 
+        torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS to the CPU reservation; the config decides
         self.prior = load_prior(prior_kind, prior_folder, class_names).to(device, dtype)
-        self.decode = decode
-        self.set_dirs = set_dirs
+        self.decode, self.ipcs = decode, tuple(ipcs)
         self.image_size = image_size  # the evaluation resolution images are resized to
         self.fault_dir = fault_dir  # test-only crash injection (engine/faults.py); empty in normal runs
+        self.actor = ray.get_runtime_context().get_actor_id() or "driver"
 
     def __call__(self, batch: dict) -> dict:
+        import pyarrow.compute as pc
+
+        from engine.checks import check_finite_centroids
         from engine.decode import decode_latents
-        from engine.store import image_file_name, write_png
+        from engine.store import read_table, table_latents
 
         crash_once_if_requested(self.fault_dir, "decode")
-
-        latents = np.stack(batch["latent"]).reshape(len(batch["label"]), *self.prior.latent_shape)
+        tables = [read_table(file) for file in batch["file"]]
+        rows = pa.concat_tables(tables)
+        rows = rows.filter(pc.is_in(rows["ipc"], pa.array(self.ipcs, pa.int64())))
+        check_finite_centroids(rows)  # NaN/Inf never reaches the decoder, named by (class, IPC)
+        latents = table_latents(rows).reshape(rows.num_rows, *self.prior.latent_shape)  # (N, C, h, w)
+        meta = rows.select(list(META_COLUMNS)).to_pydict()
+        labels, ipcs, indices = (np.asarray(meta[k], np.int64) for k in ("label", "ipc", "index"))
         # Noise key per centroid: unique within the run, independent of batching.
-        keys = batch["ipc"] * 1_000_000 + batch["label"] * 1_000 + batch["index"]
-        images = decode_latents(self.prior, latents, batch["label"], self.decode, keys, self.image_size)
-        files = []
-        for image, label, index, ipc in zip(images, batch["label"], batch["index"], batch["ipc"]):
-            name = image_file_name(int(label), int(index))
-            for folder in self.set_dirs[int(ipc)]:
-                write_png(location(folder) / name, image)
-            files.append(name)
-        return {"label": batch["label"], "ipc": batch["ipc"], "index": batch["index"], "path": np.array(files)}
+        keys = ipcs * 1_000_000 + labels * 1_000 + indices
+        step = self.decode.batch_size
+        images = np.concatenate([
+            decode_latents(self.prior, latents[i:i + step], labels[i:i + step], self.decode, keys[i:i + step],
+                           self.image_size)
+            for i in range(0, len(latents), step)]) if len(latents) else np.zeros((0, 1, 1, 3), np.uint8)
+        return {**{k: np.asarray(v) for k, v in meta.items()}, "image": images,
+                "actor": np.array([self.actor] * len(labels), dtype=object)}
 
 
-def decode_centroids_to_sets(config: DistillConfig, prior_folder: Path, centroids: pa.Table,
+def write_images(batch: dict, set_dirs: dict[int, list[str]]) -> dict:
+    """Ray Data task: each decoded image -> one PNG in the first set folder of its IPC, shared with the others."""
+    from engine.store import image_file_name, share_file, write_png
+
+    paths, digests = [], []
+    for image, label, index, ipc in zip(batch["image"], batch["label"], batch["index"], batch["ipc"]):
+        name = image_file_name(int(label), int(index))
+        first, *others = [location(folder) / name for folder in set_dirs[int(ipc)]]
+        digests.append(write_png(first, np.asarray(image))["sha256"])
+        for target in others:
+            share_file(first, target)
+        paths.append(name)
+    kept = {k: batch[k] for k in META_COLUMNS + ("actor",)}
+    return {**kept, "path": np.array(paths, dtype=object), "sha256": np.array(digests, dtype=object)}
+
+
+def decode_centroids_to_sets(config: DistillConfig, prior_folder, class_files: dict[int, str],
                              set_dirs: dict[int, list[str]], class_names: tuple = ()) -> pa.Table:
-    """Decode every centroid; returns rows {label, ipc, index, path}."""
+    """Decode every centroid of `set_dirs`' IPCs from the class files {label: centroids file}; returns one row per
+    image {label, ipc, index, count, weight_<mode>..., actor, path, sha256} (no pixels, no latents)."""
     runtime = config.runtime
     use_gpu = runtime.gpus_per_actor > 0
-    rows = centroids.select(["label", "ipc", "index", "latent"])
+    check_pool_fits("decode", runtime.decode_actors, runtime.decode_cpus_per_actor, runtime.gpus_per_actor,
+                    WRITE_TASK_CPUS)
     deterministic_order()
-    decoded = ray.data.from_arrow(rows).map_batches(
+    wait_for_pool(runtime.pool_start_timeout_s)
+    ipcs = tuple(sorted(set_dirs))
+    images_per_class = sum(ipcs)
+    classes_per_batch = max(1, config.decode.batch_size // max(1, images_per_class))
+    items = [{"label": label, "file": str(file)} for label, file in sorted(class_files.items())]
+    blocks = max(1, math.ceil(len(items) / classes_per_batch))
+    decoded = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
         CentroidDecoder,
         fn_constructor_kwargs={"prior_kind": config.prior.kind, "prior_folder": str(prior_folder),
-                               "class_names": tuple(class_names), "decode": config.decode, "set_dirs": set_dirs,
+                               "class_names": tuple(class_names), "decode": config.decode, "ipcs": ipcs,
                                "device": "cuda" if use_gpu else "cpu", "image_size": config.data.image_size,
-                               "dtype": runtime.prior_dtype, "fault_dir": str(config.run_dir)},
-        batch_size=config.decode.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=runtime.decode_actors),
+                               "dtype": runtime.prior_dtype, "threads": runtime.threads("decode"),
+                               "fault_dir": str(config.run_dir)},
+        batch_size=classes_per_batch,
+        # One batch of classes in flight per actor, and the whole pool up before the first batch: otherwise the
+        # first actor to load its prior takes every batch while the others are still starting.
+        compute=ray.data.ActorPoolStrategy(size=runtime.decode_actors, max_tasks_in_flight_per_actor=1),
         num_gpus=runtime.gpus_per_actor,
-        num_cpus=1,
-    )
-    return pa.Table.from_pylist(decoded.take_all())
+        num_cpus=runtime.decode_cpus_per_actor,
+    ).map_batches(write_images, fn_kwargs={"set_dirs": set_dirs}, batch_size=None, num_cpus=WRITE_TASK_CPUS)
+    return pa.Table.from_pylist(decoded.take_all()).sort_by([("ipc", "ascending"), ("label", "ascending"),
+                                                             ("index", "ascending")])

@@ -1,8 +1,12 @@
-"""The encode stage: source rows -> map_batches(VaeEncoder, actor pool) -> latents parquet by class."""
+"""The encode stage: source rows -> map_batches(VaeEncoder, actor pool) -> grouped by class -> latents parquet.
+
+Output: out_dir/label=<c>/part-00000.parquet, one file per class {id, source, latent: fixed_size_list<f32>},
+sorted by id; the rows that could not be used in out_dir/../skipped.parquet {id, reason, detail}. Source shards mix
+classes, so the latents are hash-shuffled by label (Ray Data groupby, on disk by default) before they are written:
+one file per class, never one per (block, class), and the row counts come from the writers, not from footers.
+"""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pyarrow as pa
 import ray
@@ -10,9 +14,10 @@ import ray.data
 
 from engine.config import DistillConfig
 from engine.data import check_skipped
+from engine.data import class_names as data_class_names
 from engine.faults import crash_once_if_requested
-from engine.location import ObjectPath, filesystem_and_path, location, remove_tree
-from engine.ray.cluster import deterministic_order
+from engine.location import ObjectPath, location, remove_tree
+from engine.ray.cluster import check_pool_fits, deterministic_order, shuffle_on_disk, wait_for_pool
 from engine.ray.source import gather_skipped, source_dataset
 
 
@@ -20,9 +25,13 @@ class VaeEncoder:
     """Ray Data callable class: loads the prior's VAE once per actor, encodes batches of images."""
 
     def __init__(self, prior_kind: str, prior_folder: str, class_names: tuple, batch_size: int, device: str,
-                 dtype: str = "float32", fault_dir: str = ""):
+                 dtype: str = "float32", threads: int = 1, fault_dir: str = ""):
+        import torch
+
         from engine.priors import load_prior
 
+        # Ray sets OMP_NUM_THREADS to the actor's CPU reservation; the config says how many cores it may use.
+        torch.set_num_threads(threads)
         self.prior = load_prior(prior_kind, prior_folder, class_names).to(device, dtype)
         self.batch_size = batch_size
         self.fault_dir = fault_dir  # test-only crash injection (engine/faults.py); empty in normal runs
@@ -31,19 +40,27 @@ class VaeEncoder:
         from engine.store import latents_to_table
 
         crash_once_if_requested(self.fault_dir, "encode")
-
         latents = self.prior.encode(batch["image"], self.batch_size)  # (B, C, h, w)
-        return latents_to_table(batch["id"], batch["label"], latents)
+        table = latents_to_table(batch["id"], batch["label"], latents)
+        return table.append_column("source", pa.array(list(map(str, batch["source"])), pa.string()))
 
 
-def encode_to_parquet(config: DistillConfig, prior_folder: Path, out_dir, resolution: int | None = None,
+def write_class_group(group: pa.Table, out_dir: str) -> pa.Table:
+    """Ray Data map_groups body: every latent row of one class -> its file; returns the writer's record."""
+    from engine.store import write_class_latents
+
+    label = int(group.column("label")[0].as_py())
+    return pa.Table.from_pylist([write_class_latents(out_dir, label, group)])
+
+
+def encode_to_parquet(config: DistillConfig, prior_folder, out_dir, resolution: int | None = None,
                       class_names: tuple = ()) -> int:
-    """Encode the train split at the prior's `resolution`; latents land in out_dir/label=<c>/, the rows that could
-    not be used in out_dir/../skipped.parquet {id, reason, detail}. Fails, before anything is published, when more
-    than `data.max_skip_fraction` of the rows read were skipped. Returns the number of images encoded.
-    Locally the latents go to a staging folder renamed into place. Object stores cannot rename a folder: there
-    they are written in place, and the caller's stage marker (removed before, written after) says they are whole."""
-    from engine.store import atomic_write_table, parquet_rows
+    """Encode the train split at the prior's `resolution` into out_dir (see the module docstring). Fails, before
+    anything is published, when more than `data.max_skip_fraction` of the rows read were skipped. Returns the
+    number of images encoded. Locally the latents go to a staging folder renamed into place. Object stores cannot
+    rename a folder: there they are written in place, and the caller's stage marker (removed before, written
+    after) says they are whole."""
+    from engine.store import atomic_write_table
 
     runtime = config.runtime
     out_dir = location(out_dir)
@@ -53,21 +70,26 @@ def encode_to_parquet(config: DistillConfig, prior_folder: Path, out_dir, resolu
     for folder in (staging, skip_dir):
         remove_tree(folder)
     deterministic_order()
+    wait_for_pool(runtime.pool_start_timeout_s)
+    shuffle_on_disk(runtime.disk_shuffle)
+    check_pool_fits("encode", runtime.encode_actors, runtime.encode_cpus_per_actor, runtime.gpus_per_actor)
     use_gpu = runtime.gpus_per_actor > 0
     latents = source_dataset(config.data, resolution, skip_dir).map_batches(
         VaeEncoder,
         fn_constructor_kwargs={"prior_kind": config.prior.kind, "prior_folder": str(prior_folder),
                                "class_names": tuple(class_names), "batch_size": config.encode.batch_size,
                                "device": "cuda" if use_gpu else "cpu", "dtype": runtime.prior_dtype,
-                               "fault_dir": str(config.run_dir)},
+                               "threads": runtime.threads("encode"), "fault_dir": str(config.run_dir)},
         batch_size=config.encode.batch_size,
         compute=ray.data.ActorPoolStrategy(size=runtime.encode_actors),
         num_gpus=runtime.gpus_per_actor,
-        num_cpus=1,
+        num_cpus=runtime.encode_cpus_per_actor,
     )
-    filesystem, inner = filesystem_and_path(staging)
-    latents.write_parquet(inner, filesystem=filesystem, partition_cols=["label"])
-    count = sum(parquet_rows(f) for f in staging.rglob("*.parquet"))
+    classes = len(class_names) or len(data_class_names(config.data))
+    written = latents.groupby("label", num_partitions=min(classes, runtime.shuffle_partitions)).map_groups(
+        write_class_group, fn_kwargs={"out_dir": str(staging)}, batch_format="pyarrow")
+    records = written.take_all()  # one small row per class
+    count = sum(int(r["rows"]) for r in records)
     skipped = gather_skipped(skip_dir)
     check_skipped(count + skipped.num_rows, skipped.to_pydict(), config.data.max_skip_fraction)
     atomic_write_table(out_dir.parent / "skipped.parquet", skipped)

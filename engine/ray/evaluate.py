@@ -22,7 +22,6 @@ def _evaluation_loop(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
     import torch
-    from safetensors.torch import load
     from safetensors.torch import save as to_safetensors_bytes
 
     from functools import cache
@@ -30,9 +29,8 @@ def _evaluation_loop(loop_config: dict) -> None:
     from engine.data import class_names
     from engine.protocols import get_protocol
     from engine.store import atomic_write_bytes, atomic_write_json, read_distilled_set
-    from engine.students import create_student
-    from engine.train import (TrainSet, Worker, evaluate_top1, student_epochs,
-                              train_student, train_teacher)
+    from engine.train import (TrainSet, Worker, evaluate_top1, load_teacher, student_epochs, train_student,
+                              train_teacher)
 
     config: DistillConfig = loop_config["config"]
     evaluate = config.evaluate
@@ -53,9 +51,9 @@ def _evaluation_loop(loop_config: dict) -> None:
     teacher, teacher_top1 = None, None
     if protocol.soft_labels:  # the hard-label protocol never builds or reads a teacher
         teacher_path = location(loop_config["teacher_path"])
-        if teacher_path.exists():
-            teacher = create_student(evaluate.teacher, num_classes, config.data.image_size, evaluate.width)
-            teacher.load_state_dict(load(teacher_path.read_bytes()))
+        if teacher_path.exists():  # on the worker's device: a CPU teacher crashed every GPU soft-label batch
+            teacher = load_teacher(teacher_path, evaluate.teacher, num_classes, config.data.image_size,
+                                   evaluate.width, ray.train.torch.get_device())
         else:
             teacher = train_teacher(full(), num_classes, evaluate.teacher, evaluate, seed=0, worker=worker)
             teacher = getattr(teacher, "module", teacher)

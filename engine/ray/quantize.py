@@ -17,16 +17,22 @@ from engine.location import location
 class QuantizeWorker:
     """Quantizes whole classes, one task per class, writing each class's results atomically."""
 
-    def __init__(self, config: QuantizeConfig, out_dir: str):
-        import faiss
+    def __init__(self, config: QuantizeConfig, out_dir: str, gpus: float = 0.0):
+        from engine.quantize import quantize_device
 
-        faiss.omp_set_num_threads(1)  # one CPU per actor; parallelism comes from the pool
+        try:
+            import faiss
+
+            faiss.omp_set_num_threads(1)  # one CPU per actor; parallelism comes from the pool
+        except ImportError:  # a GPU node without faiss: the torch quantizer runs (engine/quantize_torch.py)
+            pass
         self.config, self.out_dir = config, out_dir
+        self.device = quantize_device(gpus)  # an actor given a GPU fails rather than quantize on the CPU
 
     def quantize(self, label: int, class_dir: str) -> dict:
         from engine.quantize_stage import quantize_class_folder
 
-        return quantize_class_folder(label, class_dir, self.config, self.out_dir)
+        return quantize_class_folder(label, class_dir, self.config, self.out_dir, self.device)
 
     def read(self, label: int, class_dir: str) -> dict:
         """Only read the class (the I/O floor the stage is measured against in benchmarks/)."""
@@ -42,7 +48,7 @@ class QuantizeWorker:
 def start_quantize_workers(config: DistillConfig, out_dir) -> list:
     location(out_dir).mkdir(parents=True, exist_ok=True)
     gpus = config.runtime.quantize_gpus_per_actor
-    return [QuantizeWorker.options(num_gpus=gpus).remote(config.quantize, str(out_dir))
+    return [QuantizeWorker.options(num_gpus=gpus).remote(config.quantize, str(out_dir), gpus)
             for _ in range(max(1, config.runtime.quantize_actors))]
 
 
@@ -68,10 +74,10 @@ def run_class_pool(config: DistillConfig, class_dirs: dict[int, Path], out_dir: 
     return summaries
 
 
-def quantize_classes(config: DistillConfig, class_dirs: dict[int, Path], out_dir: Path,
-                     log=None) -> tuple[pa.Table, pa.Table]:
-    """All classes through the actor pool -> (centroids table, per-class statistics table)."""
-    from engine.quantize_stage import gather_class_results
+def quantize_classes(config: DistillConfig, class_dirs: dict[int, Path], out_dir: Path, log=None) -> pa.Table:
+    """All classes through the actor pool into out_dir (class files: engine/quantize_stage.py) -> the per-class
+    statistics table. The centroids stay in their class files."""
+    from engine.quantize_stage import gather_class_stats
 
     run_class_pool(config, class_dirs, out_dir, "quantize", log)
-    return gather_class_results(out_dir, sorted(class_dirs))
+    return gather_class_stats(out_dir, sorted(class_dirs))

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import ray
 import ray.data
 from ray.data.extensions import ArrowTensorArray
 
 from engine.config import DataConfig
-from engine.data import class_names, decode_rows, inspect_shards, load_split, shard_paths
-from engine.location import location
+from engine.data import class_names, decode_rows, load_split
+from engine.location import filesystem_and_path, location
+from engine.ray.readers import read_source_rows
+from engine.sources import scan_source
 
 
 SKIPPED_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
@@ -31,36 +34,48 @@ def write_skipped(skip_dir: str | Path, skipped: dict, tag: str) -> None:
     atomic_write_table(location(skip_dir) / f"{digest}.parquet", table)
 
 
-def decode_and_record_skips(batch: dict, size: int, num_classes: int, max_pixels: int, skip_dir: str) -> dict:
-    """Ray Data map over raw shard rows: decoded rows go on to the encoder, skipped rows to `skip_dir`."""
+def decode_and_record_skips(batch: dict, size: int, num_classes: int, max_pixels: int, skip_dir: str,
+                            root: str = "") -> dict:
+    """Ray Data map over raw source rows: decoded rows go on to the encoder, each with the `source` file it came
+    from (relative to the data's root, so the baselines stage can read the row back); skipped rows to
+    `skip_dir`."""
     decoded, skipped = decode_rows(batch, size, num_classes, max_pixels)
-    tag = "\0".join(sorted(set(map(str, batch.get("path", ()))))) + "\0" + "\0".join(map(str, decoded["id"]))
+    files = [str(p) for p in batch.get("path", [""] * len(batch["label"]))]
+    tag = "\0".join(sorted(set(files))) + "\0" + "\0".join(map(str, decoded["id"]))
     write_skipped(skip_dir, skipped, tag)
+    by_id = {str((image or {}).get("path")): relative_source(file, root) for image, file in zip(batch["image"], files)}
+    decoded["source"] = np.array([by_id.get(str(i), "") for i in decoded["id"]], dtype=object)
     return decoded
+
+
+def relative_source(file: str, root: str) -> str:
+    """A file Ray Data names (its filesystem's path, no scheme) relative to the data root's path."""
+    root = root.rstrip("/") + "/"
+    return file[len(root):] if root != "/" and file.startswith(root) else file
 
 
 def source_dataset(data: DataConfig, size: int | None = None, skip_dir=None) -> ray.data.Dataset:
     """Rows {id, label, image (H, W, 3) uint8} of the train split, decoded straight to `size` (the prior's
     resolution, e.g. 512 for sd15; default the data's). Rows that cannot be used are recorded as
-    {id, reason, detail} files under `skip_dir` (parquet sources only: the digits are known good)."""
+    {id, reason, detail} files under `skip_dir` (file sources: engine/sources.py; the digits are known good)."""
     if data.source == "digits":
         images = load_split(data, "train")
         table = pa.table({
             "id": pa.array(images.ids.tolist()),
             "label": pa.array(images.labels),
             "image": ArrowTensorArray.from_numpy(images.images),
+            "source": pa.array(["digits"] * len(images.labels)),  # the embedded set: rows read back by id
         })
         return ray.data.from_arrow(table)
     if skip_dir is None:
-        raise ValueError("a parquet source needs a folder for the records of skipped rows")
-    readable, shard_skips = inspect_shards(shard_paths(data.path, "train"))  # footers only
-    write_skipped(skip_dir, shard_skips, "shards")
-    if not readable:
-        raise ValueError(f"no shard under {data.path} has both an image and a label column")
-    raw = ray.data.read_parquet(readable, columns=["image", "label"], include_paths=True)
+        raise ValueError("a file source needs a folder for the records of skipped rows")
+    listing = scan_source(data, "train")  # one listing; parquet: footers only
+    write_skipped(skip_dir, listing.skipped, "listing")  # rows known unusable from the listing alone
+    raw = read_source_rows(data, "train", listing)  # raises if nothing is readable
     return raw.map_batches(decode_and_record_skips, batch_size=256, fn_kwargs={
         "size": size or data.image_size, "num_classes": len(class_names(data)),
-        "max_pixels": data.max_image_pixels, "skip_dir": str(skip_dir)})
+        "max_pixels": data.max_image_pixels, "skip_dir": str(skip_dir),
+        "root": filesystem_and_path(location(data.path))[1]})
 
 
 def gather_skipped(skip_dir) -> pa.Table:

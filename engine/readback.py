@@ -1,0 +1,72 @@
+"""Read chosen rows back from their source file: the real-image baselines pick a few ids per class in the quantize
+stage, and only those rows are read again, shard by shard (pure: no Ray).
+
+    read_rows_by_id(data, source, ids) -> {"image": [{bytes, path}], "label": [...]}   (the parquet row form)
+
+`source` is the file a row came from, relative to `data.path`, as the encode stage recorded it beside each latent.
+A parquet shard is read twice, cheaply: its `image.path` column alone (to find the rows), then only the row
+groups that hold them; an ImageFolder image is its own source file; a WebDataset shard is streamed once, keeping
+the chosen samples. The embedded digits are small and are simply reloaded.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine.config import DataConfig
+from engine.location import filesystem_and_path, location
+
+
+def read_parquet_rows_by_id(file, ids: list[str]) -> dict:
+    """Rows of one HF parquet shard whose image.path is in `ids`, in the order of `ids`; missing ids raise."""
+    fs, inner = filesystem_and_path(location(file))
+    shard = pq.ParquetFile(fs.open_input_file(inner))
+    paths = shard.read(columns=["image.path"]).column("image").combine_chunks().field("path").to_pylist()
+    position = {path: row for row, path in enumerate(paths)}
+    missing = [i for i in ids if i not in position]
+    if missing:
+        raise KeyError(f"{file}: {len(missing)} chosen row(s) no longer in the shard, e.g. {missing[:3]}")
+    rows = np.array([position[i] for i in ids], dtype=np.int64)
+    starts = np.cumsum([0] + [shard.metadata.row_group(g).num_rows for g in range(shard.num_row_groups)])
+    groups = sorted(set(np.searchsorted(starts, rows, side="right") - 1))
+    table = shard.read_row_groups(groups, columns=["image", "label"])
+    # Row r of the shard is row (r - start of its group + rows of the groups read before it) of `table`.
+    offset = {g: int(sum(starts[h + 1] - starts[h] for h in groups[:i])) for i, g in enumerate(groups)}
+    taken = table.take(pa.array([offset[g] + r - starts[g] for r, g in
+                                 zip(rows, np.searchsorted(starts, rows, side="right") - 1)]))
+    return taken.to_pydict()
+
+
+def read_rows_by_id(data: DataConfig, source: str, ids: list[str]) -> dict:
+    """The chosen rows of one source file, in the parquet row form {image: [{bytes, path}], label: [...]} that
+    engine.data.decode_rows reads; for the digits, already decoded rows {id, label, image}."""
+    if data.source == "digits":
+        from engine.data import load_split
+
+        train = load_split(data, "train")
+        position = {str(i): row for row, i in enumerate(train.ids)}
+        rows = np.array([position[i] for i in ids], dtype=np.int64)
+        return {"id": np.array(ids, dtype=object), "label": train.labels[rows], "image": train.images[rows]}
+    place = location(data.path) / source
+    if data.source == "parquet":
+        return read_parquet_rows_by_id(place, ids)
+    if data.source == "imagefolder":  # the source is the image file itself (its id)
+        from engine.sources import read_file_bytes
+
+        images = [{"bytes": read_file_bytes(place), "path": ids[0]}] * len(ids)
+    else:  # webdataset: stream the shard and keep the chosen samples
+        from engine.sources import iter_tar_samples
+
+        wanted, found = set(ids), {}
+        with place.open("rb") as stream:
+            for row_id, image, _ in iter_tar_samples(stream, source):
+                if row_id in wanted:
+                    found[row_id] = image
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise KeyError(f"{place}: {len(missing)} chosen sample(s) no longer in the shard, e.g. {missing[:3]}")
+        images = [{"bytes": found[i], "path": i} for i in ids]
+    # The label is only checked by decode_rows, not used: the picks carry each image's class.
+    return {"image": images, "label": [0] * len(ids)}
