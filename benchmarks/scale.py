@@ -180,7 +180,7 @@ def print_table(quarter: dict, full: dict) -> dict:
         a, b = quarter["timings_s"].get(stage, 0.0), full["timings_s"].get(stage, 0.0)
         ratios[stage] = b / a if a else float("nan")
         unit = units.get(stage)
-        rate = f"{unit[1] / a:,.0f} -> {unit[2] / b:,.0f} {unit[0]}/s" if unit and a and b else ""
+        rate = f"{unit[1] / a:,.1f} -> {unit[2] / b:,.1f} {unit[0]}/s" if unit and a and b else ""
         print(f"{stage:<10} {a:>8.1f} {b:>8.1f} {ratios[stage]:>6.2f}   {rate}")
     print(f"{'wall':<10} {quarter['wall_s']:>8.1f} {full['wall_s']:>8.1f} {full['wall_s'] / quarter['wall_s']:>6.2f}")
     print()

@@ -252,8 +252,9 @@ def sample_key(seed: int, row_id: str) -> int:
 def sample_split(config: DataConfig, split: str, limit: int, seed: int) -> ImageSet:
     """A seeded, class-stratified sample of at most `limit` images of a split, in one streamed pass: per class,
     the limit / classes rows of lowest sample_key are kept (encoded bytes only, a bounded heap per class) and
-    decoded at the end. Memory is the sample, never the split. limit=0, or a split no larger than the limit,
-    gives the whole split (as load_split); the embedded digits are always whole (1437 images)."""
+    decoded at the end. Memory is the sample, never the split. More than data.max_skip_fraction of bad rows in the
+    sample stops it (TooManyBadRows), as it stops load_split. limit=0 gives the whole split (load_split); the
+    embedded digits are always whole (1437 images)."""
     if limit == 0 or config.source == "digits":
         return load_split(config, split)
     from engine.sources import class_names_of, iter_row_batches
@@ -263,10 +264,13 @@ def sample_split(config: DataConfig, split: str, limit: int, seed: int) -> Image
     kept: dict[int, list] = {}  # label -> heap of (-key, id, bytes, label): the quota lowest keys seen so far
     for rows in iter_row_batches(config, split):
         for image, label in zip(rows["image"], rows["label"]):
-            if image is None or label is None or not 0 <= int(label) < len(names):
-                continue  # decode_rows would skip it; a sample needs no count of the split's bad rows
-            entry = (-sample_key(seed, str(image.get("path"))), str(image.get("path")), image.get("bytes"), int(label))
-            heap = kept.setdefault(int(label), [])
+            image = image or {}
+            row_id = str(image.get("path"))
+            # Rows without a usable label are sampled too (in a bucket of their own), so the sample's share of bad
+            # rows estimates the split's and data.max_skip_fraction is enforced on it, as load_split does.
+            bucket = int(label) if label is not None and 0 <= int(label) < len(names) else -1
+            entry = (-sample_key(seed, row_id), row_id, image.get("bytes"), label)
+            heap = kept.setdefault(bucket, [])
             if len(heap) < quota:
                 heapq.heappush(heap, entry)
             elif entry > heap[0]:
@@ -274,6 +278,7 @@ def sample_split(config: DataConfig, split: str, limit: int, seed: int) -> Image
     chosen = sorted((e for heap in kept.values() for e in heap), key=lambda e: e[1])
     batch = {"image": [{"bytes": e[2], "path": e[1]} for e in chosen], "label": [e[3] for e in chosen]}
     decoded, skipped = decode_rows(batch, config.image_size, len(names), config.max_image_pixels)
+    check_skipped(len(chosen), skipped, config.max_skip_fraction)
     return ImageSet(decoded["image"], decoded["label"], decoded["id"], names, count_skipped(skipped["reason"]))
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from engine import store
 from engine.config import DistillConfig, config_hash, save_config
 from engine.location import ObjectPath, location, publish_folder
+from engine.manifest import record_stage
 from engine.protocols import get_protocol
 
 STAGES = ("quantize", "decode", "baselines", "evaluate")
@@ -96,6 +97,8 @@ def decode_stage(config: DistillConfig, run_dir, folder: Path, quantized_dir, qu
             f"{config.runtime.decode_actors} actor(s))")
         targets = {ipc: [str(set_dirs[key]) for key in latent_sets if key[2] == ipc] for ipc in ipcs}
         decoded = decode_centroids_to_sets(config, folder, files, targets, tuple(names)).to_pandas()
+        images = {file: {"sha256": sha, "bytes": size}
+                  for copies, sha, size in zip(decoded.files, decoded.sha256, decoded["bytes"]) for file in copies}
         for method, weights, ipc in latent_sets:
             part = decoded[decoded.ipc == ipc]
             store.write_set_index(set_dirs[(method, weights, ipc)], part.path.tolist(), part.label.to_numpy(), names,
@@ -104,6 +107,7 @@ def decode_stage(config: DistillConfig, run_dir, folder: Path, quantized_dir, qu
         log(f"decode: {len(decoded)} images, per actor {sorted(int(v) for v in share)}")
         store.mark_stage_finished(run_dir, "decode", decode_key, images=len(decoded),
                                   images_per_actor=sorted(int(v) for v in share))
+        record_stage(run_dir, "decode", images)
     return decode_key, set_dirs
 
 
@@ -131,7 +135,8 @@ def baselines_stage(config: DistillConfig, run_dir, quantized_dir, quantize_key:
             paths = [store.image_file_name(int(c), int(r)) for c, r in zip(part.label, part["rank"])]
             ones = np.ones(len(part))
             store.write_set_index(folder, paths, part.label.to_numpy(), names, ones, ones.astype(int))
-        store.mark_stage_finished(run_dir, "real_sets", real_key, methods=real, files=files)
+        store.mark_stage_finished(run_dir, "real_sets", real_key, methods=real, files=len(files))
+        record_stage(run_dir, "baselines", files)
     return real_key, real_dirs
 
 
@@ -205,12 +210,13 @@ def encode_stage(config: DistillConfig, run_dir, folder: Path, latent_shape, ima
     if marker is None:
         log(f"encoding the train split with the prior's VAE (latent shape {latent_shape})")
         store.invalidate_stage(run_dir, "encode")  # the old latents are about to be replaced
-        encoded = encode_to_parquet(config, folder, latents_dir, image_size, tuple(names))
+        encoded, files = encode_to_parquet(config, folder, latents_dir, image_size, tuple(names))
         skipped = count_skipped(store.read_table(run_dir / "skipped.parquet", ["reason"]).column(0).to_pylist())
         if skipped:
             log(f"encode: skipped {sum(skipped.values())} unusable rows {skipped} (listed in skipped.parquet)")
         store.mark_stage_finished(run_dir, "encode", encode_key, images=encoded, latent_shape=latent_shape,
                                   skipped=skipped)
+        record_stage(run_dir, "encode", files)
     else:
         encoded, skipped = marker["images"], marker.get("skipped", {})
         log(f"encode: reusing {encoded} latents from an earlier run")
@@ -230,11 +236,12 @@ def quantize_stage(config: DistillConfig, run_dir, latents_dir, encode_key: str)
         class_dirs = store.class_latent_dirs(latents_dir)
         log(f"quantizing {len(class_dirs)} classes at IPC {list(config.quantize.ipc)} on "
             f"{config.runtime.quantize_actors} actors")
-        stats = quantize_classes(config, class_dirs, quantized_dir, log)
+        stats, files = quantize_classes(config, class_dirs, quantized_dir, log)
         weights = gather_centroid_weights(quantized_dir, sorted(class_dirs))
         store.atomic_write_table(run_dir / "centroids.parquet", weights)
         store.atomic_write_table(run_dir / "quantization.parquet", stats)
         store.mark_stage_finished(run_dir, "quantize", quantize_key, classes=len(class_dirs))
+        record_stage(run_dir, "quantize", files)
     stats = store.read_table(run_dir / "quantization.parquet").to_pandas()
     return quantize_key, quantized_dir, stats
 
@@ -248,6 +255,7 @@ def run(config: DistillConfig, until: str = "evaluate") -> dict:
     from engine.report import write_report
 
     check_run_inputs(config, class_names(config.data), until)  # before anything is written or started
+    store.start_ledger()  # this process's writes are recorded for the manifest (engine/manifest.py)
     try:  # an unreachable object store or a missing bucket is one sentence, before any work
         run_dir = config.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -295,5 +303,5 @@ def run(config: DistillConfig, until: str = "evaluate") -> dict:
                           "skipped": skipped, "classes": int(stats.label.nunique()), "empty_classes": empty_classes}}
     store.atomic_write_json(run_dir / "metrics.json", metrics)
     log(f"report: {write_report(run_dir)}")
-    write_manifest(run_dir)  # last: sha256 of every output file (report included), to compare runs, detect changes
+    write_manifest(run_dir)  # last: from the writers' records (report included), to compare runs, detect changes
     return metrics

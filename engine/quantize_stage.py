@@ -59,10 +59,11 @@ def peak_rss_mb() -> float:
 
 def quantize_class_folder(label: int, class_dir: str, config: QuantizeConfig, out_dir: str,
                           device: str = "cpu") -> dict:
-    """Quantize one class at every IPC of the config; returns {label, n, seconds, skipped, peak_rss_mb}."""
+    """Quantize one class at every IPC of the config; returns {label, n, seconds, skipped, peak_rss_mb, files: the
+    records {path: {sha256, bytes}} of what it wrote}."""
     centroids_path, stats_path = class_result_paths(out_dir, label)
     if stats_path.exists():
-        return {"label": label, "n": -1, "seconds": 0.0, "skipped": True, "peak_rss_mb": peak_rss_mb()}
+        return {"label": label, "n": -1, "seconds": 0.0, "skipped": True, "peak_rss_mb": peak_rss_mb(), "files": {}}
     start = time.perf_counter()
     table = read_class_table(class_dir, ("id", "source", "latent"))
     ids, latents = np.asarray(table.column("id").to_pylist(), dtype=object), table_latents(table)
@@ -90,12 +91,13 @@ def quantize_class_folder(label: int, class_dir: str, config: QuantizeConfig, ou
         })
     centroids = pa.Table.from_pylist(centroid_rows).append_column(
         "latent", float32_rows(np.concatenate(centroid_latents)))
-    atomic_write_table(centroids_path, centroids)
     picks = select_real_images(ids, table.column("source").to_pylist(), latents, label, tuple(config.ipc), config.seed)
-    atomic_write_table(class_picks_path(out_dir, label), picks)
-    atomic_write_table(stats_path, pa.Table.from_pylist(stat_rows))  # last: the class's completion marker
+    files = {str(centroids_path): atomic_write_table(centroids_path, centroids),
+             str(class_picks_path(out_dir, label)): atomic_write_table(class_picks_path(out_dir, label), picks),
+             # last: the class's completion marker
+             str(stats_path): atomic_write_table(stats_path, pa.Table.from_pylist(stat_rows))}
     return {"label": label, "n": len(latents), "seconds": time.perf_counter() - start, "skipped": False,
-            "peak_rss_mb": peak_rss_mb()}
+            "peak_rss_mb": peak_rss_mb(), "files": files}
 
 
 def gather_class_stats(out_dir, labels: list[int]) -> pa.Table:

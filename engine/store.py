@@ -35,11 +35,32 @@ import pyarrow.parquet as pq
 from engine.location import ObjectPath, filesystem_and_path, list_files, location
 
 
-def atomic_write_bytes(path: Path | ObjectPath | str, data: bytes) -> None:
+# What this process wrote, {path: {sha256, bytes}}, while a run's driver keeps the ledger (start_ledger): the
+# manifest is merged from such records (engine/manifest.py), never by reading the run folder back.
+_LEDGER: dict[str, dict] | None = None
+
+
+def start_ledger() -> None:
+    global _LEDGER
+    _LEDGER = {}
+
+
+def take_ledger() -> dict[str, dict]:
+    """The records written since the last call (empty when no ledger is kept)."""
+    global _LEDGER
+    taken, _LEDGER = (_LEDGER or {}), ({} if _LEDGER is not None else None)
+    return taken
+
+
+def atomic_write_bytes(path: Path | ObjectPath | str, data: bytes) -> dict:
+    """Write a file whole or not at all; returns its record {sha256, bytes} (hashed from the bytes in hand)."""
     path = location(path)
+    record = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    if _LEDGER is not None:
+        _LEDGER[str(path)] = record
     if isinstance(path, ObjectPath):
         path.write_bytes(data)  # audit: one object PUT, it appears whole or not at all
-        return
+        return record
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".")
     try:
@@ -49,13 +70,10 @@ def atomic_write_bytes(path: Path | ObjectPath | str, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return record
 
 
-def write_recorded(path: Path | ObjectPath | str, data: bytes) -> dict:
-    """atomic_write_bytes that returns {sha256, bytes}: writers record the hashes of what they write, so the run's
-    manifest is merged from these records instead of reading the folder back."""
-    atomic_write_bytes(path, data)
-    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+write_recorded = atomic_write_bytes  # the name writers use where the returned record matters
 
 
 def table_bytes(table: pa.Table) -> bytes:
@@ -64,8 +82,8 @@ def table_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def atomic_write_json(path: Path, value) -> None:
-    atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+def atomic_write_json(path: Path, value) -> dict:
+    return atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
 
 
 def atomic_write_table(path: Path, table: pa.Table) -> dict:
@@ -142,8 +160,9 @@ def write_class_latents(out_dir, label: int, table: pa.Table) -> dict:
     sorted by id (so a re-run is byte-identical). Returns {label, rows, path (relative), sha256, bytes}."""
     table = table.select([c for c in ("id", "source", "latent") if c in table.column_names]).sort_by("id")
     relative = f"label={label}/part-00000.parquet"
-    return {"label": label, "rows": table.num_rows, "path": relative,
-            **atomic_write_table(location(out_dir) / relative, table)}
+    file = location(out_dir) / relative
+    return {"label": label, "rows": table.num_rows, "path": relative, "file": str(file),
+            **atomic_write_table(file, table)}
 
 
 def class_latent_dirs(latents_dir: str | Path | ObjectPath) -> dict[int, Path | ObjectPath]:

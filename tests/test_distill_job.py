@@ -51,6 +51,15 @@ def test_smoke_run_writes_every_output_and_reruns_from_cache(ray_session, tmp_pa
     assert (stats.w2_mass <= stats.w2_uniform + 1e-9).all()
     np.testing.assert_allclose(stats.w2_mass**2, stats.distortion, rtol=1e-3)
 
+    # The manifest came from the writers' records, not a re-read: it equals a re-read of the folder, and only the
+    # files Ray Train's workers write (results/) had no record.
+    from engine.manifest import build_manifest
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["files"] == build_manifest(run_dir)
+    read = [p for p in manifest["files"] if not p.startswith("results/")]
+    assert manifest["hashed_by_reading"] == len(manifest["files"]) - len(read)
+
     # Same command again: every stage and every student is reused, results identical.
     again = distill.run(config)
     assert again["results"] == metrics["results"]

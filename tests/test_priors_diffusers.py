@@ -184,7 +184,7 @@ def test_sd15_through_the_ray_encode_and_decode_stages(ray_session, tmp_path, sd
                                 "data.name=toy", "data.image_size=20", "prior.kind=sd15", f"prior.path={sd15_folder}",
                                 "decode.num_steps=3", "decode.negative_prompt=cartoon"])
     names = ("tench", "goldfish")
-    assert encode_to_parquet(config, sd15_folder, tmp_path / "latents", sd15.image_size, names) == 8
+    assert encode_to_parquet(config, sd15_folder, tmp_path / "latents", sd15.image_size, names)[0] == 8
     ids, latents = store.read_class_latents(store.class_latent_dirs(tmp_path / "latents")[1])
     assert latents.shape == (4, 4 * 16 * 16)
     from tests.centroid_files import write_centroid_files

@@ -1,5 +1,6 @@
 """The Ray layer on small inputs: encode through Ray Data, quantize on the actor pool, decode through Ray Data."""
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +30,16 @@ def test_encode_quantize_decode_on_ray(ray_session, config, saved_prior, tmp_pat
     from engine.priors.tiny import load_tiny_prior
 
     latents_dir = tmp_path / "latents"
-    count = encode_to_parquet(config, saved_prior, latents_dir)
+    count, records = encode_to_parquet(config, saved_prior, latents_dir)
     train = load_split(config.data, "train")
     assert count == len(train)
     class_dirs = store.class_latent_dirs(latents_dir)
     assert sorted(class_dirs) == list(range(10))
     assert not latents_dir.with_name("latents.partial").exists()
+    # One file per class, and the writers' records are the files' real hashes (the manifest trusts them).
+    assert all(len(list(d.iterdir())) == 1 for d in class_dirs.values()) and len(records) == 10
+    for path, record in records.items():
+        assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == record["sha256"]
 
     # The Ray path gives the same latents as the pure function, class by class, in id order.
     ids, got = store.read_class_latents(class_dirs[2])
@@ -45,7 +50,8 @@ def test_encode_quantize_decode_on_ray(ray_session, config, saved_prior, tmp_pat
     # Actor pool: a few classes, every IPC; identical to calling the pure function directly.
     subset = {label: class_dirs[label] for label in (0, 1, 2)}  # the test prior knows 3 classes
     quantized = tmp_path / "quantized"
-    stats = quantize_classes(config, subset, quantized)
+    stats, records = quantize_classes(config, subset, quantized)
+    assert len(records) == 3 * 3  # centroids, picks, stats of each class
     assert sorted(set(stats.column("label").to_pylist())) == [0, 1, 2]
     assert store.quantized_labels(quantized) == [0, 1, 2]
     centroids = pa.concat_tables([store.read_table(class_result_paths(quantized, c)[0]) for c in (0, 1, 2)])
@@ -111,7 +117,7 @@ def test_parquet_shards_stream_through_ray_data(ray_session, tmp_path, saved_pri
     (tmp_path / "classes.txt").write_text("even\nodd\n")
     config = load_config(None, [f"runs_dir={tmp_path}", "data.source=parquet", f"data.path={tmp_path}",
                                 "data.name=toy", f"prior.path={saved_prior}"])
-    assert encode_to_parquet(config, saved_prior, tmp_path / "latents") == 12
+    assert encode_to_parquet(config, saved_prior, tmp_path / "latents")[0] == 12
     class_dirs = store.class_latent_dirs(tmp_path / "latents")
     ids, latents = store.read_class_latents(class_dirs[1])
     assert list(ids) == [f"train/{i:06d}.png" for i in range(12) if i % 2 == 1]

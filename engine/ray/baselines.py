@@ -26,7 +26,7 @@ def fetch_and_write(batch: dict, data: DataConfig) -> dict:
     from engine.readback import read_rows_by_id
     from engine.store import share_file, write_png
 
-    written = []
+    written: list[tuple[str, str, int]] = []  # (file, sha256, bytes) of every file, shared copies included
     for source, ids, targets in zip(batch["source"], batch["ids"], batch["targets"]):
         ids, targets = [str(i) for i in ids], [list(t) for t in targets]
         rows = read_rows_by_id(data, str(source), ids)
@@ -37,16 +37,18 @@ def fetch_and_write(batch: dict, data: DataConfig) -> dict:
         by_id = {str(i): image for i, image in zip(rows["id"], rows["image"])}
         for image_id, image_targets in zip(ids, targets):
             first, *others = [location(t) for t in image_targets]
-            write_png(first, np.asarray(by_id[image_id]))
+            record = write_png(first, np.asarray(by_id[image_id]))
             for target in others:
                 share_file(first, target)
-            written.append(len(image_targets))
-    return {"files": np.array([sum(written)])}
+            written += [(str(t), record["sha256"], record["bytes"]) for t in (first, *others)]
+    return {"file": np.array([w[0] for w in written], dtype=object),
+            "sha256": np.array([w[1] for w in written], dtype=object),
+            "bytes": np.array([w[2] for w in written], dtype=np.int64)}
 
 
-def write_real_sets(config: DistillConfig, picks: pa.Table, set_dirs: dict[tuple[str, int], str]) -> int:
+def write_real_sets(config: DistillConfig, picks: pa.Table, set_dirs: dict[tuple[str, int], str]) -> dict:
     """Write every (method, ipc) set of `set_dirs` from the picks {method, ipc, rank, label, id, source}; returns
-    the number of image files. Indexes are the caller's: they need no pixels."""
+    the records {file: {sha256, bytes}} of the images. Indexes are the caller's: they need no pixels."""
     from engine.store import image_file_name
 
     targets: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
@@ -58,9 +60,9 @@ def write_real_sets(config: DistillConfig, picks: pa.Table, set_dirs: dict[tuple
     items = [{"source": source, "ids": list(chosen), "targets": list(chosen.values())}
              for source, chosen in sorted(targets.items())]
     if not items:
-        return 0
+        return {}
     cpus = int(ray.cluster_resources().get("CPU", 1))
     blocks = max(1, min(len(items), 4 * cpus))
     done = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
         fetch_and_write, fn_kwargs={"data": config.data}, batch_size=max(1, math.ceil(len(items) / blocks)))
-    return int(sum(r["files"] for r in done.take_all()))
+    return {r["file"]: {"sha256": r["sha256"], "bytes": int(r["bytes"])} for r in done.take_all()}

@@ -72,22 +72,27 @@ def write_images(batch: dict, set_dirs: dict[int, list[str]]) -> dict:
     """Ray Data task: each decoded image -> one PNG in the first set folder of its IPC, shared with the others."""
     from engine.store import image_file_name, share_file, write_png
 
-    paths, digests = [], []
+    paths, files, digests, sizes = [], [], [], []
     for image, label, index, ipc in zip(batch["image"], batch["label"], batch["index"], batch["ipc"]):
         name = image_file_name(int(label), int(index))
-        first, *others = [location(folder) / name for folder in set_dirs[int(ipc)]]
-        digests.append(write_png(first, np.asarray(image))["sha256"])
-        for target in others:
-            share_file(first, target)
+        targets = [location(folder) / name for folder in set_dirs[int(ipc)]]
+        record = write_png(targets[0], np.asarray(image))
+        for target in targets[1:]:
+            share_file(targets[0], target)
         paths.append(name)
+        files.append([str(t) for t in targets])
+        digests.append(record["sha256"])
+        sizes.append(record["bytes"])
     kept = {k: batch[k] for k in META_COLUMNS + ("actor",)}
-    return {**kept, "path": np.array(paths, dtype=object), "sha256": np.array(digests, dtype=object)}
+    return {**kept, "path": np.array(paths, dtype=object), "files": files,
+            "sha256": np.array(digests, dtype=object), "bytes": np.array(sizes, dtype=np.int64)}
 
 
 def decode_centroids_to_sets(config: DistillConfig, prior_folder, class_files: dict[int, str],
                              set_dirs: dict[int, list[str]], class_names: tuple = ()) -> pa.Table:
     """Decode every centroid of `set_dirs`' IPCs from the class files {label: centroids file}; returns one row per
-    image {label, ipc, index, count, weight_<mode>..., actor, path, sha256} (no pixels, no latents)."""
+    image {label, ipc, index, count, weight_<mode>..., actor, path, files (every set's copy), sha256, bytes}
+    (no pixels, no latents)."""
     runtime = config.runtime
     use_gpu = runtime.gpus_per_actor > 0
     check_pool_fits("decode", runtime.decode_actors, runtime.decode_cpus_per_actor, runtime.gpus_per_actor,

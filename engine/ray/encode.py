@@ -54,12 +54,12 @@ def write_class_group(group: pa.Table, out_dir: str) -> pa.Table:
 
 
 def encode_to_parquet(config: DistillConfig, prior_folder, out_dir, resolution: int | None = None,
-                      class_names: tuple = ()) -> int:
+                      class_names: tuple = ()) -> tuple[int, dict]:
     """Encode the train split at the prior's `resolution` into out_dir (see the module docstring). Fails, before
-    anything is published, when more than `data.max_skip_fraction` of the rows read were skipped. Returns the
-    number of images encoded. Locally the latents go to a staging folder renamed into place. Object stores cannot
-    rename a folder: there they are written in place, and the caller's stage marker (removed before, written
-    after) says they are whole."""
+    anything is published, when more than `data.max_skip_fraction` of the rows read were skipped. Returns (images
+    encoded, records {file at its final path: {sha256, bytes}} of the latents). Locally the latents go to a
+    staging folder renamed into place. Object stores cannot rename a folder: there they are written in place, and
+    the caller's stage marker (removed before, written after) says they are whole."""
     from engine.store import atomic_write_table
 
     runtime = config.runtime
@@ -88,7 +88,7 @@ def encode_to_parquet(config: DistillConfig, prior_folder, out_dir, resolution: 
     classes = len(class_names) or len(data_class_names(config.data))
     written = latents.groupby("label", num_partitions=min(classes, runtime.shuffle_partitions)).map_groups(
         write_class_group, fn_kwargs={"out_dir": str(staging)}, batch_format="pyarrow")
-    records = written.take_all()  # one small row per class
+    records = written.take_all()  # one small row per class: {label, rows, path, file, sha256, bytes}
     count = sum(int(r["rows"]) for r in records)
     skipped = gather_skipped(skip_dir)
     check_skipped(count + skipped.num_rows, skipped.to_pydict(), config.data.max_skip_fraction)
@@ -97,4 +97,5 @@ def encode_to_parquet(config: DistillConfig, prior_folder, out_dir, resolution: 
         remove_tree(out_dir)
         staging.rename(out_dir)  # the stage's output appears whole or not at all
     remove_tree(skip_dir)
-    return count
+    files = {str(out_dir / r["path"]): {"sha256": r["sha256"], "bytes": int(r["bytes"])} for r in records}
+    return count, files

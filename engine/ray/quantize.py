@@ -74,10 +74,12 @@ def run_class_pool(config: DistillConfig, class_dirs: dict[int, Path], out_dir: 
     return summaries
 
 
-def quantize_classes(config: DistillConfig, class_dirs: dict[int, Path], out_dir: Path, log=None) -> pa.Table:
-    """All classes through the actor pool into out_dir (class files: engine/quantize_stage.py) -> the per-class
-    statistics table. The centroids stay in their class files."""
+def quantize_classes(config: DistillConfig, class_dirs: dict[int, Path], out_dir: Path,
+                     log=None) -> tuple[pa.Table, dict]:
+    """All classes through the actor pool into out_dir (class files: engine/quantize_stage.py) -> (the per-class
+    statistics table, the records of the files written). The centroids stay in their class files."""
     from engine.quantize_stage import gather_class_stats
 
-    run_class_pool(config, class_dirs, out_dir, "quantize", log)
-    return gather_class_stats(out_dir, sorted(class_dirs))
+    summaries = run_class_pool(config, class_dirs, out_dir, "quantize", log)
+    files = {path: record for summary in summaries for path, record in summary["files"].items()}
+    return gather_class_stats(out_dir, sorted(class_dirs)), files
