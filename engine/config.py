@@ -151,6 +151,9 @@ class EvaluateConfig:
 class RuntimeConfig:
     # 0 = let Ray use every core of the machine (ignored when connecting to a running cluster).
     num_cpus: int = 0
+    # Object store of a local Ray, MiB; 0 = Ray's default (30 % of RAM). Every worker maps the store, and the
+    # store's pages a worker has touched count in its RSS, up to the store's size.
+    object_store_mb: int = 0
     encode_actors: int = 1
     quantize_actors: int = 2
     # GPUs per quantize actor: > 0 runs faiss k-means on the GPU (needs the faiss-gpu build: `pip install .[gpu]`).
@@ -244,6 +247,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "runtime.encode_threads_per_actor": (lambda v: v >= 0, "must be >= 0 (0 = the CPU reservation)"),
     "runtime.decode_threads_per_actor": (lambda v: v >= 0, "must be >= 0 (0 = the CPU reservation)"),
     "runtime.shuffle_partitions": (lambda v: v >= 1, "must be >= 1"),
+    "runtime.object_store_mb": (lambda v: v == 0 or v >= 80, "must be 0 (Ray's default) or >= 80"),
     "prior.train_images": (lambda v: v >= 0, "must be >= 0 (0 = every train image)"),
 }
 

@@ -26,3 +26,18 @@ def test_quantizer_benchmark_prints_the_ratio_line():
 def test_stage_benchmark_runs():
     out = run("benchmarks/quantize_stage.py", "--classes", "3", "--n", "100", "--shape", "4", "4", "4")
     assert "speedup 1 -> 2 actors" in out
+
+
+@pytest.mark.slow
+def test_the_rehearsal_runs_at_a_toy_size(tmp_path):
+    """benchmarks/scale.py end to end on 8 classes (N/4: 2): both runs, the table and the ratio line."""
+    import os
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "DDOQ_REHEARSAL_RUNS": str(tmp_path / "runs")}
+    out = subprocess.run([sys.executable, "benchmarks/scale.py", "--classes", "8", "--per-class", "60"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=1500, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    last = out.stdout.strip().splitlines()[-1].split()
+    assert [item.split("=")[0] for item in last] == ["rss_ratio_driver", "rss_ratio_worker", "time_ratio_max",
+                                                      "files_per_class_max", "decode_actors_busy", "encode_vs_bare"]
+    assert dict(item.split("=") for item in last)["files_per_class_max"] == "1"

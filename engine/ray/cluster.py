@@ -19,7 +19,8 @@ def init_ray(runtime: RuntimeConfig) -> None:
         ray.init()
     else:  # "local": never attach by surprise to a cluster some earlier `ray start` left running
         # The dashboard (on 127.0.0.1 only) serves the state API that Ray Train's controller polls.
-        ray.init(address="local", num_cpus=runtime.num_cpus or None, dashboard_host="127.0.0.1")
+        ray.init(address="local", num_cpus=runtime.num_cpus or None, dashboard_host="127.0.0.1",
+                 object_store_memory=runtime.object_store_mb * 2**20 or None)
     ray.data.DataContext.get_current().enable_progress_bars = True
 
 
