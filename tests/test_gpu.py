@@ -98,3 +98,17 @@ def test_soft_label_student_with_a_teacher_from_disk_trains_on_cuda(tmp_path):
     student = train_student(data, teacher, 3, "convnet3", 2, config, seed=0,
                             worker=Worker(wrap_model=lambda m: m.to("cuda")))
     assert all(p.is_cuda for p in student.parameters())
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("ray") is None, reason="the engine's job needs Ray")
+def test_the_smoke_run_on_gpu_actors_and_a_gpu_trainer(tmp_path):
+    """jobs/distill.py --smoke-test with every stage placed on the GPU (encode/decode actors, a GPU quantize actor,
+    the Ray Train worker), teacher trained and then re-loaded from disk on the second run: no device mismatch."""
+    command = [sys.executable, "jobs/distill.py", "--smoke-test", f"runs_dir={tmp_path / 'runs'}",
+               f"cache_dir={tmp_path / 'cache'}", "runtime.gpus_per_actor=0.25", "runtime.quantize_gpus_per_actor=0.25",
+               "runtime.train_use_gpu=true", "runtime.train_cpus_per_worker=1", "runtime.prior_dtype=bfloat16"]
+    for attempt, name in (("trains the teacher", "smoke"), ("loads it from disk", "smoke-again")):
+        # Another run name: its students train again, against the teacher the first run cached in cache_dir.
+        out = subprocess.run(command + [f"name={name}"], cwd=ROOT, capture_output=True, text=True, timeout=1500)
+        assert out.returncode == 0, f"{attempt}: " + out.stdout[-3000:] + out.stderr[-3000:]
+        assert "top1 (mean ± std)" in out.stdout
