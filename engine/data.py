@@ -256,7 +256,7 @@ def sample_split(config: DataConfig, split: str, limit: int, seed: int) -> Image
     sample stops it (TooManyBadRows), as it stops load_split. limit=0 gives the whole split (load_split); the
     embedded digits are always whole (1437 images)."""
     if limit == 0 or config.source == "digits":
-        return load_split(config, split)
+        return load_split(config, split)  # asked for the whole split (small sets), or the 1437 digits
     from engine.sources import class_names_of, iter_row_batches
 
     names = class_names_of(config)

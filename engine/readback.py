@@ -45,17 +45,19 @@ def read_rows_by_id(data: DataConfig, source: str, ids: list[str]) -> dict:
     if data.source == "digits":
         from engine.data import load_split
 
-        train = load_split(data, "train")
+        train = load_split(data, "train")  # the embedded digits: 1437 images, never a large split
         position = {str(i): row for row, i in enumerate(train.ids)}
         rows = np.array([position[i] for i in ids], dtype=np.int64)
         return {"id": np.array(ids, dtype=object), "label": train.labels[rows], "image": train.images[rows]}
     place = location(data.path) / source
     if data.source == "parquet":
         return read_parquet_rows_by_id(place, ids)
-    if data.source == "imagefolder":  # the source is the image file itself (its id)
+    if data.source == "imagefolder":  # the source is the image file itself: its one id
         from engine.sources import read_file_bytes
 
-        images = [{"bytes": read_file_bytes(place), "path": ids[0]}] * len(ids)
+        if len(set(ids)) != 1:
+            raise ValueError(f"{place}: an image file holds one image, asked for {len(set(ids))} ids")
+        images = [{"bytes": read_file_bytes(place), "path": ids[0]}]
     else:  # webdataset: stream the shard and keep the chosen samples
         from engine.sources import iter_tar_samples
 

@@ -273,7 +273,7 @@ def iter_image_rows(root: str, names, labels, batch_size: int = 256) -> Iterator
 
 
 class _TarDamage(Exception):
-    pass
+    """A tar shard that breaks off or holds garbage: the rest of the shard becomes one skipped row."""
 
 
 class _StrictTarInfo(tarfile.TarInfo):

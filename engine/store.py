@@ -73,9 +73,6 @@ def atomic_write_bytes(path: Path | ObjectPath | str, data: bytes) -> dict:
     return record
 
 
-write_recorded = atomic_write_bytes  # the name writers use where the returned record matters
-
-
 def table_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
@@ -88,7 +85,7 @@ def atomic_write_json(path: Path, value) -> dict:
 
 def atomic_write_table(path: Path, table: pa.Table) -> dict:
     """A parquet file written whole; returns its {sha256, bytes} record."""
-    return write_recorded(path, table_bytes(table))
+    return atomic_write_bytes(path, table_bytes(table))
 
 
 def read_table(path: Path | ObjectPath | str, columns: list[str] | None = None) -> pa.Table:
@@ -248,7 +245,7 @@ def share_file(source: Path | ObjectPath, target: Path | ObjectPath) -> None:
 
 def write_png(path: Path | ObjectPath, image: np.ndarray) -> dict:
     """(H, W, 3) uint8 -> PNG file, atomically; returns its {sha256, bytes} record."""
-    return write_recorded(path, png_bytes(image))
+    return atomic_write_bytes(path, png_bytes(image))
 
 
 def write_set_index(folder: Path | ObjectPath, files: list[str], labels, class_names, weights, counts) -> None:

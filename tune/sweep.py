@@ -140,7 +140,8 @@ def prepare_shared_stages(base: DistillConfig, space: SearchSpace, sweep_dir) ->
         config = dataclasses.replace(config, quantize=dataclasses.replace(config.quantize, ipc=ipcs))
         folder, names, latent_shape, image_size = pipeline.prepare_prior(config)
         encode_dir = location(sweep_dir) / "shared" / f"encode-{config_hash(config.data, config.prior)}"
-        encode_key, latents_dir, _, _ = pipeline.encode_stage(config, encode_dir, folder, latent_shape, image_size, names)
+        encode_key, latents_dir, _, _ = pipeline.encode_stage(config, encode_dir, folder, latent_shape, image_size,
+                                                              names)
         target = shared_folder(config, sweep_dir)
         pipeline.quantize_stage(config, target, latents_dir, encode_key)
         folders.append(target)
@@ -186,8 +187,10 @@ def _decode_and_evaluate(config, run_dir, folder, quantized_dir, quantize_key, n
 def peak_trial_resources(config: DistillConfig) -> dict[str, float]:
     """What one trial holds at its busiest: its own process plus the larger of its decode actors and its
     trainer (a trial runs them one after the other, never together)."""
+    from engine.ray.cluster import WRITE_TASK_CPUS
+
     runtime = config.runtime
-    cpu = max(runtime.decode_actors * runtime.decode_cpus_per_actor + 0.5,  # + its PNG-writing tasks
+    cpu = max(runtime.decode_actors * runtime.decode_cpus_per_actor + WRITE_TASK_CPUS,  # + its PNG-writing tasks
               runtime.train_workers * runtime.train_cpus_per_worker)
     gpu = max(runtime.decode_actors * runtime.gpus_per_actor, runtime.train_workers * int(runtime.train_use_gpu))
     return {"CPU": TRIAL_CPU + cpu, "GPU": float(gpu)}

@@ -33,7 +33,8 @@ def fetch_and_write(batch: dict, data: DataConfig) -> dict:
         if "id" not in rows:  # raw file rows: decode exactly as the encode stage did
             rows, skipped = decode_rows(rows, data.image_size, None, data.max_image_pixels)
             if skipped["id"]:
-                raise ValueError(f"{source}: chosen row(s) no longer decode: {skipped['id'][:3]} ({skipped['reason'][:3]})")
+                raise ValueError(f"{source}: chosen row(s) no longer decode: {skipped['id'][:3]} "
+                                 f"({skipped['reason'][:3]})")
         by_id = {str(i): image for i, image in zip(rows["id"], rows["image"])}
         for image_id, image_targets in zip(ids, targets):
             first, *others = [location(t) for t in image_targets]
@@ -65,4 +66,5 @@ def write_real_sets(config: DistillConfig, picks: pa.Table, set_dirs: dict[tuple
     blocks = max(1, min(len(items), 4 * cpus))
     done = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
         fetch_and_write, fn_kwargs={"data": config.data}, batch_size=max(1, math.ceil(len(items) / blocks)))
+    # One small row per image file: classes x IPC x methods, never the pixels.
     return {r["file"]: {"sha256": r["sha256"], "bytes": int(r["bytes"])} for r in done.take_all()}

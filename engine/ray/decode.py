@@ -118,5 +118,6 @@ def decode_centroids_to_sets(config: DistillConfig, prior_folder, class_files: d
         num_gpus=runtime.gpus_per_actor,
         num_cpus=runtime.decode_cpus_per_actor,
     ).map_batches(write_images, fn_kwargs={"set_dirs": set_dirs}, batch_size=None, num_cpus=WRITE_TASK_CPUS)
+    # One small row per decoded image (classes x IPC; the pixels stayed in the write tasks).
     return pa.Table.from_pylist(decoded.take_all()).sort_by([("ipc", "ascending"), ("label", "ascending"),
                                                              ("index", "ascending")])

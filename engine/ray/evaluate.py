@@ -73,8 +73,8 @@ def _evaluation_loop(loop_config: dict) -> None:
             data, epochs = TrainSet(*read_distilled_set(job["set_dir"])), student_epochs(evaluate)
         soft_labels = None
         if protocol.stored_labels:
-            soft_labels = _stored_soft_labels(results_dir / "soft_labels" / f"{job['set']}-seed{job['seed']}.safetensors",
-                                              data, teacher, epochs, evaluate, job["seed"], worker.rank)
+            labels_path = results_dir / "soft_labels" / f"{job['set']}-seed{job['seed']}.safetensors"
+            soft_labels = _stored_soft_labels(labels_path, data, teacher, epochs, evaluate, job["seed"], worker.rank)
 
         def report(step: int, model, job=job):
             # Progress signal (and Tune's early-stopping metric) on a fixed slice of the held-out split: the whole

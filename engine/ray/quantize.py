@@ -22,10 +22,10 @@ class QuantizeWorker:
 
         try:
             import faiss
-
-            faiss.omp_set_num_threads(1)  # one CPU per actor; parallelism comes from the pool
         except ImportError:  # a GPU node without faiss: the torch quantizer runs (engine/quantize_torch.py)
-            pass
+            faiss = None
+        if faiss is not None:
+            faiss.omp_set_num_threads(1)  # one CPU per actor; parallelism comes from the pool
         self.config, self.out_dir = config, out_dir
         self.device = quantize_device(gpus)  # an actor given a GPU fails rather than quantize on the CPU
 
