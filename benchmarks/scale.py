@@ -162,7 +162,7 @@ def bare_encode_images_per_s(classes: int, per_class: int | None, resolution: in
     import torch
 
     from engine.config import load_config
-    from engine.data import decode_rows
+    from engine.data import decode_rows, resize_mode
     from engine.priors import load_prior, prior_folder
     from engine.sources import iter_row_batches
 
@@ -173,7 +173,7 @@ def bare_encode_images_per_s(classes: int, per_class: int | None, resolution: in
     prior = load_prior("tiny", prior_folder(config.prior, config.data, config.cache_path), ())
     done, start = 0, time.perf_counter()
     for rows in iter_row_batches(config.data, "train", batch_size=config.encode.batch_size):
-        decoded, _ = decode_rows(rows, resolution, classes)
+        decoded, _ = decode_rows(rows, resolution, classes, mode=resize_mode(config.data))
         prior.encode(np.asarray(decoded["image"]), config.encode.batch_size)
         done += len(decoded["id"])
         if done >= images:

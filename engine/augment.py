@@ -91,10 +91,3 @@ def cutmix_lambda(box: torch.Tensor, image_size: int) -> float:
     """Fraction of each image that stays its own (1 - pasted area)."""
     y0, y1, x0, x1 = box.tolist()
     return 1.0 - (y1 - y0) * (x1 - x0) / image_size**2
-
-
-def apply_cutmix(x: torch.Tensor, perm: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
-    y0, y1, x0, x1 = box.tolist()
-    mixed = x.clone()
-    mixed[:, :, y0:y1, x0:x1] = x[perm.to(x.device), :, y0:y1, x0:x1]
-    return mixed

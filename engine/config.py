@@ -42,6 +42,12 @@ class DataConfig:
     max_skip_fraction: float = 0.01
     # Images whose header claims more pixels are skipped before decompression (PIL's decompression-bomb limit).
     max_image_pixels: int = 89_478_485
+    # How a decoded image becomes image_size x image_size (engine.data.to_rgb_square): "squash" resizes it whole,
+    # without cropping (a non-square image is distorted); "center_crop" resizes its shorter side to
+    # round(image_size * 256 / 224) and takes the centre square (the standard ImageNet evaluation transform,
+    # "resize 256, center-crop 224" at 224 px); "auto" is center_crop at image_size >= 128, squash below (digits,
+    # MNIST-likes). It applies at whatever size a stage decodes to (the prior's 512 for sd15: the same 87.5 % centre).
+    resize: Literal["auto", "squash", "center_crop"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -145,6 +151,8 @@ class EvaluateConfig:
     # Held-out top-1 is measured and reported (ray.train.report, checkpoint saved) this many times per student.
     reports: int = 5
     seeds: tuple[int, ...] = (0, 1, 2)
+    # auto = bf16 autocast on GPUs (weights and optimizer stay fp32), fp32 on CPUs; fp32 / bf16 force it.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -173,14 +181,22 @@ class RuntimeConfig:
     shuffle_partitions: int = 200
     # An encode / decode pool waits this long for all its actors (GPU nodes the autoscaler adds) before failing.
     pool_start_timeout_s: int = 1800
+    # Evaluation: each trainer is a Ray Train TorchTrainer of `train_workers` DDP workers; `concurrent_trainers`
+    # of them run the student jobs side by side (0 = as many as the cluster's GPUs or CPUs hold, one per job at
+    # most). CPUs reserved per worker may be a fraction (the real data streams through Ray Data tasks that need
+    # some CPU left); torch threads per worker, 0 = the reservation rounded up.
     train_workers: int = 1
-    train_cpus_per_worker: int = 2
+    train_cpus_per_worker: float = 0.75
+    train_threads_per_worker: int = 1
+    concurrent_trainers: int = 0
     train_use_gpu: bool = False
     # Weights and activations of the prior's networks on the decode/encode actors (bfloat16 on GPUs).
     prior_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
     def threads(self, stage: str) -> int:
-        """torch threads of one `stage` ("encode" / "decode") actor."""
+        """torch threads of one `stage` ("encode" / "decode") actor or "train" worker."""
+        if stage == "train":
+            return self.train_threads_per_worker or max(1, math.ceil(self.train_cpus_per_worker))
         given = getattr(self, f"{stage}_threads_per_actor")
         return given or max(1, math.ceil(getattr(self, f"{stage}_cpus_per_actor")))
 
@@ -240,6 +256,9 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "evaluate.batch_size": (lambda v: v >= 1, "must be >= 1"),
     "evaluate.temperature": (lambda v: v > 0, "must be > 0"),
     "runtime.train_workers": (lambda v: v >= 1, "must be >= 1"),
+    "runtime.train_cpus_per_worker": (lambda v: v > 0, "must be > 0"),
+    "runtime.train_threads_per_worker": (lambda v: v >= 0, "must be >= 0 (0 = the CPU reservation)"),
+    "runtime.concurrent_trainers": (lambda v: v >= 0, "must be >= 0 (0 = as many as the cluster holds)"),
     "runtime.encode_actors": (lambda v: v >= 1, "must be >= 1"),
     "runtime.decode_actors": (lambda v: v >= 1, "must be >= 1"),
     "runtime.encode_cpus_per_actor": (lambda v: v > 0, "must be > 0"),

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
-from engine.config import DataConfig
+from engine.config import ConfigError, DataConfig
 from engine.location import location
 
 
@@ -53,11 +53,57 @@ class BadImage(ValueError):
         self.reason, self.detail = reason, detail
 
 
-def to_rgb_square(image: Image.Image, size: int) -> np.ndarray:
-    """Any PIL image -> (size, size, 3) uint8. Non-square images are resized without cropping (digits, MNIST-likes
-    are square; center-cropping for ImageNet belongs to the data-loading issue). Alpha is dropped (as
-    torchvision's loaders do); 16/32-bit integer images are scaled from 0..65535, float images clipped to 0..255,
-    because PIL's own conversion of those modes saturates instead of scaling."""
+# data.resize="auto" center-crops at this image size and above (ImageNet-like data), squashes below (digits, MNIST).
+CENTER_CROP_MIN_SIZE = 128
+RESIZE_MODES = ("squash", "center_crop")
+# center_crop resizes the whole image and then crops, exactly as torchvision's Resize + CenterCrop, unless the
+# resized image would exceed this many times size x size pixels (an extreme aspect ratio: 1 x 100000 would become
+# 256 x 25.6M); then only the crop's box of the source is resampled (within a level or two of the same pixels).
+MAX_RESIZED_AREA = 16
+
+
+def resize_mode(config: DataConfig) -> str:
+    """data.resize resolved: "squash" or "center_crop" ("auto": center_crop at data.image_size >= 128)."""
+    config = getattr(config, "data", config)  # a DistillConfig is accepted too
+    if config.resize == "auto":
+        return "center_crop" if config.image_size >= CENTER_CROP_MIN_SIZE else "squash"
+    if config.resize not in RESIZE_MODES:  # a DataConfig built in code, not through load_config's checks
+        raise ConfigError(f"data.resize={config.resize!r} is not one of ['auto', 'squash', 'center_crop']")
+    return config.resize
+
+
+def check_mode(mode: str) -> None:
+    """Before any decoding: a bad mode must not turn every image into a skipped `corrupt` row."""
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize mode must be 'squash' or 'center_crop' (data.resize resolved by resize_mode), "
+                         f"got {mode!r}")
+
+
+def center_crop_square(image: Image.Image, size: int) -> Image.Image:
+    """The standard ImageNet evaluation transform: the shorter side resized to round(size * 256 / 224) (bilinear,
+    the longer side in proportion, truncated as torchvision does), then the centre size x size (offsets rounded
+    as torchvision's CenterCrop). 224 -> resize 256, crop 224; 512 -> resize 585, crop 512."""
+    short = round(size * 256 / 224)
+    width, height = image.size
+    if width <= height:
+        new_width, new_height = short, max(short, int(short * height / width))
+    else:
+        new_width, new_height = max(short, int(short * width / height)), short
+    left, top = round((new_width - size) / 2), round((new_height - size) / 2)
+    if new_width * new_height <= MAX_RESIZED_AREA * size * size:
+        return image.resize((new_width, new_height), Image.BILINEAR).crop((left, top, left + size, top + size))
+    x_scale, y_scale = width / new_width, height / new_height
+    box = (left * x_scale, top * y_scale, (left + size) * x_scale, (top + size) * y_scale)
+    return image.resize((size, size), Image.BILINEAR, box=box)
+
+
+def to_rgb_square(image: Image.Image, size: int, mode: str = "squash") -> np.ndarray:
+    """Any PIL image -> (size, size, 3) uint8. mode "squash" resizes the whole image to size x size without
+    cropping (exact for the square digits and MNIST-likes; a non-square image is distorted); "center_crop" is the
+    standard ImageNet evaluation transform (`center_crop_square`); data.resize chooses (`resize_mode`). Alpha is
+    dropped (as torchvision's loaders do); 16/32-bit integer images are scaled from 0..65535, float images clipped
+    to 0..255, because PIL's own conversion of those modes saturates instead of scaling."""
+    check_mode(mode)
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
         pixels = np.asarray(image, dtype=np.float64) / 257.0
         image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="L")
@@ -65,12 +111,18 @@ def to_rgb_square(image: Image.Image, size: int) -> np.ndarray:
         image = Image.fromarray(np.clip(np.rint(np.asarray(image)), 0, 255).astype(np.uint8), mode="L")
     elif image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")  # PIL warns when a transparent palette goes straight to RGB
-    return np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8)
+    image = image.convert("RGB")
+    if mode == "center_crop":
+        return np.asarray(center_crop_square(image, size), dtype=np.uint8)
+    return np.asarray(image.resize((size, size), Image.BILINEAR), dtype=np.uint8)
 
 
-def decode_image_bytes(data: bytes | None, size: int, max_pixels: int = Image.MAX_IMAGE_PIXELS) -> np.ndarray:
-    """Encoded image bytes -> (size, size, 3) uint8, or BadImage saying why not. The pixel count is checked from
-    the header, before anything is decompressed, so a decompression bomb costs nothing."""
+def decode_image_bytes(data: bytes | None, size: int, max_pixels: int = Image.MAX_IMAGE_PIXELS, *,
+                       mode: str = "squash") -> np.ndarray:
+    """Encoded image bytes -> (size, size, 3) uint8 (resized by `mode`, see `to_rgb_square`), or BadImage saying
+    why not. The pixel count is checked from the header, before anything is decompressed, so a decompression bomb
+    costs nothing."""
+    check_mode(mode)
     if data is None:
         raise BadImage("missing_image", "no image bytes")
     if len(data) == 0:
@@ -81,7 +133,7 @@ def decode_image_bytes(data: bytes | None, size: int, max_pixels: int = Image.MA
             if width * height > max_pixels:
                 raise BadImage("too_large", f"{width}x{height} pixels > data.max_image_pixels={max_pixels}")
             image.load()
-            return to_rgb_square(image, size)
+            return to_rgb_square(image, size, mode)
     except BadImage:
         raise
     except Image.DecompressionBombError as error:  # PIL's own limit, when it is below ours
@@ -94,13 +146,15 @@ def decode_image_bytes(data: bytes | None, size: int, max_pixels: int = Image.MA
 
 
 def decode_rows(batch: dict, size: int, num_classes: int | None = None,
-                max_pixels: int = Image.MAX_IMAGE_PIXELS) -> tuple[dict, dict]:
-    """Parquet rows ({image: {bytes, path}, label}) -> (decoded, skipped).
+                max_pixels: int = Image.MAX_IMAGE_PIXELS, *, mode: str = "squash") -> tuple[dict, dict]:
+    """Parquet rows ({image: {bytes, path}, label}) -> (decoded, skipped); images resized by `mode` ("squash" or
+    "center_crop", see `to_rgb_square`; a caller with a DataConfig passes `resize_mode(config)`).
 
     decoded: {id, label, image (B, size, size, 3) uint8} for the rows that are images with a valid label.
     skipped: {id, reason, detail} for every other row, so none is lost without a trace. A missing `label` column,
     a null label or one outside [0, num_classes) skips the row; `num_classes=None` skips no label as out of range.
     """
+    check_mode(mode)
     structs = batch.get("image")
     count = len(structs) if structs is not None else len(batch.get("label", ()))
     structs = structs if structs is not None else [None] * count
@@ -116,7 +170,7 @@ def decode_rows(batch: dict, size: int, num_classes: int | None = None,
             label = int(label)
             if label < 0 or (num_classes is not None and label >= num_classes):
                 raise BadImage("label_out_of_range", f"label {label} not in [0, {num_classes})")
-            image = decode_image_bytes(struct.get("bytes"), size, max_pixels)
+            image = decode_image_bytes(struct.get("bytes"), size, max_pixels, mode=mode)
         except BadImage as bad:
             for key, value in zip(("id", "reason", "detail"), (row_id, bad.reason, bad.detail)):
                 skipped[key].append(value)
@@ -133,9 +187,9 @@ def decode_rows(batch: dict, size: int, num_classes: int | None = None,
 
 
 def decode_image_batch(batch: dict, size: int, num_classes: int | None = None,
-                       max_pixels: int = Image.MAX_IMAGE_PIXELS) -> dict:
+                       max_pixels: int = Image.MAX_IMAGE_PIXELS, *, mode: str = "squash") -> dict:
     """Parquet rows -> {id, label, image (B, size, size, 3) uint8}, bad rows left out (see `decode_rows`)."""
-    return decode_rows(batch, size, num_classes, max_pixels)[0]
+    return decode_rows(batch, size, num_classes, max_pixels, mode=mode)[0]
 
 
 def count_skipped(reasons) -> dict[str, int]:
@@ -157,7 +211,8 @@ def load_digits_split(config: DataConfig, split: str) -> ImageSet:
         index, test_size=config.test_fraction, stratify=labels, random_state=config.split_seed
     )
     chosen = np.sort(train_index if split == "train" else test_index)
-    images = np.stack([to_rgb_square(Image.fromarray(pixels[i], mode="L"), config.image_size) for i in chosen])
+    mode = resize_mode(config)  # squash at the default 16 px: the 8x8 digits are square
+    images = np.stack([to_rgb_square(Image.fromarray(pixels[i], mode="L"), config.image_size, mode) for i in chosen])
     ids = np.array([f"digits/{split}/{i:06d}" for i in chosen], dtype=object)
     names = tuple(str(n) for n in digits.target_names)
     return ImageSet(images, labels[chosen], ids, names)
@@ -228,7 +283,8 @@ def load_file_split(config: DataConfig, split: str) -> ImageSet:
     all_skipped = {key: list(values) for key, values in listing.skipped.items()}
     parts = []
     for rows in iter_row_batches(config, split, listing=listing):
-        decoded, skipped = decode_rows(rows, config.image_size, len(names), config.max_image_pixels)
+        decoded, skipped = decode_rows(rows, config.image_size, len(names), config.max_image_pixels,
+                                       mode=resize_mode(config))
         parts.append(decoded)
         for key in all_skipped:
             all_skipped[key] += skipped[key]
@@ -277,7 +333,8 @@ def sample_split(config: DataConfig, split: str, limit: int, seed: int) -> Image
                 heapq.heapreplace(heap, entry)
     chosen = sorted((e for heap in kept.values() for e in heap), key=lambda e: e[1])
     batch = {"image": [{"bytes": e[2], "path": e[1]} for e in chosen], "label": [e[3] for e in chosen]}
-    decoded, skipped = decode_rows(batch, config.image_size, len(names), config.max_image_pixels)
+    decoded, skipped = decode_rows(batch, config.image_size, len(names), config.max_image_pixels,
+                                   mode=resize_mode(config))
     check_skipped(len(chosen), skipped, config.max_skip_fraction)
     return ImageSet(decoded["image"], decoded["label"], decoded["id"], names, count_skipped(skipped["reason"]))
 

@@ -69,6 +69,21 @@ def teacher_cache_path(config: DistillConfig) -> Path | ObjectPath:
     return (shared_cache(config) or config.cache_path) / "teachers" / f"{config.data.name}-{e.teacher}-seed0-{key}.safetensors"
 
 
+def needs_teacher(config: DistillConfig) -> bool:
+    return get_protocol(config.evaluate.protocol).soft_labels
+
+
+def prepare_teacher(config: DistillConfig, results_dir) -> float:
+    """Train (or load) the teacher into its cache and score it, before anything that shares it runs (a sweep's
+    trials) -> its held-out top-1."""
+    from engine.ray.cluster import init_ray
+    from engine.ray.evaluate import prepare_teacher as teacher_phase
+    from engine.sources import count_rows
+
+    init_ray(config.runtime)
+    return teacher_phase(config, teacher_cache_path(config), results_dir, count_rows(config.data, "train"), log)
+
+
 def decode_identity(decode):
     """The decode settings that decide the images: batch size (noise is per centroid) and the networks' speed
     settings (memory format, attention kernel, compilation) only change how fast they are made."""
@@ -141,21 +156,24 @@ def baselines_stage(config: DistillConfig, run_dir, quantized_dir, quantize_key:
 
 
 def evaluate_stage(config: DistillConfig, run_dir, set_dirs: dict, stage_keys: tuple[str, ...],
-                   train_callbacks: tuple = ()) -> list[dict]:
-    """Every student through Ray Train; finished jobs of the same config are kept."""
+                   train_callbacks: tuple = (), train_rows: int | None = None) -> list[dict]:
+    """Every student through Ray Train; finished jobs of the same config are kept. `train_rows`: the train split's
+    usable rows (the encode stage's count; counted from the source when not given)."""
     from engine.ray.evaluate import evaluate_students
+    from engine.sources import count_rows
 
     evaluate_key = config_hash(*stage_keys, config.data, config.evaluate)
     results_dir = run_dir / "results" / evaluate_key
     jobs = student_jobs(config, set_dirs)
-    log(f"training {len(jobs)} students, protocol {config.evaluate.protocol} "
-        f"({config.runtime.train_workers} Ray Train worker(s))")
-    return evaluate_students(config, jobs, teacher_cache_path(config), results_dir, callbacks=train_callbacks)
+    log(f"training {len(jobs)} students, protocol {config.evaluate.protocol}")
+    rows = train_rows if train_rows is not None else count_rows(config.data, "train")
+    return evaluate_students(config, jobs, teacher_cache_path(config), results_dir, rows, callbacks=train_callbacks,
+                             log=log)
 
 
 def decode_and_evaluate(config: DistillConfig, run_dir, folder: Path, quantized_dir, quantize_key: str,
                         names: tuple[str, ...], timings: dict, train_callbacks: tuple = (),
-                        until: str = "evaluate") -> list[dict]:
+                        until: str = "evaluate", train_rows: int | None = None) -> list[dict]:
     """decode -> real-image baselines -> evaluate (as far as `until`), each timed into `timings`."""
     start = time.perf_counter()
     decode_key, set_dirs = decode_stage(config, run_dir, folder, quantized_dir, quantize_key, names)
@@ -169,7 +187,7 @@ def decode_and_evaluate(config: DistillConfig, run_dir, folder: Path, quantized_
     if until == "baselines":
         return []
     start = time.perf_counter()
-    results = evaluate_stage(config, run_dir, set_dirs, (decode_key, real_key), train_callbacks)
+    results = evaluate_stage(config, run_dir, set_dirs, (decode_key, real_key), train_callbacks, train_rows)
     timings["evaluate"] = time.perf_counter() - start
     return results
 
@@ -286,7 +304,7 @@ def run(config: DistillConfig, until: str = "evaluate") -> dict:
     results: list[dict] = []
     if until != "quantize":  # NaN/Inf centroids are stopped by the decoder, named by class and IPC
         results = decode_and_evaluate(config, run_dir, folder, quantized_dir, quantize_key, names, timings,
-                                      until=until)
+                                      until=until, train_rows=encoded)
 
     quantization = {
         f"ipc{ipc}": {

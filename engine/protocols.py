@@ -83,16 +83,37 @@ def plan_batch(protocol: Protocol, generator: torch.Generator, n: int, batch: in
     return plan
 
 
-def apply_plan(images: torch.Tensor, weights: torch.Tensor, plan: dict[str, torch.Tensor]):
-    """(augmented global batch (B, 3, H, W), per-sample weights (B,)) for a plan from `plan_batch`."""
-    x = augment.apply_affine(images[plan["index"]], plan["affine"])
-    w = weights[plan["index"]]
-    if "color" in plan:
-        x = augment.apply_color_cutout(x, plan["color"])
+def standardize(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) uint8 (or float already standardized) -> float32 in [-1, 1]. Sets stay uint8 until here, so
+    only a batch is ever float."""
+    return images.float() / 127.5 - 1.0 if images.dtype == torch.uint8 else images
+
+
+def apply_plan(images: torch.Tensor, weights: torch.Tensor, plan: dict[str, torch.Tensor],
+               rows: torch.Tensor | slice | None = None, device: torch.device | str | None = None):
+    """(augmented batch (b, 3, H, W) float, per-sample weights (b,)) for the `rows` of a global batch planned by
+    `plan_batch` (all of them by default), computed on `device`. `images` (N, 3, H, W) may be uint8.
+
+    A data-parallel worker passes its own rows: only they (and, with CutMix, the rows they paste from) are read
+    and augmented, on its device, and the result equals those rows of the whole batch augmented at once."""
+    every = torch.arange(len(plan["index"]))
+    rows = every if rows is None else every[rows]
+
+    def augmented(selected: torch.Tensor) -> torch.Tensor:
+        x = standardize(images[plan["index"][selected]].to(device))
+        x = augment.apply_affine(x, plan["affine"][selected])
+        return augment.apply_color_cutout(x, plan["color"][selected]) if "color" in plan else x
+
+    x = augmented(rows)
+    w = weights[plan["index"][rows]].to(x.device)
     if "perm" in plan:
-        x = augment.apply_cutmix(x, plan["perm"], plan["box"])
+        partners = plan["perm"][rows]
+        y0, y1, x0, x1 = plan["box"].tolist()
+        source = x[partners] if len(rows) == len(every) else augmented(partners)  # whole batch: done already
+        x = x.clone()
+        x[:, :, y0:y1, x0:x1] = source[:, :, y0:y1, x0:x1]
         lam = augment.cutmix_lambda(plan["box"], images.shape[-1])
-        w = lam * w + (1 - lam) * w[plan["perm"]]
+        w = lam * w + (1 - lam) * weights[plan["index"][partners]].to(x.device)
     return x, w
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from engine.location import location
+from engine.stats import CONTEXT, DASH, compare_to_random, format_delta, format_lrs, format_p
 from engine.store import atomic_write_bytes, read_image, read_table
 
 MAX_CLASSES_IN_GRID = 10  # rows of an image grid; ImageNet has 1000 classes, a page shows the first ten
@@ -172,17 +173,33 @@ def flatten_counts(counts: dict, prefix: str = "") -> list[tuple[str, object]]:
 
 
 def _table(frame: pd.DataFrame) -> str:
-    return frame.to_html(index=False, border=0, classes="t", float_format=lambda v: f"{v:.3f}", escape=True)
+    return frame.to_html(index=False, border=0, classes="t", float_format=lambda v: f"{v:.3f}", escape=True,
+                         na_rep=DASH)
 
 
 def results_table(results: pd.DataFrame) -> pd.DataFrame:
-    # Population std (ddof=0), as in the plot and the README's tables.
-    summary = results.groupby(["method", "weights", "ipc"], sort=False).top1.agg(
-        mean="mean", std=lambda s: s.std(ddof=0), seeds="count")
-    summary[["mean", "std"]] = summary[["mean", "std"]] * 100
-    summary = summary.reset_index().rename(columns={"mean": "top-1 % mean", "std": "top-1 % std"})
-    summary["ipc"] = summary.ipc.map(lambda k: "all" if k == 0 else str(k))
-    return summary
+    """Per set and IPC (and protocol, teacher, student where the rows differ in them): top-1 mean and population
+    std over seeds, the difference to `random` at the same IPC under the same protocol, teacher and student, Welch's
+    p of the two sets of seeds and DD-Ranking's LRS (engine/stats.py); '–' where not available."""
+    summary = compare_to_random(results)
+    varying = [c for c in CONTEXT if c in summary and summary[c].nunique(dropna=False) > 1]
+    return pd.DataFrame({
+        **{c: summary[c] for c in varying},
+        "method": summary.method, "weights": summary.weights,
+        "ipc": summary.ipc.map(lambda k: "all" if k == 0 else str(k)),
+        "top-1 % mean": summary["mean"], "top-1 % std": summary["std"], "seeds": summary.seeds,
+        "Δ random (points)": summary.delta.map(format_delta), "p (Welch)": summary.p.map(format_p),
+        "LRS": summary.lrs.map(format_lrs)})
+
+
+RESULTS_LEGEND = (
+    "<p>Top-1 mean ± population std over seeds (no std with one seed). <b>Δ random</b>: the set's mean minus "
+    "<code>random</code>'s at the same IPC, protocol, teacher and student, in top-1 points. <b>p</b>: Welch's "
+    "t-test of the two sets of seeds (two-sided, unequal variances; needs 2+ seeds per side); below 0.05 the "
+    "difference is unlikely to be seed noise. <b>LRS</b>: DD-Ranking's label-robust score (arXiv 2505.13300), in "
+    "[0, 1], (e<sup>α</sup> − e<sup>−1</sup>)/(e − e<sup>−1</sup>) with α = ½(set − random) − ½(full − set) on "
+    "top-1 fractions: it rewards beating random and penalizes the gap to the full train set (0.269 when a set "
+    "equals both). – : not available (no <code>random</code> or <code>full</code> row, or one seed).</p>")
 
 
 def write_report(run_dir) -> Path:
@@ -202,7 +219,7 @@ def write_report(run_dir) -> Path:
     results = pd.DataFrame(metrics.get("results") or [])
     if len(results):
         body = image(plot_accuracy_vs_ipc(results, figures / "accuracy_vs_ipc.png"), "accuracy vs IPC")
-        section("Accuracy vs IPC", body + _table(results_table(results)))
+        section("Accuracy vs IPC", body + _table(results_table(results)) + RESULTS_LEGEND)
     else:
         section("Accuracy vs IPC", "<p>No students were trained in this run (e.g. <code>--until quantize</code>).</p>")
 
@@ -255,7 +272,7 @@ def plot_sweep_accuracy(table: pd.DataFrame, path: Path, x: str = "quantize.ipc"
     plt = _pyplot()
     frame = table.dropna(subset=["top1_mean"]).copy()
     frame["_x"] = frame[x].map(lambda v: min(json.loads(v)) if isinstance(v, str) else v) if x in frame else 0
-    frame["_hue"] = frame[hue] if hue in frame else "all trials"
+    frame["_hue"] = frame.get(hue, "all trials")
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for value, part in frame.groupby("_hue"):
         by_x = part.groupby("_x").top1_mean.agg(["mean", "max"]) * 100

@@ -224,6 +224,24 @@ def scan_source(config: DataConfig, split: str) -> SourceListing:
     return scanners[config.source](config, split)
 
 
+def count_rows(config: DataConfig, split: str) -> int:
+    """Rows of a split, read as cheaply as the layout allows (it sizes the streamed training schedules; rows that
+    will not decode are still counted): digits from memory, parquet from the footers, an ImageFolder from its
+    listing; WebDataset tars hold no index, so they are streamed once."""
+    if config.source == "digits":
+        from engine.data import load_split
+
+        return len(load_split(config, split))
+    listing = scan_source(config, split)
+    if listing.source == "parquet":
+        import pyarrow.parquet as pq
+
+        return sum(pq.read_metadata(path).num_rows for path in listing.paths())
+    if listing.source == "imagefolder":
+        return len(listing.names)
+    return sum(len(rows["label"]) for rows in iter_row_batches(config, split))
+
+
 def list_files(config: DataConfig, split: str) -> list[str]:
     """The files a split is read from (shards or image files), as local paths or URIs."""
     return scan_source(config, split).paths()

@@ -1,19 +1,24 @@
 """Train teachers and students on image sets and measure top-1 on the held-out split. Pure torch.
 
-Images are (N, H, W, 3) uint8. The Ray layer passes `wrap_model` (DDP), its worker `rank`/`world`, a `report`
-callback and a checkpoint path; this module knows nothing about Ray. Data parallelism: every worker draws the
-same global batch plan from the same seeded generator and trains on its own rows (rank::world) of it, so the
-gradient DDP averages is the gradient of the global batch, and the result does not depend on the worker count
-beyond float rounding.
+Images are (N, H, W, 3) uint8 and stay uint8 until a batch is drawn: only a batch is ever float, on the worker's
+device. The Ray layer passes `wrap_model` (DDP), its worker `rank`/`world`/`device`, a `report` callback and a
+checkpoint path; this module knows nothing about Ray.
+
+Two loops. `fit` trains on a set held in memory (a distilled set: IPC x classes images): every worker draws the same
+global batch plan from the same seeded generator and augments only its own rows (rank::world) of it on its device,
+so the gradient DDP averages is the gradient of the global batch, and the result does not depend on the worker
+count beyond float rounding. `fit_stream` trains on a split that never sits in one process (the teacher, `full`):
+each epoch the worker reads its shard of the split as a stream of uint8 batches and augments them on its device.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -21,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import EvaluateConfig
-from engine.protocols import (Protocol, apply_plan, get_protocol, make_optimizer, plan_batch, weighted_ce_loss,
-                              weighted_kd_loss)
+from engine.protocols import (Protocol, apply_plan, get_protocol, make_optimizer, plan_batch, standardize,
+                              weighted_ce_loss, weighted_kd_loss)
 from engine.store import atomic_write_bytes
 from engine.students import create_student
 
@@ -36,15 +41,44 @@ class TrainSet:
 
 @dataclass(frozen=True)
 class Worker:
-    """Where this process sits in a data-parallel group, and how to wrap its model."""
+    """Where this process sits in a data-parallel group, the device it was given, and how to wrap its model."""
     rank: int = 0
     world: int = 1
     wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m
+    device: str | torch.device = "cpu"
+
+
+def image_tensor(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) uint8, a view (no float copy of a set)."""
+    images = np.ascontiguousarray(images)
+    return torch.from_numpy(images if images.flags.writeable else images.copy()).permute(0, 3, 1, 2)
 
 
 def to_float(images: np.ndarray) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32, standardized to roughly zero mean, unit scale."""
-    return (torch.tensor(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0 - 0.5) / 0.5
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [-1, 1] (a batch: sets stay uint8, see `image_tensor`)."""
+    return standardize(image_tensor(images))
+
+
+def precision_context(device: torch.device | str, precision: str):
+    """bf16 autocast on CUDA ("auto" or "bf16"; the weights and optimizer stay fp32), or on CPU when asked;
+    fp32 otherwise."""
+    device = torch.device(device)
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def on_device_layout(x: torch.Tensor) -> torch.Tensor:
+    """channels_last on CUDA, where convolutions (cuDNN, bf16) run faster in it; CPU batches stay as they are."""
+    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+
+
+def new_model(arch: str, num_classes: int, image_size: int, width: int, worker: Worker) -> nn.Module:
+    """A network for this worker: on its device (channels_last on CUDA), wrapped (DDP under Ray Train)."""
+    model = create_student(arch, num_classes, image_size, width).to(worker.device)
+    if torch.device(worker.device).type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return worker.wrap_model(model)
 
 
 def epochs_to_steps(n: int, epochs: int, batch_size: int) -> int:
@@ -59,100 +93,176 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
+def _save_checkpoint(checkpoint: Path, model, optimizer, schedule, generator, **position) -> None:
+    """Everything a killed job needs to go on as if it had not stopped (atomically: local or object store)."""
+    state = {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+             "schedule": schedule.state_dict(), "generator": generator.get_state(), **position}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(checkpoint, buffer.getvalue())
+
+
+def _load_checkpoint(checkpoint: Path | None, model, optimizer, schedule, generator) -> dict:
+    if checkpoint is None or not checkpoint.exists():
+        return {}
+    state = torch.load(io.BytesIO(checkpoint.read_bytes()), weights_only=True)
+    _unwrap(model).load_state_dict(state.pop("model"))
+    optimizer.load_state_dict(state.pop("optimizer"))
+    schedule.load_state_dict(state.pop("schedule"))
+    generator.set_state(state.pop("generator"))
+    return state
+
+
+def _step(model, optimizer, schedule, x, y, w, loss_fn, step, mine, precision: str) -> None:
+    with precision_context(x.device, precision):
+        loss = loss_fn(model(x), x, y, w, step, mine)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    schedule.step()
+
+
 def fit(model: nn.Module, data: TrainSet, steps: int, protocol: Protocol, config: EvaluateConfig, seed: int,
         loss_fn: Callable, worker: Worker = Worker(), report: Callable[[int, nn.Module], None] | None = None,
         report_every: int = 0, checkpoint: Path | None = None) -> nn.Module:
-    """The one training loop. `loss_fn(logits, x, plan_index, labels, weights, step)` on this worker's rows.
+    """The loop over a set in memory. `loss_fn(logits, x, labels, weights, step, rows)` on this worker's rows.
 
     Every `report_every` steps (and at the end) `report(step, model)` is called and, when `checkpoint` is given,
-    the model, optimizer, schedule and generator are saved there (atomically, rank 0), so a killed job resumes
-    from its last report with the same batches it would have drawn."""
+    the model, optimizer, schedule and generator are saved there (rank 0), so a killed job resumes from its last
+    report with the same batches it would have drawn."""
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
-    images, labels = to_float(data.images), torch.as_tensor(data.labels)
+    images, labels = image_tensor(data.images), torch.as_tensor(data.labels)
     weights = torch.as_tensor(data.weights, dtype=torch.float32)
     optimizer, schedule = make_optimizer(protocol, model, steps)
     batch = min(config.batch_size, len(images))
     if batch < worker.world:
         raise ValueError(f"batch of {batch} images cannot be split over {worker.world} workers")
-    start = 0
-    if checkpoint is not None and checkpoint.exists():
-        state = torch.load(io.BytesIO(checkpoint.read_bytes()), weights_only=True)
-        _unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        generator.set_state(state["generator"])
-        start = int(state["step"])
-    image_size = images.shape[-1]
+    start = int(_load_checkpoint(checkpoint, model, optimizer, schedule, generator).get("step", 0))
     model.train()
+    mine = slice(worker.rank, None, worker.world)
     for step in range(start, steps):
-        plan = plan_batch(protocol, generator, len(images), batch, image_size, config.flip, config.cutmix)
-        x, w = apply_plan(images, weights, plan)  # the global batch, identical on every worker
-        mine = slice(worker.rank, None, worker.world)
-        x, w, y = x[mine].to(device), w[mine].to(device), labels[plan["index"][mine]].to(device)
-        loss = loss_fn(model(x), x, y, w, step, mine)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+        plan = plan_batch(protocol, generator, len(images), batch, images.shape[-1], config.flip, config.cutmix)
+        x, w = apply_plan(images, weights, plan, rows=mine, device=device)  # this worker's rows, on its device
+        y = labels[plan["index"][mine]].to(device)
+        _step(model, optimizer, schedule, on_device_layout(x), y, w, loss_fn, step, mine, config.precision)
         done = step + 1
         if report_every and (done % report_every == 0 or done == steps):
             if checkpoint is not None and done < steps and worker.rank == 0:
-                state = {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                         "schedule": schedule.state_dict(), "generator": generator.get_state(), "step": done}
-                buffer = io.BytesIO()
-                torch.save(state, buffer)
-                atomic_write_bytes(checkpoint, buffer.getvalue())  # local or object store, whole or not at all
+                _save_checkpoint(checkpoint, model, optimizer, schedule, generator, step=done)
             if report is not None:
                 report(done, _unwrap(model))
                 model.train()
     return model.eval()
 
 
+def stream_steps(rows_per_worker: int, epochs: int, batch_size: int, world: int) -> tuple[int, int]:
+    """(steps per epoch, local batch) of a streamed split: each of `world` workers reads its equal share in
+    batches of batch_size / world rows, the last one of an epoch partial."""
+    local = max(1, batch_size // world)
+    return max(1, -(-rows_per_worker // local)), local
+
+
+def fit_stream(model: nn.Module, epoch_batches: Callable[[int], Iterable[dict]], rows_per_worker: int, epochs: int,
+               protocol: Protocol, config: EvaluateConfig, seed: int, loss_fn: Callable,
+               worker: Worker = Worker(), report: Callable[[int, nn.Module], None] | None = None,
+               reports: int = 0, checkpoint: Path | None = None) -> nn.Module:
+    """The loop over a streamed split (the teacher, `full`). `epoch_batches(epoch)` yields this worker's rows of
+    one epoch as {"image": (b, H, W, 3) uint8, "label": (b,)} (Ray Data: its shard of the split, reshuffled each
+    epoch); every worker reads the same number of rows (Ray Train splits a dataset equally), so DDP steps stay in
+    lockstep. Each row is seen once per epoch; crops, flips and CutMix are drawn per batch from a generator seeded
+    by (seed, rank) and applied on the worker's device. The schedule spans `epochs` x the steps of
+    `rows_per_worker` rows (an estimate is fine: a few skipped rows end the cosine a little early). Reports and
+    checkpoints fall on epoch ends (`reports` of them), and a killed job resumes at its last checkpointed epoch."""
+    generator = torch.Generator().manual_seed(seed * 7919 + worker.rank)
+    device = next(model.parameters()).device
+    steps_per_epoch, _ = stream_steps(rows_per_worker, epochs, config.batch_size, worker.world)
+    optimizer, schedule = make_optimizer(protocol, model, epochs * steps_per_epoch)
+    start = int(_load_checkpoint(checkpoint, model, optimizer, schedule, generator).get("epoch", 0))
+    every = max(1, epochs // max(1, reports)) if reports else 0
+    step = start * steps_per_epoch
+    model.train()
+    for epoch in range(start, epochs):
+        for batch in epoch_batches(epoch):
+            images = batch["image"]
+            images = (images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images)))
+            images = images.permute(0, 3, 1, 2)  # (b, 3, H, W) uint8, still on the wire's dtype
+            b = len(images)
+            plan = plan_batch(protocol, generator, b, b, images.shape[-1], config.flip, config.cutmix)
+            plan["index"] = torch.arange(b)  # a stream is read once per epoch, not sampled
+            x, w = apply_plan(images, torch.ones(b), plan, device=device)
+            y = torch.as_tensor(np.asarray(batch["label"]), dtype=torch.int64).to(device)
+            _step(model, optimizer, schedule, on_device_layout(x), y, w, loss_fn, step, slice(None),
+                  config.precision)
+            step += 1
+        done = epoch + 1
+        if every and (done % every == 0 or done == epochs):
+            if checkpoint is not None and done < epochs and worker.rank == 0:
+                _save_checkpoint(checkpoint, model, optimizer, schedule, generator, epoch=done)
+            if report is not None:
+                report(done * steps_per_epoch, _unwrap(model))
+                model.train()
+    return model.eval()
+
+
+def teacher_loss(logits, _x, y, _w, _step, _rows):
+    return F.cross_entropy(logits, y)
+
+
+def teacher_recipe(config: EvaluateConfig) -> tuple[Protocol, EvaluateConfig]:
+    """The teacher's training: cross-entropy, AdamW and cosine of the crop protocol, crop/flip, no CutMix."""
+    return get_protocol("rded"), dataclasses.replace(config, cutmix=False)
+
+
 def train_teacher(data: TrainSet, num_classes: int, arch: str, config: EvaluateConfig, seed: int,
                   worker: Worker = Worker()) -> nn.Module:
-    """Cross-entropy on the full train split (AdamW, cosine, crop/flip, no CutMix) for `teacher_epochs`."""
+    """A teacher on a train split held in memory, for `teacher_epochs` (the Ray layer streams it: fit_stream)."""
     torch.manual_seed(seed)
-    model = worker.wrap_model(create_student(arch, num_classes, data.images.shape[1], config.width))
+    model = new_model(arch, num_classes, data.images.shape[1], config.width, worker)
     steps = epochs_to_steps(len(data.labels), config.teacher_epochs, config.batch_size)
-    crop = get_protocol("rded")
-    no_cutmix = dataclasses.replace(config, cutmix=False)
-    return fit(model, data, steps, crop, no_cutmix, seed, lambda logits, _x, y, _w, _s, _m: F.cross_entropy(logits, y),
-               worker)
+    protocol, recipe = teacher_recipe(config)
+    return fit(model, data, steps, protocol, recipe, seed, teacher_loss, worker)
+
+
+def student_loss(protocol: Protocol, teacher: nn.Module | None, config: EvaluateConfig,
+                 soft_labels: SoftLabels | None = None) -> Callable:
+    """The loss of a student under `protocol`: weighted CE (hard), KD on the teacher's logits of this very
+    augmented batch (rded), or on the stored logits of this step (fkd)."""
+    def loss_fn(logits, x, y, w, step, rows):
+        if not protocol.soft_labels:
+            return weighted_ce_loss(logits, y, w)
+        if protocol.stored_labels:
+            target = soft_labels.logits(step)[rows].to(logits.device, torch.float32)
+        else:
+            with torch.no_grad():
+                target = teacher(x)
+        return weighted_kd_loss(logits, target, w, config.temperature)
+
+    return loss_fn
 
 
 def train_student(data: TrainSet, teacher: nn.Module | None, num_classes: int, arch: str, epochs: int,
                   config: EvaluateConfig, seed: int, worker: Worker = Worker(),
-                  soft_labels: dict[str, torch.Tensor] | None = None, report: Callable | None = None,
+                  soft_labels: SoftLabels | None = None, report: Callable | None = None,
                   reports: int = 10, checkpoint: Path | None = None) -> nn.Module:
     """Train `arch` on `data` under `config.protocol` for `epochs` epochs of the set.
 
-    rded: `teacher` labels each augmented batch online. fkd: `soft_labels` (from `generate_soft_labels`, same
-    seed) supply each batch's stored logits; the teacher is not used. hard: labels and cross-entropy; the
-    teacher is ignored."""
+    rded: `teacher` labels each augmented batch online. fkd: `soft_labels` (`SoftLabels`, written by
+    `generate_soft_labels` with the same seed) supply each step's stored logits; the teacher is not used. hard:
+    labels and cross-entropy; the teacher is ignored."""
     protocol = get_protocol(config.protocol)
     torch.manual_seed(seed)
-    model = worker.wrap_model(create_student(arch, num_classes, data.images.shape[1], config.width))
+    model = new_model(arch, num_classes, data.images.shape[1], config.width, worker)
     steps = epochs_to_steps(len(data.labels), epochs, config.batch_size)
-    if protocol.stored_labels and (soft_labels is None or len(soft_labels["logits"]) != steps):
+    if protocol.stored_labels and (soft_labels is None or soft_labels.steps != steps):
         raise ValueError(f"protocol fkd needs stored soft labels for all {steps} steps (generate_soft_labels)")
     if protocol.soft_labels and not protocol.stored_labels and teacher is None:
         raise ValueError(f"protocol {protocol.name} needs a teacher")
     if teacher is not None:
         teacher.eval()
-
-    def loss_fn(logits, x, y, w, step, mine):
-        if not protocol.soft_labels:
-            return weighted_ce_loss(logits, y, w)
-        if protocol.stored_labels:
-            target = soft_labels["logits"][step][mine].to(logits.device)
-        else:
-            with torch.no_grad():
-                target = teacher(x)  # soft labels of this very augmented batch
-        return weighted_kd_loss(logits, target, w, config.temperature)
-
     every = max(1, steps // max(1, reports))
-    return fit(model, data, steps, protocol, config, seed, loss_fn, worker, report, every, checkpoint)
+    return fit(model, data, steps, protocol, config, seed, student_loss(protocol, teacher, config, soft_labels),
+               worker, report, every, checkpoint)
 
 
 def load_teacher(path_or_bytes: str | Path | bytes, architecture: str, num_classes: int, image_size: int,
@@ -173,34 +283,100 @@ def load_teacher(path_or_bytes: str | Path | bytes, architecture: str, num_class
     return teacher.to(device).eval().requires_grad_(False)
 
 
+SOFT_LABEL_CHUNK_STEPS = 256  # steps of stored logits per file: memory is one chunk, never the whole run
+
+
+class SoftLabels:
+    """FKD's stored labels of one (set, seed): the teacher's logits of every step's augmented batch, fp16, in
+    files of SOFT_LABEL_CHUNK_STEPS steps (folder/chunk-00000.safetensors, ...) with folder/steps.json written
+    last. Read one chunk at a time as the student reaches it. The batches themselves are not stored: the student
+    redraws them from the same seed (`plan_batch`), and each chunk keeps the sample indices to prove it."""
+
+    def __init__(self, folder):
+        import json
+
+        from engine.location import location
+
+        self.folder = location(folder)
+        meta = json.loads((self.folder / "steps.json").read_text())
+        self.steps, self.chunk_steps = int(meta["steps"]), int(meta["chunk_steps"])
+        self._loaded: tuple[int, dict] | None = None
+
+    @staticmethod
+    def complete(folder) -> bool:
+        from engine.location import location
+
+        return (location(folder) / "steps.json").exists()
+
+    def chunk(self, step: int) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load
+
+        number = step // self.chunk_steps
+        if self._loaded is None or self._loaded[0] != number:
+            self._loaded = (number, load((self.folder / f"chunk-{number:05d}.safetensors").read_bytes()))
+        return self._loaded[1]
+
+    def logits(self, step: int) -> torch.Tensor:
+        return self.chunk(step)["logits"][step % self.chunk_steps]
+
+    def index(self, step: int) -> torch.Tensor:
+        return self.chunk(step)["index"][step % self.chunk_steps]
+
+
 @torch.no_grad()
-def generate_soft_labels(data: TrainSet, teacher: nn.Module, epochs: int, config: EvaluateConfig,
-                         seed: int) -> dict[str, torch.Tensor]:
-    """FKD: every batch plan of the run (same generator as `fit` with this seed) and the teacher's logits on it.
-    Returns {"logits": (steps, B, classes), "index": (steps, B), "affine": (steps, B, 5)[, "perm", "box"]}."""
+def generate_soft_labels(data: TrainSet, teacher: nn.Module, epochs: int, config: EvaluateConfig, seed: int,
+                         folder) -> SoftLabels:
+    """FKD: every batch plan of the run (same generator as `fit` with this seed) and the teacher's logits on it,
+    written chunk by chunk into `folder` (see SoftLabels); returns the reader. Deterministic: every rank of a
+    data-parallel group would write the same bytes, so rank 0 alone calls it."""
+    import json
+
+    from safetensors.torch import save as to_safetensors_bytes
+
+    from engine.location import location
+
+    folder = location(folder)
     protocol = get_protocol(config.protocol)
     generator = torch.Generator().manual_seed(seed)
-    images, weights = to_float(data.images), torch.as_tensor(data.weights, dtype=torch.float32)
+    images, weights = image_tensor(data.images), torch.as_tensor(data.weights, dtype=torch.float32)
     steps = epochs_to_steps(len(data.labels), epochs, config.batch_size)
     batch = min(config.batch_size, len(images))
     device = next(teacher.parameters()).device
     teacher.eval()
-    stored: dict[str, list[torch.Tensor]] = {}
-    for _ in range(steps):
-        plan = plan_batch(protocol, generator, len(images), batch, images.shape[-1], config.flip, config.cutmix)
-        x, _ = apply_plan(images, weights, plan)
-        plan["logits"] = teacher(x.to(device)).float().cpu()
-        for key, value in plan.items():
-            stored.setdefault(key, []).append(value)
-    return {key: torch.stack(values) for key, values in stored.items()}
+    for first in range(0, steps, SOFT_LABEL_CHUNK_STEPS):
+        logits, indices = [], []
+        for _ in range(first, min(steps, first + SOFT_LABEL_CHUNK_STEPS)):
+            plan = plan_batch(protocol, generator, len(images), batch, images.shape[-1], config.flip, config.cutmix)
+            x, _ = apply_plan(images, weights, plan, device=device)
+            with precision_context(device, config.precision):
+                logits.append(teacher(on_device_layout(x)).to(torch.float16).cpu())
+            indices.append(plan["index"])
+        chunk = {"logits": torch.stack(logits), "index": torch.stack(indices)}
+        atomic_write_bytes(folder / f"chunk-{first // SOFT_LABEL_CHUNK_STEPS:05d}.safetensors",
+                           to_safetensors_bytes(chunk))
+    atomic_write_bytes(folder / "steps.json",
+                       json.dumps({"steps": steps, "chunk_steps": SOFT_LABEL_CHUNK_STEPS}).encode())
+    return SoftLabels(folder)
 
 
 @torch.no_grad()
-def evaluate_top1(model: nn.Module, images: np.ndarray, labels: np.ndarray, batch_size: int = 512) -> float:
+def count_correct(model: nn.Module, batches: Iterable[tuple], precision: str = "fp32") -> tuple[int, int]:
+    """(correct, seen) of `model` over batches of (images (b, H, W, 3) uint8, labels (b,))."""
     model.eval()
     device = next(model.parameters()).device
-    correct = 0
-    for start in range(0, len(images), batch_size):
-        logits = model(to_float(images[start : start + batch_size]).to(device))
-        correct += int((logits.argmax(1).cpu().numpy() == labels[start : start + batch_size]).sum())
-    return correct / len(labels)
+    correct = seen = 0
+    for images, labels in batches:
+        images = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
+        x = on_device_layout(standardize(images.permute(0, 3, 1, 2).to(device)))
+        with precision_context(device, precision):
+            predicted = model(x).argmax(1).cpu()
+        correct += int((predicted == torch.as_tensor(np.asarray(labels))).sum())
+        seen += len(predicted)
+    return correct, seen
+
+
+def evaluate_top1(model: nn.Module, images: np.ndarray, labels: np.ndarray, batch_size: int = 512) -> float:
+    """Top-1 on images held in memory (a report slice, a test); the Ray layer streams held-out splits."""
+    batches = ((images[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, len(images), batch_size))
+    correct, seen = count_correct(model, batches)
+    return correct / max(1, seen)

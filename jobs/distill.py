@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
 
-from engine.config import DistillConfig, load_config  # noqa: E402
-from engine.pipeline import DEFAULT_CONFIG, SMOKE_OVERRIDES, STAGES, run  # noqa: E402
+from engine.config import DistillConfig, load_config
+from engine.pipeline import DEFAULT_CONFIG, SMOKE_OVERRIDES, STAGES, run
 
 
 def parse_args(argv=None) -> tuple[DistillConfig, str]:
@@ -34,17 +34,22 @@ def parse_args(argv=None) -> tuple[DistillConfig, str]:
 
 
 def format_table(metrics: dict) -> str:
-    """Top-1 mean ± std over seeds per method and IPC, then the latent W2 per IPC."""
+    """Top-1 mean ± std over seeds per protocol, student, set and IPC, with the difference to `random` (points),
+    Welch's p and DD-Ranking's LRS (engine/stats.py); then the latent W2 per IPC."""
     import pandas as pd
 
-    keys = ["protocol", "student", "method", "weights", "ipc"]
-    frame = pd.DataFrame(metrics["results"], columns=keys + ["top1"])
-    lines = [f"{'protocol':<8} {'student':<10} {'method':<8} {'weights':<8} {'ipc':>4} {'top1 (mean ± std)':>20} "
-             f"{'seeds':>5}"]
-    for (protocol, student, method, weights, ipc), part in frame.groupby(keys, sort=False):
-        top1 = part.top1.to_numpy() * 100
-        lines.append(f"{protocol:<8} {student:<10} {method:<8} {weights:<8} {ipc if ipc else 'all':>4} "
-                     f"{top1.mean():>12.1f} ± {top1.std():4.1f} {len(top1):>5}")
+    from engine.stats import compare_to_random, format_delta, format_lrs, format_p, format_std
+
+    keys = ["protocol", "teacher", "student", "method", "weights", "ipc"]
+    summary = compare_to_random(pd.DataFrame(metrics["results"], columns=keys + ["top1"]))
+    lines = [(f"{'protocol':<8} {'student':<10} {'method':<8} {'weights':<8} {'ipc':>4} {'top1 (mean ± std)':>20} "
+              f"{'seeds':>5} {'Δ random':>9} {'p':>7} {'LRS':>6}")]
+    for row in summary.itertuples():
+        lines.append(f"{row.protocol:<8} {row.student:<10} {row.method:<8} {row.weights:<8} "
+                     f"{row.ipc if row.ipc else 'all':>4} {row.mean:>12.1f} ± {format_std(row.std):>4} {row.seeds:>5} "
+                     f"{format_delta(row.delta):>9} {format_p(row.p):>7} {format_lrs(row.lrs):>6}")
+    lines.append("(Δ random: top-1 points against `random` at the same IPC, protocol and student; p: Welch's t-test of "
+                 "the seeds; LRS: DD-Ranking's label-robust score, 0..1; –: not available)")
     lines.append("")
     lines.append(f"{'ipc':>4} {'distortion':>11} {'W2 uniform':>11} {'W2 mass':>9} {'W2 sqrt':>9} {'mass vs uniform':>16}")
     for name, q in metrics["quantization"].items():

@@ -1,6 +1,8 @@
 """Every student result of one or more run folders as Markdown tables: one table per (protocol, teacher,
-student), a row per method and weighting, a column per IPC, top-1 % as mean ± std over seeds (n seeds); then a
-teacher x student table for every set trained under more than one (teacher, student) pairing.
+student), a row per set (method and weighting) and IPC: top-1 % as mean ± std over seeds (n seeds), the difference
+to `random` at that IPC in top-1 points, Welch's t-test p of the two sets of seeds, and DD-Ranking's label-robust
+score (engine/stats.py); then a teacher x student table for every set trained under more than one (teacher,
+student) pairing.
 
     python jobs/results.py runs/fashion_mnist [runs/other ...]
 
@@ -19,7 +21,8 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
-from engine.location import location  # noqa: E402
+from engine.location import location
+from engine.stats import compare_to_random, format_delta, format_lrs, format_mean_std, format_p
 
 METHOD_ORDER = ["random", "herding", "kcenter", "d4m", "ddoq", "full"]
 GROUP = ["protocol", "teacher", "student"]
@@ -37,40 +40,51 @@ def load_rows(run_dirs: list[Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def cell(top1: pd.Series) -> str:
-    values = top1.to_numpy() * 100
-    return f"{values.mean():.1f} ± {values.std():.1f} ({len(values)})"
-
-
 def tables(frame: pd.DataFrame) -> str:
     out = []
-    for (run, protocol, teacher, student), part in frame.groupby(["run"] + GROUP, sort=True):
+    summaries = dict(iter(compare_to_random(frame, ["run"] + GROUP).groupby(["run"] + GROUP, sort=False)))
+    for key, part in frame.groupby(["run"] + GROUP, sort=True):
+        run, protocol, teacher, student = key
         out.append(f"### {run}: protocol `{protocol}`, teacher `{teacher}`, student `{student}`\n")
-        ipcs = sorted(i for i in part.ipc.unique() if i > 0)
-        out.append("| method | weights | " + " | ".join(f"IPC {i}" for i in ipcs) + " |")
-        out.append("|---|---|" + "---|" * len(ipcs))
-        part = part.assign(order=part.method.map({m: i for i, m in enumerate(METHOD_ORDER)}))
-        for (_, method, weights), rows in part.groupby(["order", "method", "weights"], sort=True):
-            if method == "full":
-                out.append(f"| full train split | – | {cell(rows.top1)} (all images) |" + " |" * (len(ipcs) - 1))
+        out.append("| method | weights | IPC | top-1 % | Δ random | p | LRS |")
+        out.append("|---|---|---|---|---|---|---|")
+        rows = summaries[key]  # by IPC, `random` first in each, `full` last
+        rows = rows.assign(order=rows.method.map({m: i for i, m in enumerate(METHOD_ORDER)}).fillna(len(METHOD_ORDER)),
+                           last=rows.method == "full")
+        for row in rows.sort_values(["last", "ipc", "order", "method", "weights"]).itertuples():
+            top1 = format_mean_std(row.mean, row.std, row.seeds)
+            if row.method == "full":
+                out.append(f"| full train split | – | all | {top1} | – | – | – |")
                 continue
-            cells = [cell(rows[rows.ipc == i].top1) if (rows.ipc == i).any() else "–" for i in ipcs]
-            out.append(f"| {method} | {weights if weights != 'none' else '–'} | " + " | ".join(cells) + " |")
+            weights = row.weights if row.weights != "none" else "–"
+            out.append(f"| {row.method} | {weights} | {row.ipc} | {top1} | {format_delta(row.delta)} | "
+                       f"{format_p(row.p)} | {format_lrs(row.lrs)} |")
         teacher_top1 = part.teacher_top1.dropna()
         if len(teacher_top1):
             out.append(f"\nteacher top-1: {100 * teacher_top1.iloc[0]:.1f} %; epochs per student: "
                        f"{sorted(set(part[part.method != 'full'].epochs))}\n")
         else:
             out.append(f"\nno teacher (hard labels); epochs per student: {sorted(set(part[part.method != 'full'].epochs))}\n")
+    if out:
+        out.append(HOW_TO_READ)
     return "\n".join(out)
+
+
+HOW_TO_READ = ("top-1 %: mean ± population std over seeds (seeds in brackets; one seed: no std). Δ random: the mean "
+               "minus `random`'s at the same IPC, protocol, teacher and student, in top-1 points. p: Welch's t-test "
+               "of the two sets of seeds (two-sided; needs 2+ seeds per side; < 0.05: unlikely to be seed noise). "
+               "LRS: DD-Ranking's label-robust score in [0, 1] (needs `random` and `full`; 0.269 when a set equals "
+               "both). –: not available.\n")
 
 
 def cross_architecture(frame: pd.DataFrame) -> str:
     """Teacher x student tables, one per (run, protocol, set, IPC) trained under more than one pairing: how a set
-    distilled once transfers across architectures."""
+    distilled once transfers across architectures. Each cell: top-1 mean ± std (seeds), then, where `random` was
+    trained under the same pairing and IPC, the difference to it with its Welch p."""
     out = []
-    frame = frame[frame.method != "full"]
-    for (run, protocol, method, weights, ipc), part in frame.groupby(["run", "protocol", "method", "weights", "ipc"]):
+    summary = compare_to_random(frame, ["run"] + GROUP)
+    summary = summary[summary.method != "full"]
+    for (run, protocol, method, weights, ipc), part in summary.groupby(["run", "protocol", "method", "weights", "ipc"]):
         teachers, students = sorted(part.teacher.unique()), sorted(part.student.unique())
         if len(teachers) * len(students) < 2:
             continue
@@ -79,8 +93,17 @@ def cross_architecture(frame: pd.DataFrame) -> str:
         out.append("| teacher | " + " | ".join(students) + " |")
         out.append("|---|" + "---|" * len(students))
         for teacher in teachers:
-            cells = [cell(rows.top1) if len(rows := part[(part.teacher == teacher) & (part.student == student)])
-                     else "–" for student in students]
+            cells = []
+            for student in students:
+                rows = part[(part.teacher == teacher) & (part.student == student)]
+                if not len(rows):
+                    cells.append("–")
+                    continue
+                row = rows.iloc[0]
+                text = format_mean_std(row["mean"], row["std"], row["seeds"])
+                if method != "random" and row["delta"] == row["delta"]:  # `random` trained under this pairing
+                    text += f"; Δ random {format_delta(row['delta'])} (p {format_p(row['p'])})"
+                cells.append(text)
             out.append(f"| {teacher} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)

@@ -1,4 +1,5 @@
-"""The evaluation through Ray Train: DDP over 2 gloo workers on CPU, stored soft labels, every result field."""
+"""The evaluation through Ray Train: DDP over 2 gloo workers on CPU, stored soft labels, every result field; the
+real splits streamed; student jobs on 2 trainers side by side, resumed after a kill."""
 
 import json
 
@@ -16,19 +17,24 @@ FIELDS = {"method", "weights", "ipc", "protocol", "student", "teacher", "seed", 
           "epochs", "workers", "seconds"}
 
 
-def test_students_train_with_ddp_on_two_workers(ray_session, tmp_path):
+def test_students_train_with_ddp_on_two_workers(ray_session, tmp_path, monkeypatch):
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from engine.ray.evaluate import evaluate_students
+    import engine.ray.evaluate
     from engine.pipeline import student_jobs
+    from engine.ray.evaluate import evaluate_students
+    from engine.train import evaluate_top1, load_teacher
+
+    # A report slice smaller than the 360 held-out digits: the held-out split is streamed, half to each worker.
+    monkeypatch.setattr(engine.ray.evaluate, "REPORT_IMAGES", 100)
 
     config = load_config(None, [f"runs_dir={tmp_path}", "name=ddp", f"cache_dir={tmp_path}/cache",
                                 "evaluate.protocol=fkd", "evaluate.methods=[random]", "quantize.ipc=[2]",
                                 "evaluate.seeds=[0]", "evaluate.width=8", "evaluate.teacher_epochs=1",
                                 "evaluate.student_epochs=3", "evaluate.reports=2", "evaluate.batch_size=8",
-                                "runtime.train_workers=2", "runtime.train_cpus_per_worker=1"])
+                                "runtime.train_workers=2", "runtime.train_cpus_per_worker=0.75"])
     train = load_split(config.data, "train")
     chosen = select_random(train.labels, 2, seed=0)
     folder = tmp_path / "set"
@@ -41,12 +47,65 @@ def test_students_train_with_ddp_on_two_workers(ray_session, tmp_path):
     jobs = student_jobs(config, {("random", "none", 2): folder})
     assert [j["job"] for j in jobs] == ["random-ipc2-convnet3-seed0"]
     results_dir = tmp_path / "results"
-    rows = evaluate_students(config, jobs, tmp_path / "cache" / "teacher.safetensors", results_dir)
+    rows = evaluate_students(config, jobs, tmp_path / "cache" / "teacher.safetensors", results_dir,
+                             train_rows=len(train))
     (row,) = rows
     assert set(row) == FIELDS
     assert row["workers"] == 2 and row["protocol"] == "fkd" and row["teacher"] == "convnet3"
     assert row["images"] == 20 and 0.0 <= row["top1"] <= 1.0
-    assert (results_dir / "soft_labels" / "random-ipc2-seed0.safetensors").exists()
+    assert (results_dir / "soft_labels" / "random-ipc2-seed0" / "steps.json").exists()
     assert not list((results_dir / "checkpoints").glob("*.pt"))  # removed once the job finished
     assert (tmp_path / "cache" / "teacher.safetensors").exists()
+    # The streamed, sharded, summed held-out top-1 is the teacher's top-1 on the whole split in memory.
+    test = load_split(config.data, "test")
+    teacher = load_teacher(tmp_path / "cache" / "teacher.safetensors", "convnet3", 10, 16, 8, "cpu")
+    assert row["teacher_top1"] == pytest.approx(evaluate_top1(teacher, test.images, test.labels))
     assert json.loads((results_dir / f"{jobs[0]['job']}.json").read_text()) == row
+
+
+def _write_set(train, folder, ipc, seed=0):
+    chosen = select_random(train.labels, ipc, seed=seed)
+    files = [store.image_file_name(int(train.labels[i]), r) for r, i in enumerate(chosen)]
+    for name, i in zip(files, chosen):
+        store.write_png(folder / name, train.images[i])
+    store.write_set_index(folder, files, train.labels[chosen], train.class_names, np.ones(len(chosen)),
+                          np.ones(len(chosen), int))
+
+
+def test_jobs_on_two_trainers_side_by_side_resume_after_a_kill_with_the_same_results(ray_session, tmp_path):
+    """Two trainers run a run's jobs side by side (the real split streamed for the teacher and `full`); one of
+    their workers is killed right after a checkpoint: Ray Train restarts it, the job resumes from its checkpoint,
+    finished jobs are not redone, and every result equals the unbroken run's."""
+    from engine import faults
+    from engine.pipeline import student_jobs
+    from engine.ray.evaluate import evaluate_students
+
+    results = {}
+    for name in ("clean", "killed"):
+        config = load_config(None, [f"runs_dir={tmp_path}", f"name={name}", f"cache_dir={tmp_path}/cache",
+                                    "evaluate.methods=[random,full]", "quantize.ipc=[2]", "evaluate.seeds=[0,1]",
+                                    "evaluate.width=8", "evaluate.teacher_epochs=2", "evaluate.student_epochs=6",
+                                    "evaluate.full_epochs=2", "evaluate.reports=2", "evaluate.batch_size=16"])
+        train = load_split(config.data, "train")
+        _write_set(train, tmp_path / "set", 2)
+        if name == "killed":
+            faults.request_crash(config.run_dir, "evaluate")
+        jobs = student_jobs(config, {("random", "none", 2): tmp_path / "set"})
+        rows = evaluate_students(config, jobs, tmp_path / "cache" / "teacher.safetensors",
+                                 config.run_dir / "results", train_rows=len(train))
+        results[name] = {(r["method"], r["seed"]): r["top1"] for r in rows}
+        assert {r["images"] for r in rows} == {20, len(train)}
+    assert faults.crash_fired(tmp_path / "killed", "evaluate")  # a worker really died mid-job
+    assert results["killed"] == results["clean"]
+    assert len(list((tmp_path / "clean" / "ray_train").glob("evaluate-[0-9]*"))) == 2  # two trainers
+
+
+def test_trainers_that_cannot_fit_beside_the_stream_are_refused(ray_session, tmp_path):
+    from engine.checks import RunError
+    from engine.ray.evaluate import trainer_count
+
+    config = load_config(None, ["runtime.concurrent_trainers=3", "runtime.train_cpus_per_worker=0.75"])
+    with pytest.raises(RunError, match="do not fit"):
+        trainer_count(config, 10, streams=True)
+    assert trainer_count(load_config(None, []), 10, streams=True) == 2  # the default on 2 CPUs: 2 x 0.75 + 0.5
+    assert trainer_count(load_config(None, []), 1, streams=True) == 1  # never more trainers than jobs

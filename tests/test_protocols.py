@@ -51,33 +51,58 @@ def test_cutmix_mixes_pixels_and_weights_with_the_same_lambda():
         assert torch.isclose(w[i], expected)
 
 
-def test_fkd_replay_gives_the_generated_crops_and_logits(small_set):
+def test_fkd_replay_gives_the_generated_crops_and_logits(small_set, tmp_path, monkeypatch):
+    import engine.train
+
+    monkeypatch.setattr(engine.train, "SOFT_LABEL_CHUNK_STEPS", 3)  # 4 steps: two chunk files, read one at a time
     config = EvaluateConfig(width=8, batch_size=16, protocol="fkd", flip=True)
     teacher = create_student("convnet3", 10, 16, 8).eval()
-    stored = generate_soft_labels(small_set, teacher, 2, config, seed=5)
-    steps = len(stored["logits"])
-    assert steps == 2 * 2  # 30 images, batch 16: 2 steps per epoch
-    assert set(stored) >= {"index", "affine", "perm", "box", "logits"}
+    stored = generate_soft_labels(small_set, teacher, 2, config, seed=5, folder=tmp_path / "labels")
+    assert stored.steps == 2 * 2  # 30 images, batch 16: 2 steps per epoch
+    assert sorted(p.name for p in (tmp_path / "labels").iterdir()) == [
+        "chunk-00000.safetensors", "chunk-00001.safetensors", "steps.json"]
+    assert stored.logits(0).dtype == torch.float16  # half the bytes: FKD's own storage trick
     images, weights = to_float(small_set.images), torch.as_tensor(small_set.weights, dtype=torch.float32)
     seen = []
 
     def replayed_batches(logits, x, y, w, step, mine):
         seen.append((step, x.detach()))
-        return weighted_kd_loss(logits, stored["logits"][step][mine], w, config.temperature)
+        return weighted_kd_loss(logits, stored.logits(step)[mine].float(), w, config.temperature)
 
     from engine.train import fit
 
-    fit(create_student("convnet3", 10, 16, 8), small_set, steps, get_protocol("fkd"), config, 5, replayed_batches)
+    fit(create_student("convnet3", 10, 16, 8), small_set, stored.steps, get_protocol("fkd"), config, 5,
+        replayed_batches)
+    generator = torch.Generator().manual_seed(5)  # the student redraws the plans the labels were made on
     for step, x in seen:
-        plan = {k: stored[k][step] for k in ("index", "affine", "perm", "box")}
+        plan = plan_batch(get_protocol("fkd"), generator, len(images), 16, 16, True, True)
+        torch.testing.assert_close(plan["index"], stored.index(step))
         crops, _ = apply_plan(images, weights, plan)
-        torch.testing.assert_close(x, crops)  # the student trained on exactly the stored crops ...
-        with torch.no_grad():
-            torch.testing.assert_close(teacher(x), stored["logits"][step])  # ... whose stored logits are the teacher's
+        torch.testing.assert_close(x, crops)  # the student trained on exactly the labelled crops ...
+        with torch.no_grad():  # ... whose stored logits are the teacher's (to fp16 precision)
+            torch.testing.assert_close(teacher(x).half(), stored.logits(step), atol=2e-3, rtol=2e-3)
     # and the student run itself needs no teacher
     train_student(small_set, None, 10, "convnet3", 2, config, seed=5, soft_labels=stored)
     with pytest.raises(ValueError, match="stored soft labels"):
         train_student(small_set, None, 10, "convnet3", 2, config, seed=5)
+
+
+def test_a_workers_own_rows_augment_as_the_whole_batch_does():
+    """Data parallelism: rank r augments only rows r::world (and the rows its CutMix pastes from), and gets exactly
+    those rows of the whole batch augmented at once; uint8 sets give the same batch as their float version."""
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8)
+    weights = torch.linspace(0.5, 1.5, 12)
+    for name in ("rded", "hard"):
+        plan = plan_batch(get_protocol(name), torch.Generator().manual_seed(1), 12, 8, 8, True, True)
+        whole, w_whole = apply_plan(images, weights, plan)
+        as_float, _ = apply_plan(images.float() / 127.5 - 1.0, weights, plan)
+        torch.testing.assert_close(whole, as_float)
+        for rank in range(3):
+            mine = slice(rank, None, 3)
+            part, w_part = apply_plan(images, weights, plan, rows=mine)
+            torch.testing.assert_close(part, whole[mine])
+            torch.testing.assert_close(w_part, w_whole[mine])
 
 
 def test_hard_label_protocol_ignores_the_teacher(small_set):

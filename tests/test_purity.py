@@ -15,7 +15,7 @@ PURE = ["engine.config", "engine.data", "engine.encode", "engine.decode", "engin
         "engine.priors.tiny", "engine.priors.train_tiny", "engine.priors.base", "engine.priors.sd15",
         "engine.priors.dit", "engine.priors.checkpoint", "engine.report", "engine.protocols", "engine.augment",
         "engine.sets", "engine.manifest", "engine.checks", "engine.faults", "engine.pipeline", "engine.quantize_stage",
-        "engine.location", "engine.sources", "engine.readback"]
+        "engine.location", "engine.sources", "engine.readback", "engine.stats"]
 SCANNED = [p for d in ("engine", "jobs", "tune", "benchmarks") for p in sorted((ROOT / d).rglob("*.py"))]
 
 

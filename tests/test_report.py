@@ -84,4 +84,7 @@ def test_report_numbers_match_metrics(tmp_path):
     text = write_report(tmp_path).read_text()
     ddoq3 = [r["top1"] for r in metrics["results"] if r["method"] == "ddoq" and r["ipc"] == 3]
     assert f"{np.mean(ddoq3) * 100:.3f}" in text
+    random3 = [r["top1"] for r in metrics["results"] if r["method"] == "random" and r["ipc"] == 3]
+    assert f"<td>{100 * (np.mean(ddoq3) - np.mean(random3)):+.1f}</td>" in text  # Δ random, from engine/stats.py
+    assert "<th>p (Welch)</th>" in text and "<th>LRS</th>" in text and "label-robust score" in text
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics  # the report never rewrites metrics

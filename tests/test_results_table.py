@@ -18,8 +18,8 @@ def test_results_table_groups_by_protocol_and_student_and_averages_seeds(tmp_pat
     for i, row in enumerate(rows):
         (folder / f"{i}.json").write_text(json.dumps(row))
     text = results.tables(results.load_rows([tmp_path / "run"]))
-    assert "| ddoq | mass | 85.0 ± 5.0 (2) |" in text
-    assert "| random | – | 50.0 ± 0.0 (1) |" in text
+    assert "| ddoq | mass | 10 | 85.0 ± 5.0 (2) | +35.0 | – | – |" in text  # one random seed: no p; no full: no LRS
+    assert "| random | – | 10 | 50.0 ± – (1) | – | – | – |" in text
     assert "protocol `hard`, teacher `none`" in text and "no teacher" in text
     assert text.index("| random |") < text.index("| ddoq |")  # methods in a fixed order
 
@@ -39,5 +39,65 @@ def test_cross_architecture_table_has_a_cell_per_teacher_and_student(tmp_path):
     text = results.cross_architecture(results.load_rows([tmp_path / "run"]))
     assert "ddoq (mass), IPC 10" in text and "IPC 1:" not in text  # one pairing only: no table
     assert "| teacher | convnet3 | resnet18 |" in text
-    assert "| convnet3 | 80.0 ± 0.0 (1) | 60.0 ± 0.0 (1) |" in text
-    assert "| resnet18 | 70.0 ± 0.0 (1) | – |" in text
+    assert "| convnet3 | 80.0 ± – (1) | 60.0 ± – (1) |" in text  # no random under these pairings: no Δ
+    assert "| resnet18 | 70.0 ± – (1) | – |" in text
+
+
+def write_rows(folder, rows):
+    folder.mkdir(parents=True)
+    for i, row in enumerate(rows):
+        (folder / f"{i}.json").write_text(json.dumps(row))
+
+
+BASE = {"protocol": "rded", "teacher": "convnet3", "student": "convnet3", "teacher_top1": 0.9, "epochs": 10}
+
+
+def test_results_table_shows_the_difference_to_random_its_p_value_and_lrs(tmp_path):
+    import results
+    from scipy.stats import ttest_ind
+
+    from engine.stats import label_robust_score
+
+    ddoq, random, full = [0.71, 0.73, 0.72], [0.65, 0.66, 0.70], [0.95, 0.97]
+    rows = [dict(BASE, method="ddoq", weights="mass", ipc=10, seed=s, top1=t) for s, t in enumerate(ddoq)]
+    rows += [dict(BASE, method="random", weights="none", ipc=10, seed=s, top1=t) for s, t in enumerate(random)]
+    rows += [dict(BASE, method="full", weights="none", ipc=0, seed=s, top1=t) for s, t in enumerate(full)]
+    rows += [dict(BASE, method="d4m", weights="uniform", ipc=1, seed=0, top1=0.4)]  # no random at IPC 1
+    # random under another student is never the reference of the convnet3 rows
+    rows += [dict(BASE, student="resnet18", method="random", weights="none", ipc=1, seed=0, top1=0.1)]
+    write_rows(tmp_path / "run" / "results" / "k1", rows)
+    text = results.tables(results.load_rows([tmp_path / "run"]))
+    assert "| method | weights | IPC | top-1 % | Δ random | p | LRS |" in text
+    p = ttest_ind(ddoq, random, equal_var=False).pvalue  # 0.067
+    lrs = label_robust_score(0.72, 0.67, 0.96)
+    assert f"| ddoq | mass | 10 | 72.0 ± 0.8 (3) | +5.0 | {p:.3f} | {lrs:.3f} |" in text
+    assert f"| random | – | 10 | 67.0 ± 2.2 (3) | – | – | {label_robust_score(0.67, 0.67, 0.96):.3f} |" in text
+    assert "| d4m | uniform | 1 | 40.0 ± – (1) | – | – | – |" in text  # random missing: dashes, no error
+    assert "| full train split | – | all | 96.0 ± 1.0 (2) | – | – | – |" in text
+    assert text.index("| d4m | uniform | 1 |") < text.index("| random | – | 10 |") < text.index("| ddoq | mass | 10 |")
+    assert "Welch" in text  # the legend
+
+
+def test_results_table_without_random_shows_dashes(tmp_path):
+    import results
+
+    rows = [dict(BASE, method="ddoq", weights="mass", ipc=10, seed=s, top1=t) for s, t in [(0, 0.80), (1, 0.90)]]
+    rows += [dict(BASE, method="full", weights="none", ipc=0, seed=0, top1=0.99)]
+    write_rows(tmp_path / "run" / "results" / "k1", rows)
+    text = results.tables(results.load_rows([tmp_path / "run"]))
+    assert "| ddoq | mass | 10 | 85.0 ± 5.0 (2) | – | – | – |" in text
+
+
+def test_cross_architecture_cells_compare_with_random_under_the_same_pairing(tmp_path):
+    import results
+
+    rows = []
+    for teacher, student, syn, rnd in [("convnet3", "convnet3", 0.8, 0.7), ("convnet3", "resnet18", 0.6, 0.65)]:
+        rows += [dict(BASE, teacher=teacher, student=student, method="d4m", weights="uniform", ipc=10, seed=s,
+                      top1=syn + d) for s, d in enumerate([-0.01, 0.01])]
+        rows += [dict(BASE, teacher=teacher, student=student, method="random", weights="none", ipc=10, seed=s,
+                      top1=rnd + d) for s, d in enumerate([-0.01, 0.01])]
+    write_rows(tmp_path / "run" / "results" / "k1", rows)
+    text = results.cross_architecture(results.load_rows([tmp_path / "run"]))
+    line = next(t for t in text.splitlines() if t.startswith("| convnet3 |") and "Δ" in t)
+    assert "80.0 ± 1.0 (2); Δ random +10.0 (p " in line and "60.0 ± 1.0 (2); Δ random -5.0 (p " in line

@@ -111,3 +111,113 @@ def test_data_parallel_workers_split_one_global_batch():
         assert len(whole) == 16 and len(seen[(0, 2)][step]) == 8
         torch.testing.assert_close(whole[0::2], seen[(0, 2)][step])
         torch.testing.assert_close(whole[1::2], seen[(1, 2)][step])
+
+
+def _shuffled_epochs(images, labels, batch, seed):
+    """What Ray Data gives one worker: its rows once per epoch, reshuffled each epoch, as uint8 batches."""
+    def epoch_batches(epoch):
+        order = np.random.default_rng(seed * 1000 + epoch).permutation(len(labels))
+        for start in range(0, len(order), batch):
+            rows = order[start : start + batch]
+            yield {"image": torch.from_numpy(images[rows]), "label": torch.from_numpy(labels[rows])}
+    return epoch_batches
+
+
+def test_streamed_training_learns_as_well_as_in_memory_training():
+    """fit_stream (each row once per epoch, from a stream) and fit (batches sampled from memory) draw different
+    batches, so they are compared by what they learn: the same teacher recipe and steps, top-1 on the held-out
+    digits within 8 points of each other. Measured over seeds 0-2: in memory 81.1-87.5 %, streamed 81.7-88.1 %,
+    at most 2.8 points apart for a seed, while the seeds of one loop spread 6.4 points."""
+    from engine.train import fit_stream, new_model, stream_steps, teacher_loss, teacher_recipe
+
+    train, test = load_split(DataConfig(), "train"), load_split(DataConfig(), "test")
+    config = EvaluateConfig(width=16, teacher_epochs=4, batch_size=64)
+    memory = train_teacher(TrainSet(train.images, train.labels, np.ones(len(train))), 10, "convnet3", config, seed=0)
+    protocol, recipe = teacher_recipe(config)
+    torch.manual_seed(0)
+    model = new_model("convnet3", 10, 16, config.width, Worker())
+    steps, local = stream_steps(len(train), config.teacher_epochs, config.batch_size, 1)
+    assert (steps, local) == (23, 64)  # 1437 rows: 22 full batches and a partial one per epoch
+    reported = []
+    streamed = fit_stream(model, _shuffled_epochs(train.images, train.labels, local, 0), len(train), 4, protocol,
+                          recipe, 0, teacher_loss, report=lambda step, m: reported.append(step), reports=2)
+    assert reported == [46, 92]
+    a, b = (evaluate_top1(m, test.images, test.labels) for m in (memory, streamed))
+    assert a > 0.7 and b > 0.7 and abs(a - b) < 0.08, (a, b)
+
+
+def test_streamed_training_resumes_from_its_last_epoch_checkpoint(tmp_path):
+    """Killed after epoch 2 of 4, a streamed job resumes at epoch 2 and ends with the weights of an unbroken run."""
+    from engine.train import fit_stream, new_model, teacher_loss, teacher_recipe
+
+    train = load_split(DataConfig(), "train")
+    keep = np.arange(0, len(train), 4)
+    images, labels = train.images[keep], train.labels[keep]
+    config = EvaluateConfig(width=8, batch_size=64)
+    protocol, recipe = teacher_recipe(config)
+
+    def run(epochs_done_before_kill=None, checkpoint=None):
+        torch.manual_seed(0)
+        model = new_model("convnet3", 10, 16, 8, Worker())
+
+        def report(step, m):
+            if epochs_done_before_kill and step == epochs_done_before_kill * 6:
+                raise KeyboardInterrupt  # the kill, right after the epoch-2 checkpoint
+        return fit_stream(model, _shuffled_epochs(images, labels, 64, 0), len(labels), 4, protocol, recipe, 0,
+                          teacher_loss, report=report, reports=2, checkpoint=checkpoint)
+
+    unbroken = run()
+    checkpoint = tmp_path / "job.pt"
+    with pytest.raises(KeyboardInterrupt):
+        run(epochs_done_before_kill=2, checkpoint=checkpoint)
+    assert checkpoint.exists()
+    resumed = run(checkpoint=checkpoint)
+    for x, y in zip(unbroken.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(x, y)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_every_module_and_batch_is_on_the_workers_device(device, tmp_path):
+    """With a teacher loaded from disk, the student, the teacher and every batch they see (set and stream, training
+    and held-out scoring) are on the device the worker was given."""
+    from safetensors.torch import save_file
+
+    from engine.train import count_correct, fit_stream, load_teacher, new_model, student_loss
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    save_file(create_student("convnet3", 10, 16, 8).state_dict(), tmp_path / "teacher.safetensors")
+    teacher = load_teacher(tmp_path / "teacher.safetensors", "convnet3", 10, 16, 8, device)
+    seen = []
+
+    def record(module, inputs):
+        seen.append((type(module).__name__, inputs[0].device.type, next(module.parameters()).device.type))
+
+    worker = Worker(device=device)
+    config = EvaluateConfig(width=8, batch_size=16, protocol="rded")
+    data = _digits_set()
+    handles = [teacher.register_forward_pre_hook(record)]
+    original = new_model
+
+    def hooked_model(*args, **kwargs):
+        model = original(*args, **kwargs)
+        handles.append(model.register_forward_pre_hook(record))
+        return model
+
+    import engine.train
+
+    engine.train.new_model = hooked_model
+    try:
+        student = train_student(data, teacher, 10, "convnet3", 2, config, seed=0, worker=worker)
+        streamed = fit_stream(hooked_model("convnet3", 10, 16, 8, worker),
+                              _shuffled_epochs(data.images, data.labels, 8, 0), len(data.labels), 1,
+                              get_protocol("rded"), config, 0, student_loss(get_protocol("rded"), teacher, config),
+                              worker)
+        for model in (student, streamed, teacher):
+            count_correct(model, [(torch.from_numpy(data.images), torch.from_numpy(data.labels))])
+    finally:
+        engine.train.new_model = original
+        for handle in handles:
+            handle.remove()
+    assert {name for name, _, _ in seen} == {"ConvNet"} and len(seen) > 10
+    assert {(d_in, d_param) for _, d_in, d_param in seen} == {(device, device)}

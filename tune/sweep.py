@@ -256,6 +256,8 @@ def run_sweep(base: DistillConfig, space: SearchSpace, max_concurrent: int | Non
     log(f"shared stages ready in {time.perf_counter() - start:.0f}s: {len(shared)} quantized set(s)")
 
     example = trial_config(base, space, {k: first_value(v) for k, v in space.params.items()}, sweep_dir)
+    if pipeline.needs_teacher(example):  # once, before any trial: concurrent trials would each train their own
+        pipeline.prepare_teacher(example, sweep_dir / "shared" / "teacher")
     jobs_per_trial = len(pipeline.student_jobs(example, {}))
     concurrent = max_concurrent or max_concurrent_trials(example, ray.cluster_resources())
     log(f"trials: {jobs_per_trial} student job(s) each, at most {concurrent} at once "

@@ -22,7 +22,7 @@ from engine.location import location
 def fetch_and_write(batch: dict, data: DataConfig) -> dict:
     """Ray Data task over rows {source, ids, targets}: read the chosen rows of each source file, write each image
     once (at data.image_size) into its first target and share it with the rest."""
-    from engine.data import decode_rows
+    from engine.data import decode_rows, resize_mode
     from engine.readback import read_rows_by_id
     from engine.store import share_file, write_png
 
@@ -31,7 +31,7 @@ def fetch_and_write(batch: dict, data: DataConfig) -> dict:
         ids, targets = [str(i) for i in ids], [list(t) for t in targets]
         rows = read_rows_by_id(data, str(source), ids)
         if "id" not in rows:  # raw file rows: decode exactly as the encode stage did
-            rows, skipped = decode_rows(rows, data.image_size, None, data.max_image_pixels)
+            rows, skipped = decode_rows(rows, data.image_size, None, data.max_image_pixels, mode=resize_mode(data))
             if skipped["id"]:
                 raise ValueError(f"{source}: chosen row(s) no longer decode: {skipped['id'][:3]} "
                                  f"({skipped['reason'][:3]})")

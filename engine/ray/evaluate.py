@@ -1,136 +1,390 @@
-"""The evaluate stage: one Ray Train TorchTrainer runs every student job (teacher cached), a result file each."""
+"""The evaluate stage: a teacher phase (the teacher given, cached or trained once, and its held-out top-1), then
+the student jobs spread over `runtime.concurrent_trainers` Ray Train TorchTrainers running side by side.
+
+Where the data lives: the real splits (the teacher's and `full`'s training, every held-out top-1) stream from the
+source through Ray Data into the trainers (`datasets=`, uint8 on the wire, decoded by Ray Data tasks, augmented on
+each worker's device): no process holds a split. A distilled set (IPC x classes images) is read by the worker that
+trains on it, once per run of consecutive jobs on that set, and stays uint8. Intermediate reports score a bounded
+slice of the held-out split (REPORT_IMAGES rows, taken once by the driver). Every job writes one result file;
+checkpoints at its reports let a killed or restarted trainer resume mid-job, and finished jobs are never redone.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import threading
 import time
-
-import numpy as np
+from concurrent.futures import ThreadPoolExecutor
 
 from engine.config import DistillConfig
-from engine.data import load_split
 from engine.location import location, ray_storage
 
+REPORT_IMAGES = 1000  # held-out images scored at each intermediate report (the result row uses all of them)
+STREAM_TASK_CPUS = 0.5  # Ray Data read/decode tasks feeding the trainers: they must fit beside the trainers
 
-REPORT_IMAGES = 1000  # held-out images scored at each intermediate report
 
+def _loop(loop_config: dict) -> None:
+    """Runs on every Ray Train worker: phase "teacher" (train or load it, score it) or "students" (each job of
+    this trainer's share not finished yet)."""
+    import logging
 
-def _evaluation_loop(loop_config: dict) -> None:
-    """Runs on every Ray Train worker: the teacher (cached or given), then each student job not finished yet.
-    Every job reports held-out top-1 `evaluate.reports` times (ray.train.report) and checkpoints alongside, so a
-    killed or restarted run resumes mid-job; a finished job's result file is never redone."""
     import ray.train
     import ray.train.torch
     import torch
+    from ray.train.v2._internal.execution import context as train_context
+
+    from engine.train import Worker
+
+    # One progress line per report is printed below; Ray Train's own log line for every report is noise.
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    torch.set_num_threads(loop_config["threads"])
+    context = ray.train.get_context()
+    worker = Worker(context.get_world_rank(), context.get_world_size(), ray.train.torch.prepare_model,
+                    ray.train.torch.get_device())
+    if loop_config["phase"] == "teacher":
+        _teacher_phase(loop_config, worker)
+    else:
+        _student_phase(loop_config, worker)
+
+
+def _progress(loop_config: dict, worker, message: str) -> None:
+    if worker.rank == 0:
+        print(f"[evaluate {time.strftime('%H:%M:%S')} {loop_config['name']}] {message}", flush=True)
+
+
+def _held_out_top1(model, worker, precision: str, loop_config: dict) -> float:
+    """Top-1 on the whole held-out split, streamed: each worker scores its shard, the counts are summed. A split
+    no larger than the report slice is that slice, already in memory."""
+    import ray.train
+    import torch
+
+    from engine.train import count_correct
+
+    if loop_config["held_out_in_report"]:
+        images, labels = loop_config["report_set"]
+        return count_correct(model, [(images, labels)], precision)[0] / max(1, len(labels))
+
+    shard = ray.train.get_dataset_shard("test")
+    batches = ((b["image"], b["label"]) for b in shard.iter_torch_batches(batch_size=512))
+    correct, seen = count_correct(model, batches, precision)
+    if worker.world > 1:
+        counts = torch.tensor([correct, seen], dtype=torch.float64, device=worker.device)
+        torch.distributed.all_reduce(counts)
+        correct, seen = int(counts[0]), int(counts[1])
+    return correct / max(1, seen)
+
+
+def _stream_epochs(seed: int, local_batch: int):
+    """epoch -> this worker's shard of the train split, reshuffled (seeded by epoch) within a local buffer."""
+    import ray.train
+
+    shard = ray.train.get_dataset_shard("train")
+
+    def epoch_batches(epoch: int):
+        return shard.iter_torch_batches(batch_size=local_batch, local_shuffle_buffer_size=max(4 * local_batch, 1024),
+                                        local_shuffle_seed=seed * 100_003 + epoch)
+
+    return epoch_batches
+
+
+def _teacher_phase(loop_config: dict, worker) -> None:
     from safetensors.torch import save as to_safetensors_bytes
 
-    from functools import cache
-
-    from engine.data import class_names
-    from engine.protocols import get_protocol
-    from engine.store import atomic_write_bytes, atomic_write_json, read_distilled_set
-    from engine.train import (TrainSet, Worker, evaluate_top1, load_teacher, student_epochs, train_student,
-                              train_teacher)
+    from engine.store import atomic_write_bytes, atomic_write_json
+    from engine.train import fit_stream, load_teacher, new_model, stream_steps, teacher_loss, teacher_recipe
 
     config: DistillConfig = loop_config["config"]
-    evaluate = config.evaluate
-    protocol = get_protocol(evaluate.protocol)
-    torch.set_num_threads(config.runtime.train_cpus_per_worker)
-    context = ray.train.get_context()
-    worker = Worker(context.get_world_rank(), context.get_world_size(), ray.train.torch.prepare_model)
+    e = config.evaluate
+    teacher_path = location(loop_config["teacher_path"])
+    num_classes, size = loop_config["num_classes"], config.data.image_size
+    facts = {}
+    if teacher_path.exists():
+        teacher = load_teacher(teacher_path, e.teacher, num_classes, size, e.width, worker.device)
+    else:
+        import torch
 
-    @cache
-    def full() -> TrainSet:  # the whole train split, loaded only if a teacher or the `full` method needs it
-        train = load_split(config.data, "train")
-        return TrainSet(train.images, train.labels, np.ones(len(train.labels)))
+        torch.manual_seed(0)
+        model = new_model(e.teacher, num_classes, size, e.width, worker)
+        protocol, recipe = teacher_recipe(e)
+        rows = loop_config["train_rows"] // worker.world
+        steps, local = stream_steps(rows, e.teacher_epochs, e.batch_size, worker.world)
 
-    test = load_split(config.data, "test")
+        def report(step: int, net) -> None:
+            _progress(loop_config, worker, f"teacher {e.teacher}: step {step}/{steps * e.teacher_epochs}")
+
+        start = time.perf_counter()
+        model = fit_stream(model, _stream_epochs(0, local), rows, e.teacher_epochs, protocol, recipe, 0,
+                           teacher_loss, worker, report, reports=min(e.reports, e.teacher_epochs),
+                           checkpoint=location(loop_config["results_dir"]) / "checkpoints" / "teacher.pt")
+        # Streamed training throughput over every worker's rows (a run resumed mid-way overstates it).
+        facts["train_images_per_s"] = rows * worker.world * e.teacher_epochs / (time.perf_counter() - start)
+        teacher = getattr(model, "module", model)
+        if worker.rank == 0:
+            atomic_write_bytes(teacher_path, to_safetensors_bytes(teacher.state_dict()))
+    top1 = _held_out_top1(teacher, worker, e.precision, loop_config)
+    _progress(loop_config, worker, f"teacher {e.teacher}: held-out top-1 {top1:.4f}")
+    if worker.rank == 0:
+        atomic_write_json(location(loop_config["results_dir"]) / "teacher.json", {"teacher_top1": top1, **facts})
+
+
+def _student_phase(loop_config: dict, worker) -> None:
+    import ray.train
+    import torch
+
+    from engine.data import class_names
+    from engine.faults import crash_once_if_requested
+    from engine.protocols import get_protocol
+    from engine.store import atomic_write_json, read_distilled_set
+    from engine.train import (TrainSet, evaluate_top1, fit_stream, load_teacher, new_model, stream_steps,
+                              student_epochs, student_loss, train_student)
+
+    config: DistillConfig = loop_config["config"]
+    e = config.evaluate
+    protocol = get_protocol(e.protocol)
     num_classes = len(class_names(config.data))
     results_dir = location(loop_config["results_dir"])
-
+    report_images, report_labels = loop_config["report_set"]
     teacher, teacher_top1 = None, None
-    if protocol.soft_labels:  # the hard-label protocol never builds or reads a teacher
-        teacher_path = location(loop_config["teacher_path"])
-        if teacher_path.exists():  # on the worker's device: a CPU teacher crashed every GPU soft-label batch
-            teacher = load_teacher(teacher_path, evaluate.teacher, num_classes, config.data.image_size,
-                                   evaluate.width, ray.train.torch.get_device())
-        else:
-            teacher = train_teacher(full(), num_classes, evaluate.teacher, evaluate, seed=0, worker=worker)
-            teacher = getattr(teacher, "module", teacher)
-            if worker.rank == 0:
-                atomic_write_bytes(teacher_path, to_safetensors_bytes(teacher.state_dict()))
-        teacher.eval()
-        teacher_top1 = evaluate_top1(teacher, test.images, test.labels)
+    if protocol.soft_labels:  # on the worker's device: a CPU teacher crashed every GPU soft-label batch
+        teacher = load_teacher(location(loop_config["teacher_path"]), e.teacher, num_classes,
+                               config.data.image_size, e.width, worker.device)
+        teacher_top1 = json.loads((results_dir / "teacher.json").read_text())["teacher_top1"]
 
-    for job in loop_config["jobs"]:
+    jobs = loop_config["jobs"]
+    loaded: tuple[str, TrainSet] | None = None  # the set of the previous job: a set's seeds run back to back
+    for number, job in enumerate(jobs, 1):
         result_path = results_dir / f"{job['job']}.json"
         if result_path.exists():  # finished in an earlier (killed) run of the same config
             continue
         start = time.perf_counter()
-        if job["method"] == "full":
-            data, epochs = full(), evaluate.full_epochs
-        else:
-            data, epochs = TrainSet(*read_distilled_set(job["set_dir"])), student_epochs(evaluate)
-        soft_labels = None
-        if protocol.stored_labels:
-            labels_path = results_dir / "soft_labels" / f"{job['set']}-seed{job['seed']}.safetensors"
-            soft_labels = _stored_soft_labels(labels_path, data, teacher, epochs, evaluate, job["seed"], worker.rank)
-
-        def report(step: int, model, job=job):
-            # Progress signal (and Tune's early-stopping metric) on a fixed slice of the held-out split: the whole
-            # split at every report would cost more than training a small set. The result row uses all of it.
-            top1 = evaluate_top1(model, test.images[:REPORT_IMAGES], test.labels[:REPORT_IMAGES])
-            ray.train.report({"job": job["job"], "step": step, "top1": top1})
-
         checkpoint = results_dir / "checkpoints" / f"{job['job']}.pt"
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        student = train_student(data, teacher, num_classes, job["student"], epochs, evaluate, job["seed"], worker,
-                                soft_labels=soft_labels, report=report, reports=evaluate.reports,
-                                checkpoint=checkpoint)
-        top1 = evaluate_top1(getattr(student, "module", student), test.images, test.labels)
+
+        def report(step: int, model, job=job, number=number):
+            # Progress (and Tune's early-stopping metric) on a fixed slice of the held-out split: the whole split
+            # at every report would cost more than training a small set. The result row uses all of it.
+            top1 = evaluate_top1(model, report_images, report_labels)
+            ray.train.report({"job": job["job"], "step": step, "top1": top1})
+            crash_once_if_requested(loop_config["fault_dir"], "evaluate")  # tests: a kill after a checkpoint
+            _progress(loop_config, worker, f"{number}/{len(jobs)} {job['job']}: step {step}, top-1 {top1:.4f}")
+
+        torch.manual_seed(job["seed"])
+        if job["method"] == "full":  # the whole train split, streamed
+            epochs = e.full_epochs
+            rows = loop_config["train_rows"] // worker.world
+            _, local = stream_steps(rows, epochs, e.batch_size, worker.world)
+            model = new_model(job["student"], num_classes, config.data.image_size, e.width, worker)
+            # fkd's stored logits are the teacher's on each planned batch; a stream has no plan to store, so `full`
+            # takes the same targets online (rded's way), the same numbers without a split's worth of logits.
+            online = dataclasses.replace(protocol, stored_labels=False)
+            student = fit_stream(model, _stream_epochs(job["seed"], local), rows, epochs, protocol, e, job["seed"],
+                                 student_loss(online, teacher, e), worker, report, e.reports, checkpoint)
+            images = loop_config["train_rows"]
+        else:
+            if loaded is None or loaded[0] != job["set_dir"]:
+                loaded = (job["set_dir"], TrainSet(*read_distilled_set(job["set_dir"])))
+            data, epochs = loaded[1], student_epochs(e)
+            soft_labels = _soft_labels(results_dir, job, data, teacher, epochs, e, worker) \
+                if protocol.stored_labels else None
+            student = train_student(data, teacher, num_classes, job["student"], epochs, e, job["seed"], worker,
+                                    soft_labels=soft_labels, report=report, reports=e.reports,
+                                    checkpoint=checkpoint)
+            images = len(data.labels)
+        top1 = _held_out_top1(getattr(student, "module", student), worker, e.precision, loop_config)
         row = {**{k: job[k] for k in ("method", "weights", "ipc", "protocol", "student", "teacher", "seed")},
-               "top1": top1, "teacher_top1": teacher_top1, "images": int(len(data.labels)), "epochs": epochs,
+               "top1": top1, "teacher_top1": teacher_top1, "images": int(images), "epochs": epochs,
                "workers": worker.world, "seconds": round(time.perf_counter() - start, 2)}
         if worker.rank == 0:
             atomic_write_json(result_path, row)
             checkpoint.unlink(missing_ok=True)
+        _progress(loop_config, worker, f"{number}/{len(jobs)} {job['job']}: done, held-out top-1 {top1:.4f} "
+                                       f"({row['seconds']:.0f} s)")
 
 
-def _stored_soft_labels(path, data, teacher, epochs: int, evaluate, seed: int, rank: int) -> dict:
-    """FKD labels of one (set, seed): generated once, stored as safetensors, replayed by every student."""
-    from safetensors.torch import load
-    from safetensors.torch import save as to_safetensors_bytes
+def _soft_labels(results_dir, job: dict, data, teacher, epochs: int, evaluate, worker):
+    """FKD labels of one (set, seed): generated once by rank 0, stored in chunks, replayed by every student."""
+    import torch
 
-    from engine.store import atomic_write_bytes
-    from engine.train import generate_soft_labels
+    from engine.train import SoftLabels, generate_soft_labels
 
-    if path.exists():
-        return load(path.read_bytes())
-    labels = generate_soft_labels(data, teacher, epochs, evaluate, seed)  # deterministic: same on every rank
-    if rank == 0:
-        atomic_write_bytes(path, to_safetensors_bytes(labels))
-    return labels
+    folder = results_dir / "soft_labels" / f"{job['set']}-seed{job['seed']}"
+    if not SoftLabels.complete(folder) and worker.rank == 0:
+        generate_soft_labels(data, teacher, epochs, evaluate, job["seed"], folder)
+    if worker.world > 1:
+        torch.distributed.barrier()  # the other ranks read what rank 0 wrote
+    return SoftLabels(folder)
 
 
-def evaluate_students(config: DistillConfig, jobs: list[dict], teacher_path, results_dir,
-                      callbacks=()) -> list[dict]:
-    """Train every job's student through one TorchTrainer run (DDP over `runtime.train_workers`); returns the
-    result rows (one JSON file per job). `callbacks`: Ray Train callbacks, e.g. TuneReportCallback when a Tune
-    trial runs the evaluation."""
+def held_out_dataset(config: DistillConfig, skip_dir):
+    """The held-out split as a stream of {image, label} rows."""
+    from engine.ray.source import source_dataset
+
+    return source_dataset(config.data, skip_dir=skip_dir, split="test", task_cpus=STREAM_TASK_CPUS,
+                          columns=("image", "label"))
+
+
+def trainer_count(config: DistillConfig, jobs: int, streams: bool) -> int:
+    """How many trainers run side by side: the config's, or as many as the cluster's GPUs or CPUs hold (leaving
+    the stream's Ray Data tasks their CPU), never more than the jobs. A count that cannot fit on a one-node Ray
+    is refused: the trainers would wait for each other's CPUs and the stream's tasks would never run."""
+    import ray
+
+    from engine.checks import RunError
+
+    runtime = config.runtime
+    total = ray.cluster_resources()
+    cpus = runtime.train_workers * runtime.train_cpus_per_worker
+    spare = STREAM_TASK_CPUS if streams else 0.0
+    fits = int((total.get("CPU", 0.0) - spare + 1e-9) // cpus)
+    if runtime.train_use_gpu:
+        fits = min(fits, int(total.get("GPU", 0.0) // runtime.train_workers))
+    count = runtime.concurrent_trainers or max(1, fits)
+    one_node = len([n for n in ray.nodes() if n.get("Alive")]) == 1
+    if one_node and count > max(fits, 0):
+        raise RunError(f"{count} trainer(s) x {runtime.train_workers} worker(s) x {runtime.train_cpus_per_worker:g} "
+                       f"CPU (+{spare:g} for the data stream) do not fit in {total.get('CPU', 0):g} CPUs: lower "
+                       f"runtime.concurrent_trainers or runtime.train_cpus_per_worker (a fraction is fine: "
+                       f"runtime.train_threads_per_worker sets the threads)")
+    return max(1, min(count, jobs))
+
+
+def job_cost(config: DistillConfig, job: dict, train_rows: int) -> int:
+    """Training steps of a job (its relative cost): the set's size x epochs in batches."""
+    from engine.data import class_names
+    from engine.train import epochs_to_steps, student_epochs
+
+    e = config.evaluate
+    if job["method"] == "full":
+        return epochs_to_steps(train_rows, e.full_epochs, e.batch_size)
+    return epochs_to_steps(job["ipc"] * len(class_names(config.data)), student_epochs(e), e.batch_size)
+
+
+def share_jobs(config: DistillConfig, jobs: list[dict], trainers: int, train_rows: int) -> list[list[dict]]:
+    """Longest job first onto the least loaded trainer (balanced finish times); within a trainer, jobs of one
+    set back to back (the set is read once)."""
+    shares: list[list[dict]] = [[] for _ in range(trainers)]
+    loads = [0] * trainers
+    for job in sorted(jobs, key=lambda j: -job_cost(config, j, train_rows)):
+        least = loads.index(min(loads))
+        shares[least].append(job)
+        loads[least] += job_cost(config, job, train_rows)
+    order = {job["job"]: i for i, job in enumerate(jobs)}
+    return [sorted(share, key=lambda j: (j["set"], order[j["job"]])) for share in shares if share]
+
+
+def _fit(config: DistillConfig, name: str, loop_config: dict, datasets: dict, callbacks=()) -> None:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     runtime = config.runtime
-    results_dir.mkdir(parents=True, exist_ok=True)
-    trainer = TorchTrainer(
-        _evaluation_loop,
-        train_loop_config={"config": config, "jobs": jobs, "teacher_path": str(teacher_path),
-                           "results_dir": str(results_dir.resolve())},
+    TorchTrainer(
+        _loop,
+        train_loop_config={**loop_config, "config": config, "name": name, "threads": loop_config.get(
+            "threads", runtime.threads("train"))},
+        datasets=datasets,
         scaling_config=ScalingConfig(num_workers=runtime.train_workers, use_gpu=runtime.train_use_gpu,
                                      resources_per_worker={"CPU": runtime.train_cpus_per_worker}),
         # A failed worker group restarts; jobs resume from their checkpoints and finished jobs are skipped.
-        run_config=RunConfig(name="evaluate", **ray_storage(config.run_dir / "ray_train"),
+        run_config=RunConfig(name=name, **ray_storage(config.run_dir / "ray_train"),
                              failure_config=FailureConfig(max_failures=2), callbacks=list(callbacks)),
-    )
-    trainer.fit()
+    ).fit()
+
+
+@contextlib.contextmanager
+def quiet_streams():
+    """The evaluation's datasets are iterated once per job and epoch: without this, every pass prints Ray Data's
+    progress bars and plan. The per-job progress lines say what is happening instead."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    saved = context.enable_progress_bars, context.print_on_execution_start
+    context.enable_progress_bars, context.print_on_execution_start = False, False
+    try:
+        yield  # datasets made here keep a copy of the quiet context
+    finally:
+        context.enable_progress_bars, context.print_on_execution_start = saved
+
+
+def _stream_inputs(config: DistillConfig, results_dir, teacher_path, train_rows: int) -> tuple[dict, dict]:
+    """What every trainer of a results folder shares: (loop config base, {"test": the held-out stream} or {} when
+    the whole held-out split fits in the report slice: then that slice is the split, scored from memory)."""
+    skip_dir = results_dir / "stream-skipped"  # rows the stream could not decode (the encode stage counted them)
+    with quiet_streams():
+        test = held_out_dataset(config, skip_dir)
+        report = test.limit(REPORT_IMAGES + 1).take_batch(REPORT_IMAGES + 1, batch_format="numpy")
+    whole = len(report["label"]) <= REPORT_IMAGES
+    base = {"results_dir": str(results_dir), "teacher_path": str(teacher_path), "train_rows": int(train_rows),
+            "report_set": (report["image"][:REPORT_IMAGES], report["label"][:REPORT_IMAGES]),
+            "held_out_in_report": whole, "skip_dir": str(skip_dir),
+            "fault_dir": str(config.run_dir)}  # test-only crash injection (engine/faults.py)
+    return base, ({} if whole else {"test": test})
+
+
+def train_split(config: DistillConfig, skip_dir):
+    """The train split as a stream of {image, label} rows."""
+    from engine.ray.source import source_dataset
+
+    with quiet_streams():
+        return source_dataset(config.data, skip_dir=skip_dir, task_cpus=STREAM_TASK_CPUS, columns=("image", "label"))
+
+
+def prepare_teacher(config: DistillConfig, teacher_path, results_dir, train_rows: int, log=print) -> float:
+    """The teacher phase, once per results folder: load `teacher_path` or train it there on the streamed train
+    split (alone on the cluster, so its workers take the threads the student trainers will share), then score it
+    on the held-out split -> its top-1 (also in results_dir/teacher.json)."""
+    from engine.data import class_names
+
+    results_dir = location(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    scored = results_dir / "teacher.json"
+    if not scored.exists():
+        base, held_out = _stream_inputs(config, results_dir, teacher_path, train_rows)
+        given = location(teacher_path).exists()
+        log(f"teacher {config.evaluate.teacher}: {'loaded' if given else 'training on the streamed train split'}")
+        threads = config.runtime.threads("train") * trainer_count(config, 1 << 30, streams=True)
+        loop = {**base, "phase": "teacher", "num_classes": len(class_names(config.data)), "threads": threads}
+        _fit(config, "evaluate-teacher", loop, held_out if given else
+             {**held_out, "train": train_split(config, location(base["skip_dir"]))})
+    return json.loads(scored.read_text())["teacher_top1"]
+
+
+def evaluate_students(config: DistillConfig, jobs: list[dict], teacher_path, results_dir, train_rows: int,
+                      callbacks=(), log=print) -> list[dict]:
+    """Train every job's student -> the result rows (one JSON file per job). `train_rows`: rows of the train split
+    (the encode stage's count; it sizes the streamed schedules). `callbacks`: Ray Train callbacks, e.g.
+    TuneReportCallback when a Tune trial runs the evaluation (one trainer then, so Tune sees one stream of
+    reports)."""
+    from engine.protocols import get_protocol
+
+    results_dir = location(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    todo = [job for job in jobs if not (results_dir / f"{job['job']}.json").exists()]
+    if todo and get_protocol(config.evaluate.protocol).soft_labels:
+        prepare_teacher(config, teacher_path, results_dir, train_rows, log)
+    if todo:
+        base, held_out = _stream_inputs(config, results_dir, teacher_path, train_rows)
+        streams = any(job["method"] == "full" for job in todo)
+        trainers = 1 if callbacks else trainer_count(config, len(todo), streams=streams)
+        shares = share_jobs(config, todo, trainers, train_rows)
+        log(f"{len(todo)} student jobs on {len(shares)} trainer(s) side by side "
+            f"({config.runtime.train_workers} worker(s) each)")
+        errors: list[BaseException] = []
+        lock = threading.Lock()
+
+        def run_share(index: int, share: list[dict]) -> None:
+            datasets = dict(held_out)
+            if any(job["method"] == "full" for job in share):
+                datasets["train"] = train_split(config, location(base["skip_dir"]))
+            try:
+                _fit(config, f"evaluate-{index}", {**base, "phase": "students", "jobs": share}, datasets, callbacks)
+            except BaseException as error:  # every trainer finishes its share; the first failure is raised after
+                with lock:
+                    errors.append(error)
+
+        with ThreadPoolExecutor(max_workers=len(shares)) as pool:
+            list(pool.map(run_share, range(len(shares)), shares))
+        if errors:
+            raise errors[0]
     return [json.loads((results_dir / f"{job['job']}.json").read_text()) for job in jobs]

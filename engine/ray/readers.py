@@ -73,20 +73,24 @@ class TarShardsDatasource(FileBasedDatasource):
             yield rows_to_table(rows)
 
 
-def read_source_rows(data: DataConfig, split: str, listing: SourceListing | None = None) -> ray.data.Dataset:
+def read_source_rows(data: DataConfig, split: str, listing: SourceListing | None = None,
+                     task_cpus: float | None = None) -> ray.data.Dataset:
     """The raw rows of a file source's split, streamed. Pass the listing when its `skipped` rows are also needed
-    (the caller writes them, as it writes decode_rows' skips), so the split is listed once."""
+    (the caller writes them, as it writes decode_rows' skips), so the split is listed once. `task_cpus`: the CPU
+    each read task reserves (Ray Data's default, 1, when None)."""
     listing = listing or scan_source(data, split)
+    remote = {"ray_remote_args": {"num_cpus": task_cpus}} if task_cpus is not None else {}
     if not listing.names:
         raise ValueError(f"nothing readable in the {split} split under {data.path} "
                          f"({len(listing.skipped['id'])} rows skipped while listing it)")
     if listing.source == "parquet":
-        return ray.data.read_parquet(listing.paths(), columns=["image", "label"], include_paths=True)
+        return ray.data.read_parquet(listing.paths(), columns=["image", "label"], include_paths=True,
+                                     **remote)
     if listing.source == "imagefolder":
         return ray.data.read_datasource(ImageFilesDatasource(listing),
-                                        override_num_blocks=math.ceil(len(listing.names) / IMAGES_PER_READ_TASK))
+                                        override_num_blocks=math.ceil(len(listing.names) / IMAGES_PER_READ_TASK), **remote)
     root = location(listing.root)
     filesystem, _ = filesystem_and_path(root)
     shards = [filesystem_and_path(root / name)[1] for name in listing.names]
     return ray.data.read_datasource(TarShardsDatasource(shards, filesystem=filesystem),
-                                    override_num_blocks=len(shards))
+                                    override_num_blocks=len(shards), **remote)

@@ -11,7 +11,7 @@ import ray.data
 from ray.data.extensions import ArrowTensorArray
 
 from engine.config import DataConfig
-from engine.data import class_names, decode_rows, load_split
+from engine.data import class_names, decode_rows, load_split, resize_mode
 from engine.location import filesystem_and_path, location
 from engine.ray.readers import read_source_rows
 from engine.sources import scan_source
@@ -35,11 +35,11 @@ def write_skipped(skip_dir: str | Path, skipped: dict, tag: str) -> None:
 
 
 def decode_and_record_skips(batch: dict, size: int, num_classes: int, max_pixels: int, skip_dir: str,
-                            root: str = "") -> dict:
-    """Ray Data map over raw source rows: decoded rows go on to the encoder, each with the `source` file it came
-    from (relative to the data's root, so the baselines stage can read the row back); skipped rows to
-    `skip_dir`."""
-    decoded, skipped = decode_rows(batch, size, num_classes, max_pixels)
+                            root: str = "", mode: str = "squash") -> dict:
+    """Ray Data map over raw source rows: decoded rows (resized by `mode`, data.resize resolved) go on to the
+    encoder, each with the `source` file it came from (relative to the data's root, so the baselines stage can
+    read the row back); skipped rows to `skip_dir`."""
+    decoded, skipped = decode_rows(batch, size, num_classes, max_pixels, mode=mode)
     files = [str(p) for p in batch.get("path", [""] * len(batch["label"]))]
     tag = "\0".join(sorted(set(files))) + "\0" + "\0".join(map(str, decoded["id"]))
     write_skipped(skip_dir, skipped, tag)
@@ -54,28 +54,37 @@ def relative_source(file: str, root: str) -> str:
     return file[len(root):] if root != "/" and file.startswith(root) else file
 
 
-def source_dataset(data: DataConfig, size: int | None = None, skip_dir=None) -> ray.data.Dataset:
-    """Rows {id, label, image (H, W, 3) uint8} of the train split, decoded straight to `size` (the prior's
-    resolution, e.g. 512 for sd15; default the data's). Rows that cannot be used are recorded as
-    {id, reason, detail} files under `skip_dir` (file sources: engine/sources.py; the digits are known good)."""
+def source_dataset(data: DataConfig, size: int | None = None, skip_dir=None, split: str = "train",
+                   task_cpus: float | None = None, columns: tuple[str, ...] | None = None) -> ray.data.Dataset:
+    """Rows {id, label, image (H, W, 3) uint8, source} of a split, decoded straight to `size` (the prior's
+    resolution, e.g. 512 for sd15; default the data's), resized as data.resize says (resolved from data.image_size,
+    whatever `size` is: at 512 the same centre fraction as at 224). Rows that cannot be used are recorded as
+    {id, reason, detail} files under `skip_dir` (file sources: engine/sources.py; the digits are known good).
+    `task_cpus`: the CPU each read/decode task reserves (None: Ray Data's 1); `columns`: keep only these."""
     if data.source == "digits":
-        images = load_split(data, "train")  # the embedded digits: 1437 images
+        images = load_split(data, split)  # the embedded digits: 1437 train / 360 test images
         table = pa.table({
             "id": pa.array(images.ids.tolist()),
             "label": pa.array(images.labels),
             "image": ArrowTensorArray.from_numpy(images.images),
             "source": pa.array(["digits"] * len(images.labels)),  # the embedded set: rows read back by id
         })
-        return ray.data.from_arrow(table)
-    if skip_dir is None:
-        raise ValueError("a file source needs a folder for the records of skipped rows")
-    listing = scan_source(data, "train")  # one listing; parquet: footers only
-    write_skipped(skip_dir, listing.skipped, "listing")  # rows known unusable from the listing alone
-    raw = read_source_rows(data, "train", listing)  # raises if nothing is readable
-    return raw.map_batches(decode_and_record_skips, batch_size=256, fn_kwargs={
-        "size": size or data.image_size, "num_classes": len(class_names(data)),
-        "max_pixels": data.max_image_pixels, "skip_dir": str(skip_dir),
-        "root": filesystem_and_path(location(data.path))[1]})
+        dataset = ray.data.from_arrow(table)
+    else:
+        if skip_dir is None:
+            raise ValueError("a file source needs a folder for the records of skipped rows")
+        listing = scan_source(data, split)  # one listing; parquet: footers only
+        write_skipped(skip_dir, listing.skipped, "listing")  # rows known unusable from the listing alone
+        raw = read_source_rows(data, split, listing, task_cpus)  # raises if nothing is readable
+        remote = {"num_cpus": task_cpus} if task_cpus is not None else {}
+        dataset = raw.map_batches(decode_and_record_skips, batch_size=256, **remote, fn_kwargs={
+            "size": size or data.image_size, "num_classes": len(class_names(data)),
+            "max_pixels": data.max_image_pixels, "skip_dir": str(skip_dir),
+            "root": filesystem_and_path(location(data.path))[1], "mode": resize_mode(data)})
+    if not columns:
+        return dataset
+    # A task of its own over in-memory blocks (digits): it must ask for no more CPU than the stream may take.
+    return dataset.select_columns(list(columns), **({"num_cpus": task_cpus} if task_cpus is not None else {}))
 
 
 def gather_skipped(skip_dir) -> pa.Table:

@@ -1,0 +1,185 @@
+"""The evaluation at scale, measured side by side: (a) streamed training vs a bare loop over the same data in memory,
+(b) peak RSS of the Ray Train workers at N/4 and N images, (c) student jobs/hour with 1 vs 2 trainers at once.
+
+    python benchmarks/evaluate_scale.py [--classes 100] [--per-class 260] [--resolution 32] [--epochs 2]
+
+(a), (b): the rehearsal dataset (benchmarks/imagenet_like.py: procedural JPEGs in HF parquet shards, cached in
+~/.cache/ddoq/), `--classes` classes at N and a quarter of them at N/4. Each size trains the teacher
+(ConvNet-3) for `--epochs` epochs in a child process (jobs-free evaluate stage: engine.pipeline.prepare_teacher),
+the train split streamed from parquet through Ray Data into one Ray Train worker; every process it starts is
+sampled from /proc for its peak RSS (as benchmarks/scale.py does). The bare loop: the N/4 split decoded into
+this process first, then the same model, batch, threads and epochs through the same loop (engine.train.fit_stream)
+over in-memory batches. (c): the digits run's own students (IPC 10, rded, teacher cached), 6 jobs on one trainer
+of 2 threads vs on 2 trainers of 1 thread each, on this machine's 2 cores.
+Last line: stream_vs_memory=.. rss_ratio_worker=.. concurrent_speedup=..
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+import imagenet_like  # noqa: E402
+import scale  # noqa: E402
+
+WORK = Path(os.path.expanduser(os.environ.get("DDOQ_EVALUATE_RUNS", "~/.cache/ddoq/evaluate-scale")))
+THREADS = 2  # the one training worker of (a)/(b) gets both cores, as the bare loop does
+
+
+def teacher_overrides(data_root: Path, name: str, resolution: int, epochs: int) -> list[str]:
+    return [f"name={name}", f"runs_dir={WORK}", f"cache_dir={WORK / 'cache'}", "data.source=parquet",
+            f"data.path={data_root}", f"data.name={name}", f"data.image_size={resolution}",
+            f"evaluate.teacher_epochs={epochs}", "evaluate.width=32", "evaluate.batch_size=256",
+            "evaluate.reports=1", "runtime.num_cpus=2", "runtime.train_cpus_per_worker=1.5",
+            f"runtime.train_threads_per_worker={THREADS}", "runtime.concurrent_trainers=1",
+            "runtime.object_store_mb=1024"]
+
+
+def child_teacher(argv: list[str]) -> None:
+    """In the child process: train and score the teacher of a config; print its teacher.json."""
+    from engine import pipeline
+    from engine.config import load_config
+
+    config = load_config(None, argv)
+    results = config.run_dir / "teacher"
+    pipeline.prepare_teacher(config, results)
+    print("TEACHER", (results / "teacher.json").read_text(), flush=True)
+
+
+def streamed_teacher(classes: int, per_class: int, resolution: int, epochs: int) -> dict:
+    data_root = imagenet_like.default_root(classes, per_class, resolution)
+    imagenet_like.generate(data_root, classes, per_class, resolution=resolution, log=lambda m: None)
+    name = f"evaluate-{classes}x{per_class}-r{resolution}-e{epochs}"
+    figures_path = WORK / name / "figures.json"
+    if figures_path.exists():  # resumable: a finished size is kept
+        return json.loads(figures_path.read_text())
+    (WORK / name).mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, __file__, "--child", *teacher_overrides(data_root, name, resolution, epochs)]
+    rss, private = scale.run_with_rss(command, WORK / f"{name}.log")
+    lines = [line for line in (WORK / f"{name}.log").read_text().splitlines() if line.startswith("TEACHER ")]
+    figures = {"classes": classes, "images": int(imagenet_like.class_counts(classes, per_class).sum()),
+               "teacher": json.loads(lines[-1][len("TEACHER "):]), "rss_mb": rss, "private_mb": private}
+    figures_path.write_text(json.dumps(figures, indent=2))  # audit: a benchmark's figures, written once finished
+    return figures
+
+
+def bare_loop_images_per_s(classes: int, per_class: int, resolution: int, epochs: int) -> float:
+    """The same split decoded into memory first, then the same model/batch/threads/epochs through fit_stream."""
+    import numpy as np
+    import torch
+
+    from engine.config import load_config
+    from engine.data import load_split
+    from engine.train import Worker, fit_stream, new_model, stream_steps, teacher_loss, teacher_recipe
+
+    torch.set_num_threads(THREADS)
+    data_root = imagenet_like.default_root(classes, per_class, resolution)
+    config = load_config(None, teacher_overrides(data_root, "bare", resolution, epochs))
+    train = load_split(config.data, "train")
+    e = config.evaluate
+    protocol, recipe = teacher_recipe(e)
+    _, local = stream_steps(len(train), epochs, e.batch_size, 1)
+
+    def epoch_batches(epoch: int):
+        order = np.random.default_rng(epoch).permutation(len(train))
+        for start in range(0, len(order), local):
+            rows = order[start : start + local]
+            yield {"image": torch.from_numpy(train.images[rows]), "label": torch.from_numpy(train.labels[rows])}
+
+    torch.manual_seed(0)
+    model = new_model(e.teacher, classes, resolution, e.width, Worker())
+    start = time.perf_counter()
+    fit_stream(model, epoch_batches, len(train), epochs, protocol, recipe, 0, teacher_loss)
+    return len(train) * epochs / (time.perf_counter() - start)
+
+
+def students_per_hour(trainers: int) -> tuple[float, int]:
+    """Digits students (IPC 10, rded, 6 jobs) on `trainers` trainers at once -> (jobs/hour, jobs)."""
+    command = [sys.executable, __file__, "--child-students", str(trainers)]
+    log = WORK / f"students-{trainers}.log"
+    with open(log, "w") as out:  # audit: a log of this benchmark
+        subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=True, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"})
+    line = [x for x in log.read_text().splitlines() if x.startswith("STUDENTS ")][-1].split()
+    return float(line[1]), int(line[2])
+
+
+def child_students(trainers: int) -> None:
+    from engine import pipeline
+    from engine.config import load_config
+    from engine.data import load_split
+    from engine.ray.evaluate import evaluate_students
+
+    threads = 2 // trainers
+    cpus = 1.5 if trainers == 1 else 0.75
+    config = load_config(None, [f"runs_dir={WORK}", f"name=students-{trainers}", f"cache_dir={WORK / 'cache'}",
+                                "evaluate.methods=[random]", "quantize.ipc=[10]", "evaluate.seeds=[0,1,2,3,4,5]",
+                                "evaluate.reports=1", f"runtime.concurrent_trainers={trainers}",
+                                f"runtime.train_cpus_per_worker={cpus}", f"runtime.train_threads_per_worker={threads}"])
+    from engine.ray.cluster import init_ray
+
+    init_ray(config.runtime)
+    train = load_split(config.data, "train")
+    set_dir = WORK / "digits-random-ipc10"
+    if not (set_dir / "index.parquet").exists():
+        from engine import store
+        from engine.baselines import select_random
+
+        chosen = select_random(train.labels, 10, seed=0)
+        files = [store.image_file_name(int(train.labels[i]), r) for r, i in enumerate(chosen)]
+        for name, i in zip(files, chosen):
+            store.write_png(set_dir / name, train.images[i])
+        store.write_set_index(set_dir, files, train.labels[chosen], train.class_names, [1.0] * len(chosen),
+                              [1] * len(chosen))
+    results = config.run_dir / "results"
+    teacher = pipeline.teacher_cache_path(config)
+    pipeline.prepare_teacher(config, results)  # not timed: the same cached teacher for both runs
+    jobs = pipeline.student_jobs(config, {("random", "none", 10): set_dir})
+    start = time.perf_counter()
+    evaluate_students(config, jobs, teacher, results, train_rows=len(train))
+    wall = time.perf_counter() - start
+    print(f"STUDENTS {len(jobs) / wall * 3600:.1f} {len(jobs)}", flush=True)
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--child":
+        return child_teacher(argv[1:])
+    if argv and argv[0] == "--child-students":
+        return child_students(int(argv[1]))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument("--per-class", type=int, default=260)
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=2)
+    args = parser.parse_args(argv)
+    WORK.mkdir(parents=True, exist_ok=True)
+    quarter = streamed_teacher(max(1, args.classes // 4), args.per_class, args.resolution, args.epochs)
+    full = streamed_teacher(args.classes, args.per_class, args.resolution, args.epochs)
+    bare = bare_loop_images_per_s(max(1, args.classes // 4), args.per_class, args.resolution, args.epochs)
+    stream = quarter["teacher"]["train_images_per_s"]
+    print(f"(a) streamed teacher training, N/4 = {quarter['images']:,} images: {stream:,.0f} images/s through "
+          f"Ray Data + Ray Train vs {bare:,.0f} images/s in memory (same model, batch, {THREADS} threads)")
+    print(f"(b) {'peak RSS (MiB)':<22} {'N/4':>8} {'N':>8} {'ratio':>6}   largest process at N "
+          f"(N = {full['images']:,} images)")
+    for kind in ("driver", "worker"):
+        a, b = quarter["rss_mb"][kind][0], full["rss_mb"][kind][0]
+        print(f"    {kind:<22} {a:>8.0f} {b:>8.0f} {b / a:>6.2f}   {full['rss_mb'][kind][1]}")
+    one, jobs = students_per_hour(1)
+    two, _ = students_per_hour(2)
+    print(f"(c) {jobs} digits students (IPC 10, rded): {one:,.0f} jobs/hour on 1 trainer x 2 threads, {two:,.0f} "
+          f"on 2 trainers x 1 thread")
+    rss_ratio = full["rss_mb"]["worker"][0] / quarter["rss_mb"]["worker"][0]
+    print(f"stream_vs_memory={stream / bare:.2f} rss_ratio_worker={rss_ratio:.2f} concurrent_speedup={two / one:.2f}")
+
+
+if __name__ == "__main__":
+    main()
