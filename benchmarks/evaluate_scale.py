@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -35,10 +36,10 @@ THREADS = 2  # the one training worker of (a)/(b) gets both cores, as the bare l
 
 
 def teacher_overrides(data_root: Path, name: str, resolution: int, epochs: int) -> list[str]:
-    return [f"name={name}", f"runs_dir={WORK}", f"cache_dir={WORK / 'cache'}", "data.source=parquet",
+    return [f"name={name}", f"runs_dir={WORK}", f"cache_dir={WORK / name / 'cache'}", "data.source=parquet",
             f"data.path={data_root}", f"data.name={name}", f"data.image_size={resolution}",
             f"evaluate.teacher_epochs={epochs}", "evaluate.width=32", "evaluate.batch_size=256",
-            "evaluate.reports=1", "runtime.num_cpus=2", "runtime.train_cpus_per_worker=1.5",
+            "evaluate.reports=1", "runtime.num_cpus=2", "runtime.train_cpus_per_worker=1",
             f"runtime.train_threads_per_worker={THREADS}", "runtime.concurrent_trainers=1",
             "runtime.object_store_mb=1024"]
 
@@ -51,7 +52,7 @@ def child_teacher(argv: list[str]) -> None:
     config = load_config(None, argv)
     results = config.run_dir / "teacher"
     pipeline.prepare_teacher(config, results)
-    print("TEACHER", (results / "teacher.json").read_text(), flush=True)
+    print("TEACHER", json.dumps(json.loads((results / "teacher.json").read_text())), flush=True)
 
 
 def streamed_teacher(classes: int, per_class: int, resolution: int, epochs: int) -> dict:
@@ -61,7 +62,8 @@ def streamed_teacher(classes: int, per_class: int, resolution: int, epochs: int)
     figures_path = WORK / name / "figures.json"
     if figures_path.exists():  # resumable: a finished size is kept
         return json.loads(figures_path.read_text())
-    (WORK / name).mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(WORK / name, ignore_errors=True)  # an unfinished earlier try: the teacher must train here
+    (WORK / name).mkdir(parents=True)
     command = [sys.executable, __file__, "--child", *teacher_overrides(data_root, name, resolution, epochs)]
     rss, private = scale.run_with_rss(command, WORK / f"{name}.log")
     lines = [line for line in (WORK / f"{name}.log").read_text().splitlines() if line.startswith("TEACHER ")]

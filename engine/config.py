@@ -139,10 +139,10 @@ class EvaluateConfig:
     # A local safetensors state dict of `teacher` for this data; empty = train it on the full split (cached).
     teacher_path: str = ""
     students: tuple[str, ...] = ("convnet3",)
-    width: int = 64  # ConvNet-3 channels (128 in the classic hard-label tables)
+    width: int = 32  # ConvNet-3 channels (128 in the classic hard-label tables)
     teacher_epochs: int = 30
     # Epochs over the distilled set; 0 = the protocol's own (rded/fkd 300, hard 1000).
-    student_epochs: int = 0
+    student_epochs: int = 100
     full_epochs: int = 15
     batch_size: int = 64
     temperature: float = 20.0  # RDED's T with CutMix

@@ -159,3 +159,19 @@ def test_runs_dir_file_uri_and_object_stores(tmp_path, s3_env):
     remote = load_config(ROOT / "configs" / "digits.yaml", [f"runs_dir=s3://{s3_env['bucket']}/runs"]).run_dir
     assert isinstance(remote, ObjectPath) and str(remote) == f"s3://{s3_env['bucket']}/runs/digits"
     assert sweep.shared_folder(BASE, remote).uri.startswith(str(remote) + "/shared/quantize-")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_sweep_whose_space_leaves_the_methods_open_runs_every_method(ray_session, tmp_path):
+    """The smoke base's methods (real-image baselines, d4m, ddoq and full), none fixed by the space: trials take
+    their baselines from the shared quantize folder and the teacher the driver trained once before them."""
+    space = write_space(tmp_path, "params:\n  quantize.ipc: {grid: [1, 2]}\nfixed:\n  evaluate.seeds: [0]\n"
+                                  "  evaluate.ddoq_weights: [mass]\n")
+    out = sweep.main(["--smoke-test", "--search-space", str(space), "--max-concurrent", "1",
+                      f"runs_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}"])
+    table = pq.read_table(out["sweep_dir"] / "trials.parquet").to_pandas()
+    assert len(table) == 2 and (table.error == "").all(), table.error.tolist()
+    jobs = {p.name.split("-ipc")[0] for p in out["sweep_dir"].glob("trials/t-*/results/*/*-seed0.json")}
+    assert jobs == {"random", "herding", "d4m", "ddoq-mass", "full"}
+    assert len(list((tmp_path / "cache" / "teachers").glob("*.safetensors"))) == 1  # trained once, shared

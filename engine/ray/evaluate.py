@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -50,8 +51,11 @@ def _loop(loop_config: dict) -> None:
 
 
 def _progress(loop_config: dict, worker, message: str) -> None:
+    """One line from rank 0, straight to the process's stdout (Ray forwards it to the driver): Ray Train's patched
+    print would send it through the logging handlers too, and every line would arrive twice."""
     if worker.rank == 0:
-        print(f"[evaluate {time.strftime('%H:%M:%S')} {loop_config['name']}] {message}", flush=True)
+        sys.__stdout__.write(f"[evaluate {time.strftime('%H:%M:%S')} {loop_config['name']}] {message}\n")
+        sys.__stdout__.flush()
 
 
 def _held_out_top1(model, worker, precision: str, loop_config: dict) -> float:
@@ -166,7 +170,8 @@ def _student_phase(loop_config: dict, worker) -> None:
             # Progress (and Tune's early-stopping metric) on a fixed slice of the held-out split: the whole split
             # at every report would cost more than training a small set. The result row uses all of it.
             top1 = evaluate_top1(model, report_images, report_labels)
-            ray.train.report({"job": job["job"], "step": step, "top1": top1})
+            if loop_config["ray_reports"]:  # each report waits for Ray Train's 2-second poll: only when consumed
+                ray.train.report({"job": job["job"], "step": step, "top1": top1})
             crash_once_if_requested(loop_config["fault_dir"], "evaluate")  # tests: a kill after a checkpoint
             _progress(loop_config, worker, f"{number}/{len(jobs)} {job['job']}: step {step}, top-1 {top1:.4f}")
 
@@ -233,10 +238,14 @@ def trainer_count(config: DistillConfig, jobs: int, streams: bool) -> int:
 
     from engine.checks import RunError
 
+    from engine.ray.cluster import TASK_CPUS
+
     runtime = config.runtime
     total = ray.cluster_resources()
     cpus = runtime.train_workers * runtime.train_cpus_per_worker
-    spare = STREAM_TASK_CPUS if streams else 0.0
+    # A file source's read tasks take a whole CPU whatever they are asked to reserve (Ray Data's file listing and
+    # parquet reads); the embedded digits only need the stream's light in-memory tasks.
+    spare = (STREAM_TASK_CPUS if config.data.source == "digits" else TASK_CPUS) if streams else 0.0
     fits = int((total.get("CPU", 0.0) - spare + 1e-9) // cpus)
     if runtime.train_use_gpu:
         fits = min(fits, int(total.get("GPU", 0.0) // runtime.train_workers))
@@ -354,8 +363,10 @@ def evaluate_students(config: DistillConfig, jobs: list[dict], teacher_path, res
                       callbacks=(), log=print) -> list[dict]:
     """Train every job's student -> the result rows (one JSON file per job). `train_rows`: rows of the train split
     (the encode stage's count; it sizes the streamed schedules). `callbacks`: Ray Train callbacks, e.g.
-    TuneReportCallback when a Tune trial runs the evaluation (one trainer then, so Tune sees one stream of
-    reports)."""
+    TuneReportCallback when a Tune trial runs the evaluation: then every report also goes through
+    `ray.train.report` (one trainer, so Tune sees one stream of reports). Without a consumer the reports are
+    progress lines only: a `ray.train.report` blocks until the controller's next poll (2 s), which made every
+    digits student take 10 s whatever its size."""
     from engine.protocols import get_protocol
 
     results_dir = location(results_dir)
@@ -370,7 +381,7 @@ def evaluate_students(config: DistillConfig, jobs: list[dict], teacher_path, res
         shares = share_jobs(config, todo, trainers, train_rows)
         log(f"{len(todo)} student jobs on {len(shares)} trainer(s) side by side "
             f"({config.runtime.train_workers} worker(s) each)")
-        errors: list[BaseException] = []
+        errors: list[Exception] = []
         lock = threading.Lock()
 
         def run_share(index: int, share: list[dict]) -> None:
@@ -378,8 +389,9 @@ def evaluate_students(config: DistillConfig, jobs: list[dict], teacher_path, res
             if any(job["method"] == "full" for job in share):
                 datasets["train"] = train_split(config, location(base["skip_dir"]))
             try:
-                _fit(config, f"evaluate-{index}", {**base, "phase": "students", "jobs": share}, datasets, callbacks)
-            except BaseException as error:  # every trainer finishes its share; the first failure is raised after
+                _fit(config, f"evaluate-{index}", {**base, "phase": "students", "jobs": share,
+                                                   "ray_reports": bool(callbacks)}, datasets, callbacks)
+            except Exception as error:  # every trainer finishes its share; the first failure is raised after
                 with lock:
                     errors.append(error)
 
