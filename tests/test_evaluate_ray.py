@@ -98,6 +98,9 @@ def test_jobs_on_two_trainers_side_by_side_resume_after_a_kill_with_the_same_res
     assert faults.crash_fired(tmp_path / "killed", "evaluate")  # a worker really died mid-job
     assert results["killed"] == results["clean"]
     assert len(list((tmp_path / "clean" / "ray_train").glob("evaluate-[0-9]*"))) == 2  # two trainers
+    # The teacher was trained and scored once: the second run copied its score from beside it, no trainer.
+    assert (tmp_path / "cache" / "teacher.safetensors.json").exists()
+    assert not (tmp_path / "killed" / "ray_train" / "evaluate-teacher").exists()
 
 
 def test_trainers_that_cannot_fit_beside_the_stream_are_refused(ray_session, tmp_path):

@@ -342,12 +342,19 @@ def train_split(config: DistillConfig, skip_dir):
 def prepare_teacher(config: DistillConfig, teacher_path, results_dir, train_rows: int, log=print) -> float:
     """The teacher phase, once per results folder: load `teacher_path` or train it there on the streamed train
     split (alone on the cluster, so its workers take the threads the student trainers will share), then score it
-    on the held-out split -> its top-1 (also in results_dir/teacher.json)."""
+    on the held-out split -> its top-1 (also in results_dir/teacher.json). A teacher this engine trained keeps its
+    score beside it (`<teacher>.json`: its cache key fixes the data, so the held-out split too), so a later run or
+    a sweep's trial copies it instead of starting a trainer to score it again."""
     from engine.data import class_names
+    from engine.store import atomic_write_bytes
 
     results_dir = location(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     scored = results_dir / "teacher.json"
+    beside = location(teacher_path).with_name(location(teacher_path).name + ".json")
+    cached = not config.evaluate.teacher_path  # the engine's own cache, not a user's file
+    if not scored.exists() and cached and beside.exists() and location(teacher_path).exists():
+        atomic_write_bytes(scored, beside.read_bytes())
     if not scored.exists():
         base, held_out = _stream_inputs(config, results_dir, teacher_path, train_rows)
         given = location(teacher_path).exists()
@@ -356,6 +363,8 @@ def prepare_teacher(config: DistillConfig, teacher_path, results_dir, train_rows
         loop = {**base, "phase": "teacher", "num_classes": len(class_names(config.data)), "threads": threads}
         _fit(config, "evaluate-teacher", loop, held_out if given else
              {**held_out, "train": train_split(config, location(base["skip_dir"]))})
+        if cached:
+            atomic_write_bytes(beside, scored.read_bytes())
     return json.loads(scored.read_text())["teacher_top1"]
 
 
