@@ -88,7 +88,7 @@ def bare_loop_images_per_s(classes: int, per_class: int, resolution: int, epochs
     train = load_split(config.data, "train")
     e = config.evaluate
     protocol, recipe = teacher_recipe(e)
-    _, local = stream_steps(len(train), epochs, e.batch_size, 1)
+    _, local = stream_steps(len(train), e.batch_size, 1)
 
     def epoch_batches(epoch: int):
         order = np.random.default_rng(epoch).permutation(len(train))

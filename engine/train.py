@@ -54,6 +54,11 @@ def image_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images if images.flags.writeable else images.copy()).permute(0, 3, 1, 2)
 
 
+def batch_tensor(images) -> torch.Tensor:
+    """A streamed batch's images (b, H, W, 3), a tensor already (Ray Data's torch batches) or an array."""
+    return images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
+
+
 def to_float(images: np.ndarray) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [-1, 1] (a batch: sets stay uint8, see `image_tensor`)."""
     return standardize(image_tensor(images))
@@ -156,7 +161,7 @@ def fit(model: nn.Module, data: TrainSet, steps: int, protocol: Protocol, config
     return model.eval()
 
 
-def stream_steps(rows_per_worker: int, epochs: int, batch_size: int, world: int) -> tuple[int, int]:
+def stream_steps(rows_per_worker: int, batch_size: int, world: int) -> tuple[int, int]:
     """(steps per epoch, local batch) of a streamed split: each of `world` workers reads its equal share in
     batches of batch_size / world rows, the last one of an epoch partial."""
     local = max(1, batch_size // world)
@@ -176,7 +181,7 @@ def fit_stream(model: nn.Module, epoch_batches: Callable[[int], Iterable[dict]],
     checkpoints fall on epoch ends (`reports` of them), and a killed job resumes at its last checkpointed epoch."""
     generator = torch.Generator().manual_seed(seed * 7919 + worker.rank)
     device = next(model.parameters()).device
-    steps_per_epoch, _ = stream_steps(rows_per_worker, epochs, config.batch_size, worker.world)
+    steps_per_epoch, _ = stream_steps(rows_per_worker, config.batch_size, worker.world)
     optimizer, schedule = make_optimizer(protocol, model, epochs * steps_per_epoch)
     start = int(_load_checkpoint(checkpoint, model, optimizer, schedule, generator).get("epoch", 0))
     every = max(1, epochs // max(1, reports)) if reports else 0
@@ -184,9 +189,7 @@ def fit_stream(model: nn.Module, epoch_batches: Callable[[int], Iterable[dict]],
     model.train()
     for epoch in range(start, epochs):
         for batch in epoch_batches(epoch):
-            images = batch["image"]
-            images = (images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images)))
-            images = images.permute(0, 3, 1, 2)  # (b, 3, H, W) uint8, still on the wire's dtype
+            images = batch_tensor(batch["image"]).permute(0, 3, 1, 2)  # (b, 3, H, W) uint8, the wire's dtype
             b = len(images)
             plan = plan_batch(protocol, generator, b, b, images.shape[-1], config.flip, config.cutmix)
             plan["index"] = torch.arange(b)  # a stream is read once per epoch, not sampled
@@ -366,8 +369,7 @@ def count_correct(model: nn.Module, batches: Iterable[tuple], precision: str = "
     device = next(model.parameters()).device
     correct = seen = 0
     for images, labels in batches:
-        images = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
-        x = on_device_layout(standardize(images.permute(0, 3, 1, 2).to(device)))
+        x = on_device_layout(standardize(batch_tensor(images).permute(0, 3, 1, 2).to(device)))
         with precision_context(device, precision):
             predicted = model(x).argmax(1).cpu()
         correct += int((predicted == torch.as_tensor(np.asarray(labels))).sum())

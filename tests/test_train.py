@@ -136,7 +136,7 @@ def test_streamed_training_learns_as_well_as_in_memory_training():
     protocol, recipe = teacher_recipe(config)
     torch.manual_seed(0)
     model = new_model("convnet3", 10, 16, config.width, Worker())
-    steps, local = stream_steps(len(train), config.teacher_epochs, config.batch_size, 1)
+    steps, local = stream_steps(len(train), config.batch_size, 1)
     assert (steps, local) == (23, 64)  # 1437 rows: 22 full batches and a partial one per epoch
     reported = []
     streamed = fit_stream(model, _shuffled_epochs(train.images, train.labels, local, 0), len(train), 4, protocol,

@@ -113,7 +113,7 @@ def _teacher_phase(loop_config: dict, worker) -> None:
         model = new_model(e.teacher, num_classes, size, e.width, worker)
         protocol, recipe = teacher_recipe(e)
         rows = loop_config["train_rows"] // worker.world
-        steps, local = stream_steps(rows, e.teacher_epochs, e.batch_size, worker.world)
+        steps, local = stream_steps(rows, e.batch_size, worker.world)
 
         def report(step: int, net) -> None:
             _progress(loop_config, worker, f"teacher {e.teacher}: step {step}/{steps * e.teacher_epochs}")
@@ -179,7 +179,7 @@ def _student_phase(loop_config: dict, worker) -> None:
         if job["method"] == "full":  # the whole train split, streamed
             epochs = e.full_epochs
             rows = loop_config["train_rows"] // worker.world
-            _, local = stream_steps(rows, epochs, e.batch_size, worker.world)
+            _, local = stream_steps(rows, e.batch_size, worker.world)
             model = new_model(job["student"], num_classes, config.data.image_size, e.width, worker)
             # fkd's stored logits are the teacher's on each planned batch; a stream has no plan to store, so `full`
             # takes the same targets online (rded's way), the same numbers without a split's worth of logits.
@@ -220,14 +220,6 @@ def _soft_labels(results_dir, job: dict, data, teacher, epochs: int, evaluate, w
     if worker.world > 1:
         torch.distributed.barrier()  # the other ranks read what rank 0 wrote
     return SoftLabels(folder)
-
-
-def held_out_dataset(config: DistillConfig, skip_dir):
-    """The held-out split as a stream of {image, label} rows."""
-    from engine.ray.source import source_dataset
-
-    return source_dataset(config.data, skip_dir=skip_dir, split="test", task_cpus=STREAM_TASK_CPUS,
-                          columns=("image", "label"))
 
 
 def trainer_count(config: DistillConfig, jobs: int, streams: bool) -> int:
@@ -320,9 +312,8 @@ def _stream_inputs(config: DistillConfig, results_dir, teacher_path, train_rows:
     """What every trainer of a results folder shares: (loop config base, {"test": the held-out stream} or {} when
     the whole held-out split fits in the report slice: then that slice is the split, scored from memory)."""
     skip_dir = results_dir / "stream-skipped"  # rows the stream could not decode (the encode stage counted them)
-    with quiet_streams():
-        test = held_out_dataset(config, skip_dir)
-        report = test.limit(REPORT_IMAGES + 1).take_batch(REPORT_IMAGES + 1, batch_format="numpy")
+    test = split_stream(config, "test", skip_dir)
+    report = test.limit(REPORT_IMAGES + 1).take_batch(REPORT_IMAGES + 1, batch_format="numpy")
     whole = len(report["label"]) <= REPORT_IMAGES
     base = {"results_dir": str(results_dir), "teacher_path": str(teacher_path), "train_rows": int(train_rows),
             "report_set": (report["image"][:REPORT_IMAGES], report["label"][:REPORT_IMAGES]),
@@ -331,12 +322,13 @@ def _stream_inputs(config: DistillConfig, results_dir, teacher_path, train_rows:
     return base, ({} if whole else {"test": test})
 
 
-def train_split(config: DistillConfig, skip_dir):
-    """The train split as a stream of {image, label} rows."""
+def split_stream(config: DistillConfig, split: str, skip_dir):
+    """A split as a quiet stream of {image, label} rows (decode tasks of STREAM_TASK_CPUS)."""
     from engine.ray.source import source_dataset
 
     with quiet_streams():
-        return source_dataset(config.data, skip_dir=skip_dir, task_cpus=STREAM_TASK_CPUS, columns=("image", "label"))
+        return source_dataset(config.data, skip_dir=skip_dir, split=split, task_cpus=STREAM_TASK_CPUS,
+                              columns=("image", "label"))
 
 
 def prepare_teacher(config: DistillConfig, teacher_path, results_dir, train_rows: int, log=print) -> float:
@@ -362,7 +354,7 @@ def prepare_teacher(config: DistillConfig, teacher_path, results_dir, train_rows
         threads = config.runtime.threads("train") * trainer_count(config, 1 << 30, streams=True)
         loop = {**base, "phase": "teacher", "num_classes": len(class_names(config.data)), "threads": threads}
         _fit(config, "evaluate-teacher", loop, held_out if given else
-             {**held_out, "train": train_split(config, location(base["skip_dir"]))})
+             {**held_out, "train": split_stream(config, "train", location(base["skip_dir"]))})
         if cached:
             atomic_write_bytes(beside, scored.read_bytes())
     return json.loads(scored.read_text())["teacher_top1"]
@@ -396,7 +388,7 @@ def evaluate_students(config: DistillConfig, jobs: list[dict], teacher_path, res
         def run_share(index: int, share: list[dict]) -> None:
             datasets = dict(held_out)
             if any(job["method"] == "full" for job in share):
-                datasets["train"] = train_split(config, location(base["skip_dir"]))
+                datasets["train"] = split_stream(config, "train", location(base["skip_dir"]))
             try:
                 _fit(config, f"evaluate-{index}", {**base, "phase": "students", "jobs": share,
                                                    "ray_reports": bool(callbacks)}, datasets, callbacks)
