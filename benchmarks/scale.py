@@ -1,7 +1,7 @@
 """The ImageNet-1K rehearsal: the whole data path (prior -> encode -> quantize -> decode -> real-image baselines) on
 an ImageNet-shaped dataset at N/4 and at N images, with per-stage time, throughput and peak RSS, side by side.
 
-    python benchmarks/scale.py [--classes 1000] [--per-class N] [--resolution 32] [--only quarter|full]
+    python benchmarks/scale.py [--classes 1000] [--per-class N] [--resolution 48] [--only quarter|full]
 
 Data: benchmarks/imagenet_like.py (procedural JPEGs in HF parquet shards, seeded, cached in ~/.cache/ddoq/).
 N/4 is the same dataset shape with a quarter of the classes (ImageNet's per-class counts kept), so memory bounded
@@ -46,7 +46,7 @@ def rehearsal_overrides(data_root: Path, name: str, resolution: int) -> list[str
         "encode.batch_size=512", "evaluate.methods=[random,herding,kcenter,d4m,ddoq]", "evaluate.ddoq_weights=[mass]",
         "runtime.encode_actors=2", "runtime.encode_cpus_per_actor=0.5", "runtime.decode_actors=2",
         "runtime.decode_cpus_per_actor=0.5", "runtime.quantize_actors=2", "runtime.num_cpus=2",
-        "runtime.object_store_mb=1536",  # a fixed-size buffer: the workers' share of it cannot grow with N
+        "runtime.object_store_mb=1024",  # a fixed-size buffer: the workers' share of it cannot grow with N
     ]
 
 
@@ -209,7 +209,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--per-class", type=int, default=None, help="default: ImageNet's counts (1,281,167 at 1000)")
-    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--resolution", type=int, default=48)
     parser.add_argument("--only", choices=("quarter", "full"), default=None, help="run one size (resumable)")
     args = parser.parse_args(argv)
     sizes = {"quarter": max(1, args.classes // 4), "full": args.classes}
