@@ -31,6 +31,9 @@ def check_run_inputs(config: DistillConfig, class_names: tuple[str, ...], until:
     if len(class_names) < 2 and until == "evaluate":
         raise RunError(f"the dataset {config.data.name} has a single class ({class_names[0]!r}): the evaluation "
                        f"trains classifiers and needs at least 2; `--until quantize` distills it without evaluating")
+    if config.data.val_fraction == 0 and until == "evaluate":
+        raise RunError("data.val_fraction=0 leaves no validation split, and the evaluation scores its reports and "
+                       "choices on it (never on test): set it (default 0.1), or stop earlier with `--until baselines`")
 
 
 def check_finite_parameters(modules: dict, what: str) -> None:

@@ -36,6 +36,10 @@ class DataConfig:
     image_size: int = 16
     # digits only: held-out fraction of a seeded stratified split (file sources bring their own test split).
     test_fraction: float = 0.2
+    # The validation split every choice is scored on (engine/splits.py): this fraction of the train rows, by a
+    # seeded coin per row id; never used to train the prior, the teacher or any student. split_seed seeds both.
+    # 0: no validation split (reading and distilling only; the evaluation refuses to start without one).
+    val_fraction: float = 0.1
     split_seed: int = 0
     # Undecodable rows (corrupt, truncated, empty, too large, bad label) are skipped and counted; the job fails,
     # naming the first bad rows, when more than this fraction of the rows read is skipped.
@@ -231,6 +235,7 @@ class DistillConfig:
 _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "data.image_size": (lambda v: 8 <= v <= 1024 and v % 4 == 0, "must be a multiple of 4 in [8, 1024]"),
     "data.test_fraction": (lambda v: 0.0 < v < 1.0, "must be in (0, 1)"),
+    "data.val_fraction": (lambda v: 0.0 <= v <= 0.5, "must be in [0, 0.5]: val is carved from train"),
     "data.max_skip_fraction": (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
     "data.max_image_pixels": (lambda v: v >= 1, "must be >= 1"),
     "prior.vae_steps": (lambda v: v >= 1, "must be >= 1"),

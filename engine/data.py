@@ -199,9 +199,13 @@ def count_skipped(reasons) -> dict[str, int]:
 
 
 def load_digits_split(config: DataConfig, split: str) -> ImageSet:
-    """scikit-learn's digits (1797 images, 8x8, values 0..16) with a seeded stratified train/test split."""
+    """scikit-learn's digits (1797 images, 8x8, values 0..16) with a seeded stratified train/test split (sklearn);
+    val is carved from train by the same per-id coin as every source's (engine/splits.py), so its rows keep
+    their train ids."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
+
+    from engine.splits import in_split, source_split
 
     digits = load_digits()
     pixels = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)  # (1797, 8, 8)
@@ -210,10 +214,12 @@ def load_digits_split(config: DataConfig, split: str) -> ImageSet:
     train_index, test_index = train_test_split(
         index, test_size=config.test_fraction, stratify=labels, random_state=config.split_seed
     )
-    chosen = np.sort(train_index if split == "train" else test_index)
+    chosen = np.sort(train_index if source_split(split) == "train" else test_index)
+    ids = np.array([f"digits/{source_split(split)}/{i:06d}" for i in chosen], dtype=object)
+    keep = in_split(ids, split, config.val_fraction, config.split_seed)
+    chosen, ids = chosen[keep], ids[keep]
     mode = resize_mode(config)  # squash at the default 16 px: the 8x8 digits are square
     images = np.stack([to_rgb_square(Image.fromarray(pixels[i], mode="L"), config.image_size, mode) for i in chosen])
-    ids = np.array([f"digits/{split}/{i:06d}" for i in chosen], dtype=object)
     names = tuple(str(n) for n in digits.target_names)
     return ImageSet(images, labels[chosen], ids, names)
 
@@ -340,8 +346,11 @@ def sample_split(config: DataConfig, split: str, limit: int, seed: int) -> Image
 
 
 def load_split(config: DataConfig, split: str) -> ImageSet:
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    """A whole split ("train", "val" carved from train, or "test"; engine/splits.py) in this process: small
+    sets, tests and evaluation only; the stages stream."""
+    from engine.splits import check_split
+
+    check_split(split)
     if config.source == "digits":
         return load_digits_split(config, split)
     return load_file_split(config, split)

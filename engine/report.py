@@ -267,19 +267,19 @@ table.t td, table.t th {{ padding: 0.2em 0.8em; border-bottom: 1px solid #ddd; t
 
 def plot_sweep_accuracy(table: pd.DataFrame, path: Path, x: str = "quantize.ipc",
                         hue: str = "decode.guidance_scale") -> str:
-    """A sweep's top-1 against IPC, one line per guidance scale; other swept keys are averaged (the trials
+    """A sweep's validation top-1 (what ranks its trials) against IPC, one line per guidance scale; other swept keys are averaged (the trials
     table has every trial). Keys the sweep did not vary are drawn as a single point / a single line."""
     plt = _pyplot()
-    frame = table.dropna(subset=["top1_mean"]).copy()
+    frame = table.dropna(subset=["val_top1_mean"]).copy()
     frame["_x"] = frame[x].map(lambda v: min(json.loads(v)) if isinstance(v, str) else v) if x in frame else 0
     frame["_hue"] = frame.get(hue, "all trials")
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for value, part in frame.groupby("_hue"):
-        by_x = part.groupby("_x").top1_mean.agg(["mean", "max"]) * 100
+        by_x = part.groupby("_x").val_top1_mean.agg(["mean", "max"]) * 100
         ax.plot(by_x.index, by_x["mean"], marker="o", label=f"{hue.split('.')[-1]} {value}")
     ax.set_xticks(sorted(frame["_x"].unique()))  # the swept IPCs, not fractional ticks between them
     ax.set_xlabel(f"{x} (IPC)" if x in table else "all trials")
-    ax.set_ylabel("top-1 % (mean over the trial's students)")
+    ax.set_ylabel("validation top-1 % (mean of the trial's students)")
     ax.set_title(f"{len(frame)} trials", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

@@ -9,7 +9,7 @@ steps: `scan_source` lists the split once (no image bytes read) into a `SourceLi
 
 ImageFolder (torchvision's layout): <path>/<split>/<class folder>/<image>, images at any depth below their class
 folder. Split "train" reads train/; split "test" reads val/, else validation/, else test/ (ImageNet's held-out split
-is val/). Classes: <path>/classes.txt if present, line i = the folder of label i, optionally followed by a display
+is val/); the engine's "val" split is carved from train/ (engine/splits.py), whatever the source. Classes: <path>/classes.txt if present, line i = the folder of label i, optionally followed by a display
 name after a TAB (then the folder name may hold spaces) or after the first run of spaces
 ("n01440764 tench, Tinca tinca"); else the sorted folder names of train/ (torchvision's rule), shown as is.
 `class_names_of` gives the display names. Images are chosen by extension (IMAGE_EXTENSIONS, any case); other
@@ -40,6 +40,7 @@ This module never imports ray.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tarfile
@@ -49,12 +50,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from engine.config import DataConfig
 from engine.location import ObjectPath, filesystem_and_path, list_files as list_object_files, location
+from engine.splits import in_split, rows_of_split, skipped_of_split, source_split
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TAR_IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
@@ -103,9 +106,9 @@ def add_skip(skipped: dict, row_id: str, reason: str, detail: str) -> None:
 
 
 def find_split(root: Path | ObjectPath, split: str, exists: Callable[[str], bool]) -> str:
-    """The on-disk name of `split` ("test" -> val, validation or test, the first that exists)."""
+    """The on-disk name of a source split ("test" -> val, validation or test, the first that exists)."""
     if split not in SPLIT_NAMES:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise ValueError(f"a source split is 'train' or 'test', got {split!r}")
     for name in SPLIT_NAMES[split]:
         if exists(name):
             return name
@@ -215,28 +218,43 @@ def scan_parquet(config: DataConfig, split: str) -> SourceListing:
 
 
 def scan_source(config: DataConfig, split: str) -> SourceListing:
-    """List a file source's split once (what `iter_row_batches` and the Ray readers then read)."""
+    """List a file source's split once (what `iter_row_batches` and the Ray readers then read). Split "train" or
+    "val" lists the source's train split: an ImageFolder listing keeps only the split's files (its ids are known
+    here); shards hold both, and their readers keep the split's rows (`rows_of_split`). Skip records of the
+    listing are the split's own."""
     scanners = {"parquet": scan_parquet, "imagefolder": scan_imagefolder, "webdataset": scan_webdataset}
     if config.source not in scanners:
         raise ValueError(f"data.source={config.source!r} is not a file source ({', '.join(FILE_SOURCES)})")
     if not config.path:
         raise ValueError(f"data.source={config.source} needs data.path")
-    return scanners[config.source](config, split)
+    listing = scanners[config.source](config, source_split(split))
+    if split == "test":
+        return listing
+    coin = (split, config.val_fraction, config.split_seed)
+    skipped = skipped_of_split(listing.skipped, *coin)
+    if listing.source != "imagefolder":
+        return dataclasses.replace(listing, skipped=skipped)
+    keep = np.flatnonzero(in_split(listing.names, *coin))
+    return dataclasses.replace(listing, names=tuple(listing.names[i] for i in keep),
+                               labels=tuple(listing.labels[i] for i in keep),
+                               sizes=tuple(listing.sizes[i] for i in keep), skipped=skipped)
 
 
 def count_rows(config: DataConfig, split: str) -> int:
     """Rows of a split, read as cheaply as the layout allows (it sizes the streamed training schedules; rows that
-    will not decode are still counted): digits from memory, parquet from the footers, an ImageFolder from its
-    listing; WebDataset tars hold no index, so they are streamed once."""
+    will not decode are still counted): digits from memory, parquet test from the footers and train / val from
+    the ids alone (the `image.path` column, a few MB at ImageNet's size), an ImageFolder from its listing;
+    WebDataset tars hold no index, so they are streamed once."""
     if config.source == "digits":
         from engine.data import load_split
 
         return len(load_split(config, split))
     listing = scan_source(config, split)
     if listing.source == "parquet":
-        import pyarrow.parquet as pq
-
-        return sum(pq.read_metadata(path).num_rows for path in listing.paths())
+        if split == "test":
+            return sum(pq.read_metadata(path).num_rows for path in listing.paths())
+        return sum(int(in_split(parquet_ids(location(path)), split, config.val_fraction, config.split_seed).sum())
+                   for path in listing.paths())
     if listing.source == "imagefolder":
         return len(listing.names)
     return sum(len(rows["label"]) for rows in iter_row_batches(config, split))
@@ -381,6 +399,13 @@ def iter_tar_rows(stream, shard: str, path: str, batch_size: int = 256) -> Itera
         yield rows
 
 
+def parquet_ids(place: Path | ObjectPath) -> list:
+    """The row ids of a parquet shard (`image.path`), read without the image bytes."""
+    fs, inner = filesystem_and_path(place)
+    with fs.open_input_file(inner) as f:
+        return pq.read_table(f, columns=["image.path"]).column(0).to_pylist()  # the leaf alone: `path`
+
+
 def iter_parquet_rows(place: Path | ObjectPath, batch_size: int = 256) -> Iterator[dict]:
     fs, inner = filesystem_and_path(place)
     with fs.open_input_file(inner) as f:
@@ -391,17 +416,25 @@ def iter_parquet_rows(place: Path | ObjectPath, batch_size: int = 256) -> Iterat
 
 def iter_row_batches(config: DataConfig, split: str, batch_size: int = 256,
                      listing: SourceListing | None = None) -> Iterator[dict]:
-    """Every row of the split's readable files, in listing order, in batches of at most batch_size, read in this
-    process (small splits and tests; Ray Data reads big ones). listing.skipped holds the rows that are not here."""
+    """Every row of the split's readable files, in listing order, in batches of at most batch_size (fewer where
+    val's rows are taken out of a train batch, or train's out of a val one), read in this process (small splits
+    and tests; Ray Data reads big ones). listing.skipped holds the rows that are not here."""
     listing = listing or scan_source(config, split)
     base = location(listing.root)
-    if listing.source == "imagefolder":
+    if listing.source == "imagefolder":  # the listing holds the split's files only
         yield from iter_image_rows(listing.root, listing.names, listing.labels, batch_size)
         return
     for name in listing.names:
-        place = base / name
-        if listing.source == "parquet":
-            yield from iter_parquet_rows(place, batch_size)
-        else:
-            with place.open("rb") as stream:
-                yield from iter_tar_rows(stream, name, filesystem_and_path(place)[1], batch_size)
+        for rows in iter_file_rows(base / name, listing.source, batch_size):
+            rows = rows_of_split(rows, split, config.val_fraction, config.split_seed)
+            if rows["label"]:
+                yield rows
+
+
+def iter_file_rows(place: Path | ObjectPath, source: str, batch_size: int) -> Iterator[dict]:
+    """Every row of one parquet shard or tar, streamed (the tar stays open until its last row)."""
+    if source == "parquet":
+        yield from iter_parquet_rows(place, batch_size)
+        return
+    with place.open("rb") as stream:
+        yield from iter_tar_rows(stream, place.name, filesystem_and_path(place)[1], batch_size)

@@ -109,12 +109,13 @@ def main(argv: list[str] | None = None) -> Path:
         log(f"saved {folder}")
 
     prior = load_tiny_prior(folder)
-    test = sample_split(config.data, "test", QUALITY_IMAGES, 0)  # bounded: ImageNet's val is 50,000 images
+    # Scored on the validation split (engine/splits.py), never on test: the quality figures choose priors.
+    val = sample_split(config.data, "val", QUALITY_IMAGES, 0)  # bounded
     quality = {"prior": str(folder), "data": config.data.name, "train_seconds_this_run": seconds,
-               "test": reconstruction_quality(prior, test.images)}
-    log(f"VAE reconstruction on {len(test)} test images: MSE {quality['test']['mse']:.5f} "
-        f"PSNR {quality['test']['psnr_db']:.2f} dB")
-    grid = sample_grid(prior, test, config.decode, args.samples_per_class)
+               "val": reconstruction_quality(prior, val.images)}
+    log(f"VAE reconstruction on {len(val)} validation images: MSE {quality['val']['mse']:.5f} "
+        f"PSNR {quality['val']['psnr_db']:.2f} dB")
+    grid = sample_grid(prior, val, config.decode, args.samples_per_class)
     write_png(folder / "samples.png", grid)  # atomic, like every output of the engine
     atomic_write_json(folder / "quality.json", quality)
     log(f"wrote {folder / 'samples.png'} and {folder / 'quality.json'}")

@@ -15,12 +15,13 @@ FASHION = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion_mni
 
 def test_digits_split_is_stratified_disjoint_and_seeded():
     config = DataConfig()
-    train, test = load_split(config, "train"), load_split(config, "test")
-    assert len(train) + len(test) == 1797
+    train, val, test = (load_split(config, split) for split in ("train", "val", "test"))
+    assert len(train) + len(val) + len(test) == 1797
     assert train.images.shape[1:] == (16, 16, 3) and train.images.dtype == np.uint8
-    assert not set(train.ids) & set(test.ids)
-    # Stratified: class proportions agree within one image per class.
-    assert np.abs(np.bincount(train.labels) / len(train) - np.bincount(test.labels) / len(test)).max() < 0.01
+    assert not set(train.ids) & set(test.ids) and not set(val.ids) & (set(train.ids) | set(test.ids))
+    # Stratified: the test split's class proportions agree with train's within one image per class (sklearn).
+    whole = np.bincount(np.concatenate([train.labels, val.labels]))
+    assert np.abs(whole / whole.sum() - np.bincount(test.labels) / len(test)).max() < 0.01
     assert (load_split(config, "train").ids == train.ids).all()
     other = load_split(DataConfig(split_seed=1), "train")
     assert set(other.ids) != set(train.ids)
@@ -39,7 +40,7 @@ def test_parquet_round_trip_in_hugging_face_layout(tmp_path):
     table = pa.table({"image": pa.array(rows), "label": pa.array([0, 1, 2, 1, 0], pa.int64())})
     pq.write_table(table, tmp_path / "train-00000-of-00001.parquet")
     (tmp_path / "classes.txt").write_text("a\nb\nc\n")
-    images = load_split(DataConfig(source="parquet", path=str(tmp_path), image_size=28), "train")
+    images = load_split(DataConfig(val_fraction=0, source="parquet", path=str(tmp_path), image_size=28), "train")
     assert images.class_names == ("a", "b", "c")
     assert images.images.shape == (5, 28, 28, 3)
     # Grayscale is replicated to RGB, pixels unchanged at the native size.
@@ -173,12 +174,12 @@ def test_bad_shards_are_counted_and_the_skip_fraction_is_enforced(tmp_path):
     write_shard(tmp_path / "train-00000-of-00002.parquet", structs, labels)
     write_shard(tmp_path / "train-00001-of-00002.parquet", structs[:2], None)  # no label column
     (tmp_path / "classes.txt").write_text("a\nb\nc\n")
-    config = DataConfig(source="parquet", path=str(tmp_path), max_skip_fraction=0.6)
+    config = DataConfig(val_fraction=0, source="parquet", path=str(tmp_path), max_skip_fraction=0.6)
     images = load_split(config, "train")
     assert set(images.ids) == good
     assert images.skipped["missing_label"] == 1 + 2 and sum(images.skipped.values()) == len(reasons) + 2
     with pytest.raises(ValueError, match=r"12 of 22 rows .* first: .*bomb.png \(too_large"):
-        load_split(DataConfig(source="parquet", path=str(tmp_path), max_skip_fraction=0.5), "train")
+        load_split(DataConfig(val_fraction=0, source="parquet", path=str(tmp_path), max_skip_fraction=0.5), "train")
 
 
 def test_a_file_that_is_not_parquet_is_named(tmp_path):
@@ -202,7 +203,7 @@ def test_a_bounded_sample_is_stratified_seeded_and_order_free(tmp_path):
         shard = pa.table({"image": pa.array([rows[i] for i in part]), "label": pa.array(labels[part], pa.int64())})
         pq.write_table(shard, tmp_path / f"train-0000{0 if name == 'a' else 1}-of-00002.parquet")
     (tmp_path / "classes.txt").write_text("a\nb\nc\n")
-    config = DataConfig(source="parquet", path=str(tmp_path), image_size=8)
+    config = DataConfig(val_fraction=0, source="parquet", path=str(tmp_path), image_size=8)
     sample = sample_split(config, "train", 30, seed=3)
     assert len(sample) == 30 and np.bincount(sample.labels).tolist() == [10, 10, 10]
     again = sample_split(config, "train", 30, seed=3)

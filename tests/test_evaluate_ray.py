@@ -13,7 +13,8 @@ from engine.data import load_split
 
 pytestmark = pytest.mark.ray
 
-FIELDS = {"method", "weights", "ipc", "protocol", "student", "teacher", "seed", "top1", "teacher_top1", "images",
+FIELDS = {"method", "weights", "ipc", "protocol", "student", "teacher", "seed", "top1", "val_top1", "teacher_top1",
+          "images",
           "epochs", "workers", "seconds"}
 
 
@@ -27,8 +28,8 @@ def test_students_train_with_ddp_on_two_workers(ray_session, tmp_path, monkeypat
     from engine.ray.evaluate import evaluate_students
     from engine.train import evaluate_top1, load_teacher
 
-    # A report slice smaller than the 360 held-out digits: the held-out split is streamed, half to each worker.
-    monkeypatch.setattr(engine.ray.evaluate, "REPORT_IMAGES", 100)
+    # A validation slice smaller than the 360 test digits: the test split is streamed, half to each worker.
+    monkeypatch.setattr(engine.ray.evaluate, "VAL_IMAGES", 100)
 
     config = load_config(None, [f"runs_dir={tmp_path}", "name=ddp", f"cache_dir={tmp_path}/cache",
                                 "evaluate.protocol=fkd", "evaluate.methods=[random]", "quantize.ipc=[2]",
@@ -52,7 +53,7 @@ def test_students_train_with_ddp_on_two_workers(ray_session, tmp_path, monkeypat
     (row,) = rows
     assert set(row) == FIELDS
     assert row["workers"] == 2 and row["protocol"] == "fkd" and row["teacher"] == "convnet3"
-    assert row["images"] == 20 and 0.0 <= row["top1"] <= 1.0
+    assert row["images"] == 20 and 0.0 <= row["top1"] <= 1.0 and 0.0 <= row["val_top1"] <= 1.0
     assert (results_dir / "soft_labels" / "random-ipc2-seed0" / "steps.json").exists()
     assert not list((results_dir / "checkpoints").glob("*.pt"))  # removed once the job finished
     assert (tmp_path / "cache" / "teacher.safetensors").exists()
@@ -60,6 +61,9 @@ def test_students_train_with_ddp_on_two_workers(ray_session, tmp_path, monkeypat
     test = load_split(config.data, "test")
     teacher = load_teacher(tmp_path / "cache" / "teacher.safetensors", "convnet3", 10, 16, 8, "cpu")
     assert row["teacher_top1"] == pytest.approx(evaluate_top1(teacher, test.images, test.labels))
+    val = load_split(config.data, "val")  # the first 100 rows of val, in the stream's order (the digits' id order)
+    scored = json.loads((results_dir / "teacher.json").read_text())
+    assert scored["teacher_val_top1"] == pytest.approx(evaluate_top1(teacher, val.images[:100], val.labels[:100]))
     assert json.loads((results_dir / f"{jobs[0]['job']}.json").read_text()) == row
 
 
@@ -112,3 +116,40 @@ def test_trainers_that_cannot_fit_beside_the_stream_are_refused(ray_session, tmp
         trainer_count(config, 10, streams=True)
     assert trainer_count(load_config(None, []), 10, streams=True) == 2  # the default on 2 CPUs: 2 x 0.75 + 0.5
     assert trainer_count(load_config(None, []), 1, streams=True) == 1  # never more trainers than jobs
+
+
+def test_reports_and_val_top1_score_validation_rows_never_test(ray_session, tmp_path):
+    """A dataset whose test labels are all wrong (each test digit labelled as the next digit): a student that
+    learned the digits scores high on validation and near zero on test. Reports (Tune's metric) and val_top1 must
+    be the high figure; only the final top1 may read test."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from engine.pipeline import student_jobs
+    from engine.ray.evaluate import evaluate_students
+    from engine.store import png_bytes
+
+    digits = load_config(None, []).data
+    root = tmp_path / "shifted"
+    root.mkdir()
+    for split, parts, shift in (("train", ("train", "val"), 0), ("test", ("test",), 1)):
+        rows, labels = [], []
+        for part in parts:
+            images = load_split(digits, part)
+            rows += [{"bytes": png_bytes(image), "path": str(i)} for image, i in zip(images.images, images.ids)]
+            labels += ((images.labels + shift) % 10).tolist()
+        pq.write_table(pa.table({"image": pa.array(rows), "label": pa.array(labels, pa.int64())}),
+                       root / f"{split}-00000-of-00001.parquet")
+    (root / "classes.txt").write_text("".join(f"{d}\n" for d in range(10)))
+    config = load_config(None, [f"runs_dir={tmp_path}", "name=shifted", f"cache_dir={tmp_path}/cache",
+                                "data.source=parquet", f"data.path={root}", "data.name=shifted",
+                                "evaluate.protocol=hard", "evaluate.methods=[random]", "quantize.ipc=[10]",
+                                "evaluate.seeds=[0]", "evaluate.width=16", "evaluate.student_epochs=150",
+                                "evaluate.reports=2", "evaluate.batch_size=32"])
+    train = load_split(config.data, "train")
+    assert len(train) == len(load_split(digits, "train"))  # the same coin on the same ids: the same val rows
+    _write_set(train, tmp_path / "set", 10)
+    jobs = student_jobs(config, {("random", "none", 10): tmp_path / "set"})
+    (row,) = evaluate_students(config, jobs, tmp_path / "cache" / "teacher.safetensors", tmp_path / "results",
+                               train_rows=len(train))
+    assert row["val_top1"] > 0.6 and row["top1"] < 0.2, row

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine.config import DataConfig, load_config
+from engine.data import load_split
 from engine.priors import load_or_train_prior, prior_cache_folder
 from engine.priors.checkpoint import Checkpointer
 from engine.priors.train_tiny import one_cycle, train_tiny_prior
@@ -77,7 +78,8 @@ def test_train_prior_job_writes_the_folder_distill_loads(tmp_path):
     assert folder == prior_cache_folder(config.prior, DataConfig(), tmp_path)
     assert not folder.with_name(folder.name + ".checkpoints").exists()
     quality = json.loads((folder / "quality.json").read_text())
-    assert quality["test"]["images"] == 360 and quality["test"]["mse"] > 0 and quality["train_seconds_this_run"] > 0
+    val = load_split(config.data, "val")  # scored on validation images, never on test
+    assert quality["val"]["images"] == len(val) and quality["val"]["mse"] > 0 and quality["train_seconds_this_run"] > 0
     from PIL import Image
 
     assert Image.open(folder / "samples.png").size == (16 * 4, 16 * 10)  # real, reconstruction, 2 samples x 10 classes

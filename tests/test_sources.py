@@ -74,7 +74,8 @@ def imagefolder(tmp_path):
 
 
 def folder_config(root: Path, **kwargs) -> DataConfig:
-    return DataConfig(source="imagefolder", path=str(root), image_size=SIZE, max_skip_fraction=0.5, **kwargs)
+    return DataConfig(source="imagefolder", path=str(root), image_size=SIZE, max_skip_fraction=0.5, val_fraction=0,
+                      **kwargs)  # the whole train split: these tests are about reading it
 
 
 def expected_images(rows: dict) -> dict:
@@ -121,7 +122,7 @@ def test_imagefolder_classes_from_folder_names_and_the_val_split(imagefolder):
 
 
 def test_imagefolder_errors_are_named(tmp_path, imagefolder):
-    strict = DataConfig(source="imagefolder", path=str(imagefolder), image_size=SIZE, max_skip_fraction=0.1)
+    strict = DataConfig(val_fraction=0, source="imagefolder", path=str(imagefolder), image_size=SIZE, max_skip_fraction=0.1)
     with pytest.raises(ValueError, match=r"5 of 11 rows .*first: train/bird/trunc.jpg \(truncated"):
         load_split(strict, "train")
     with pytest.raises(FileNotFoundError, match="no val or validation or test split"):
@@ -184,7 +185,8 @@ def webdataset(tmp_path):
 
 
 def wds_config(root: Path, **kwargs) -> DataConfig:
-    return DataConfig(source="webdataset", path=str(root), image_size=SIZE, max_skip_fraction=0.6, **kwargs)
+    return DataConfig(source="webdataset", path=str(root), image_size=SIZE, max_skip_fraction=0.6, val_fraction=0,
+                      **kwargs)
 
 
 def test_webdataset_rows_are_converted_or_skipped_with_their_reason(webdataset):
@@ -293,7 +295,8 @@ def parquet(tmp_path):
 
 
 CONFIGS = {"imagefolder": folder_config, "webdataset": wds_config,
-           "parquet": lambda root: DataConfig(source="parquet", path=str(root), image_size=SIZE, max_skip_fraction=0.6)}
+           "parquet": lambda root: DataConfig(source="parquet", path=str(root), image_size=SIZE, max_skip_fraction=0.6,
+                                              val_fraction=0)}
 
 
 def digest(data: bytes | None) -> str | None:

@@ -130,7 +130,7 @@ def test_streamed_training_learns_as_well_as_in_memory_training():
     at most 2.8 points apart for a seed, while the seeds of one loop spread 6.4 points."""
     from engine.train import fit_stream, new_model, stream_steps, teacher_loss, teacher_recipe
 
-    train, test = load_split(DataConfig(), "train"), load_split(DataConfig(), "test")
+    train, test = load_split(DataConfig(val_fraction=0), "train"), load_split(DataConfig(val_fraction=0), "test")
     config = EvaluateConfig(width=16, teacher_epochs=4, batch_size=64)
     memory = train_teacher(TrainSet(train.images, train.labels, np.ones(len(train))), 10, "convnet3", config, seed=0)
     protocol, recipe = teacher_recipe(config)

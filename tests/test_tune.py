@@ -1,5 +1,6 @@
 """tune/sweep.py: search spaces, work sharing, the resource rule, the --smoke-test sweep and `ray job submit`."""
 
+import json
 import dataclasses
 import sys
 from pathlib import Path
@@ -114,7 +115,7 @@ def test_smoke_sweep_runs_4_trials_and_shares_encode_and_quantize(ray_session, t
     assert len(table) == 4 and (table.error == "").all()
     assert sorted(zip(table["quantize.ipc"], table["decode.guidance_scale"])) == [(1, 1.0), (1, 3.0), (2, 1.0),
                                                                                  (2, 3.0)]
-    assert table.top1_mean.between(0, 1).all() and (table.jobs_done >= 1).all()
+    assert table.val_top1_mean.between(0, 1).all() and (table.jobs_done >= 1).all()
     best = load_config(sweep_dir / "best_config.yaml")
     assert best.quantize.ipc == (int(table["quantize.ipc"].iloc[0]),) and best.evaluate.methods == ("ddoq",)
     assert (sweep_dir / "accuracy_vs_ipc.png").stat().st_size > 5000
@@ -124,7 +125,11 @@ def test_smoke_sweep_runs_4_trials_and_shares_encode_and_quantize(ray_session, t
     runs = [h["stage"] for h in store.stage_history(sweep_dir)]
     assert (runs.count("encode"), runs.count("quantize"), runs.count("decode")) == (1, 1, 4)
     assert out["stage_runs"] == {"encode": 1, "quantize": 1, "decode": 4}
-    assert len(list(sweep_dir.glob("trials/t-*/results/*/ddoq-*-ipc*-seed0.json"))) == 4
+    rows = [json.loads(p.read_text()) for p in sweep_dir.glob("trials/t-*/results/*/ddoq-*-ipc*-seed0.json")]
+    assert len(rows) == 4
+    # Trials were ranked on validation top-1: each trial's metric is its student's last report, which scores the
+    # final model on the validation slice, i.e. the row's val_top1, not its test top1.
+    assert sorted(table.val_top1_mean) == pytest.approx(sorted(r["val_top1"] for r in rows))
     shared = pq.read_table(next(sweep_dir.glob("shared/quantize-*/centroids.parquet"))).to_pandas()
     assert sorted(shared.ipc.unique()) == [1, 2]  # quantized once at the union of the trials' IPCs
 

@@ -216,10 +216,13 @@ def trials_table(grid, space: SearchSpace, jobs_per_trial: int) -> pd.DataFrame:
     rows = []
     for result in grid:
         history = result.metrics_dataframe
-        top1 = history.top1 if history is not None and "top1" in history else pd.Series(dtype=float)
+        # A trial is ranked by validation top-1 (engine/splits.py), never by test: each job's last report, the
+        # mean over its jobs (a job stopped by ASHA counts with the last report it made).
+        reported = history is not None and {"job", "val_top1"} <= set(history.columns)
+        top1 = history.groupby("job", sort=False).val_top1.last() if reported else pd.Series(dtype=float)
         rows.append({**{k: result.config.get(k) for k in space.params},
-                     "top1_mean": float(top1.mean()) if len(top1) else float("nan"),
-                     "top1_std": float(top1.std(ddof=0)) if len(top1) else float("nan"),
+                     "val_top1_mean": float(top1.mean()) if len(top1) else float("nan"),
+                     "val_top1_std": float(top1.std(ddof=0)) if len(top1) else float("nan"),
                      "jobs_done": int(len(top1)), "jobs": jobs_per_trial,
                      "stopped_early": bool(result.error is None and len(top1) < jobs_per_trial),
                      "error": "" if result.error is None else str(result.error).splitlines()[0][:200],
@@ -229,7 +232,7 @@ def trials_table(grid, space: SearchSpace, jobs_per_trial: int) -> pd.DataFrame:
         if any(isinstance(v, (list, tuple)) for v in rows_key):
             for r in rows:
                 r[key] = json.dumps(r[key])
-    return pd.DataFrame(rows).sort_values("top1_mean", ascending=False, na_position="last").reset_index(drop=True)
+    return pd.DataFrame(rows).sort_values("val_top1_mean", ascending=False, na_position="last").reset_index(drop=True)
 
 
 def run_sweep(base: DistillConfig, space: SearchSpace, max_concurrent: int | None = None) -> dict:
@@ -273,7 +276,7 @@ def run_sweep(base: DistillConfig, space: SearchSpace, max_concurrent: int | Non
     tuner = tune.Tuner(
         trainable,
         param_space={k: tune_domain(v) for k, v in space.params.items()},
-        tune_config=tune.TuneConfig(metric="top1", mode="max", scheduler=scheduler, num_samples=space.num_samples,
+        tune_config=tune.TuneConfig(metric="val_top1", mode="max", scheduler=scheduler, num_samples=space.num_samples,
                                     max_concurrent_trials=concurrent),
         run_config=tune.RunConfig(name="tune", **ray_storage(sweep_dir), verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=0)),
@@ -281,7 +284,7 @@ def run_sweep(base: DistillConfig, space: SearchSpace, max_concurrent: int | Non
     grid = tuner.fit()
     table = trials_table(grid, space, jobs_per_trial)
     store.atomic_write_table(sweep_dir / "trials.parquet", __import__("pyarrow").Table.from_pandas(table))
-    finished = table[table.error == ""].dropna(subset=["top1_mean"])
+    finished = table[table.error == ""].dropna(subset=["val_top1_mean"])
     if finished.empty:
         raise RuntimeError(f"every trial failed; first error: {table.error.iloc[0]}")
     best_params = {k: _from_cell(finished.iloc[0][k]) for k in space.params}

@@ -4,9 +4,11 @@ the student jobs spread over `runtime.concurrent_trainers` Ray Train TorchTraine
 Where the data lives: the real splits (the teacher's and `full`'s training, every held-out top-1) stream from the
 source through Ray Data into the trainers (`datasets=`, uint8 on the wire, decoded by Ray Data tasks, augmented on
 each worker's device): no process holds a split. A distilled set (IPC x classes images) is read by the worker that
-trains on it, once per run of consecutive jobs on that set, and stays uint8. Intermediate reports score a bounded
-slice of the held-out split (REPORT_IMAGES rows, taken once by the driver). Every job writes one result file;
-checkpoints at its reports let a killed or restarted trainer resume mid-job, and finished jobs are never redone.
+trains on it, once per run of consecutive jobs on that set, and stays uint8. Intermediate reports (progress,
+Tune's early stopping and best config) score a bounded slice of the validation split (VAL_IMAGES rows of val,
+carved from train: engine/splits.py; taken once by the driver), as does each result row's `val_top1`; the test
+split is read only for each row's final `top1`. Every job writes one result file; checkpoints at its reports let
+a killed or restarted trainer resume mid-job, and finished jobs are never redone.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from engine.config import DistillConfig
 from engine.location import location, ray_storage
 
-REPORT_IMAGES = 1000  # held-out images scored at each intermediate report (the result row uses all of them)
+VAL_IMAGES = 1000  # validation images scored at each report and for each row's val_top1 (the top1 uses all of test)
 STREAM_TASK_CPUS = 0.5  # Ray Data read/decode tasks feeding the trainers: they must fit beside the trainers
 
 
@@ -59,15 +61,15 @@ def _progress(loop_config: dict, worker, message: str) -> None:
 
 
 def _held_out_top1(model, worker, precision: str, loop_config: dict) -> float:
-    """Top-1 on the whole held-out split, streamed: each worker scores its shard, the counts are summed. A split
-    no larger than the report slice is that slice, already in memory."""
+    """Top-1 on the whole test split, streamed: each worker scores its shard, the counts are summed. A test split
+    of at most VAL_IMAGES rows was taken into memory by the driver (the embedded digits' 360)."""
     import ray.train
     import torch
 
     from engine.train import count_correct
 
-    if loop_config["held_out_in_report"]:
-        images, labels = loop_config["report_set"]
+    if loop_config["test_set"] is not None:
+        images, labels = loop_config["test_set"]
         return count_correct(model, [(images, labels)], precision)[0] / max(1, len(labels))
 
     shard = ray.train.get_dataset_shard("test")
@@ -128,9 +130,18 @@ def _teacher_phase(loop_config: dict, worker) -> None:
         if worker.rank == 0:
             atomic_write_bytes(teacher_path, to_safetensors_bytes(teacher.state_dict()))
     top1 = _held_out_top1(teacher, worker, e.precision, loop_config)
-    _progress(loop_config, worker, f"teacher {e.teacher}: held-out top-1 {top1:.4f}")
+    val_top1 = _val_top1(teacher, loop_config)
+    _progress(loop_config, worker, f"teacher {e.teacher}: validation top-1 {val_top1:.4f}, test top-1 {top1:.4f}")
     if worker.rank == 0:
-        atomic_write_json(location(loop_config["results_dir"]) / "teacher.json", {"teacher_top1": top1, **facts})
+        atomic_write_json(location(loop_config["results_dir"]) / "teacher.json",
+                          {"teacher_top1": top1, "teacher_val_top1": val_top1, **facts})
+
+
+def _val_top1(model, loop_config: dict) -> float:
+    """Top-1 on the validation slice every report scores (each rank holds it; no reduction needed)."""
+    from engine.train import evaluate_top1
+
+    return evaluate_top1(model, *loop_config["val_set"])
 
 
 def _student_phase(loop_config: dict, worker) -> None:
@@ -141,7 +152,7 @@ def _student_phase(loop_config: dict, worker) -> None:
     from engine.faults import crash_once_if_requested
     from engine.protocols import get_protocol
     from engine.store import atomic_write_json, read_distilled_set
-    from engine.train import (TrainSet, evaluate_top1, fit_stream, load_teacher, new_model, stream_steps,
+    from engine.train import (TrainSet, fit_stream, load_teacher, new_model, stream_steps,
                               student_epochs, student_loss, train_student)
 
     config: DistillConfig = loop_config["config"]
@@ -149,7 +160,6 @@ def _student_phase(loop_config: dict, worker) -> None:
     protocol = get_protocol(e.protocol)
     num_classes = len(class_names(config.data))
     results_dir = location(loop_config["results_dir"])
-    report_images, report_labels = loop_config["report_set"]
     teacher, teacher_top1 = None, None
     if protocol.soft_labels:  # on the worker's device: a CPU teacher crashed every GPU soft-label batch
         teacher = load_teacher(location(loop_config["teacher_path"]), e.teacher, num_classes,
@@ -167,13 +177,14 @@ def _student_phase(loop_config: dict, worker) -> None:
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
 
         def report(step: int, model, job=job, number=number):
-            # Progress (and Tune's early-stopping metric) on a fixed slice of the held-out split: the whole split
-            # at every report would cost more than training a small set. The result row uses all of it.
-            top1 = evaluate_top1(model, report_images, report_labels)
+            # Progress and Tune's metric (early stopping, the best config) on a fixed slice of the validation
+            # split, never on test: every choice is made on val. The row's final top1 uses all of test.
+            val_top1 = _val_top1(model, loop_config)
             if loop_config["ray_reports"]:  # each report waits for Ray Train's 2-second poll: only when consumed
-                ray.train.report({"job": job["job"], "step": step, "top1": top1})
+                ray.train.report({"job": job["job"], "step": step, "val_top1": val_top1})
             crash_once_if_requested(loop_config["fault_dir"], "evaluate")  # tests: a kill after a checkpoint
-            _progress(loop_config, worker, f"{number}/{len(jobs)} {job['job']}: step {step}, top-1 {top1:.4f}")
+            _progress(loop_config, worker, f"{number}/{len(jobs)} {job['job']}: step {step}, "
+                                           f"validation top-1 {val_top1:.4f}")
 
         torch.manual_seed(job["seed"])
         if job["method"] == "full":  # the whole train split, streamed
@@ -197,15 +208,17 @@ def _student_phase(loop_config: dict, worker) -> None:
                                     soft_labels=soft_labels, report=report, reports=e.reports,
                                     checkpoint=checkpoint)
             images = len(data.labels)
-        top1 = _held_out_top1(getattr(student, "module", student), worker, e.precision, loop_config)
+        trained = getattr(student, "module", student)
+        top1, val_top1 = _held_out_top1(trained, worker, e.precision, loop_config), _val_top1(trained, loop_config)
         row = {**{k: job[k] for k in ("method", "weights", "ipc", "protocol", "student", "teacher", "seed")},
-               "top1": top1, "teacher_top1": teacher_top1, "images": int(images), "epochs": epochs,
+               "top1": top1, "val_top1": val_top1, "teacher_top1": teacher_top1, "images": int(images),
+               "epochs": epochs,
                "workers": worker.world, "seconds": round(time.perf_counter() - start, 2)}
         if worker.rank == 0:
             atomic_write_json(result_path, row)
             checkpoint.unlink(missing_ok=True)
-        _progress(loop_config, worker, f"{number}/{len(jobs)} {job['job']}: done, held-out top-1 {top1:.4f} "
-                                       f"({row['seconds']:.0f} s)")
+        _progress(loop_config, worker, f"{number}/{len(jobs)} {job['job']}: done, validation top-1 {val_top1:.4f}, "
+                                       f"test top-1 {top1:.4f} ({row['seconds']:.0f} s)")
 
 
 def _soft_labels(results_dir, job: dict, data, teacher, epochs: int, evaluate, worker):
@@ -309,17 +322,26 @@ def quiet_streams():
 
 
 def _stream_inputs(config: DistillConfig, results_dir, teacher_path, train_rows: int) -> tuple[dict, dict]:
-    """What every trainer of a results folder shares: (loop config base, {"test": the held-out stream} or {} when
-    the whole held-out split fits in the report slice: then that slice is the split, scored from memory)."""
+    """What every trainer of a results folder shares: (loop config base, {"test": the test stream} or {} when
+    the whole test split is no larger than VAL_IMAGES: then it is taken into memory, for the final rows only).
+    The validation slice is the first VAL_IMAGES rows of val, in the stream's deterministic order."""
+    from engine.sources import count_rows
+
     skip_dir = results_dir / "stream-skipped"  # rows the stream could not decode (the encode stage counted them)
+    val = split_stream(config, "val", skip_dir).limit(VAL_IMAGES).take_batch(VAL_IMAGES, batch_format="numpy")
+    if len(val["label"]) == 0:
+        raise ValueError(f"the validation split of {config.data.name} is empty: raise data.val_fraction "
+                         f"(now {config.data.val_fraction})")
     test = split_stream(config, "test", skip_dir)
-    report = test.limit(REPORT_IMAGES + 1).take_batch(REPORT_IMAGES + 1, batch_format="numpy")
-    whole = len(report["label"]) <= REPORT_IMAGES
+    small = count_rows(config.data, "test") <= VAL_IMAGES  # footers or a listing: no test row is read here
+    test_set = None
+    if small:
+        rows = test.take_batch(VAL_IMAGES, batch_format="numpy")
+        test_set = (rows["image"], rows["label"])
     base = {"results_dir": str(results_dir), "teacher_path": str(teacher_path), "train_rows": int(train_rows),
-            "report_set": (report["image"][:REPORT_IMAGES], report["label"][:REPORT_IMAGES]),
-            "held_out_in_report": whole, "skip_dir": str(skip_dir),
+            "val_set": (val["image"], val["label"]), "test_set": test_set, "skip_dir": str(skip_dir),
             "fault_dir": str(config.run_dir)}  # test-only crash injection (engine/faults.py)
-    return base, ({} if whole else {"test": test})
+    return base, ({} if small else {"test": test})
 
 
 def split_stream(config: DistillConfig, split: str, skip_dir):

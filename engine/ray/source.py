@@ -14,6 +14,7 @@ from engine.config import DataConfig
 from engine.data import class_names, decode_rows, load_split, resize_mode
 from engine.location import filesystem_and_path, location
 from engine.ray.readers import read_source_rows
+from engine.splits import rows_of_split
 from engine.sources import scan_source
 
 
@@ -35,10 +36,12 @@ def write_skipped(skip_dir: str | Path, skipped: dict, tag: str) -> None:
 
 
 def decode_and_record_skips(batch: dict, size: int, num_classes: int, max_pixels: int, skip_dir: str,
-                            root: str = "", mode: str = "squash") -> dict:
-    """Ray Data map over raw source rows: decoded rows (resized by `mode`, data.resize resolved) go on to the
-    encoder, each with the `source` file it came from (relative to the data's root, so the baselines stage can
-    read the row back); skipped rows to `skip_dir`."""
+                            root: str = "", mode: str = "squash", split: tuple = ("test", 0.0, 0)) -> dict:
+    """Ray Data map over raw source rows: the rows of `split` ((name, data.val_fraction, data.split_seed):
+    engine/splits.py carves val out of the train rows before anything is decoded), decoded (resized by `mode`,
+    data.resize resolved), go on to the encoder, each with the `source` file it came from (relative to the data's
+    root, so the baselines stage can read the row back); skipped rows to `skip_dir`."""
+    batch = rows_of_split(batch, *split)
     decoded, skipped = decode_rows(batch, size, num_classes, max_pixels, mode=mode)
     files = [str(p) for p in batch.get("path", [""] * len(batch["label"]))]
     tag = "\0".join(sorted(set(files))) + "\0" + "\0".join(map(str, decoded["id"]))
@@ -80,7 +83,8 @@ def source_dataset(data: DataConfig, size: int | None = None, skip_dir=None, spl
         dataset = raw.map_batches(decode_and_record_skips, batch_size=256, **remote, fn_kwargs={
             "size": size or data.image_size, "num_classes": len(class_names(data)),
             "max_pixels": data.max_image_pixels, "skip_dir": str(skip_dir),
-            "root": filesystem_and_path(location(data.path))[1], "mode": resize_mode(data)})
+            "root": filesystem_and_path(location(data.path))[1], "mode": resize_mode(data),
+            "split": (split, data.val_fraction, data.split_seed)})
     if not columns:
         return dataset
     # A task of its own over in-memory blocks (digits): it must ask for no more CPU than the stream may take.
