@@ -4,9 +4,17 @@
 
 Writes the very folder `engine.priors.load_or_train_prior` reads (so jobs/distill.py picks the prior up), or
 prior.path when set. A folder that already holds a trained prior is only measured. Beside the prior it writes
-quality.json (VAE reconstruction MSE / PSNR on the test split, training time) and samples.png (rows = classes:
-first column a real test image, then its reconstruction, then samples generated from noise at the config's
-decode.guidance_scale / num_steps).
+quality.json and samples.png (rows = classes: first column a real validation image, then its reconstruction, then
+samples generated from noise at the config's decode.guidance_scale / num_steps). quality.json, all on the
+validation split (engine/splits.py), never on test:
+  val       VAE reconstruction MSE / PSNR;
+  samples   --quality-samples per class generated from pure noise (strength 1, the config's guidance), judged by
+            the evaluation's teacher (engine/quality.py): the share it classifies as their class, the Fréchet
+            distance of its features to real validation images', k-NN precision / recall;
+  real      the same figures for as many real validation images against the rest: what a perfect prior scores
+            at this sample size (the Fréchet distance is biased upwards for small samples);
+and the training time. The teacher is the engine's cached one (trained through Ray Train when missing, as
+jobs/distill.py would), or evaluate.teacher_path; --no-teacher measures the reconstruction only.
 """
 
 from __future__ import annotations
@@ -66,14 +74,56 @@ def sample_grid(prior, test, decode, per_class: int) -> np.ndarray:
     return np.concatenate(rows, axis=0)
 
 
-QUALITY_IMAGES = 10_000  # held-out images the reconstruction is measured on (a seeded sample beyond that)
+QUALITY_IMAGES = 10_000  # validation images the figures are measured on (a seeded sample beyond that)
+
+
+def generate_samples(prior, decode, per_class: int, batch: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    """per_class images of every class from pure noise (strength 1), in batches -> (images, labels)."""
+    import dataclasses
+
+    from engine.decode import decode_latents
+
+    labels = np.repeat(np.arange(prior.num_classes), per_class)
+    keys = 10**6 + np.arange(len(labels))  # other noise than samples.png's
+    decode = dataclasses.replace(decode, strength=1.0)
+    zeros = np.zeros((batch, *prior.latent_shape), np.float32)
+    images = [decode_latents(prior, zeros[: len(labels[i : i + batch])], labels[i : i + batch], decode,
+                             keys=keys[i : i + batch]) for i in range(0, len(labels), batch)]
+    return np.concatenate(images), labels
+
+
+def sample_quality(config, prior, val, per_class: int) -> dict:
+    """quality.json's `samples` and `real` figures (see the module), with the evaluation's teacher."""
+    from engine import pipeline
+    from engine.data import class_names
+    from engine.quality import set_quality, teacher_outputs
+    from engine.train import load_teacher
+
+    teacher_path = pipeline.teacher_cache_path(config)
+    if not teacher_path.exists():
+        log(f"no teacher at {teacher_path}: training it through Ray Train, as jobs/distill.py would")
+        pipeline.prepare_teacher(config, config.run_dir / "results" / "prior-quality")
+    e = config.evaluate
+    teacher = load_teacher(teacher_path, e.teacher, len(class_names(config.data)), config.data.image_size, e.width,
+                           "cuda" if torch.cuda.is_available() else "cpu")
+    # The reference: half of the validation sample; the other half is the real set judged like the samples.
+    order = np.random.default_rng(0).permutation(len(val))
+    reference, held = order[: len(order) // 2], order[len(order) // 2 :]
+    features, _ = teacher_outputs(teacher, val.images[reference])
+    images, labels = generate_samples(prior, config.decode, per_class)
+    held = held[: len(images)]
+    return {"teacher": str(teacher_path), "reference_images": int(len(reference)),
+            "samples": set_quality(teacher, images, labels, features),
+            "real": set_quality(teacher, val.images[held], val.labels[held], features)}
 
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/digits.yaml")
     parser.add_argument("--checkpoint-every", type=int, default=200, help="optimizer steps between checkpoints")
-    parser.add_argument("--samples-per-class", type=int, default=8)
+    parser.add_argument("--samples-per-class", type=int, default=8, help="samples per class in samples.png")
+    parser.add_argument("--quality-samples", type=int, default=100, help="samples per class judged by the teacher")
+    parser.add_argument("--no-teacher", action="store_true", help="reconstruction figures only (no teacher)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. prior.unet_steps=3000")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)
@@ -115,6 +165,12 @@ def main(argv: list[str] | None = None) -> Path:
                "val": reconstruction_quality(prior, val.images)}
     log(f"VAE reconstruction on {len(val)} validation images: MSE {quality['val']['mse']:.5f} "
         f"PSNR {quality['val']['psnr_db']:.2f} dB")
+    if not args.no_teacher:
+        quality.update(sample_quality(config, prior, val, args.quality_samples))
+        s, r = quality["samples"], quality["real"]
+        log(f"samples judged by the teacher: class agreement {s['class_agreement']:.3f} (real {r['class_agreement']:.3f})"
+            f", Fréchet distance {s['frechet_distance']:.2f} (real {r['frechet_distance']:.2f}), precision "
+            f"{s['precision']:.3f} / recall {s['recall']:.3f} (real {r['precision']:.3f} / {r['recall']:.3f})")
     grid = sample_grid(prior, val, config.decode, args.samples_per_class)
     write_png(folder / "samples.png", grid)  # atomic, like every output of the engine
     atomic_write_json(folder / "quality.json", quality)

@@ -69,17 +69,33 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, data, uninterrupted,
 
 
 def test_train_prior_job_writes_the_folder_distill_loads(tmp_path):
+    from safetensors.torch import save_file
+
+    from engine.config import EvaluateConfig
+    from engine.pipeline import teacher_cache_path
+    from engine.train import TrainSet, train_teacher
     from jobs.train_prior import main
 
     overrides = [f"cache_dir={tmp_path}", "prior.vae_steps=3", "prior.unet_steps=3", "prior.vae_channels=[8,16]",
-                 "prior.unet_channels=[16,32]", "decode.num_steps=3"]
-    folder = main(["--config", "configs/digits.yaml", "--samples-per-class", "2", *overrides])
+                 "prior.unet_channels=[16,32]", "decode.num_steps=3", "evaluate.width=8"]
     config = load_config("configs/digits.yaml", overrides)
+    # The engine's cached teacher, trained here in-process (the job would train it through Ray Train).
+    train = load_split(config.data, "train")
+    teacher = train_teacher(TrainSet(train.images, train.labels, np.ones(len(train))), 10, "convnet3",
+                            EvaluateConfig(width=8, teacher_epochs=2, batch_size=64), seed=0)
+    teacher_cache_path(config).parent.mkdir(parents=True)
+    save_file(teacher.state_dict(), teacher_cache_path(config))
+    folder = main(["--config", "configs/digits.yaml", "--samples-per-class", "2", "--quality-samples", "10",
+                   *overrides])
     assert folder == prior_cache_folder(config.prior, DataConfig(), tmp_path)
     assert not folder.with_name(folder.name + ".checkpoints").exists()
     quality = json.loads((folder / "quality.json").read_text())
     val = load_split(config.data, "val")  # scored on validation images, never on test
     assert quality["val"]["images"] == len(val) and quality["val"]["mse"] > 0 and quality["train_seconds_this_run"] > 0
+    samples, real = quality["samples"], quality["real"]
+    assert samples["images"] == 100 and real["images"] == len(val) - len(val) // 2
+    # A 3-step prior draws noise, the real half of val is digits: the teacher tells them apart.
+    assert real["class_agreement"] > samples["class_agreement"] and real["frechet_distance"] < samples["frechet_distance"]
     from PIL import Image
 
     assert Image.open(folder / "samples.png").size == (16 * 4, 16 * 10)  # real, reconstruction, 2 samples x 10 classes
