@@ -152,11 +152,15 @@ class EvaluateConfig:
     temperature: float = 20.0  # RDED's T with CutMix
     cutmix: bool = True  # rded / fkd only
     flip: bool = False  # off for digits and other orientation-bearing data
-    # Held-out top-1 is measured and reported (ray.train.report, checkpoint saved) this many times per student.
+    # Validation top-1 is measured and reported (ray.train.report, checkpoint saved) this many times per student.
     reports: int = 5
     seeds: tuple[int, ...] = (0, 1, 2)
     # auto = bf16 autocast on GPUs (weights and optimizer stay fp32), fp32 on CPUs; fp32 / bf16 force it.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # Judge every distilled set with the teacher against real validation images (engine/quality.py: class
+    # agreement, Fréchet distance, precision / recall) into results/<key>/set_quality.json and the report. Trains
+    # the teacher when the protocol has none (hard).
+    set_quality: bool = True
 
 
 @dataclass(frozen=True)

@@ -156,9 +156,11 @@ def baselines_stage(config: DistillConfig, run_dir, quantized_dir, quantize_key:
 
 
 def evaluate_stage(config: DistillConfig, run_dir, set_dirs: dict, stage_keys: tuple[str, ...],
-                   train_callbacks: tuple = (), train_rows: int | None = None) -> list[dict]:
+                   train_callbacks: tuple = (), train_rows: int | None = None,
+                   measured: dict | None = None) -> list[dict]:
     """Every student through Ray Train; finished jobs of the same config are kept. `train_rows`: the train split's
-    usable rows (the encode stage's count; counted from the source when not given)."""
+    usable rows (the encode stage's count; counted from the source when not given). With evaluate.set_quality,
+    each set is first judged by the teacher (engine/ray/quality.py) into measured["set_quality"]."""
     from engine.ray.evaluate import evaluate_students
     from engine.sources import count_rows
 
@@ -167,14 +169,26 @@ def evaluate_stage(config: DistillConfig, run_dir, set_dirs: dict, stage_keys: t
     jobs = student_jobs(config, set_dirs)
     log(f"training {len(jobs)} students, protocol {config.evaluate.protocol}")
     rows = train_rows if train_rows is not None else count_rows(config.data, "train")
+    if config.evaluate.set_quality and set_dirs:
+        from engine.ray.evaluate import prepare_teacher as teacher_phase
+        from engine.ray.quality import measure_sets
+
+        teacher_phase(config, teacher_cache_path(config), results_dir, rows, log)  # trained once, cached
+        quality = measure_sets(config, set_dirs, teacher_cache_path(config), results_dir)
+        if measured is not None:
+            measured["set_quality"] = quality
+        log("sets judged by the teacher against real validation images: " + ", ".join(
+            f"{name} {q['class_agreement']:.2f}" for name, q in quality.items() if name != "reference"))
     return evaluate_students(config, jobs, teacher_cache_path(config), results_dir, rows, callbacks=train_callbacks,
                              log=log)
 
 
 def decode_and_evaluate(config: DistillConfig, run_dir, folder: Path, quantized_dir, quantize_key: str,
                         names: tuple[str, ...], timings: dict, train_callbacks: tuple = (),
-                        until: str = "evaluate", train_rows: int | None = None) -> list[dict]:
-    """decode -> real-image baselines -> evaluate (as far as `until`), each timed into `timings`."""
+                        until: str = "evaluate", train_rows: int | None = None,
+                        measured: dict | None = None) -> list[dict]:
+    """decode -> real-image baselines -> evaluate (as far as `until`), each timed into `timings`; what the
+    evaluation measures beside the result rows (set quality) into `measured`."""
     start = time.perf_counter()
     decode_key, set_dirs = decode_stage(config, run_dir, folder, quantized_dir, quantize_key, names)
     timings["decode"] = time.perf_counter() - start
@@ -187,7 +201,8 @@ def decode_and_evaluate(config: DistillConfig, run_dir, folder: Path, quantized_
     if until == "baselines":
         return []
     start = time.perf_counter()
-    results = evaluate_stage(config, run_dir, set_dirs, (decode_key, real_key), train_callbacks, train_rows)
+    results = evaluate_stage(config, run_dir, set_dirs, (decode_key, real_key), train_callbacks, train_rows,
+                             measured)
     timings["evaluate"] = time.perf_counter() - start
     return results
 
@@ -302,9 +317,10 @@ def run(config: DistillConfig, until: str = "evaluate") -> dict:
 
     # Decode, the real-image baselines, then every student (as far as `until`).
     results: list[dict] = []
+    measured: dict = {}
     if until != "quantize":  # NaN/Inf centroids are stopped by the decoder, named by class and IPC
         results = decode_and_evaluate(config, run_dir, folder, quantized_dir, quantize_key, names, timings,
-                                      until=until, train_rows=encoded)
+                                      until=until, train_rows=encoded, measured=measured)
 
     quantization = {
         f"ipc{ipc}": {
@@ -315,7 +331,7 @@ def run(config: DistillConfig, until: str = "evaluate") -> dict:
         }
         for ipc, part in stats.groupby("ipc")
     }
-    metrics = {"results": results, "quantization": quantization, "timings_s": {k: round(v, 2) for k, v in
+    metrics = {"results": results, **measured, "quantization": quantization, "timings_s": {k: round(v, 2) for k, v in
                                                                             timings.items()},
                "counts": {"images_read": int(encoded) + sum(skipped.values()), "images_encoded": int(encoded),
                           "skipped": skipped, "classes": int(stats.label.nunique()), "empty_classes": empty_classes}}

@@ -202,6 +202,25 @@ RESULTS_LEGEND = (
     "equals both). – : not available (no <code>random</code> or <code>full</code> row, or one seed).</p>")
 
 
+def quality_table(quality: dict) -> pd.DataFrame:
+    """metrics.json's set_quality ({set: figures, "reference": ...}) as one row per set, real sets first."""
+    rows = [{"set": name, **figures} for name, figures in quality.items() if name != "reference"]
+    frame = pd.DataFrame(rows)
+    frame["real"] = frame.set.str.match(r"(random|herding|kcenter)-")
+    frame = frame.sort_values(["real", "set"], ascending=[False, True]).drop(columns="real")
+    return frame.rename(columns={"class_agreement": "teacher agrees", "frechet_distance": "Fréchet distance"})
+
+
+QUALITY_LEGEND = (
+    "<p>Each set judged by the evaluation's teacher against real <b>validation</b> images (engine/quality.py). "
+    "<b>teacher agrees</b>: the share of the set's images the teacher classifies as their class. <b>Fréchet "
+    "distance</b>: between the teacher's penultimate features of the set and of the real images (FID's formula with "
+    "the task's own classifier; lower is closer; biased upwards for small sets, so compare sets of one IPC). "
+    "<b>precision</b> / <b>recall</b>: k-NN manifolds (Kynkäänniemi et al. 2019, k = 3): the share of the set "
+    "inside the real images' manifold (realism), and of the real images inside the set's (coverage; low for any "
+    "small set). d4m and ddoq share their decoded images: their figures are equal.</p>")
+
+
 def write_report(run_dir) -> Path:
     """Draw every figure the run's outputs allow and write run_dir/report.html (local or on an object store);
     returns its path."""
@@ -222,6 +241,13 @@ def write_report(run_dir) -> Path:
         section("Accuracy vs IPC", body + _table(results_table(results)) + RESULTS_LEGEND)
     else:
         section("Accuracy vs IPC", "<p>No students were trained in this run (e.g. <code>--until quantize</code>).</p>")
+
+    quality = metrics.get("set_quality") or {}
+    if quality:
+        reference = quality.get("reference") or {}
+        intro = (f"<p>Reference: {reference['images']} real validation images, of which the teacher classifies "
+                 f"{100 * reference['class_agreement']:.1f} % correctly.</p>") if reference else ""
+        section("How realistic each set is", intro + _table(quality_table(quality)) + QUALITY_LEGEND)
 
     sets = distilled_sets(run_dir)
     grids = [image(plot_image_grid(sets[ipc], ipc, figures / f"images_ipc{ipc}.png"), f"images IPC {ipc}")

@@ -88,3 +88,16 @@ def test_report_numbers_match_metrics(tmp_path):
     assert f"<td>{100 * (np.mean(ddoq3) - np.mean(random3)):+.1f}</td>" in text  # Δ random, from engine/stats.py
     assert "<th>p (Welch)</th>" in text and "<th>LRS</th>" in text and "label-robust score" in text
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics  # the report never rewrites metrics
+
+
+def test_report_shows_how_realistic_each_set_is(tmp_path):
+    metrics = make_run(tmp_path)
+    figures = {"images": 3, "class_agreement": 0.5, "frechet_distance": 12.25, "precision": 0.75, "recall": 0.125}
+    metrics["set_quality"] = {"reference": {"images": 40, "class_agreement": 0.975},
+                              "d4m-uniform-ipc3": figures, "random-ipc3": {**figures, "class_agreement": 1.0}}
+    store.atomic_write_json(tmp_path / "metrics.json", metrics)
+    text = write_report(tmp_path).read_text()
+    section = text.split("<h2>How realistic each set is</h2>")[1].split("<h2>")[0]
+    assert "40 real validation images" in section and "97.5 %" in section
+    assert section.index("random-ipc3") < section.index("d4m-uniform-ipc3")  # real images first
+    assert "12.250" in section and "0.125" in section

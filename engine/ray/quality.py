@@ -1,0 +1,56 @@
+"""How realistic each distilled set is (engine/quality.py's figures), judged by the evaluation's teacher against a
+bounded sample of real validation images: one Ray task per results folder, on a GPU when the trainers have one,
+cached in results_dir/set_quality.json. Never on test."""
+
+from __future__ import annotations
+
+import json
+
+import ray
+
+from engine.config import DistillConfig
+from engine.location import location
+
+REFERENCE_IMAGES = 5000  # real validation images the sets are compared with (a seeded stratified sample)
+
+
+def set_name(method: str, weights: str, ipc: int) -> str:
+    return f"{method}-ipc{ipc}" if weights == "none" else f"{method}-{weights}-ipc{ipc}"
+
+
+def _measure(config: DistillConfig, folders: dict[str, str], teacher_path: str) -> dict:
+    import torch
+
+    from engine.data import class_names, sample_split
+    from engine.quality import set_quality, teacher_outputs
+    from engine.store import read_distilled_set
+    from engine.train import load_teacher
+
+    e = config.evaluate
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(max(1, config.runtime.threads("train")))
+    teacher = load_teacher(location(teacher_path), e.teacher, len(class_names(config.data)), config.data.image_size,
+                           e.width, device)
+    reference = sample_split(config.data, "val", REFERENCE_IMAGES, seed=0)
+    features, predicted = teacher_outputs(teacher, reference.images)
+    quality = {"reference": {"images": len(reference), "class_agreement": float((predicted == reference.labels).mean())}}
+    for name, folder in folders.items():
+        images, labels, _ = read_distilled_set(folder)
+        quality[name] = set_quality(teacher, images, labels, features)
+    return quality
+
+
+def measure_sets(config: DistillConfig, set_dirs: dict, teacher_path, results_dir) -> dict:
+    """{set name: {images, class_agreement, frechet_distance, precision, recall}, "reference": ...} of every set
+    in `set_dirs` ({(method, weights, ipc): folder}); computed once per results folder."""
+    from engine.store import atomic_write_json
+
+    out = location(results_dir) / "set_quality.json"
+    if out.exists():
+        return json.loads(out.read_text())
+    folders = {set_name(*key): str(folder) for key, folder in sorted(set_dirs.items())}
+    gpus = 1 if config.runtime.train_use_gpu else 0
+    task = ray.remote(num_cpus=1, num_gpus=gpus)(_measure)
+    quality = ray.get(task.remote(config, folders, str(teacher_path)))
+    atomic_write_json(out, quality)
+    return quality
