@@ -21,6 +21,8 @@ from engine.store import atomic_write_bytes, read_image, read_table
 
 MAX_CLASSES_IN_GRID = 10  # rows of an image grid; ImageNet has 1000 classes, a page shows the first ten
 MAX_IMAGES_PER_CELL = 10  # images per (class, method) cell of a grid, highest weight first
+MAX_CLASSES_DETAILED = 3  # classes shown set by set, all their images, when a grid has more than 3 per class
+REAL_SETS = ("random", "herding", "kcenter")  # sets of real images: no weights under them
 WEIGHT_MODES = ("uniform", "mass", "sqrt")
 
 
@@ -52,38 +54,64 @@ def distilled_sets(run_dir) -> dict[int, dict[str, Path]]:
     return sets
 
 
-def plot_image_grid(sets: dict[str, Path], ipc: int, path) -> str:
-    """One row per class, one cell per method: real images (`random`) beside the decoded centroids; under each
-    decoded image its weight in the loss (d4m: uniform, ddoq: Voronoi mass), highest weight first."""
+def plot_image_grid(sets: dict[str, Path], ipc: int, path, quality: dict | None = None) -> str:
+    """The sets of one IPC, image by image. Up to 3 images per class: one row per class (the first ten), one
+    cell per set. More: one block per class for the first few classes, one row per set holding all of the class's
+    images (up to ten) at a readable size. Real images (`random`, then the other real sets) come first; under each
+    decoded image its weight in the loss (d4m: uniform, ddoq: Voronoi mass), highest weight first; beside each set
+    its quality figures (`quality`, metrics.json's set_quality) when measured."""
     plt = _pyplot()
-    order = sorted(sets, key=lambda m: (m != "random", m))  # real samples first, beside the distilled ones
+    order = sorted(sets, key=lambda m: (m not in REAL_SETS, m != "random", m))
     indexes = {m: read_table(sets[m] / "index.parquet").to_pandas() for m in order}
-    labels = sorted(set().union(*(set(ix.label) for ix in indexes.values())))[:MAX_CLASSES_IN_GRID]
+    labels = sorted(set().union(*(set(ix.label) for ix in indexes.values())))
+    names = {int(r.label): str(r.class_name) for ix in indexes.values() for r in ix.itertuples()}
     per_cell = min(ipc, MAX_IMAGES_PER_CELL)
-    columns = per_cell * len(order)
-    fig, axes = plt.subplots(len(labels), columns, figsize=(0.9 * columns + 1.2, 1.0 * len(labels) + 0.6),
+    by_class = ipc > 3
+    labels = labels[:MAX_CLASSES_DETAILED if by_class else MAX_CLASSES_IN_GRID]
+    if by_class:  # rows (class, set), columns the class's images
+        rows = [(label, method) for label in labels for method in order]
+        columns = per_cell
+    else:  # rows classes, columns (set, image)
+        rows = [(label, None) for label in labels]
+        columns = per_cell * len(order)
+    fig, axes = plt.subplots(len(rows), columns, figsize=(1.05 * columns + 2.4, 1.2 * len(rows) + 0.8),
                              squeeze=False)
-    for row, label in enumerate(labels):
-        for group, method in enumerate(order):
+    for row, (label, only) in enumerate(rows):
+        for group, method in enumerate([only] if only else order):
             cell = indexes[method][indexes[method].label == label].sort_values("weight", ascending=False)
             for j in range(per_cell):
-                ax = axes[row, group * per_cell + j]
+                ax = axes[row, (0 if only else group * per_cell) + j]
                 ax.set_xticks([]), ax.set_yticks([])
                 for side in ax.spines.values():
                     side.set_visible(False)
                 if j < len(cell):
                     item = cell.iloc[j]
                     ax.imshow(read_image(sets[method] / item.path), interpolation="nearest")
-                    if method != "random":
-                        ax.set_xlabel(f"w={item.weight:.2f}", fontsize=7, labelpad=1)
-                if row == 0 and j == 0:
-                    ax.set_title(method if method != "random" else "real (random)", fontsize=9, loc="left")
-            if group == 0:
-                axes[row, 0].set_ylabel(str(indexes[order[0]].query("label == @label").class_name.iloc[0])
-                                        if (indexes[order[0]].label == label).any() else str(label),
-                                        fontsize=8, rotation=0, ha="right", va="center")
-    fig.suptitle(f"IPC {ipc}: real images beside the decoded centroids (first {len(labels)} classes)", fontsize=10)
+                    if method not in REAL_SETS:
+                        ax.set_xlabel(f"w={item.weight:.2f}", fontsize=8, labelpad=1)
+                if not only and row == 0 and j == 0:
+                    ax.set_title(_set_label(method, ipc, quality), fontsize=8, loc="left")
+        first = axes[row, 0]
+        if only:
+            heading = f"{names.get(label, label)}\n" if only == order[0] else ""
+            first.set_ylabel(heading + _set_label(only, ipc, quality), fontsize=8, rotation=0, ha="right",
+                             va="center")
+        else:
+            first.set_ylabel(names.get(label, str(label)), fontsize=9, rotation=0, ha="right", va="center")
+    what = f"the first {len(labels)} classes, every set" if by_class else f"first {len(labels)} classes"
+    fig.suptitle(f"IPC {ipc}: real images beside the decoded centroids ({what})", fontsize=10)
     return _save(fig, path)
+
+
+def _set_label(method: str, ipc: int, quality: dict | None) -> str:
+    """A set's name, and its teacher agreement and Fréchet distance when measured."""
+    label = "real (random)" if method == "random" else method
+    figures = (quality or {}).get(f"{method}-ipc{ipc}")
+    if not figures:
+        return label
+    distance = figures.get("frechet_distance")
+    return (f"{label}\nagrees {100 * figures['class_agreement']:.0f} %"
+            + (f", FD {distance:.1f}" if distance is not None else ""))
 
 
 def plot_weight_histograms(centroids: pd.DataFrame, path: Path) -> str:
@@ -250,7 +278,7 @@ def write_report(run_dir) -> Path:
         section("How realistic each set is", intro + _table(quality_table(quality)) + QUALITY_LEGEND)
 
     sets = distilled_sets(run_dir)
-    grids = [image(plot_image_grid(sets[ipc], ipc, figures / f"images_ipc{ipc}.png"), f"images IPC {ipc}")
+    grids = [image(plot_image_grid(sets[ipc], ipc, figures / f"images_ipc{ipc}.png", quality), f"images IPC {ipc}")
              for ipc in sorted(sets)]
     note = "" if any("random" in s for s in sets.values()) else \
         "<p>No real-image set in this run (method <code>random</code> not evaluated), so no real samples.</p>"

@@ -14,10 +14,6 @@ from engine.location import location
 REFERENCE_IMAGES = 5000  # real validation images the sets are compared with (a seeded stratified sample)
 
 
-def set_name(method: str, weights: str, ipc: int) -> str:
-    return f"{method}-ipc{ipc}" if weights == "none" else f"{method}-{weights}-ipc{ipc}"
-
-
 def _measure(config: DistillConfig, folders: dict[str, str], teacher_path: str) -> dict:
     import torch
 
@@ -41,14 +37,14 @@ def _measure(config: DistillConfig, folders: dict[str, str], teacher_path: str) 
 
 
 def measure_sets(config: DistillConfig, set_dirs: dict, teacher_path, results_dir) -> dict:
-    """{set name: {images, class_agreement, frechet_distance, precision, recall}, "reference": ...} of every set
-    in `set_dirs` ({(method, weights, ipc): folder}); computed once per results folder."""
+    """{set folder's name (`ddoq-mass-ipc10`): {images, class_agreement, frechet_distance, precision, recall},
+    "reference": ...} of every set in `set_dirs` ({(method, weights, ipc): folder}); once per results folder."""
     from engine.store import atomic_write_json
 
     out = location(results_dir) / "set_quality.json"
     if out.exists():
         return json.loads(out.read_text())
-    folders = {set_name(*key): str(folder) for key, folder in sorted(set_dirs.items())}
+    folders = {location(folder).name: str(folder) for _, folder in sorted(set_dirs.items())}
     gpus = 1 if config.runtime.train_use_gpu else 0
     task = ray.remote(num_cpus=1, num_gpus=gpus)(_measure)
     quality = ray.get(task.remote(config, folders, str(teacher_path)))
