@@ -76,6 +76,15 @@ class PriorConfig:
     # the source, never the whole split in memory); 0 = every image (small sets only).
     train_images: int = 60_000
     num_train_timesteps: int = 1000
+    # What the UNet predicts: the noise ("epsilon") or v = alpha·noise − sigma·latent ("v_prediction", Salimans &
+    # Ho 2022: well scaled at every noise level); the scheduler is saved with it, so sampling reads it.
+    prediction: Literal["epsilon", "v_prediction"] = "epsilon"
+    # Min-SNR loss weighting (Hang et al. 2023): each timestep's loss weighted by min(SNR, gamma) / SNR (epsilon)
+    # or / (SNR + 1) (v); 0 = uniform. 5 is the paper's value.
+    min_snr_gamma: float = 0.0
+    # Exponential moving average of the UNet's weights (decay per step, warmed up as 1 - 1/(10 + step) until it
+    # reaches this); the saved prior, so every sample and decode, uses the averaged weights. 0 = off.
+    ema_decay: float = 0.0
     seed: int = 0
 
     def __post_init__(self):
@@ -254,6 +263,8 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "decode.guidance_scale": (lambda v: v >= 0.0, "must be >= 0"),
     "decode.num_steps": (lambda v: v >= 1, "must be >= 1"),
     "prior.class_dropout": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+    "prior.min_snr_gamma": (lambda v: v >= 0.0, "must be >= 0 (0 = uniform weighting)"),
+    "prior.ema_decay": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1) (0 = no EMA)"),
     "evaluate.seeds": (lambda v: len(v) > 0, "must list at least one seed"),
     "evaluate.methods": (lambda v: len(v) > 0 and set(v) <= set(METHODS),
                          f"must be a non-empty subset of {', '.join(METHODS)}"),

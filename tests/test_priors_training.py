@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import DataConfig, load_config
+from engine.config import DataConfig, DecodeConfig, load_config
 from engine.data import load_split
 from engine.priors import load_or_train_prior, prior_cache_folder
 from engine.priors.checkpoint import Checkpointer
@@ -113,3 +113,76 @@ def test_the_unet_schedule_runs_for_any_step_count():
             optimizer.step()
             schedule.step()
     assert one_cycle(optimizer, 1e-3, 1500).total_steps == 1500
+
+
+def test_ema_weights_are_what_sampling_uses(tmp_path, data, uninterrupted, monkeypatch):
+    """With prior.ema_decay the UNet the prior samples with (and saves) is the moving average of the weights
+    after every step, warmed up; the raw trajectory is unchanged (same seed, same batches as without EMA)."""
+    from engine.priors import save_prior_atomically
+    from engine.priors.ema import EmaWeights
+    from engine.priors.tiny import load_tiny_prior
+
+    seen = []
+    update = EmaWeights.update
+    monkeypatch.setattr(EmaWeights, "update", lambda self, module: (
+        seen.append({k: v.detach().clone() for k, v in module.state_dict().items()}), update(self, module))[1])
+    config = dataclasses.replace(CONFIG, ema_decay=0.5)
+    averaged = train_tiny_prior(config, *data, CLASS_NAMES, log=quiet)
+    assert len(seen) == CONFIG.unet_steps
+    for name, raw in uninterrupted.unet.state_dict().items():  # the last step's weights are the EMA-free run's
+        assert torch.equal(seen[-1][name], raw)
+    first = build_initial_unet_state(config)
+    for name, value in averaged.unet.state_dict().items():
+        if not value.is_floating_point():
+            continue
+        expected = first[name].clone()
+        for step, weights in enumerate(seen, 1):
+            decay = min(0.5, 1 - 1 / (10 + step))
+            expected = decay * expected + (1 - decay) * weights[name]
+        assert torch.allclose(value, expected, atol=1e-6), name
+    assert any(not torch.equal(a, b) for a, b in zip(averaged.unet.parameters(), uninterrupted.unet.parameters()))
+    save_prior_atomically(averaged, tmp_path / "prior")
+    loaded = load_tiny_prior(tmp_path / "prior")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.unet.parameters(), averaged.unet.parameters()))
+
+
+def build_initial_unet_state(config):
+    """The UNet's weights before its first step: the same seeded build as train_tiny_prior's."""
+    from engine.priors.tiny import build_tiny_prior
+
+    torch.manual_seed(config.seed)
+    return build_tiny_prior(config, 16, CLASS_NAMES).unet.state_dict()
+
+
+def test_a_killed_ema_run_resumes_to_the_same_average(tmp_path, data):
+    config = dataclasses.replace(CONFIG, ema_decay=0.5)
+    whole = train_tiny_prior(config, *data, CLASS_NAMES, log=quiet)
+    with pytest.raises(Killed):  # 4 VAE saves + the finished VAE + 2 UNet steps
+        train_tiny_prior(config, *data, CLASS_NAMES, log=quiet, checkpoint=KilledAfter(tmp_path, 7))
+    resumed = train_tiny_prior(config, *data, CLASS_NAMES, log=quiet, checkpoint=Checkpointer(tmp_path, 1))
+    assert all(torch.equal(a, b) for a, b in zip(resumed.unet.parameters(), whole.unet.parameters()))
+
+
+def test_v_prediction_and_min_snr_weighting():
+    from engine.priors.tiny import build_tiny_prior
+    from engine.priors.train_tiny import denoising_loss
+
+    config = dataclasses.replace(CONFIG, prediction="v_prediction", min_snr_gamma=5.0)
+    prior = build_tiny_prior(config, 16, CLASS_NAMES)
+    assert prior.scheduler.config.prediction_type == "v_prediction"  # saved with it: sampling reads v
+    z0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 900])
+    alpha_bar = prior.scheduler.alphas_cumprod[t]
+    v = alpha_bar.sqrt()[:, None, None, None] * noise - (1 - alpha_bar).sqrt()[:, None, None, None] * z0
+    output = torch.zeros_like(z0)
+    snr = alpha_bar / (1 - alpha_bar)
+    expected = ((v**2).flatten(1).mean(1) * snr.clamp(max=5.0) / (snr + 1)).mean()
+    assert torch.allclose(denoising_loss(prior, z0, noise, t, output, config), expected, rtol=1e-5)
+    plain = dataclasses.replace(CONFIG, min_snr_gamma=0.0)
+    eps_prior = build_tiny_prior(plain, 16, CLASS_NAMES)
+    assert torch.allclose(denoising_loss(eps_prior, z0, noise, t, output, plain), (noise**2).mean())
+    images = eps_prior.decode(np.zeros((2, 4, 8, 8), np.float32), np.array([0, 1]), DecodeConfig(num_steps=2),
+                              np.arange(2))
+    v_images = prior.decode(np.zeros((2, 4, 8, 8), np.float32), np.array([0, 1]), DecodeConfig(num_steps=2),
+                            np.arange(2))
+    assert images.shape == v_images.shape == (2, 16, 16, 3)

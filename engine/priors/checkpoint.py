@@ -31,7 +31,8 @@ class Checkpointer:
     def due(self, step: int, total: int) -> bool:
         return step % self.every == 0 or step == total
 
-    def save(self, phase: str, step: int, prior, optimizer, lr_schedule, generator: torch.Generator) -> None:
+    def save(self, phase: str, step: int, prior, optimizer, lr_schedule, generator: torch.Generator,
+             ema=None) -> None:
         name = f"{phase}-{step:07d}"
         target = self.folder / name
         shutil.rmtree(target, ignore_errors=True)
@@ -40,7 +41,7 @@ class Checkpointer:
             prior.unet.save_pretrained(target / "unet")
         training = {"optimizer": optimizer.state_dict() if optimizer else None,
                     "lr_schedule": lr_schedule.state_dict() if lr_schedule else None,
-                    "generator": generator.get_state()}
+                    "generator": generator.get_state(), "ema": ema.state_dict() if ema else None}
         torch.save(training, target / "training.pt")
         pointer = self.folder / (STATE_FILE + ".tmp")
         pointer.write_text(json.dumps({"phase": phase, "step": step, "dir": name}))
@@ -49,8 +50,9 @@ class Checkpointer:
             if old.is_dir() and old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
 
-    def restore(self, prior, optimizer, lr_schedule, generator: torch.Generator) -> dict:
-        """Load weights and optimizer/RNG state of the last checkpoint into the given objects; returns its state."""
+    def restore(self, prior, optimizer, lr_schedule, generator: torch.Generator, ema=None) -> dict:
+        """Load weights and optimizer/RNG state (and the UNet's moving average) of the last checkpoint into the
+        given objects; returns its state."""
         from diffusers import AutoencoderKL, UNet2DModel
 
         state = self.state()
@@ -67,6 +69,8 @@ class Checkpointer:
         if lr_schedule is not None and training["lr_schedule"] is not None:
             lr_schedule.load_state_dict(training["lr_schedule"])
         generator.set_state(training["generator"])
+        if ema is not None and training.get("ema") is not None:
+            ema.load_state_dict(training["ema"])
         return state
 
     def clear(self) -> None:

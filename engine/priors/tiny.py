@@ -148,6 +148,7 @@ def build_tiny_prior(config: PriorConfig, image_size: int, class_names: tuple[st
         beta_schedule="squaredcos_cap_v2",
         clip_sample=False,
         set_alpha_to_one=False,
+        prediction_type=config.prediction,  # saved with the prior: sampling reads what the UNet predicts
     )
     return TinyPrior(vae, unet, scheduler, image_size, tuple(class_names))
 

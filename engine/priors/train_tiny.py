@@ -17,16 +17,18 @@ import torch.nn.functional as F
 from engine.config import PriorConfig
 from engine.encode import encode_images, images_to_tensor
 from engine.priors.checkpoint import Checkpointer
+from engine.priors.ema import EmaWeights
 from engine.priors.tiny import TinyPrior, build_tiny_prior
 
 
 def _resume_step(checkpoint: Checkpointer | None, phase: str, prior: TinyPrior, optimizer, lr_schedule,
-                 generator: torch.Generator, log: Callable) -> int:
-    """The step to start `phase` at: 0, or the last checkpoint's step with weights/optimizer/RNG restored."""
+                 generator: torch.Generator, log: Callable, ema: EmaWeights | None = None) -> int:
+    """The step to start `phase` at: 0, or the last checkpoint's step with weights/optimizer/RNG (and the UNet's
+    moving average) restored."""
     state = checkpoint.state() if checkpoint else None
     if state is None or state["phase"] != phase or state["step"] == 0:
         return 0
-    checkpoint.restore(prior, optimizer, lr_schedule, generator)
+    checkpoint.restore(prior, optimizer, lr_schedule, generator, ema)
     log(f"  resuming the {phase} at step {state['step']} from {checkpoint.folder}")
     return int(state["step"])
 
@@ -63,11 +65,27 @@ def one_cycle(optimizer, learning_rate: float, steps: int):
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, learning_rate, total_steps=steps, pct_start=warmup / steps)
 
 
+def denoising_loss(prior: TinyPrior, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, output: torch.Tensor,
+                   config: PriorConfig) -> torch.Tensor:
+    """The UNet's loss on one batch: MSE to its target (the noise, or v), per sample weighted by min-SNR."""
+    target = noise if config.prediction == "epsilon" else prior.scheduler.get_velocity(z0, noise, t)
+    per_sample = F.mse_loss(output, target, reduction="none").flatten(1).mean(1)
+    if config.min_snr_gamma > 0:
+        alpha_bar = prior.scheduler.alphas_cumprod.to(z0.device)[t]
+        snr = alpha_bar / (1 - alpha_bar)
+        weight = snr.clamp(max=config.min_snr_gamma) / (snr if config.prediction == "epsilon" else snr + 1)
+        per_sample = per_sample * weight
+    return per_sample.mean()
+
+
 def train_unet(prior: TinyPrior, latents: torch.Tensor, labels: torch.Tensor, config: PriorConfig, generator,
                log: Callable, checkpoint: Checkpointer | None = None) -> float:
+    """Trains prior.unet; with prior.ema_decay the UNet left in the prior (saved, sampled from) holds the
+    moving average of its weights, not the last step's."""
     optimizer = torch.optim.AdamW(prior.unet.parameters(), lr=config.learning_rate)
     schedule = one_cycle(optimizer, config.learning_rate, config.unet_steps)
-    start = _resume_step(checkpoint, "unet", prior, optimizer, schedule, generator, log)
+    ema = EmaWeights(prior.unet, config.ema_decay) if config.ema_decay > 0 else None
+    start = _resume_step(checkpoint, "unet", prior, optimizer, schedule, generator, log, ema)
     prior.unet.train()
     loss_value = float("nan")
     for step in range(start, config.unet_steps):
@@ -78,17 +96,21 @@ def train_unet(prior: TinyPrior, latents: torch.Tensor, labels: torch.Tensor, co
         y[drop] = prior.null_class
         noise = torch.randn(z0.shape, generator=generator)
         t = torch.randint(0, config.num_train_timesteps, (len(z0),), generator=generator)
-        eps = prior.unet(prior.scheduler.add_noise(z0, noise, t), t, class_labels=y).sample
-        loss = F.mse_loss(eps, noise)
+        output = prior.unet(prior.scheduler.add_noise(z0, noise, t), t, class_labels=y).sample
+        loss = denoising_loss(prior, z0, noise, t, output, config)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
+        if ema is not None:
+            ema.update(prior.unet)
         loss_value = loss.item()
         if step % 500 == 0 or step == config.unet_steps - 1:
             log(f"  unet step {step + 1}/{config.unet_steps} loss {loss_value:.4f}")
         if checkpoint and checkpoint.due(step + 1, config.unet_steps):
-            checkpoint.save("unet", step + 1, prior, optimizer, schedule, generator)
+            checkpoint.save("unet", step + 1, prior, optimizer, schedule, generator, ema)
+    if ema is not None:
+        ema.copy_to(prior.unet)  # what the saved prior samples with
     prior.unet.eval()
     return loss_value
 
