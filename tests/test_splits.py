@@ -106,3 +106,13 @@ def test_a_run_without_a_validation_split_stops_before_it_starts():
     with pytest.raises(RunError, match="val_fraction=0 leaves no validation split"):
         check_run_inputs(config, ("a", "b"), "evaluate")
     check_run_inputs(config, ("a", "b"), "baselines")  # distilling without evaluating needs none
+
+
+@pytest.mark.ray
+def test_ray_data_reads_the_same_train_and_val_rows(shards, ray_session, tmp_path):
+    from engine.ray.source import source_dataset
+
+    config = config_of(shards)
+    for split in ("train", "val"):
+        rows = source_dataset(config, skip_dir=tmp_path / split, split=split).select_columns(["id"]).take_all()
+        assert sorted(r["id"] for r in rows) == sorted(load_split(config, split).ids)
