@@ -70,7 +70,8 @@ def teacher_cache_path(config: DistillConfig) -> Path | ObjectPath:
 
 
 def needs_teacher(config: DistillConfig) -> bool:
-    return get_protocol(config.evaluate.protocol).soft_labels
+    """Soft labels need the teacher, and so does judging the sets (evaluate.set_quality)."""
+    return get_protocol(config.evaluate.protocol).soft_labels or config.evaluate.set_quality
 
 
 def prepare_teacher(config: DistillConfig, results_dir) -> float:
@@ -169,7 +170,7 @@ def evaluate_stage(config: DistillConfig, run_dir, set_dirs: dict, stage_keys: t
     jobs = student_jobs(config, set_dirs)
     log(f"training {len(jobs)} students, protocol {config.evaluate.protocol}")
     rows = train_rows if train_rows is not None else count_rows(config.data, "train")
-    if config.evaluate.set_quality and set_dirs:
+    if config.evaluate.set_quality and set_dirs and jobs:
         from engine.ray.evaluate import prepare_teacher as teacher_phase
         from engine.ray.quality import measure_sets
 
