@@ -267,9 +267,11 @@ def run_sweep(base: DistillConfig, space: SearchSpace, max_concurrent: int | Non
         f"(peak per trial {peak_trial_resources(example)}, cluster {ray.cluster_resources()})")
     scheduler = None
     if space.scheduler == "asha":
-        # One Tune iteration per ray.train.report: once per student job today (issue #6 adds per-epoch reports).
-        # max_t one past the last report: ASHA only stops trials at its rungs, a finished trial writes its files.
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(jobs_per_trial, space.grace_period) + 1,
+        # One Tune iteration per ray.train.report: evaluate.reports per student job (one more where its steps do
+        # not divide evenly: the last step always reports). max_t one past the last report: ASHA stops a trial
+        # that reaches max_t, and a trial must finish its jobs to write its files.
+        reports = jobs_per_trial * (example.evaluate.reports + 1)
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(reports, space.grace_period) + 1,
                                   grace_period=space.grace_period, reduction_factor=space.reduction_factor)
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, space=space,
                                                          sweep_dir=str(sweep_dir)), {"cpu": TRIAL_CPU})
