@@ -245,8 +245,9 @@ QUALITY_LEGEND = (
     "distance</b>: between the teacher's penultimate features of the set and of the real images (FID's formula with "
     "the task's own classifier; lower is closer; biased upwards for small sets, so compare sets of one IPC). "
     "<b>precision</b> / <b>recall</b>: k-NN manifolds (Kynkäänniemi et al. 2019, k = 3): the share of the set "
-    "inside the real images' manifold (realism), and of the real images inside the set's (coverage; low for any "
-    "small set). d4m and ddoq share their decoded images: their figures are equal.</p>")
+    "inside the real images' manifold (realism), and of the real images inside the set's (coverage). A set of few "
+    "images has large k-NN balls, which inflates its recall (10 images cover nearly everything): compare sets of "
+    "one IPC. d4m and ddoq share their decoded images: their figures are equal.</p>")
 
 
 def write_report(run_dir) -> Path:
