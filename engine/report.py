@@ -90,7 +90,7 @@ def plot_image_grid(sets: dict[str, Path], ipc: int, path, quality: dict | None 
                     if method not in REAL_SETS:
                         ax.set_xlabel(f"w={item.weight:.2f}", fontsize=8, labelpad=1)
                 if not only and row == 0 and j == 0:
-                    ax.set_title(_set_label(method, ipc, quality), fontsize=8, loc="left")
+                    ax.set_title(_set_label(method, ipc, quality), fontsize=7, loc="left")
         first = axes[row, 0]
         if only:
             heading = f"{names.get(label, label)}\n" if only == order[0] else ""
@@ -111,7 +111,7 @@ def _set_label(method: str, ipc: int, quality: dict | None) -> str:
         return label
     distance = figures.get("frechet_distance")
     return (f"{label}\nagrees {100 * figures['class_agreement']:.0f} %"
-            + (f", FD {distance:.1f}" if distance is not None else ""))
+            + (f"\nFD {distance:.1f}" if distance is not None else ""))
 
 
 def plot_weight_histograms(centroids: pd.DataFrame, path: Path) -> str:
