@@ -59,7 +59,8 @@ def test_encode_actor_killed_mid_stage_loses_nothing(ray_session, tmp_path, save
     digests = {}
     for name in ("clean", "killed"):
         config = load_config(None, [f"runs_dir={tmp_path}", f"name={name}", "data.source=parquet",
-                                    f"data.path={data}", "data.max_skip_fraction=0.25", "encode.batch_size=8"])
+                                    f"data.path={data}", "data.max_skip_fraction=0.25", "encode.batch_size=8",
+                                        "data.val_fraction=0"])  # every train row is encoded
         if name == "killed":
             faults.request_crash(config.run_dir, "encode")
         latents_dir = config.run_dir / "latents"

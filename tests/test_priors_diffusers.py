@@ -182,7 +182,8 @@ def test_sd15_through_the_ray_encode_and_decode_stages(ray_session, tmp_path, sd
     (tmp_path / "classes.txt").write_text("tench\ngoldfish\n")
     config = load_config(None, [f"runs_dir={tmp_path}", "data.source=parquet", f"data.path={tmp_path}",
                                 "data.name=toy", "data.image_size=20", "prior.kind=sd15", f"prior.path={sd15_folder}",
-                                "decode.num_steps=3", "decode.negative_prompt=cartoon"])
+                                "decode.num_steps=3", "decode.negative_prompt=cartoon",
+                                "data.val_fraction=0"])  # all 8 rows are train rows
     names = ("tench", "goldfish")
     assert encode_to_parquet(config, sd15_folder, tmp_path / "latents", sd15.image_size, names)[0] == 8
     ids, latents = store.read_class_latents(store.class_latent_dirs(tmp_path / "latents")[1])

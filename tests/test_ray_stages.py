@@ -116,7 +116,7 @@ def test_parquet_shards_stream_through_ray_data(ray_session, tmp_path, saved_pri
         pq.write_table(table, tmp_path / f"train-{shard:05d}-of-00002.parquet")
     (tmp_path / "classes.txt").write_text("even\nodd\n")
     config = load_config(None, [f"runs_dir={tmp_path}", "data.source=parquet", f"data.path={tmp_path}",
-                                "data.name=toy", f"prior.path={saved_prior}"])
+                                "data.name=toy", f"prior.path={saved_prior}", "data.val_fraction=0"])
     assert encode_to_parquet(config, saved_prior, tmp_path / "latents")[0] == 12
     class_dirs = store.class_latent_dirs(tmp_path / "latents")
     ids, latents = store.read_class_latents(class_dirs[1])
