@@ -17,8 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.protocols import standardize
-from engine.train import batch_tensor
+from engine.train import model_input
 
 NEIGHBOURS = 3  # k of the k-NN manifolds (the paper's default)
 
@@ -30,7 +29,7 @@ def teacher_outputs(model: nn.Module, images: np.ndarray, batch_size: int = 500)
     device = next(model.parameters()).device
     features, predicted = [], []
     for start in range(0, len(images), batch_size):
-        x = standardize(batch_tensor(images[start : start + batch_size]).permute(0, 3, 1, 2).to(device))
+        x = model_input(images[start : start + batch_size], device)
         features.append(penultimate(model, x).float().cpu().numpy())
         predicted.append(model(x).argmax(1).cpu().numpy())
     return np.concatenate(features), np.concatenate(predicted)
@@ -95,10 +94,15 @@ def precision_recall(real: np.ndarray, generated: np.ndarray, k: int = NEIGHBOUR
 def set_quality(teacher: nn.Module, images: np.ndarray, labels: np.ndarray, real_features: np.ndarray,
                 k: int = NEIGHBOURS) -> dict:
     """The figures of one set of images made for `labels`, against the teacher's features of real images."""
-    features, predicted = teacher_outputs(teacher, images)
-    quality = {"images": int(len(images)), "class_agreement": float(np.mean(predicted == np.asarray(labels)))}
-    quality["frechet_distance"] = frechet_distance(features, real_features) if len(images) >= 2 else None
-    if len(images) > k:
+    return quality_of_features(*teacher_outputs(teacher, images), np.asarray(labels), real_features, k)
+
+
+def quality_of_features(features: np.ndarray, predicted: np.ndarray, labels: np.ndarray, real_features: np.ndarray,
+                        k: int = NEIGHBOURS) -> dict:
+    """set_quality from the teacher's outputs on the set (a caller may compute them chunk by chunk)."""
+    quality = {"images": int(len(labels)), "class_agreement": float(np.mean(predicted == labels))}
+    quality["frechet_distance"] = frechet_distance(features, real_features) if len(labels) >= 2 else None
+    if len(labels) > k:
         quality["precision"], quality["recall"] = precision_recall(real_features, features, k)
     else:
         quality["precision"] = quality["recall"] = None  # too few images for a k-NN manifold

@@ -9,7 +9,8 @@ steps: `scan_source` lists the split once (no image bytes read) into a `SourceLi
 
 ImageFolder (torchvision's layout): <path>/<split>/<class folder>/<image>, images at any depth below their class
 folder. Split "train" reads train/; split "test" reads val/, else validation/, else test/ (ImageNet's held-out split
-is val/); the engine's "val" split is carved from train/ (engine/splits.py), whatever the source. Classes: <path>/classes.txt if present, line i = the folder of label i, optionally followed by a display
+is val/); the engine's "val" split is carved from train/ (engine/splits.py), whatever the source.
+Classes: <path>/classes.txt if present, line i = the folder of label i, optionally followed by a display
 name after a TAB (then the folder name may hold spaces) or after the first run of spaces
 ("n01440764 tench, Tinca tinca"); else the sorted folder names of train/ (torchvision's rule), shown as is.
 `class_names_of` gives the display names. Images are chosen by extension (IMAGE_EXTENSIONS, any case); other

@@ -275,12 +275,20 @@ def read_image(path: Path | ObjectPath) -> np.ndarray:
 
 def read_distilled_set(folder: Path | ObjectPath | str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A distilled set -> images (N, H, W, 3) uint8, labels (N,), weights (N,)."""
+    parts = list(iter_distilled_set(folder, chunk=1 << 62))
+    return tuple(np.concatenate(column) for column in zip(*parts))
+
+
+def iter_distilled_set(folder: Path | ObjectPath | str, chunk: int = 500):
+    """A distilled set in chunks of at most `chunk` rows: (images uint8, labels int64, weights float64)."""
     folder = location(folder)
     index = read_table(folder / "index.parquet").to_pydict()
-    images = []
-    for name in index["path"]:
+    for name in index["path"]:  # every path checked before any image is read
         relative = PurePosixPath(name)
         if relative.is_absolute() or ".." in relative.parts or not 1 <= len(relative.parts) <= 2:
             raise ValueError(f"{folder}/index.parquet points outside its folder: {name!r}")
-        images.append(read_image(folder / name))
-    return np.stack(images), np.asarray(index["label"], np.int64), np.asarray(index["weight"], np.float64)
+    for start in range(0, len(index["path"]), chunk):
+        stop = start + chunk
+        images = np.stack([read_image(folder / name) for name in index["path"][start:stop]])
+        yield (images, np.asarray(index["label"][start:stop], np.int64),
+               np.asarray(index["weight"][start:stop], np.float64))

@@ -363,13 +363,18 @@ def generate_soft_labels(data: TrainSet, teacher: nn.Module, epochs: int, config
 
 
 @torch.no_grad()
+def model_input(images, device) -> torch.Tensor:
+    """uint8 images (b, H, W, 3) -> the standardized (b, 3, H, W) batch a classifier reads, on `device`."""
+    return on_device_layout(standardize(batch_tensor(images).permute(0, 3, 1, 2).to(device)))
+
+
 def count_correct(model: nn.Module, batches: Iterable[tuple], precision: str = "fp32") -> tuple[int, int]:
     """(correct, seen) of `model` over batches of (images (b, H, W, 3) uint8, labels (b,))."""
     model.eval()
     device = next(model.parameters()).device
     correct = seen = 0
     for images, labels in batches:
-        x = on_device_layout(standardize(batch_tensor(images).permute(0, 3, 1, 2).to(device)))
+        x = model_input(images, device)
         with precision_context(device, precision):
             predicted = model(x).argmax(1).cpu()
         correct += int((predicted == torch.as_tensor(np.asarray(labels))).sum())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import ray
 
 from engine.config import DistillConfig
@@ -18,8 +19,8 @@ def _measure(config: DistillConfig, folders: dict[str, str], teacher_path: str) 
     import torch
 
     from engine.data import class_names, sample_split
-    from engine.quality import set_quality, teacher_outputs
-    from engine.store import read_distilled_set
+    from engine.quality import quality_of_features, teacher_outputs
+    from engine.store import iter_distilled_set
     from engine.train import load_teacher
 
     e = config.evaluate
@@ -30,9 +31,9 @@ def _measure(config: DistillConfig, folders: dict[str, str], teacher_path: str) 
     reference = sample_split(config.data, "val", REFERENCE_IMAGES, seed=0)
     features, predicted = teacher_outputs(teacher, reference.images)
     quality = {"reference": {"images": len(reference), "class_agreement": float((predicted == reference.labels).mean())}}
-    for name, folder in folders.items():
-        images, labels, _ = read_distilled_set(folder)
-        quality[name] = set_quality(teacher, images, labels, features)
+    for name, folder in folders.items():  # a set's images a chunk at a time; only its features are kept
+        outputs = [(*teacher_outputs(teacher, images), labels) for images, labels, _ in iter_distilled_set(folder)]
+        quality[name] = quality_of_features(*(np.concatenate(column) for column in zip(*outputs)), features)
     return quality
 
 
