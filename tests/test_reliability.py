@@ -164,7 +164,8 @@ def test_driver_killed_mid_decode_then_rerun_gives_the_same_run(tmp_path):
                            stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 600
-        while not list(run_b.glob("distilled/d*/*.png")) and job.poll() is None and time.time() < deadline:
+        pattern = "distilled/d*/*/*.png"  # a set is an ImageFolder: <set>/<class folder>/<image>
+        while not list(run_b.glob(pattern)) and job.poll() is None and time.time() < deadline:
             time.sleep(0.02)
     finally:
         os.killpg(job.pid, signal.SIGKILL)  # the driver and the Ray it started: a preempted node
