@@ -65,6 +65,16 @@ def test_students_train_with_ddp_on_two_workers(ray_session, tmp_path, monkeypat
     scored = json.loads((results_dir / "teacher.json").read_text())
     assert scored["teacher_val_top1"] == pytest.approx(evaluate_top1(teacher, val.images[:100], val.labels[:100]))
     assert json.loads((results_dir / f"{jobs[0]['job']}.json").read_text()) == row
+    assert scored["teacher"] == "teacher.safetensors"
+    # The same folder with another teacher (other settings = another cache key): its figures, not the old ones'.
+    from engine.ray.evaluate import prepare_teacher, scores
+
+    other = tmp_path / "cache" / "other-teacher.safetensors"
+    other.write_bytes((tmp_path / "cache" / "teacher.safetensors").read_bytes())
+    assert scores(results_dir / "teacher.json", tmp_path / "cache" / "teacher.safetensors")
+    assert not scores(results_dir / "teacher.json", other)
+    prepare_teacher(config, other, results_dir, train_rows=len(train))
+    assert json.loads((results_dir / "teacher.json").read_text())["teacher"] == other.name
 
 
 def _write_set(train, folder, ipc, seed=0):

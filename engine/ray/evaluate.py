@@ -123,7 +123,9 @@ def _teacher_phase(loop_config: dict, worker) -> None:
         start = time.perf_counter()
         model = fit_stream(model, _stream_epochs(0, local), rows, e.teacher_epochs, protocol, recipe, 0,
                            teacher_loss, worker, report, reports=min(e.reports, e.teacher_epochs),
-                           checkpoint=location(loop_config["results_dir"]) / "checkpoints" / "teacher.pt")
+                           # Named by the teacher (its cache key is its recipe): a folder re-used with other
+                           # teacher settings never resumes the old teacher's run.
+                           checkpoint=location(loop_config["results_dir"]) / "checkpoints" / f"{teacher_path.name}.pt")
         # Streamed training throughput over every worker's rows (a run resumed mid-way overstates it).
         facts["train_images_per_s"] = rows * worker.world * e.teacher_epochs / (time.perf_counter() - start)
         teacher = getattr(model, "module", model)
@@ -134,7 +136,7 @@ def _teacher_phase(loop_config: dict, worker) -> None:
     _progress(loop_config, worker, f"teacher {e.teacher}: validation top-1 {val_top1:.4f}, test top-1 {top1:.4f}")
     if worker.rank == 0:
         atomic_write_json(location(loop_config["results_dir"]) / "teacher.json",
-                          {"teacher_top1": top1, "teacher_val_top1": val_top1, **facts})
+                          {"teacher": teacher_path.name, "teacher_top1": top1, "teacher_val_top1": val_top1, **facts})
 
 
 def _val_top1(model, loop_config: dict) -> float:
@@ -367,9 +369,9 @@ def prepare_teacher(config: DistillConfig, teacher_path, results_dir, train_rows
     scored = results_dir / "teacher.json"
     beside = location(teacher_path).with_name(location(teacher_path).name + ".json")
     cached = not config.evaluate.teacher_path  # the engine's own cache, not a user's file
-    if not scored.exists() and cached and beside.exists() and location(teacher_path).exists():
+    if not scores(scored, teacher_path) and cached and scores(beside, teacher_path) and location(teacher_path).exists():
         atomic_write_bytes(scored, beside.read_bytes())
-    if not scored.exists():
+    if not scores(scored, teacher_path):
         base, held_out = _stream_inputs(config, results_dir, teacher_path, train_rows)
         given = location(teacher_path).exists()
         log(f"teacher {config.evaluate.teacher}: {'loaded' if given else 'training on the streamed train split'}")
@@ -380,6 +382,13 @@ def prepare_teacher(config: DistillConfig, teacher_path, results_dir, train_rows
         if cached:
             atomic_write_bytes(beside, scored.read_bytes())
     return json.loads(scored.read_text())["teacher_top1"]
+
+
+def scores(record, teacher_path) -> bool:
+    """Whether a teacher.json holds this teacher's figures: a folder re-used with other teacher settings (another
+    cache key) scores the new teacher instead of reporting the old one's top-1."""
+    record = location(record)
+    return record.exists() and json.loads(record.read_text()).get("teacher") == location(teacher_path).name
 
 
 def evaluate_students(config: DistillConfig, jobs: list[dict], teacher_path, results_dir, train_rows: int,
