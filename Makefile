@@ -6,6 +6,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 LOCK_HASH := $(shell cat requirements.lock | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(LOCK_HASH)
+# Every run names its 20 slowest tests: the default tier's budget is ~15 minutes on 2 cores.
+PYTEST_ARGS ?= --durations=20
 RUN := env PYTHONPATH=$(CURDIR) RAY_AUTH_MODE=disabled $(VENV)/bin/python
 
 .PHONY: venv distill smoke test test-all clean

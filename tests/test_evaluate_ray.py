@@ -163,3 +163,36 @@ def test_reports_and_val_top1_score_validation_rows_never_test(ray_session, tmp_
     (row,) = evaluate_students(config, jobs, tmp_path / "cache" / "teacher.safetensors", tmp_path / "results",
                                train_rows=len(train))
     assert row["val_top1"] > 0.6 and row["top1"] < 0.2, row
+
+
+def test_the_validation_slice_is_the_same_rows_whichever_read_task_finishes_first(ray_session, tmp_path,
+                                                                                    monkeypatch):
+    """Two train shards, the first slow to decode (large noisy PNGs), the second fast (8x8): without the source's
+    order the fast shard's rows arrive first and a sweep's trials could be ranked on different validation images.
+    The slice must be the first VAL_IMAGES rows of val as `load_split` reads them, in every run."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import engine.ray.evaluate
+    from engine.ray.evaluate import _stream_inputs
+    from engine.store import png_bytes
+
+    root = tmp_path / "two-shards"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for shard, (rows, side) in enumerate(((120, 384), (120, 8))):
+        images = rng.integers(0, 256, (rows, side, side, 3), dtype=np.uint8)
+        column = [{"bytes": png_bytes(image), "path": f"s{shard}_{i}.png"} for i, image in enumerate(images)]
+        pq.write_table(pa.table({"image": pa.array(column), "label": pa.array(np.arange(rows) % 2, pa.int64())}),
+                       root / f"train-0000{shard}-of-00002.parquet")
+    pq.write_table(pa.table({"image": pa.array(column[:4]), "label": pa.array([0, 1, 0, 1], pa.int64())}),
+                   root / "test-00000-of-00001.parquet")
+    (root / "classes.txt").write_text("a\nb\n")
+    config = load_config(None, [f"runs_dir={tmp_path}", "name=two", "data.source=parquet", f"data.path={root}",
+                                "data.name=two", "data.image_size=16", "data.val_fraction=0.5"])
+    monkeypatch.setattr(engine.ray.evaluate, "VAL_IMAGES", 40)
+    expected = load_split(config.data, "val")
+    for _ in range(2):
+        base, _held_out = _stream_inputs(config, tmp_path / "results", tmp_path / "teacher.safetensors", 240)
+        images, labels = base["val_set"]
+        assert np.array_equal(images, expected.images[:40]) and np.array_equal(labels, expected.labels[:40])

@@ -78,11 +78,90 @@ def test_concurrency_rule_never_starves_trainers():
     assert sweep.max_concurrent_trials(gpu, {"CPU": 64.0, "GPU": 8.0}) == 4  # 2 GPUs at the decode peak
     with pytest.raises(ConfigError, match="could never start"):
         sweep.max_concurrent_trials(runtime(train_cpus_per_worker=2), {"CPU": 2.0})
+    # A trainer reading a file source through Ray Data needs a whole CPU free for the stream (its ListFiles task):
+    # a 1-CPU trainer beside a 0.01-CPU trial leaves 0.99 on 2 CPUs and would wait forever; 0.75 leaves room.
+    parquet = dataclasses.replace(one_cpu, data=dataclasses.replace(one_cpu.data, source="parquet"))
+    assert sweep.peak_trial_resources(parquet, streams=True)["CPU"] == pytest.approx(2.01)
+    with pytest.raises(ConfigError, match="the stream feeding it"):
+        sweep.max_concurrent_trials(parquet, {"CPU": 2.0}, streams=True)
+    three_quarters = dataclasses.replace(parquet, runtime=dataclasses.replace(parquet.runtime,
+                                                                             train_cpus_per_worker=0.75))
+    assert sweep.max_concurrent_trials(three_quarters, {"CPU": 2.0}, streams=True) == 1
+    assert sweep.max_concurrent_trials(parquet, {"CPU": 2.0}, streams=False) == 1  # nothing streamed: it fits
     for cpus in (2.0, 3.0, 8.0, 33.0):  # the rule itself: all running trials at their peak fit at once
         for config in (one_cpu, runtime(train_cpus_per_worker=2, decode_actors=3)):
             peak = sweep.peak_trial_resources(config)["CPU"]
             if peak <= cpus:
                 assert sweep.max_concurrent_trials(config, {"CPU": cpus}) * peak <= cpus
+
+
+def write_digits_parquet(root: Path, test_rows: int) -> Path:
+    """The digits as Hugging-Face parquet shards (train, and a test split of `test_rows` rows, repeating the test
+    digits under their own ids): a file source whose test split the evaluation streams."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    from PIL import Image
+
+    from engine.data import load_split
+
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+    def write(split, images, labels):
+        rows = []
+        for i, pixels in enumerate(images):
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, format="PNG")
+            rows.append({"bytes": buffer.getvalue(), "path": f"{split}_{i}.png"})
+        table = pa.table({"image": pa.array(rows, image_type), "label": pa.array(labels, pa.int64())})
+        pq.write_table(table, root / f"{split}-00000-of-00001.parquet")
+
+    root.mkdir(parents=True)
+    train, test = load_split(BASE.data, "train"), load_split(BASE.data, "test")
+    write("train", train.images, train.labels)
+    repeat = np.arange(test_rows) % len(test)
+    write("test", test.images[repeat], test.labels[repeat])
+    (root / "classes.txt").write_text("\n".join(train.class_names) + "\n")
+    return root
+
+
+def test_a_trial_streams_the_test_split_only_when_it_is_larger_than_the_evaluation_holds(tmp_path, monkeypatch):
+    import engine.ray.evaluate
+
+    root = write_digits_parquet(tmp_path / "digits-parquet", test_rows=30)
+    config = load_config(None, ["data.source=parquet", f"data.path={root}", "data.name=digits_parquet",
+                                "evaluate.methods=[ddoq]"])
+    monkeypatch.setattr(engine.ray.evaluate, "VAL_IMAGES", 30)
+    assert not sweep.trial_streams(config)  # 30 test rows: in memory
+    monkeypatch.setattr(engine.ray.evaluate, "VAL_IMAGES", 29)
+    assert sweep.trial_streams(config)
+    monkeypatch.setattr(engine.ray.evaluate, "VAL_IMAGES", 30)
+    assert sweep.trial_streams(dataclasses.replace(config, evaluate=dataclasses.replace(
+        config.evaluate, methods=("ddoq", "full"))))  # `full` streams the train split
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_sweep_over_a_file_source_streams_its_test_split_beside_the_trainer(ray_session, tmp_path):
+    """A parquet source whose test split (1,100 rows) is larger than the evaluation takes into memory, so each
+    trial's trainer streams it for every job's final top-1. With the trainer at 1 CPU beside the trial's 0.01, the
+    stream's read never got a CPU and the sweep hung (Fashion-MNIST, 2 CPUs): the rule now refuses that, and the
+    0.75-CPU trainer it leaves room for finishes with a test top-1 over every test row."""
+    root = write_digits_parquet(tmp_path / "digits-parquet", test_rows=1100)
+    space = write_space(tmp_path, "params:\n  decode.guidance_scale: {grid: [1.0, 3.0]}\nfixed:\n"
+                                  "  quantize.ipc: [1]\n  evaluate.methods: [ddoq]\n  evaluate.ddoq_weights: [mass]\n"
+                                  "  evaluate.seeds: [0]\nscheduler: none\n")
+    common = ["--smoke-test", "--search-space", str(space), f"runs_dir={tmp_path / 'runs'}",
+              f"cache_dir={tmp_path / 'cache'}", "data.source=parquet", f"data.path={root}",
+              "data.name=digits_parquet"]
+    with pytest.raises(ConfigError, match="the stream feeding it"):
+        sweep.main(common + ["runtime.train_cpus_per_worker=1"])
+    out = sweep.main(common + ["runtime.train_cpus_per_worker=0.75"])
+    table = pq.read_table(out["sweep_dir"] / "trials.parquet").to_pandas()
+    assert len(table) == 2 and (table.error == "").all(), table.error.tolist()
+    rows = [json.loads(p.read_text()) for p in out["sweep_dir"].glob("trials/t-*/results/*/ddoq-*-seed0.json")]
+    assert len(rows) == 2 and all(0.0 <= r["top1"] <= 1.0 for r in rows)
 
 
 @pytest.mark.ray

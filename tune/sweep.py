@@ -184,28 +184,41 @@ def _decode_and_evaluate(config, run_dir, folder, quantized_dir, quantize_key, n
     return results, timings
 
 
-def peak_trial_resources(config: DistillConfig) -> dict[str, float]:
+def peak_trial_resources(config: DistillConfig, streams: bool = False) -> dict[str, float]:
     """What one trial holds at its busiest: its own process plus the larger of its decode actors and its
-    trainer (a trial runs them one after the other, never together)."""
+    trainer (a trial runs them one after the other, never together). `streams`: the trainer reads a real split
+    through Ray Data (engine/ray/evaluate.py: the test split when not in memory, the train split for `full`),
+    whose tasks need their CPU free beside it."""
     from engine.ray.cluster import WRITE_TASK_CPUS
+    from engine.ray.evaluate import stream_cpus
 
     runtime = config.runtime
     cpu = max(runtime.decode_actors * runtime.decode_cpus_per_actor + WRITE_TASK_CPUS,  # + its PNG-writing tasks
-              runtime.train_workers * runtime.train_cpus_per_worker)
+              runtime.train_workers * runtime.train_cpus_per_worker + stream_cpus(config, streams))
     gpu = max(runtime.decode_actors * runtime.gpus_per_actor, runtime.train_workers * int(runtime.train_use_gpu))
     return {"CPU": TRIAL_CPU + cpu, "GPU": float(gpu)}
 
 
-def max_concurrent_trials(config: DistillConfig, cluster: dict[str, float], autoscaling: bool = False) -> int:
+def trial_streams(config: DistillConfig) -> bool:
+    """Whether a trial's trainer reads a real split through Ray Data: `full` streams train, and a test split
+    larger than the evaluation holds in memory streams for every job's final top-1."""
+    from engine.ray.evaluate import held_out_streams
+
+    return "full" in config.evaluate.methods or held_out_streams(config)
+
+
+def max_concurrent_trials(config: DistillConfig, cluster: dict[str, float], autoscaling: bool = False,
+                          streams: bool = False) -> int:
     """The rule that keeps a sweep from starving its own trainers: run only as many trials at once as can all
     be at their peak together. Tune reserves only TRIAL_CPU per trial, and a trial's trainer asks for its
     workers later; if N trials each held a CPU and then all waited for a trainer's CPU, none could start
     (measured on 2 CPUs: two 1-CPU trials deadlock). On an autoscaling cluster whose GPU group is at 0 nodes,
     pass --max-concurrent to size for the nodes the autoscaler may add."""
-    peak = peak_trial_resources(config)
+    peak = peak_trial_resources(config, streams)
     if peak["CPU"] > cluster.get("CPU", 0.0) + 1e-9 and not autoscaling:
-        raise ConfigError(f"one trial needs {peak['CPU']} CPUs at its peak (its process + trainer or decoders) but "
-                          f"the cluster has {cluster.get('CPU', 0.0)}: its trainer could never start. Lower "
+        raise ConfigError(f"one trial needs {peak['CPU']:g} CPUs at its peak (its process + trainer and its data "
+                          f"stream, or decoders) but the cluster has {cluster.get('CPU', 0.0):g}: its trainer (or "
+                          f"the stream feeding it) could never start. Lower "
                           f"runtime.train_cpus_per_worker / runtime.decode_actors (or pass --max-concurrent on an "
                           f"autoscaling cluster).")
     fits = [math.floor(cluster.get(name, 0.0) / need + 1e-9) for name, need in peak.items() if need > 0]
@@ -254,17 +267,19 @@ def run_sweep(base: DistillConfig, space: SearchSpace, max_concurrent: int | Non
     if __name__ != "__main__":  # imported (tests): ship run_trial by value, workers need not find tune/ on a path
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
+    # The resource rule first: a config whose trials could never run is refused before hours of encoding.
+    example = trial_config(base, space, {k: first_value(v) for k, v in space.params.items()}, sweep_dir)
+    jobs_per_trial = len(pipeline.student_jobs(example, {}))
+    streams = trial_streams(example)
+    concurrent = max_concurrent or max_concurrent_trials(example, ray.cluster_resources(), streams=streams)
+
     start = time.perf_counter()
     shared = prepare_shared_stages(base, space, sweep_dir)
     log(f"shared stages ready in {time.perf_counter() - start:.0f}s: {len(shared)} quantized set(s)")
-
-    example = trial_config(base, space, {k: first_value(v) for k, v in space.params.items()}, sweep_dir)
     if pipeline.needs_teacher(example):  # once, before any trial: concurrent trials would each train their own
         pipeline.prepare_teacher(example, sweep_dir / "shared" / "teacher")
-    jobs_per_trial = len(pipeline.student_jobs(example, {}))
-    concurrent = max_concurrent or max_concurrent_trials(example, ray.cluster_resources())
     log(f"trials: {jobs_per_trial} student job(s) each, at most {concurrent} at once "
-        f"(peak per trial {peak_trial_resources(example)}, cluster {ray.cluster_resources()})")
+        f"(peak per trial {peak_trial_resources(example, streams)}, cluster {ray.cluster_resources()})")
     scheduler = None
     if space.scheduler == "asha":
         # One Tune iteration per ray.train.report: evaluate.reports per student job (one more where its steps do

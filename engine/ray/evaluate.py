@@ -28,6 +28,26 @@ VAL_IMAGES = 1000  # validation images scored at each report and for each row's 
 STREAM_TASK_CPUS = 0.5  # Ray Data read/decode tasks feeding the trainers: they must fit beside the trainers
 
 
+def held_out_streams(config: DistillConfig) -> bool:
+    """Whether the test split is streamed to the trainers (larger than VAL_IMAGES) rather than taken into memory."""
+    from engine.sources import count_rows
+
+    return count_rows(config.data, "test") > VAL_IMAGES  # footers or a listing: no test row is read here
+
+
+def stream_cpus(config: DistillConfig, streams: bool) -> float:
+    """The CPU a streamed split needs free beside the trainers that read it. A file source takes a whole CPU
+    whatever its tasks are asked to reserve: Ray Data 2.60's parquet read starts with a ListFiles task of 1 CPU
+    that takes no remote arguments (the v1 reader, a sampling task of 1 CPU), and with only 0.99 CPU free it
+    waits forever ("Cluster resources are not enough to run any task"; seen in a sweep whose trial held 0.01 CPU
+    beside a 1-CPU trainer). The embedded digits only need the stream's light in-memory tasks."""
+    from engine.ray.cluster import TASK_CPUS
+
+    if not streams:
+        return 0.0
+    return STREAM_TASK_CPUS if config.data.source == "digits" else TASK_CPUS
+
+
 def _loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker: phase "teacher" (train or load it, score it) or "students" (each job of
     this trainer's share not finished yet)."""
@@ -245,14 +265,10 @@ def trainer_count(config: DistillConfig, jobs: int, streams: bool) -> int:
 
     from engine.checks import RunError
 
-    from engine.ray.cluster import TASK_CPUS
-
     runtime = config.runtime
     total = ray.cluster_resources()
     cpus = runtime.train_workers * runtime.train_cpus_per_worker
-    # A file source's read tasks take a whole CPU whatever they are asked to reserve (Ray Data's file listing and
-    # parquet reads); the embedded digits only need the stream's light in-memory tasks.
-    spare = (STREAM_TASK_CPUS if config.data.source == "digits" else TASK_CPUS) if streams else 0.0
+    spare = stream_cpus(config, streams)
     fits = int((total.get("CPU", 0.0) - spare + 1e-9) // cpus)
     if runtime.train_use_gpu:
         fits = min(fits, int(total.get("GPU", 0.0) // runtime.train_workers))
@@ -309,33 +325,36 @@ def _fit(config: DistillConfig, name: str, loop_config: dict, datasets: dict, ca
 
 
 @contextlib.contextmanager
-def quiet_streams():
+def quiet_streams(ordered: bool = False):
     """The evaluation's datasets are iterated once per job and epoch: without this, every pass prints Ray Data's
-    progress bars and plan. The per-job progress lines say what is happening instead."""
+    progress bars and plan. The per-job progress lines say what is happening instead. `ordered`: rows come in the
+    source's order, not in the order its tasks finish (the validation slice must be the same rows in every run
+    and every sweep trial, or trials would be ranked on different images)."""
     import ray.data
 
     context = ray.data.DataContext.get_current()
-    saved = context.enable_progress_bars, context.print_on_execution_start
+    options = context.execution_options
+    saved = context.enable_progress_bars, context.print_on_execution_start, options.preserve_order
     context.enable_progress_bars, context.print_on_execution_start = False, False
+    options.preserve_order = ordered or options.preserve_order
     try:
         yield  # datasets made here keep a copy of the quiet context
     finally:
-        context.enable_progress_bars, context.print_on_execution_start = saved
+        context.enable_progress_bars, context.print_on_execution_start, options.preserve_order = saved
 
 
 def _stream_inputs(config: DistillConfig, results_dir, teacher_path, train_rows: int) -> tuple[dict, dict]:
     """What every trainer of a results folder shares: (loop config base, {"test": the test stream} or {} when
     the whole test split is no larger than VAL_IMAGES: then it is taken into memory, for the final rows only).
-    The validation slice is the first VAL_IMAGES rows of val, in the stream's deterministic order."""
-    from engine.sources import count_rows
-
+    The validation slice is the first VAL_IMAGES rows of val in the source's order: the same rows every time."""
     skip_dir = results_dir / "stream-skipped"  # rows the stream could not decode (the encode stage counted them)
-    val = split_stream(config, "val", skip_dir).limit(VAL_IMAGES).take_batch(VAL_IMAGES, batch_format="numpy")
+    val = split_stream(config, "val", skip_dir, ordered=True).limit(VAL_IMAGES).take_batch(VAL_IMAGES,
+                                                                                       batch_format="numpy")
     if len(val["label"]) == 0:
         raise ValueError(f"the validation split of {config.data.name} is empty: raise data.val_fraction "
                          f"(now {config.data.val_fraction})")
     test = split_stream(config, "test", skip_dir)
-    small = count_rows(config.data, "test") <= VAL_IMAGES  # footers or a listing: no test row is read here
+    small = not held_out_streams(config)
     test_set = None
     if small:
         rows = test.take_batch(VAL_IMAGES, batch_format="numpy")
@@ -346,11 +365,12 @@ def _stream_inputs(config: DistillConfig, results_dir, teacher_path, train_rows:
     return base, ({} if small else {"test": test})
 
 
-def split_stream(config: DistillConfig, split: str, skip_dir):
-    """A split as a quiet stream of {image, label} rows (decode tasks of STREAM_TASK_CPUS)."""
+def split_stream(config: DistillConfig, split: str, skip_dir, ordered: bool = False):
+    """A split as a quiet stream of {image, label} rows (decode tasks of STREAM_TASK_CPUS); `ordered`: in the
+    source's row order (quiet_streams)."""
     from engine.ray.source import source_dataset
 
-    with quiet_streams():
+    with quiet_streams(ordered):
         return source_dataset(config.data, skip_dir=skip_dir, split=split, task_cpus=STREAM_TASK_CPUS,
                               columns=("image", "label"))
 
@@ -408,7 +428,8 @@ def evaluate_students(config: DistillConfig, jobs: list[dict], teacher_path, res
         prepare_teacher(config, teacher_path, results_dir, train_rows, log)
     if todo:
         base, held_out = _stream_inputs(config, results_dir, teacher_path, train_rows)
-        streams = any(job["method"] == "full" for job in todo)
+        # The train split streams for `full`, the test split for every job's final top-1 when it is not in memory.
+        streams = bool(held_out) or any(job["method"] == "full" for job in todo)
         trainers = 1 if callbacks else trainer_count(config, len(todo), streams=streams)
         shares = share_jobs(config, todo, trainers, train_rows)
         log(f"{len(todo)} student jobs on {len(shares)} trainer(s) side by side "
