@@ -162,6 +162,27 @@ def test_a_sweep_over_a_file_source_streams_its_test_split_beside_the_trainer(ra
     assert len(table) == 2 and (table.error == "").all(), table.error.tolist()
     rows = [json.loads(p.read_text()) for p in out["sweep_dir"].glob("trials/t-*/results/*/ddoq-*-seed0.json")]
     assert len(rows) == 2 and all(0.0 <= r["top1"] <= 1.0 for r in rows)
+    # Run again: every student is done, so the trials report nothing; they rank by their result rows.
+    again = sweep.main(common + ["runtime.train_cpus_per_worker=0.75"])["table"]
+    assert sorted(again.val_top1_mean) == pytest.approx(sorted(table.val_top1_mean))
+
+
+def test_finished_trials_rank_by_their_rows_and_unfinished_ones_by_their_last_reports():
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    space = sweep.SearchSpace(params={"decode.strength": {"grid": [0.3, 0.5, 0.7]}}, fixed=())
+    reports = pd.DataFrame({"job": ["a", "a", "b", "b"], "val_top1": [0.2, 0.4, 0.3, 0.5]})
+    grid = [SimpleNamespace(config={"decode.strength": 0.3}, metrics_dataframe=None, error=None, path="t0"),
+            SimpleNamespace(config={"decode.strength": 0.5}, metrics_dataframe=reports, error=None, path="t1"),
+            SimpleNamespace(config={"decode.strength": 0.7}, metrics_dataframe=reports.iloc[:2], error=None,
+                            path="t2")]
+    finished = {0.3: [{"val_top1": 0.6}, {"val_top1": 0.8}], 0.5: None, 0.7: None}
+    table = sweep.trials_table(grid, space, 2, lambda params: finished[params["decode.strength"]])
+    assert table["decode.strength"].tolist() == [0.3, 0.5, 0.7]
+    assert table.val_top1_mean.tolist() == pytest.approx([0.7, 0.45, 0.4])  # rows; last reports; ASHA-stopped
+    assert table.stopped_early.tolist() == [False, False, True] and table.jobs_done.tolist() == [2, 2, 1]
 
 
 @pytest.mark.ray

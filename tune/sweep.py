@@ -225,14 +225,25 @@ def max_concurrent_trials(config: DistillConfig, cluster: dict[str, float], auto
     return max(1, min(fits))
 
 
-def trials_table(grid, space: SearchSpace, jobs_per_trial: int) -> pd.DataFrame:
+def trial_val_top1(result, finished_rows: list[dict] | None) -> pd.Series:
+    """Validation top-1 of each of a trial's jobs: its result rows when the trial finished (metrics.json: each
+    row's val_top1 scores the final model, as its last report does), else each job's last report (a job stopped
+    by ASHA counts with the last report it made). A re-run of a sweep finds its finished trials' students done
+    and reports nothing for them: without the rows they would rank as NaN."""
+    if finished_rows:
+        return pd.Series([float(r["val_top1"]) for r in finished_rows], dtype=float)
+    history = result.metrics_dataframe
+    reported = history is not None and {"job", "val_top1"} <= set(history.columns)
+    return history.groupby("job", sort=False).val_top1.last() if reported else pd.Series(dtype=float)
+
+
+def trials_table(grid, space: SearchSpace, jobs_per_trial: int, finished_rows=lambda params: None) -> pd.DataFrame:
+    """One row per trial, best first. `finished_rows(params)`: the result rows of a trial that finished (its
+    metrics.json), or None."""
     rows = []
     for result in grid:
-        history = result.metrics_dataframe
-        # A trial is ranked by validation top-1 (engine/splits.py), never by test: each job's last report, the
-        # mean over its jobs (a job stopped by ASHA counts with the last report it made).
-        reported = history is not None and {"job", "val_top1"} <= set(history.columns)
-        top1 = history.groupby("job", sort=False).val_top1.last() if reported else pd.Series(dtype=float)
+        # A trial is ranked by validation top-1 (engine/splits.py), never by test: the mean over its jobs.
+        top1 = trial_val_top1(result, finished_rows({k: result.config.get(k) for k in space.params}))
         rows.append({**{k: result.config.get(k) for k in space.params},
                      "val_top1_mean": float(top1.mean()) if len(top1) else float("nan"),
                      "val_top1_std": float(top1.std(ddof=0)) if len(top1) else float("nan"),
@@ -299,7 +310,11 @@ def run_sweep(base: DistillConfig, space: SearchSpace, max_concurrent: int | Non
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
     grid = tuner.fit()
-    table = trials_table(grid, space, jobs_per_trial)
+    def finished_rows(params: dict) -> list[dict] | None:
+        metrics = trial_config(base, space, params, sweep_dir).run_dir / "metrics.json"
+        return json.loads(metrics.read_text())["results"] if metrics.exists() else None
+
+    table = trials_table(grid, space, jobs_per_trial, finished_rows)
     store.atomic_write_table(sweep_dir / "trials.parquet", __import__("pyarrow").Table.from_pandas(table))
     finished = table[table.error == ""].dropna(subset=["val_top1_mean"])
     if finished.empty:
