@@ -158,6 +158,14 @@ def run_trial(params: dict, base: DistillConfig, space: SearchSpace, sweep_dir: 
     from engine.config import save_config
 
     config = trial_config(base, space, params, sweep_dir)
+    finished = config.run_dir / "metrics.json"
+    if finished.exists():  # done in an earlier run of the sweep: nothing to train, so Tune gets its rows
+        from ray import tune
+
+        for row in json.loads(finished.read_text())["results"]:
+            tune.report({"job": f"{row['method']}-{row['weights']}-ipc{row['ipc']}-{row['student']}-seed{row['seed']}",
+                         "step": 0, "val_top1": row["val_top1"]})
+        return
     shared = shared_folder(config, sweep_dir)
     marker = json.loads(store.stage_marker(shared, "quantize").read_text())
     quantized_dir = shared / "quantized" / marker["key"]  # every IPC of the sweep; the trial decodes its own
