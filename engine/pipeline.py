@@ -30,6 +30,13 @@ def log(message: str) -> None:
     print(f"[distill {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def job_name(method: str, weights: str, ipc: int, student: str, seed: int) -> str:
+    """A student job's name (its result file's stem), e.g. ddoq-mass-ipc10-convnet3-seed0."""
+    from engine.sets import set_name
+
+    return f"{set_name(method, weights)}-ipc{ipc}-{student}-seed{seed}"
+
+
 def student_jobs(config: DistillConfig, set_dirs: dict[tuple[str, str, int], Path]) -> list[dict]:
     """One job per (student architecture, set or `full`, seed); every row names all it was trained under."""
     from engine.sets import requested_sets, set_name
@@ -42,7 +49,7 @@ def student_jobs(config: DistillConfig, set_dirs: dict[tuple[str, str, int], Pat
         for method, weights, ipc in sets:
             name = set_name(method, weights)
             for seed in e.seeds:
-                jobs.append({"job": f"{name}-ipc{ipc}-{student}-seed{seed}", "set": f"{name}-ipc{ipc}",
+                jobs.append({"job": job_name(method, weights, ipc, student, seed), "set": f"{name}-ipc{ipc}",
                              "method": method, "weights": weights, "ipc": ipc, "seed": seed, "student": student,
                              "teacher": teacher, "protocol": e.protocol,
                              "set_dir": str(set_dirs.get((method, weights, ipc), ""))})

@@ -163,8 +163,8 @@ def run_trial(params: dict, base: DistillConfig, space: SearchSpace, sweep_dir: 
         from ray import tune
 
         for row in json.loads(finished.read_text())["results"]:
-            tune.report({"job": f"{row['method']}-{row['weights']}-ipc{row['ipc']}-{row['student']}-seed{row['seed']}",
-                         "step": 0, "val_top1": row["val_top1"]})
+            job = pipeline.job_name(row["method"], row["weights"], row["ipc"], row["student"], row["seed"])
+            tune.report({"job": job, "step": 0, "val_top1": row["val_top1"]})
         return
     shared = shared_folder(config, sweep_dir)
     marker = json.loads(store.stage_marker(shared, "quantize").read_text())
