@@ -55,6 +55,33 @@ def test_decode_batch_converts_rgba_and_resizes():
     assert out["image"].shape == (1, 16, 16, 3) and list(out["id"]) == ["x.png"]
 
 
+@pytest.mark.parametrize("shape, quality, subsampling, size, mode", [
+    ((32, 32, 3), 90, 0, 32, "squash"),        # the size already: libjpeg-turbo's pixels as they are
+    ((375, 500, 3), 75, 2, 64, "center_crop"),  # ImageNet-like, 4:2:0, resized by PIL from the decoded pixels
+    ((300, 400), 85, 2, 48, "squash"),           # grey
+])
+def test_the_fast_jpeg_path_gives_pils_pixels(shape, quality, subsampling, size, mode):
+    from PIL import ImageFilter
+
+    from engine.data import decode_jpeg_fast, to_rgb_square
+
+    smooth = Image.fromarray(np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)).filter(
+        ImageFilter.GaussianBlur(2))
+    buffer = io.BytesIO()
+    smooth.save(buffer, "JPEG", quality=quality, subsampling=subsampling)
+    data = buffer.getvalue()
+    fast = decode_jpeg_fast(data, size, 10**9, mode)
+    assert fast is not None  # the fast path took it
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        assert np.array_equal(fast, to_rgb_square(image, size, mode))
+    assert np.array_equal(decode_image_bytes(data, size, mode=mode), fast)
+    # Cut short, or too large: not the fast path's to judge / refused from the header, as PIL's path does.
+    assert decode_jpeg_fast(data[: len(data) // 2], size, 10**9, mode) is None
+    with pytest.raises(BadImage, match="max_image_pixels"):
+        decode_jpeg_fast(data, size, 100, mode)
+
+
 def test_missing_shards_and_class_names_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="train-"):
         load_split(DataConfig(source="parquet", path=str(tmp_path)), "train")

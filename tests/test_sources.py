@@ -346,3 +346,25 @@ def test_read_tasks_are_sized_by_files_and_shards(imagefolder, webdataset, ray_s
     assert [t.metadata.num_rows for t in tasks] == [3, 3, 3]
     assert readers.read_source_rows(folder_config(imagefolder), "train").materialize().num_blocks() == 3
     assert readers.read_source_rows(wds_config(webdataset), "train").materialize().num_blocks() == 2  # a shard each
+
+
+@pytest.mark.ray
+def test_parquet_read_tasks_are_whole_row_groups_in_shard_order(tmp_path, ray_session, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import engine.ray.readers as readers
+
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    for shard in range(2):  # 7 rows in row groups of 2: tasks of >= 3 rows end at a group or at the shard's end
+        rows = [{"bytes": encode(pixels(shard * 10 + i), "PNG"), "path": f"s{shard}-{i}.png"} for i in range(7)]
+        pq.write_table(pa.table({"image": pa.array(rows, image), "label": pa.array([i % 3 for i in range(7)])}),
+                       tmp_path / f"train-0000{shard}-of-00002.parquet", row_group_size=2)
+    monkeypatch.setattr(readers, "IMAGES_PER_READ_TASK", 3)
+    config = DataConfig(source="parquet", path=str(tmp_path), image_size=SIZE, val_fraction=0)
+    datasource = readers.ParquetShardsDatasource(scan_source(config, "train").paths())
+    assert [(Path(p).name[:14], groups, rows) for p, groups, rows, _ in datasource.pieces] == [
+        ("train-00000-of", [0, 1], 4), ("train-00000-of", [2, 3], 3),
+        ("train-00001-of", [0, 1], 4), ("train-00001-of", [2, 3], 3)]
+    ids = [r["image"]["path"] for r in readers.read_source_rows(config, "train").take_all()]
+    assert sorted(ids) == sorted(f"s{s}-{i}.png" for s in range(2) for i in range(7))

@@ -1,7 +1,11 @@
 """Ray Data readers of the file sources: raw rows {image: {bytes, path}, label, path}, the parquet row form, for
 decode_rows to be mapped over. The row functions are engine/sources.py's, so Ray and `load_split` see the same rows.
 
-parquet      ray.data.read_parquet(shards, columns=[image, label], include_paths=True), as before.
+parquet      ParquetShardsDatasource: read tasks of whole row groups, about IMAGES_PER_READ_TASK rows each, from the
+             footers (read once, on a thread pool). Not read_parquet: Ray Data 2.60 starts every execution of it
+             with a ListFiles task of 1 CPU (1.4-5 s measured, once per epoch of a streamed teacher, and a whole
+             CPU that must be free), and gives a shard one read task, so a 6,000-row shard decodes serially and
+             reaches the trainer as one block when it is all done.
 imagefolder  ImageFilesDatasource: the files of one listing (engine.sources.scan_source: one scandir per folder
              locally, one recursive listing on an object store), IMAGES_PER_READ_TASK files per read task.
              Not read_binary_files: given 1.28M file paths it resolves each (~40 us) and, on an object store,
@@ -16,9 +20,12 @@ Rows known unusable without reading (listing.skipped) are not in the dataset: th
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray.data
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
@@ -64,6 +71,63 @@ class ImageFilesDatasource(Datasource):
         return tasks
 
 
+def read_row_groups(place: str, groups: list[int]):
+    """Raw rows of some row groups of one shard, ROWS_PER_BLOCK at a time, with the shard's filesystem path (as
+    read_parquet's include_paths gives it)."""
+    filesystem, inner = filesystem_and_path(location(place))
+    with filesystem.open_input_file(inner) as f:
+        shard = pq.ParquetFile(f)
+        columns = [c for c in ("image", "label") if c in shard.schema_arrow.names]  # a missing one: null rows
+        for batch in shard.iter_batches(batch_size=ROWS_PER_BLOCK, row_groups=groups, columns=columns):
+            yield row_table(batch, inner)
+
+
+def row_table(batch: pa.RecordBatch, path: str) -> pa.Table:
+    """A parquet batch in the row form (a missing column as nulls: decode_rows skips such rows with their
+    reason), its image bytes not copied through Python where the types allow."""
+    n, names = batch.num_rows, batch.schema.names
+    columns = {name: batch.column(name) if name in names else pa.nulls(n, ROW_SCHEMA.field(name).type)
+               for name in ("image", "label")}
+    try:
+        return pa.table({**columns, "path": pa.array([path] * n, pa.string())}).cast(ROW_SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):  # e.g. a struct of other fields
+        return rows_to_table({**{k: v.to_pylist() for k, v in columns.items()}, "path": [path] * n})
+
+
+class ParquetShardsDatasource(Datasource):
+    """Parquet shards as read tasks of consecutive row groups (~IMAGES_PER_READ_TASK rows), in shard order."""
+
+    def __init__(self, places: list[str]):
+        super().__init__()
+        with ThreadPoolExecutor(8) as pool:  # an object store answers footers one request each
+            footers = list(pool.map(self._row_groups, places))
+        self.pieces = []  # (shard, [row groups], rows, bytes)
+        for place, groups in zip(places, footers):
+            chunk, rows, size = [], 0, 0
+            for index, (group_rows, group_bytes) in enumerate(groups):
+                chunk, rows, size = [*chunk, index], rows + group_rows, size + group_bytes
+                if rows >= IMAGES_PER_READ_TASK or index == len(groups) - 1:
+                    self.pieces.append((place, chunk, rows, size))
+                    chunk, rows, size = [], 0, 0
+
+    @staticmethod
+    def _row_groups(place: str) -> list[tuple[int, int]]:
+        filesystem, inner = filesystem_and_path(location(place))
+        with filesystem.open_input_file(inner) as f:
+            meta = pq.ParquetFile(f).metadata
+        return [(meta.row_group(i).num_rows, meta.row_group(i).total_byte_size) for i in range(meta.num_row_groups)]
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return int(sum(piece[3] for piece in self.pieces))
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context=None) -> list[ReadTask]:
+        return [ReadTask(partial(read_row_groups, place, groups),
+                         BlockMetadata(num_rows=rows, size_bytes=size, input_files=[place], exec_stats=None),
+                         schema=ROW_SCHEMA, per_task_row_limit=per_task_row_limit)
+                for place, groups, rows, size in self.pieces]
+
+
 class TarShardsDatasource(FileBasedDatasource):
     """WebDataset shards; FileBasedDatasource opens each as a stream and retries transient storage errors
     (a retry replays the shard, skipping the blocks already given: the reader is deterministic)."""
@@ -84,8 +148,8 @@ def read_source_rows(data: DataConfig, split: str, listing: SourceListing | None
         raise ValueError(f"nothing readable in the {split} split under {data.path} "
                          f"({len(listing.skipped['id'])} rows skipped while listing it)")
     if listing.source == "parquet":
-        return ray.data.read_parquet(listing.paths(), columns=["image", "label"], include_paths=True,
-                                     **remote)
+        datasource = ParquetShardsDatasource(listing.paths())
+        return ray.data.read_datasource(datasource, override_num_blocks=len(datasource.pieces), **remote)
     if listing.source == "imagefolder":
         return ray.data.read_datasource(ImageFilesDatasource(listing),
                                         override_num_blocks=math.ceil(len(listing.names) / IMAGES_PER_READ_TASK), **remote)
