@@ -40,7 +40,9 @@ def stream_cpus(config: DistillConfig, streams: bool) -> float:
     whatever its tasks are asked to reserve: Ray Data 2.60's parquet read starts with a ListFiles task of 1 CPU
     that takes no remote arguments (the v1 reader, a sampling task of 1 CPU), and with only 0.99 CPU free it
     waits forever ("Cluster resources are not enough to run any task"; seen in a sweep whose trial held 0.01 CPU
-    beside a 1-CPU trainer). The embedded digits only need the stream's light in-memory tasks."""
+    beside a 1-CPU trainer). The engine's parquet reader (engine/ray/readers.py) has no such task now; the whole CPU
+    stays until a sweep with less beside its trainers is measured. The embedded digits only need the stream's light
+    in-memory tasks."""
     from engine.ray.cluster import TASK_CPUS
 
     if not streams:
