@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable, Iterable
@@ -166,6 +167,24 @@ def stream_steps(rows_per_worker: int, batch_size: int, world: int) -> tuple[int
     batches of batch_size / world rows, the last one of an epoch partial."""
     local = max(1, batch_size // world)
     return max(1, -(-rows_per_worker // local)), local
+
+
+def timed_epochs(epoch_batches: Callable[[int], Iterable[dict]], seconds: list[float]
+                 ) -> Callable[[int], Iterable[dict]]:
+    """`epoch_batches`, appending each finished epoch's wall time (reading and training its batches) to `seconds`.
+    A stream's first epoch also pays for starting its read and decode workers, so throughput is worth reading
+    per epoch: the first (start-up included) apart from the rest (steady state)."""
+    def timed(epoch: int):
+        start = time.perf_counter()
+        yield from epoch_batches(epoch)
+        seconds.append(time.perf_counter() - start)
+
+    return timed
+
+
+def steady_images_per_s(rows: int, seconds: list[float]) -> float | None:
+    """Images/s over the epochs after the first (None with fewer than two): the steady-state rate of a stream."""
+    return rows * (len(seconds) - 1) / sum(seconds[1:]) if len(seconds) > 1 else None
 
 
 def fit_stream(model: nn.Module, epoch_batches: Callable[[int], Iterable[dict]], rows_per_worker: int, epochs: int,

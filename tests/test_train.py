@@ -1,3 +1,5 @@
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -221,3 +223,19 @@ def test_every_module_and_batch_is_on_the_workers_device(device, tmp_path):
             handle.remove()
     assert {name for name, _, _ in seen} == {"ConvNet"} and len(seen) > 10
     assert {(d_in, d_param) for _, d_in, d_param in seen} == {(device, device)}
+
+
+def test_timed_epochs_records_every_epoch_and_the_steady_rate_skips_the_first():
+    from engine.train import steady_images_per_s, timed_epochs
+
+    def batches(epoch):
+        if epoch == 0:
+            time.sleep(0.05)  # the stream's start-up, paid in the first epoch
+        yield {"epoch": epoch}
+
+    seconds = []
+    timed = timed_epochs(batches, seconds)
+    assert [list(timed(e)) for e in range(3)] == [[{"epoch": 0}], [{"epoch": 1}], [{"epoch": 2}]]
+    assert len(seconds) == 3 and seconds[0] >= 0.05 > max(seconds[1:])
+    assert steady_images_per_s(100, [5.0, 2.0, 2.0]) == 50.0  # 2 epochs x 100 rows in 4 s
+    assert steady_images_per_s(100, [5.0]) is None

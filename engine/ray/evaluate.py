@@ -121,7 +121,8 @@ def _teacher_phase(loop_config: dict, worker) -> None:
     from safetensors.torch import save as to_safetensors_bytes
 
     from engine.store import atomic_write_bytes, atomic_write_json
-    from engine.train import fit_stream, load_teacher, new_model, stream_steps, teacher_loss, teacher_recipe
+    from engine.train import (fit_stream, load_teacher, new_model, steady_images_per_s, stream_steps, teacher_loss,
+                              teacher_recipe, timed_epochs)
 
     config: DistillConfig = loop_config["config"]
     e = config.evaluate
@@ -142,14 +143,17 @@ def _teacher_phase(loop_config: dict, worker) -> None:
         def report(step: int, net) -> None:
             _progress(loop_config, worker, f"teacher {e.teacher}: step {step}/{steps * e.teacher_epochs}")
 
-        start = time.perf_counter()
-        model = fit_stream(model, _stream_epochs(0, local), rows, e.teacher_epochs, protocol, recipe, 0,
-                           teacher_loss, worker, report, reports=min(e.reports, e.teacher_epochs),
+        start, epoch_s = time.perf_counter(), []
+        model = fit_stream(model, timed_epochs(_stream_epochs(0, local), epoch_s), rows, e.teacher_epochs, protocol,
+                           recipe, 0, teacher_loss, worker, report, reports=min(e.reports, e.teacher_epochs),
                            # Named by the teacher (its cache key is its recipe): a folder re-used with other
                            # teacher settings never resumes the old teacher's run.
                            checkpoint=location(loop_config["results_dir"]) / "checkpoints" / f"{teacher_path.name}.pt")
         # Streamed training throughput over every worker's rows (a run resumed mid-way overstates it).
         facts["train_images_per_s"] = rows * worker.world * e.teacher_epochs / (time.perf_counter() - start)
+        # Per epoch (this run's epochs only): the first also starts the stream's workers; the rest are its rate.
+        facts["epoch_s"] = [round(t, 3) for t in epoch_s]
+        facts["steady_images_per_s"] = steady_images_per_s(rows * worker.world, epoch_s)
         teacher = getattr(model, "module", model)
         if worker.rank == 0:
             atomic_write_bytes(teacher_path, to_safetensors_bytes(teacher.state_dict()))

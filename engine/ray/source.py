@@ -80,7 +80,11 @@ def source_dataset(data: DataConfig, size: int | None = None, skip_dir=None, spl
         write_skipped(skip_dir, listing.skipped, "listing")  # rows known unusable from the listing alone
         raw = read_source_rows(data, split, listing, task_cpus)  # raises if nothing is readable
         remote = {"num_cpus": task_cpus} if task_cpus is not None else {}
-        dataset = raw.map_batches(decode_and_record_skips, batch_size=256, **remote, fn_kwargs={
+        # batch_size=None: each block the reader yields (<= readers.ROWS_PER_BLOCK rows) is one batch. With a batch
+        # size Ray Data will not fuse the decode into the read task, and the read then runs ahead of the decode,
+        # filling the object store's budget with raw rows until the encoder actors are held back ("Tasks: 1
+        # [backpressured: ResourceBudget]; Actors: 2" at 48 px with a 1 GiB store: one actor of two working).
+        dataset = raw.map_batches(decode_and_record_skips, batch_size=None, **remote, fn_kwargs={
             "size": size or data.image_size, "num_classes": len(class_names(data)),
             "max_pixels": data.max_image_pixels, "skip_dir": str(skip_dir),
             "root": filesystem_and_path(location(data.path))[1], "mode": resize_mode(data),
