@@ -13,7 +13,7 @@ from ray.data.extensions import ArrowTensorArray
 from engine.config import DataConfig
 from engine.data import class_names, decode_rows, load_split, resize_mode
 from engine.location import filesystem_and_path, location
-from engine.ray.readers import read_source_rows
+from engine.ray.readers import ROWS_PER_BLOCK, read_source_rows
 from engine.splits import rows_of_split
 from engine.sources import scan_source
 
@@ -72,7 +72,8 @@ def source_dataset(data: DataConfig, size: int | None = None, skip_dir=None, spl
             "image": ArrowTensorArray.from_numpy(images.images),
             "source": pa.array(["digits"] * len(images.labels)),  # the embedded set: rows read back by id
         })
-        dataset = ray.data.from_arrow(table)
+        # In blocks of ROWS_PER_BLOCK, as the file readers yield them, so that every actor of a pool gets work.
+        dataset = ray.data.from_arrow([table.slice(i, ROWS_PER_BLOCK) for i in range(0, table.num_rows, ROWS_PER_BLOCK)])
     else:
         if skip_dir is None:
             raise ValueError("a file source needs a folder for the records of skipped rows")
