@@ -122,3 +122,17 @@ def test_parquet_shards_stream_through_ray_data(ray_session, tmp_path, saved_pri
     ids, latents = store.read_class_latents(class_dirs[1])
     assert list(ids) == [f"train/{i:06d}.png" for i in range(12) if i % 2 == 1]
     assert latents.shape == (6, 4 * 8 * 8)
+
+
+def test_disk_shuffle_buffers_at_most_an_eighth_of_the_smallest_store(ray_session):
+    """Ray's 1 GiB default merge buffer, held in a store of a few GiB, starved the encoder pool upstream of it."""
+    import ray
+    import ray.data
+
+    from engine.ray.cluster import shuffle_on_disk
+
+    shuffle_on_disk(True)
+    store = min(node["Resources"]["object_store_memory"] for node in ray.nodes() if node["Alive"])
+    context = ray.data.DataContext.get_current()
+    assert context.use_disk_based_hash_shuffle
+    assert 0 < context.shuffle_input_batch_bytes <= store // 8

@@ -59,8 +59,17 @@ def check_pool_fits(stage: str, actors: int, cpus_per_actor: float, gpus_per_act
 
 def shuffle_on_disk(enabled: bool) -> None:
     """Hash shuffles (the encode stage's group-by-class) through files on each node's local disk instead of the
-    object store, so their memory stays bounded whatever the dataset size."""
-    ray.data.DataContext.get_current().use_disk_based_hash_shuffle = enabled
+    object store, so their memory stays bounded whatever the dataset size. The shuffle's map buffers its input per
+    node, in the object store, until `shuffle_input_batch_bytes` (Ray's default 1 GiB) have come: with a store of
+    a few GiB that buffer alone exhausts Ray Data's budget (half the store), and the encoder pool upstream is held
+    to one task at a time (measured: a 1 GiB store, the stage at ~0.7x the bare loop). So the buffer is kept to an
+    eighth of the smallest node's store (unchanged on nodes of 8 GiB and more)."""
+    context = ray.data.DataContext.get_current()
+    context.use_disk_based_hash_shuffle = enabled
+    stores = [node["Resources"].get("object_store_memory", 0) for node in ray.nodes() if node.get("Alive")]
+    smallest = min((size for size in stores if size), default=0)
+    if smallest:
+        context.shuffle_input_batch_bytes = int(min(context.shuffle_input_batch_bytes, smallest // 8))
 
 
 def wait_for_pool(timeout_s: float) -> None:
