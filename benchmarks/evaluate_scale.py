@@ -10,8 +10,9 @@ the train split streamed from parquet through Ray Data into one Ray Train worker
 sampled from /proc for its peak RSS (as benchmarks/scale.py does). The bare loop: the N split decoded into
 this process first, then the same model, batch, threads and epochs through the same loop (engine.train.fit_stream)
 over in-memory batches. (a) is read per epoch: the first (which also starts the stream's read and decode workers)
-apart from the steady state of the rest; `stream_vs_memory` is the steady-state ratio, the overall one beside it. (c): the digits run's own students (IPC 10, rded, teacher cached), 6 jobs on one trainer
-of 2 threads vs on 2 trainers of 1 thread each, on this machine's 2 cores.
+apart from the steady state of the rest; `stream_vs_memory` is the steady-state ratio, the overall one beside it.
+(c): the digits run's own students (IPC 10, rded, teacher cached), 6 jobs on one trainer of 2 threads vs on 2
+trainers of 1 thread each, on this machine's 2 cores.
 Last line: stream_vs_memory=.. rss_ratio_worker=.. concurrent_speedup=..
 """
 
@@ -189,7 +190,8 @@ def main(argv=None) -> None:
     print(f"(c) {jobs} digits students (IPC 10, rded): {one:,.0f} jobs/hour on 1 trainer x 2 threads, {two:,.0f} "
           f"on 2 trainers x 1 thread")
     rss_ratio = full["rss_mb"]["worker"][0] / quarter["rss_mb"]["worker"][0]
-    print(f"stream_vs_memory={steady / bare_steady:.2f} rss_ratio_worker={rss_ratio:.2f} concurrent_speedup={two / one:.2f}")
+    print(f"stream_vs_memory={steady / bare_steady:.2f} rss_ratio_worker={rss_ratio:.2f} "
+          f"concurrent_speedup={two / one:.2f}")
 
 
 if __name__ == "__main__":

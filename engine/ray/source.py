@@ -73,7 +73,8 @@ def source_dataset(data: DataConfig, size: int | None = None, skip_dir=None, spl
             "source": pa.array(["digits"] * len(images.labels)),  # the embedded set: rows read back by id
         })
         # In blocks of ROWS_PER_BLOCK, as the file readers yield them, so that every actor of a pool gets work.
-        dataset = ray.data.from_arrow([table.slice(i, ROWS_PER_BLOCK) for i in range(0, table.num_rows, ROWS_PER_BLOCK)])
+        blocks = range(0, table.num_rows, ROWS_PER_BLOCK)
+        dataset = ray.data.from_arrow([table.slice(i, ROWS_PER_BLOCK) for i in blocks])
     else:
         if skip_dir is None:
             raise ValueError("a file source needs a folder for the records of skipped rows")
@@ -81,10 +82,8 @@ def source_dataset(data: DataConfig, size: int | None = None, skip_dir=None, spl
         write_skipped(skip_dir, listing.skipped, "listing")  # rows known unusable from the listing alone
         raw = read_source_rows(data, split, listing, task_cpus)  # raises if nothing is readable
         remote = {"num_cpus": task_cpus} if task_cpus is not None else {}
-        # batch_size=None: each block the reader yields (<= readers.ROWS_PER_BLOCK rows) is one batch. With a batch
-        # size Ray Data will not fuse the decode into the read task, and the read then runs ahead of the decode,
-        # filling the object store's budget with raw rows until the encoder actors are held back ("Tasks: 1
-        # [backpressured: ResourceBudget]; Actors: 2" at 48 px with a 1 GiB store: one actor of two working).
+        # batch_size=None: each block the reader yields (<= ROWS_PER_BLOCK rows) is one batch. With a batch size
+        # Ray Data will not fuse the decode into the read task (nor into the encoder actors: engine/ray/encode.py).
         dataset = raw.map_batches(decode_and_record_skips, batch_size=None, **remote, fn_kwargs={
             "size": size or data.image_size, "num_classes": len(class_names(data)),
             "max_pixels": data.max_image_pixels, "skip_dir": str(skip_dir),
