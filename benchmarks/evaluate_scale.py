@@ -11,8 +11,9 @@ sampled from /proc for its peak RSS (as benchmarks/scale.py does). The bare loop
 this process first, then the same model, batch, threads and epochs through the same loop (engine.train.fit_stream)
 over in-memory batches. (a) is read per epoch: the first (which also starts the stream's read and decode workers)
 apart from the steady state of the rest; `stream_vs_memory` is the steady-state ratio, the overall one beside it.
-(c): the digits run's own students (IPC 10, rded, teacher cached), 6 jobs on one trainer of 2 threads vs on 2
-trainers of 1 thread each, on this machine's 2 cores.
+(c): the student jobs of `make distill` itself (configs/digits.yaml: 6 sets x IPC 1 and 10 x 3 seeds, and `full` x 3
+seeds: 39 jobs, rded, the teacher cached), on one trainer of 2 threads vs on 2 trainers of 1 thread each, on this
+machine's 2 cores. The sets come from one `--until baselines` run of the default config (cached in the same folder).
 Last line: stream_vs_memory=.. rss_ratio_worker=.. concurrent_speedup=..
 """
 
@@ -107,52 +108,50 @@ def bare_loop_images_per_s(classes: int, per_class: int, resolution: int, epochs
     return len(train) * epochs / (time.perf_counter() - start), steady_images_per_s(len(train), seconds)
 
 
-def students_per_hour(trainers: int) -> tuple[float, int]:
-    """Digits students (IPC 10, rded, 6 jobs) on `trainers` trainers at once -> (jobs/hour, jobs)."""
+def students_per_hour(trainers: int) -> tuple[float, float, int]:
+    """`make distill`'s student jobs on `trainers` trainers at once -> (jobs/hour, jobs/hour once the trainers
+    have started, jobs)."""
     command = [sys.executable, __file__, "--child-students", str(trainers)]
     log = WORK / f"students-{trainers}.log"
     with open(log, "w") as out:  # audit: a log of this benchmark
         subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=True, cwd=ROOT,
                        env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"})
     line = [x for x in log.read_text().splitlines() if x.startswith("STUDENTS ")][-1].split()
-    return float(line[1]), int(line[2])
+    return float(line[1]), float(line[3]), int(line[2])
 
 
 def child_students(trainers: int) -> None:
     from engine import pipeline
     from engine.config import load_config
     from engine.data import load_split
+    from engine.ray.cluster import init_ray
     from engine.ray.evaluate import evaluate_students
+    from engine.sets import requested_sets, set_dir
 
+    shared = [f"runs_dir={WORK}", f"cache_dir={WORK / 'cache'}"]  # one prior and one teacher for both runs
+    sets_run = load_config(None, [*shared, "name=students-sets"])
+    set_dirs = {key: set_dir(sets_run.run_dir, *key) for key in requested_sets(sets_run)}
+    if not all((folder / "index.parquet").exists() for folder in set_dirs.values()):
+        pipeline.run(sets_run, until="baselines")  # not timed: the sets every run of (c) trains on
     threads = 2 // trainers
     cpus = 1.5 if trainers == 1 else 0.75
-    config = load_config(None, [f"runs_dir={WORK}", f"name=students-{trainers}", f"cache_dir={WORK / 'cache'}",
-                                "evaluate.methods=[random]", "quantize.ipc=[10]", "evaluate.seeds=[0,1,2,3,4,5]",
-                                "evaluate.reports=1", f"runtime.concurrent_trainers={trainers}",
+    config = load_config(None, [*shared, f"name=students-{trainers}", f"runtime.concurrent_trainers={trainers}",
                                 f"runtime.train_cpus_per_worker={cpus}", f"runtime.train_threads_per_worker={threads}"])
-    from engine.ray.cluster import init_ray
-
     init_ray(config.runtime)
-    train = load_split(config.data, "train")
-    set_dir = WORK / "digits-random-ipc10"
-    if not (set_dir / "index.parquet").exists():
-        from engine import store
-        from engine.baselines import select_random
-
-        chosen = select_random(train.labels, 10, seed=0)
-        files = [store.image_file_name(int(train.labels[i]), r) for r, i in enumerate(chosen)]
-        for name, i in zip(files, chosen):
-            store.write_png(set_dir / name, train.images[i])
-        store.write_set_index(set_dir, files, train.labels[chosen], train.class_names, [1.0] * len(chosen),
-                              [1] * len(chosen))
+    train_rows = len(load_split(config.data, "train"))
     results = config.run_dir / "results"
-    teacher = pipeline.teacher_cache_path(config)
+    shutil.rmtree(results, ignore_errors=True)  # every job trains here, none is skipped as done
     pipeline.prepare_teacher(config, results)  # not timed: the same cached teacher for both runs
-    jobs = pipeline.student_jobs(config, {("random", "none", 10): set_dir})
+    jobs = pipeline.student_jobs(config, set_dirs)
     start = time.perf_counter()
-    evaluate_students(config, jobs, teacher, results, train_rows=len(train))
+    evaluate_students(config, jobs, pipeline.teacher_cache_path(config), results, train_rows=train_rows)
     wall = time.perf_counter() - start
-    print(f"STUDENTS {len(jobs) / wall * 3600:.1f} {len(jobs)}", flush=True)
+    # From the first job's start to the last one's end (each result file is written as its job ends, and names
+    # the job's seconds): the same jobs without the trainers' start-up.
+    ends = [(results / f"{job['job']}.json").stat().st_mtime for job in jobs]
+    starts = [end - json.loads((results / f"{job['job']}.json").read_text())["seconds"] for end, job in zip(ends, jobs)]
+    print(f"STUDENTS {len(jobs) / wall * 3600:.1f} {len(jobs)} {len(jobs) / (max(ends) - min(starts)) * 3600:.1f}",
+          flush=True)
 
 
 def main(argv=None) -> None:
@@ -185,10 +184,11 @@ def main(argv=None) -> None:
     for kind in ("driver", "worker"):
         a, b = quarter["rss_mb"][kind][0], full["rss_mb"][kind][0]
         print(f"    {kind:<22} {a:>8.0f} {b:>8.0f} {b / a:>6.2f}   {full['rss_mb'][kind][1]}")
-    one, jobs = students_per_hour(1)
-    two, _ = students_per_hour(2)
-    print(f"(c) {jobs} digits students (IPC 10, rded): {one:,.0f} jobs/hour on 1 trainer x 2 threads, {two:,.0f} "
-          f"on 2 trainers x 1 thread")
+    one, one_running, jobs = students_per_hour(1)
+    two, two_running, _ = students_per_hour(2)
+    print(f"(c) make distill's {jobs} student jobs (rded): {one:,.0f} jobs/hour on 1 trainer x 2 threads, {two:,.0f} "
+          f"on 2 trainers x 1 thread ({two / one:.2f}); from the first job's start to the last one's end (without "
+          f"the trainers' start-up) {one_running:,.0f} vs {two_running:,.0f} ({two_running / one_running:.2f})")
     rss_ratio = full["rss_mb"]["worker"][0] / quarter["rss_mb"]["worker"][0]
     print(f"stream_vs_memory={steady / bare_steady:.2f} rss_ratio_worker={rss_ratio:.2f} "
           f"concurrent_speedup={two / one:.2f}")

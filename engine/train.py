@@ -56,8 +56,12 @@ def image_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def batch_tensor(images) -> torch.Tensor:
-    """A streamed batch's images (b, H, W, 3), a tensor already (Ray Data's torch batches) or an array."""
-    return images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
+    """A streamed batch's images (b, H, W, 3), a tensor already (Ray Data's torch batches) or an array; a
+    read-only one (a slice of a set Ray shared through its object store) is copied, a batch at a time."""
+    if isinstance(images, torch.Tensor):
+        return images
+    images = np.asarray(images)
+    return torch.from_numpy(images if images.flags.writeable else images.copy())
 
 
 def to_float(images: np.ndarray) -> torch.Tensor:

@@ -62,6 +62,15 @@ def test_project_installed_from_the_lock_on_every_node():
         assert "ray " not in command or "~/ddoq/.venv/bin/ray" in command  # the lock's Ray, not the AMI's
 
 
+def test_every_node_keeps_idle_task_workers_as_a_local_ray_does():
+    from engine.ray.cluster import IDLE_WORKER_KEEP_MS
+
+    starts = [c for c in CLUSTER["head_start_ray_commands"] + CLUSTER["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2
+    for command in starts:
+        assert f"RAY_idle_worker_killing_time_threshold_ms={IDLE_WORKER_KEEP_MS} " in command
+
+
 def stage_requests(runtime: RuntimeConfig) -> dict[str, dict[str, float]]:
     """One actor / worker of each stage, as engine/ray/ requests it."""
     return {

@@ -136,3 +136,42 @@ def test_disk_shuffle_buffers_at_most_an_eighth_of_the_smallest_store(ray_sessio
     context = ray.data.DataContext.get_current()
     assert context.use_disk_based_hash_shuffle
     assert 0 < context.shuffle_input_batch_bytes <= store // 8
+
+
+def test_task_workers_outlive_a_pause_of_the_stream(monkeypatch):
+    """Ray kills a task worker idle for over a second once a node holds more workers than CPUs, and long-lived
+    actors (Ray Train's controller and workers, a dataset coordinator) count: a stream's read/decode workers were
+    restarted at every pause of the training they feed (~1 s of CPU each). A Ray started by init_ray keeps them."""
+    import os
+    import time
+
+    import ray
+
+    from engine.ray.cluster import init_ray
+
+    setting = "RAY_idle_worker_killing_time_threshold_ms"
+    monkeypatch.setenv(setting, "unset")
+    monkeypatch.delenv(setting)  # restored (unset) after the test, whatever init_ray sets
+    ray.shutdown()  # the session's Ray (conftest) is started without init_ray
+    try:
+        init_ray(load_config(None, ["runtime.num_cpus=2"]).runtime)
+
+        @ray.remote(num_cpus=0)
+        class LongLived:
+            def pid(self) -> int:
+                return os.getpid()
+
+        actors = [LongLived.remote() for _ in range(2)]
+        ray.get([a.pid.remote() for a in actors])
+
+        @ray.remote(num_cpus=0.5)
+        def worker_pid() -> int:
+            time.sleep(0.5)  # four at once: four task workers
+            return os.getpid()
+
+        first = set(ray.get([worker_pid.remote() for _ in range(4)]))
+        time.sleep(4)  # the stream held back by training, longer than Ray's default second
+        second = set(ray.get([worker_pid.remote() for _ in range(4)]))
+        assert second <= first
+    finally:
+        ray.shutdown()
