@@ -10,11 +10,12 @@ import ray.data
 from engine.config import RuntimeConfig
 
 
-# Ray kills a task worker idle for more than 1 s once a node has more workers than CPUs, and a long-lived Train,
-# Tune or Data actor counts against that. A stream's read/decode workers go idle whenever training holds it back,
-# so each epoch re-started them (a Python process with pyarrow, numpy and PIL imported: ~1 s of CPU each): on 2
-# cores the rehearsal's streamed epochs spent ~3 of their ~4 CPU-seconds of data work starting workers. Kept for
-# a minute, they live through the stream's pauses; cluster.yaml gives every node the same setting.
+# Ray kills a task worker idle for more than 1 s once a node has more workers than CPUs, and long-lived actors
+# (Ray Train's controller and workers, Ray Data's split coordinator, Tune's trials) count toward that limit. A
+# stream's read/decode workers go idle whenever training holds it back, so each epoch re-started them (a Python
+# process with pyarrow, numpy and PIL imported: ~1 s of CPU each): on 2 cores the rehearsal's streamed epochs
+# spent ~3 of their ~4 CPU-seconds of data work starting workers. Kept for a minute, they live through the
+# stream's pauses; cluster.yaml gives every node the same setting.
 IDLE_WORKER_KEEP_MS = 60_000
 
 
@@ -23,11 +24,11 @@ def init_ray(runtime: RuntimeConfig) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # Read by the local raylet this process starts (its environment); a user's own setting wins.
-    os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", str(IDLE_WORKER_KEEP_MS))
     if os.environ.get("RAY_ADDRESS"):  # set by `ray job submit`, or by a user pointing at a cluster
         ray.init()
     else:  # "local": never attach by surprise to a cluster some earlier `ray start` left running
+        # Read by the raylet this process starts (it inherits the environment); a user's own setting wins.
+        os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", str(IDLE_WORKER_KEEP_MS))
         # The dashboard (on 127.0.0.1 only) serves the state API that Ray Train's controller polls.
         ray.init(address="local", num_cpus=runtime.num_cpus or None, dashboard_host="127.0.0.1",
                  object_store_memory=runtime.object_store_mb * 2**20 or None)
