@@ -123,10 +123,10 @@ def students_per_hour(trainers: int) -> tuple[float, float, int]:
 def child_students(trainers: int) -> None:
     from engine import pipeline
     from engine.config import load_config
-    from engine.data import load_split
     from engine.ray.cluster import init_ray
     from engine.ray.evaluate import evaluate_students
     from engine.sets import requested_sets, set_dir
+    from engine.sources import count_rows
 
     shared = [f"runs_dir={WORK}", f"cache_dir={WORK / 'cache'}"]  # one prior and one teacher for both runs
     sets_run = load_config(None, [*shared, "name=students-sets"])
@@ -138,7 +138,7 @@ def child_students(trainers: int) -> None:
     config = load_config(None, [*shared, f"name=students-{trainers}", f"runtime.concurrent_trainers={trainers}",
                                 f"runtime.train_cpus_per_worker={cpus}", f"runtime.train_threads_per_worker={threads}"])
     init_ray(config.runtime)
-    train_rows = len(load_split(config.data, "train"))
+    train_rows = count_rows(config.data, "train")
     results = config.run_dir / "results"
     shutil.rmtree(results, ignore_errors=True)  # every job trains here, none is skipped as done
     pipeline.prepare_teacher(config, results)  # not timed: the same cached teacher for both runs

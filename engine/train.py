@@ -49,19 +49,21 @@ class Worker:
     device: str | torch.device = "cpu"
 
 
+def writable_tensor(array: np.ndarray) -> torch.Tensor:
+    """The array as a tensor, sharing its memory; a read-only one (e.g. shared through Ray's object store) is
+    copied first, since torch cannot wrap it."""
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
 def image_tensor(images: np.ndarray) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> (N, 3, H, W) uint8, a view (no float copy of a set)."""
-    images = np.ascontiguousarray(images)
-    return torch.from_numpy(images if images.flags.writeable else images.copy()).permute(0, 3, 1, 2)
+    return writable_tensor(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
 
 
 def batch_tensor(images) -> torch.Tensor:
     """A streamed batch's images (b, H, W, 3), a tensor already (Ray Data's torch batches) or an array; a
     read-only one (a slice of a set Ray shared through its object store) is copied, a batch at a time."""
-    if isinstance(images, torch.Tensor):
-        return images
-    images = np.asarray(images)
-    return torch.from_numpy(images if images.flags.writeable else images.copy())
+    return images if isinstance(images, torch.Tensor) else writable_tensor(np.asarray(images))
 
 
 def to_float(images: np.ndarray) -> torch.Tensor:

@@ -150,8 +150,8 @@ def test_task_workers_outlive_a_pause_of_the_stream(monkeypatch):
     from engine.ray.cluster import init_ray
 
     setting = "RAY_idle_worker_killing_time_threshold_ms"
-    monkeypatch.setenv(setting, "unset")
-    monkeypatch.delenv(setting)  # restored (unset) after the test, whatever init_ray sets
+    monkeypatch.setenv(setting, "unset")  # recorded first, so that the value init_ray sets is undone after the test
+    monkeypatch.delenv(setting)
     ray.shutdown()  # the session's Ray (conftest) is started without init_ray
     try:
         init_ray(load_config(None, ["runtime.num_cpus=2"]).runtime)
