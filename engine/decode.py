@@ -9,6 +9,8 @@ is reached through `decode_latents`.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -51,3 +53,22 @@ def decode_latents(prior, latents: np.ndarray, labels: np.ndarray, config: Decod
     """Any prior (engine.priors.base.Prior): centroids -> uint8 images at `size` (None = the prior's own)."""
     keys = np.arange(len(latents)) if keys is None else np.asarray(keys)
     return prior.decode(np.asarray(latents), np.asarray(labels), config, keys, size)
+
+
+def decode_by_ipc(prior, latents: np.ndarray, labels: np.ndarray, ipcs: np.ndarray, keys: np.ndarray,
+                  decode: DecodeConfig, size: int | None) -> np.ndarray:
+    """Decode rows of several IPCs in batches of decode.batch_size, each IPC at its own strength
+    (decode.strength_at), into uint8 images in the rows' order."""
+    if not len(latents):
+        return np.zeros((0, 1, 1, 3), np.uint8)
+    images = None
+    for ipc in np.unique(ipcs):
+        rows = np.flatnonzero(ipcs == ipc)
+        config = dataclasses.replace(decode, strength=decode.strength_at(int(ipc)))
+        for start in range(0, len(rows), decode.batch_size):
+            part = rows[start:start + decode.batch_size]
+            decoded = decode_latents(prior, latents[part], labels[part], config, keys[part], size)
+            if images is None:
+                images = np.zeros((len(latents), *decoded.shape[1:]), decoded.dtype)
+            images[part] = decoded
+    return images

@@ -115,7 +115,8 @@ def decode_stage(config: DistillConfig, run_dir, folder: Path, quantized_dir, qu
         ipcs = sorted({k for _, _, k in latent_sets})
         labels = store.quantized_labels(quantized_dir)
         files = {label: class_result_paths(quantized_dir, label)[0] for label in labels}
-        log(f"decoding the centroids of {len(files)} classes at IPC {ipcs} (strength {config.decode.strength}, "
+        strengths = ", ".join(f"{config.decode.strength_at(ipc):g} at IPC {ipc}" for ipc in ipcs)
+        log(f"decoding the centroids of {len(files)} classes at IPC {ipcs} (strength {strengths}, "
             f"guidance {config.decode.guidance_scale}, {config.decode.num_steps} steps, "
             f"{config.runtime.decode_actors} actor(s))")
         targets = {ipc: [str(set_dirs[key]) for key in latent_sets if key[2] == ipc] for ipc in ipcs}

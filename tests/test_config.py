@@ -31,6 +31,9 @@ def test_int_is_accepted_for_float():
         ("evaluate.protocol=magic", "not one of"),
             ("evaluate.ddoq_weights=[cube]", "evaluate.ddoq_weights"),
         ("decode.strength=1.5", "decode.strength"),
+        ("decode.strength_by_ipc={1: 1.5}", "decode.strength_by_ipc"),
+        ("decode.strength_by_ipc={0: 0.5}", "decode.strength_by_ipc"),
+        ("decode.strength_by_ipc=0.5", "expected a mapping"),
         ("evaluate.flip=maybe", "true/false"),
         ("prior.vae_steps=1.5", "expected int"),
         ("evaluate.methods=[random,oracle]", "evaluate.methods"),
@@ -43,8 +46,19 @@ def test_bad_values_are_rejected_with_the_key(override, message):
         load_config(DIGITS, [override])
 
 
+def test_a_strength_per_ipc_reads_from_yaml_dotted_keys_and_json():
+    """{ipc: strength} from an inline mapping, a dotted key per IPC, and a JSON round trip (string keys)."""
+    from engine.config import config_to_dict
+
+    config = load_config(DIGITS, ["decode.strength_by_ipc={1: 0.9}"])
+    assert config.decode.strength_by_ipc == {1: 0.9}
+    assert (config.decode.strength_at(1), config.decode.strength_at(10)) == (0.9, config.decode.strength)
+    assert load_config(DIGITS, ["decode.strength_by_ipc.1=0.9"]) == config
+    assert load_config(values=config_to_dict(config)) == config
+
+
 def test_saved_config_loads_back_identically(tmp_path):
-    config = load_config(DIGITS, ["quantize.ipc=[1,5]", "name=x"])
+    config = load_config(DIGITS, ["quantize.ipc=[1,5]", "name=x", "decode.strength_by_ipc={1: 0.8}"])
     save_config(config, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == config
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["quantize"]["ipc"] == [1, 5]

@@ -44,3 +44,20 @@ def test_bad_input_is_rejected(tiny_prior, centroids):
     centroids[0, 0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         decode(tiny_prior, centroids)
+
+
+def test_each_ipc_decodes_at_its_own_strength_in_the_rows_order(tiny_prior, centroids):
+    """decode.strength_by_ipc: the IPC-1 rows at 0.9, the others at `strength` (0.6), batches of 3 crossing IPCs;
+    each row equals its decode alone at its IPC's strength (per-row noise keys), in the input order."""
+    from engine.config import DecodeConfig
+    from engine.decode import decode_by_ipc
+
+    config = DecodeConfig(strength=0.6, strength_by_ipc={1: 0.9}, num_steps=5, batch_size=3)
+    ipcs, keys = np.array([10, 1, 10, 1]), np.arange(4)
+    images = decode_by_ipc(tiny_prior, centroids, LABELS, ipcs, keys, config, None)
+    for row, ipc in enumerate(ipcs):
+        alone = decode_centroids(tiny_prior, centroids[row:row + 1], LABELS[row:row + 1], 2.0,
+                                 0.9 if ipc == 1 else 0.6, 5, 0, keys=keys[row:row + 1])
+        assert np.abs(alone.astype(int) - images[row:row + 1].astype(int)).max() <= 1
+    uniform = decode_by_ipc(tiny_prior, centroids, LABELS, ipcs, keys, DecodeConfig(strength=0.6, num_steps=5), None)
+    assert not np.array_equal(images[1], uniform[1]) and np.abs(images[0].astype(int) - uniform[0]).max() <= 1

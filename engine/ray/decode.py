@@ -46,7 +46,7 @@ class CentroidDecoder:
         import pyarrow.compute as pc
 
         from engine.checks import check_finite_centroids
-        from engine.decode import decode_latents
+        from engine.decode import decode_by_ipc
         from engine.store import read_table, table_latents
 
         crash_once_if_requested(self.fault_dir, "decode")
@@ -59,11 +59,7 @@ class CentroidDecoder:
         labels, ipcs, indices = (np.asarray(meta[k], np.int64) for k in ("label", "ipc", "index"))
         # Noise key per centroid: unique within the run, independent of batching.
         keys = ipcs * 1_000_000 + labels * 1_000 + indices
-        step = self.decode.batch_size
-        images = np.concatenate([
-            decode_latents(self.prior, latents[i:i + step], labels[i:i + step], self.decode, keys[i:i + step],
-                           self.image_size)
-            for i in range(0, len(latents), step)]) if len(latents) else np.zeros((0, 1, 1, 3), np.uint8)
+        images = decode_by_ipc(self.prior, latents, labels, ipcs, keys, self.decode, self.image_size)
         return {**{k: np.asarray(v) for k, v in meta.items()}, "image": images,
                 "actor": np.array([self.actor] * len(labels), dtype=object)}
 
