@@ -109,13 +109,45 @@ def cross_architecture(frame: pd.DataFrame) -> str:
     return "\n".join(out)
 
 
+def validation_curves(frame: pd.DataFrame) -> str:
+    """One table per (run, protocol, teacher, student): a row per set and IPC with the validation top-1 at each of
+    its reports (mean over seeds, each report's step in brackets) and the report where that mean peaks. Says
+    whether a set's students were still learning at the end (a curve still rising: more epochs would help) or
+    peaked early (more epochs only overfit its few images)."""
+    if "val_curve" not in frame:
+        return ""
+    frame = frame[frame.val_curve.apply(lambda curve: isinstance(curve, list) and len(curve) > 0)]
+    out = []
+    for (run, protocol, teacher, student), part in frame.groupby(["run"] + GROUP, sort=True):
+        out.append(f"### {run}: validation top-1 % at each report, protocol `{protocol}`, teacher `{teacher}`, "
+                   f"student `{student}` (mean over seeds)\n")
+        out.append("| method | weights | IPC | seeds | curve: val top-1 (step) | peak |")
+        out.append("|---|---|---|---|---|---|")
+        part = part.assign(order=part.method.map({m: i for i, m in enumerate(METHOD_ORDER)}).fillna(len(METHOD_ORDER)))
+        for (ipc, _, method, weights), rows in part.groupby(["ipc", "order", "method", "weights"], sort=True):
+            length = min(len(curve) for curve in rows.val_curve)  # seeds of one set report at the same steps
+            steps = [step for step, _ in rows.val_curve.iloc[0][:length]]
+            mean = [100 * sum(curve[i][1] for curve in rows.val_curve) / len(rows) for i in range(length)]
+            best = max(range(length), key=mean.__getitem__)
+            cells = " → ".join(f"{value:.1f} ({step})" for step, value in zip(steps, mean))
+            out.append(f"| {'full train split' if method == 'full' else method} | "
+                       f"{weights if weights != 'none' else '–'} | {ipc if method != 'full' else 'all'} | {len(rows)} | "
+                       f"{cells} | report {best + 1} of {length} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", help="run folders: local paths or URIs (s3://bucket/runs/digits)")
+    parser.add_argument("--curves", action="store_true",
+                        help="also print each set's validation curve (rows written since the rows kept one)")
     args = parser.parse_args(argv)
     frame = load_rows(args.run_dirs)
     print(tables(frame))
     print(cross_architecture(frame))
+    if args.curves:
+        print(validation_curves(frame))
 
 
 if __name__ == "__main__":

@@ -107,10 +107,11 @@ def test_jobs_on_two_trainers_side_by_side_resume_after_a_kill_with_the_same_res
         jobs = student_jobs(config, {("random", "none", 2): tmp_path / "set"})
         rows = evaluate_students(config, jobs, tmp_path / "cache" / "teacher.safetensors",
                                  config.run_dir / "results", train_rows=len(train))
-        results[name] = {(r["method"], r["seed"]): r["top1"] for r in rows}
+        results[name] = {(r["method"], r["seed"]): (r["top1"], r["val_curve"]) for r in rows}
         assert {r["images"] for r in rows} == {20, len(train)}
     assert faults.crash_fired(tmp_path / "killed", "evaluate")  # a worker really died mid-job
-    assert results["killed"] == results["clean"]
+    assert results["killed"] == results["clean"]  # top-1 and every report of the validation curve
+    assert all(len(curve) >= 2 for _, curve in results["clean"].values())  # evaluate.reports=2
     assert len(list((tmp_path / "clean" / "ray_train").glob("evaluate-[0-9]*"))) == 2  # two trainers
     # The teacher was trained and scored once: the second run copied its score from beside it, no trainer.
     assert (tmp_path / "cache" / "teacher.safetensors.json").exists()

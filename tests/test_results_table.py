@@ -101,3 +101,19 @@ def test_cross_architecture_cells_compare_with_random_under_the_same_pairing(tmp
     text = results.cross_architecture(results.load_rows([tmp_path / "run"]))
     line = next(t for t in text.splitlines() if t.startswith("| convnet3 |") and "Δ" in t)
     assert "80.0 ± 1.0 (2); Δ random +10.0 (p " in line and "60.0 ± 1.0 (2); Δ random -5.0 (p " in line
+
+
+def test_validation_curves_average_the_seeds_report_by_report_and_name_the_peak(tmp_path):
+    import results
+
+    curve = lambda *values: [[10 * (i + 1), v] for i, v in enumerate(values)]  # noqa: E731
+    rows = [dict(BASE, method="ddoq", weights="mass", ipc=10, seed=0, top1=0.7, val_curve=curve(0.5, 0.8, 0.6)),
+            dict(BASE, method="ddoq", weights="mass", ipc=10, seed=1, top1=0.7, val_curve=curve(0.7, 0.6, 0.6)),
+            dict(BASE, method="random", weights="none", ipc=10, seed=0, top1=0.7, val_curve=curve(0.1, 0.2, 0.3)),
+            dict(BASE, method="random", weights="none", ipc=1, seed=0, top1=0.7)]  # a row from before the curves
+    write_rows(tmp_path / "run" / "results" / "k1", rows)
+    text = results.validation_curves(results.load_rows([tmp_path / "run"]))
+    assert "| ddoq | mass | 10 | 2 | 60.0 (10) → 70.0 (20) → 60.0 (30) | report 2 of 3 |" in text
+    assert "| random | – | 10 | 1 | 10.0 (10) → 20.0 (20) → 30.0 (30) | report 3 of 3 |" in text
+    assert "| random | – | 1 |" not in text  # no curve, no row
+    assert text.index("| random |") < text.index("| ddoq |")

@@ -203,11 +203,18 @@ def _student_phase(loop_config: dict, worker) -> None:
         start = time.perf_counter()
         checkpoint = results_dir / "checkpoints" / f"{job['job']}.pt"
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        # The validation curve ({step: val top-1}) is kept beside the checkpoint, so a resumed job's row still
+        # holds the reports before its kill; a replayed step reports the same figure again.
+        curve_path = checkpoint.parent / f"{job['job']}.curve.json"
+        curve = json.loads(curve_path.read_text()) if curve_path.exists() else {}
 
-        def report(step: int, model, job=job, number=number):
+        def report(step: int, model, job=job, number=number, curve=curve, curve_path=curve_path):
             # Progress and Tune's metric (early stopping, the best config) on a fixed slice of the validation
             # split, never on test: every choice is made on val. The row's final top1 uses all of test.
             val_top1 = _val_top1(model, loop_config)
+            curve[str(step)] = val_top1
+            if worker.rank == 0:
+                atomic_write_json(curve_path, curve)
             if loop_config["ray_reports"]:  # each report waits for Ray Train's 2-second poll: only when consumed
                 ray.train.report({"job": job["job"], "step": step, "val_top1": val_top1})
             crash_once_if_requested(loop_config["fault_dir"], "evaluate")  # tests: a kill after a checkpoint
@@ -240,11 +247,12 @@ def _student_phase(loop_config: dict, worker) -> None:
         top1, val_top1 = _held_out_top1(trained, worker, e.precision, loop_config), _val_top1(trained, loop_config)
         row = {**{k: job[k] for k in ("method", "weights", "ipc", "protocol", "student", "teacher", "seed")},
                "top1": top1, "val_top1": val_top1, "teacher_top1": teacher_top1, "images": int(images),
-               "epochs": epochs,
+               "epochs": epochs, "val_curve": [[int(step), curve[step]] for step in sorted(curve, key=int)],
                "workers": worker.world, "seconds": round(time.perf_counter() - start, 2)}
         if worker.rank == 0:
             atomic_write_json(result_path, row)
             checkpoint.unlink(missing_ok=True)
+            curve_path.unlink(missing_ok=True)
         _progress(loop_config, worker, f"{number}/{len(jobs)} {job['job']}: done, validation top-1 {val_top1:.4f}, "
                                        f"test top-1 {top1:.4f} ({row['seconds']:.0f} s)")
 
