@@ -14,8 +14,7 @@ from engine.data import load_split
 pytestmark = pytest.mark.ray
 
 FIELDS = {"method", "weights", "ipc", "protocol", "student", "teacher", "seed", "top1", "val_top1", "teacher_top1",
-          "images",
-          "epochs", "workers", "seconds"}
+          "images", "epochs", "val_curve", "workers", "seconds"}
 
 
 def test_students_train_with_ddp_on_two_workers(ray_session, tmp_path, monkeypatch):
