@@ -40,6 +40,11 @@ def load_rows(run_dirs: list[Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def method_order(methods: pd.Series) -> pd.Series:
+    """Each method's place in METHOD_ORDER (methods it does not name go last): the row order of every table."""
+    return methods.map({m: i for i, m in enumerate(METHOD_ORDER)}).fillna(len(METHOD_ORDER))
+
+
 def tables(frame: pd.DataFrame) -> str:
     out = []
     summaries = dict(iter(compare_to_random(frame, ["run"] + GROUP).groupby(["run"] + GROUP, sort=False)))
@@ -49,8 +54,7 @@ def tables(frame: pd.DataFrame) -> str:
         out.append("| method | weights | IPC | top-1 % | Δ random | p | LRS |")
         out.append("|---|---|---|---|---|---|---|")
         rows = summaries[key]  # by IPC, `random` first in each, `full` last
-        rows = rows.assign(order=rows.method.map({m: i for i, m in enumerate(METHOD_ORDER)}).fillna(len(METHOD_ORDER)),
-                           last=rows.method == "full")
+        rows = rows.assign(order=method_order(rows.method), last=rows.method == "full")
         for row in rows.sort_values(["last", "ipc", "order", "method", "weights"]).itertuples():
             top1 = format_mean_std(row.mean, row.std, row.seeds)
             if row.method == "full":
@@ -123,7 +127,7 @@ def validation_curves(frame: pd.DataFrame) -> str:
                    f"student `{student}` (mean over seeds)\n")
         out.append("| method | weights | IPC | seeds | curve: val top-1 (step) | peak |")
         out.append("|---|---|---|---|---|---|")
-        part = part.assign(order=part.method.map({m: i for i, m in enumerate(METHOD_ORDER)}).fillna(len(METHOD_ORDER)))
+        part = part.assign(order=method_order(part.method))
         for (ipc, _, method, weights), rows in part.groupby(["ipc", "order", "method", "weights"], sort=True):
             length = min(len(curve) for curve in rows.val_curve)  # seeds of one set report at the same steps
             steps = [step for step, _ in rows.val_curve.iloc[0][:length]]
