@@ -85,14 +85,20 @@ def _write_set(train, folder, ipc, seed=0):
                           np.ones(len(chosen), int))
 
 
-def test_jobs_on_two_trainers_side_by_side_resume_after_a_kill_with_the_same_results(ray_session, tmp_path):
+def test_jobs_on_two_trainers_side_by_side_resume_after_a_kill_with_the_same_results(ray_session, tmp_path,
+                                                                                    monkeypatch):
     """Two trainers run a run's jobs side by side (the real split streamed for the teacher and `full`); one of
     their workers is killed right after a checkpoint: Ray Train restarts it, the job resumes from its checkpoint,
     finished jobs are not redone, and every result equals the unbroken run's."""
+    import ray.data
+
     from engine import faults
     from engine.pipeline import student_jobs
     from engine.ray.evaluate import evaluate_students
 
+    # A fresh driver's Ray Data default (an earlier test's encode or decode stage in this process leaves it True):
+    # the trainers must read the streams in the source's order whatever the driver's own setting.
+    monkeypatch.setattr(ray.data.DataContext.get_current().execution_options, "preserve_order", False)
     results = {}
     for name in ("clean", "killed"):
         config = load_config(None, [f"runs_dir={tmp_path}", f"name={name}", f"cache_dir={tmp_path}/cache",
