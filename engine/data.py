@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import heapq
 import io
-import math
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -26,11 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from engine.config import ConfigError, DataConfig
 from engine.location import location
-
-
-# Why a row was skipped. Everything else a row can hold (any PIL mode, any size) is converted.
-SKIP_REASONS = ("empty", "corrupt", "truncated", "too_large", "missing_image", "missing_label",
-                "label_out_of_range")
+from engine.rows import SKIP_REASONS, SourceError, image_struct, is_image_column, parse_label
 
 
 @dataclass(frozen=True)
@@ -183,27 +178,38 @@ def decode_image_bytes(data: bytes | None, size: int, max_pixels: int = Image.MA
 
 def decode_rows(batch: dict, size: int, num_classes: int | None = None,
                 max_pixels: int = Image.MAX_IMAGE_PIXELS, *, mode: str = "squash") -> tuple[dict, dict]:
-    """Parquet rows ({image: {bytes, path}, label}) -> (decoded, skipped); images resized by `mode` ("squash" or
-    "center_crop", see `to_rgb_square`; a caller with a DataConfig passes `resize_mode(config)`).
+    """Raw rows (engine/rows.py: {image: {bytes, path = id}, label, skip}) -> (decoded, skipped); images resized
+    by `mode` ("squash" or "center_crop", see `to_rgb_square`; a caller with a DataConfig passes
+    `resize_mode(config)`).
 
     decoded: {id, label, image (B, size, size, 3) uint8} for the rows that are images with a valid label.
-    skipped: {id, reason, detail} for every other row, so none is lost without a trace. A missing `label` column,
-    a null label or one outside [0, num_classes) skips the row; `num_classes=None` skips no label as out of range.
+    skipped: {id, reason, detail} for every other row, so none is lost without a trace: a row the reader marked
+    (`skip`), a missing `label` column, a null label, one that is not a decimal integer (engine.rows.parse_label)
+    or one outside [0, num_classes) (`num_classes=None` skips no label as out of range), then the image's own
+    faults. Never raises for a row's content.
     """
     check_mode(mode)
     structs = batch.get("image")
     count = len(structs) if structs is not None else len(batch.get("label", ()))
     structs = structs if structs is not None else [None] * count
-    labels = batch.get("label")
+    labels, skips = batch.get("label"), batch.get("skip")
     kept, skipped = {"id": [], "label": [], "image": []}, {"id": [], "reason": [], "detail": []}
     for row in range(count):
-        struct = structs[row] or {}
+        struct = image_struct(structs[row])
         row_id = str(struct.get("path") or f"<row {row} of its batch, no path>")
-        label = None if labels is None else labels[row]
         try:
-            if labels is None or label is None or (isinstance(label, float) and math.isnan(label)):
-                raise BadImage("missing_label", "no label column" if labels is None else "null label")
-            label = int(label)
+            skip = None if skips is None else skips[row]
+            if skip:
+                reason, _, detail = str(skip).partition(": ")
+                raise BadImage(reason, detail)
+            if labels is None:
+                raise BadImage("missing_label", "no label column")
+            label, skip = parse_label(labels[row])
+            if skip:
+                reason, _, detail = skip.partition(": ")
+                raise BadImage(reason, detail)
+            if label is None:
+                raise BadImage("missing_label", "null label")
             if label < 0 or (num_classes is not None and label >= num_classes):
                 raise BadImage("label_out_of_range", f"label {label} not in [0, {num_classes})")
             image = decode_image_bytes(struct.get("bytes"), size, max_pixels, mode=mode)
@@ -264,16 +270,16 @@ def shard_paths(root: str | Path, split: str) -> list[str]:
     """The split's shards under a local folder or an object-store URI (s3://bucket/imagenet-1k/data)."""
     paths = sorted(str(p) for p in location(root).glob(f"{split}-*.parquet"))
     if not paths:
-        raise FileNotFoundError(f"no parquet shards matching {split}-*.parquet under {root}")
+        raise SourceError(f"no parquet shards matching {split}-*.parquet under {root}: point data.path at the "
+                          f"folder that holds them")
     return paths
 
 
 def read_class_names(root: str | Path) -> tuple[str, ...]:
-    """classes.txt beside the shards (one name per line, in label order)."""
-    path = location(root) / "classes.txt"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: the dataset folder must list class names in label order")
-    return tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    """The display names of classes.txt beside the shards, in label order (engine.sources.parse_class_lines)."""
+    from engine.sources import class_names_of
+
+    return class_names_of(DataConfig(source="parquet", path=str(root)))
 
 
 class TooManyBadRows(ValueError):
@@ -295,20 +301,28 @@ def check_skipped(rows_read: int, skipped: dict, max_fraction: float) -> None:
 def inspect_shards(paths: list[str]) -> tuple[list[str], dict]:
     """Check each shard's schema from its footer (no data read): a shard without an `image` or `label` column
     contributes every row to `skipped` ({id: "<shard>#<row>", reason, detail}) and is left out of the returned
-    readable list. A file that is not parquet at all stops the run with its name."""
+    readable list. A file that is not parquet (a zero-byte or cut file), or an image column the engine cannot
+    read, stops the run with one sentence (SourceError) naming the shard."""
     readable, skipped = [], {"id": [], "reason": [], "detail": []}
     for path in paths:
         try:
             metadata = pq.read_metadata(path)
+            schema = metadata.schema.to_arrow_schema()
         except Exception as error:  # pyarrow raises ArrowInvalid / OSError variants for damaged footers
-            raise ValueError(f"{path} is not a readable parquet file ({error.__class__.__name__}: {error})") from None
-        names = set(metadata.schema.to_arrow_schema().names)
-        reason = "missing_image" if "image" not in names else "missing_label" if "label" not in names else None
+            raise SourceError(f"{path} is not a readable parquet file ({error.__class__.__name__}: {error}): "
+                              f"re-export or remove it") from None
+        if "image" in schema.names and not is_image_column(schema.field("image").type):
+            raise SourceError(f"{path}: its image column is {schema.field('image').type}, where the engine reads "
+                              f"encoded image bytes (a struct<bytes, path> as Hugging Face writes, or binary): "
+                              f"store the image files' bytes in it")
+        reason = "missing_image" if "image" not in schema.names else \
+            "missing_label" if "label" not in schema.names else None
         if reason is None:
             readable.append(path)
             continue
+        shard = location(path).name
         for row in range(metadata.num_rows):
-            skipped["id"].append(f"{path}#{row}")
+            skipped["id"].append(f"{shard}#{row}")
             skipped["reason"].append(reason)
             skipped["detail"].append(f"shard has no {reason.split('_')[1]} column")
     return readable, skipped
@@ -361,20 +375,21 @@ def sample_split(config: DataConfig, split: str, limit: int, seed: int) -> Image
     quota = max(1, limit // len(names))
     kept: dict[int, list] = {}  # label -> heap of (-key, id, bytes, label): the quota lowest keys seen so far
     for rows in iter_row_batches(config, split):
-        for image, label in zip(rows["image"], rows["label"]):
+        for image, label, skip in zip(rows["image"], rows["label"], rows["skip"]):
             image = image or {}
             row_id = str(image.get("path"))
             # Rows without a usable label are sampled too (in a bucket of their own), so the sample's share of bad
             # rows estimates the split's and data.max_skip_fraction is enforced on it, as load_split does.
-            bucket = int(label) if label is not None and 0 <= int(label) < len(names) else -1
-            entry = (-sample_key(seed, row_id), row_id, image.get("bytes"), label)
+            bucket = label if skip is None and label is not None and 0 <= label < len(names) else -1
+            entry = (-sample_key(seed, row_id), row_id, image.get("bytes"), label, skip)
             heap = kept.setdefault(bucket, [])
             if len(heap) < quota:
                 heapq.heappush(heap, entry)
             elif entry > heap[0]:
                 heapq.heapreplace(heap, entry)
     chosen = sorted((e for heap in kept.values() for e in heap), key=lambda e: e[1])
-    batch = {"image": [{"bytes": e[2], "path": e[1]} for e in chosen], "label": [e[3] for e in chosen]}
+    batch = {"image": [{"bytes": e[2], "path": e[1]} for e in chosen], "label": [e[3] for e in chosen],
+             "skip": [e[4] for e in chosen]}
     decoded, skipped = decode_rows(batch, config.image_size, len(names), config.max_image_pixels,
                                    mode=resize_mode(config))
     check_skipped(len(chosen), skipped, config.max_skip_fraction)

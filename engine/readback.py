@@ -4,8 +4,8 @@ stage, and only those rows are read again, shard by shard (pure: no Ray).
     read_rows_by_id(data, source, ids) -> {"image": [{bytes, path}], "label": [...]}   (the parquet row form)
 
 `source` is the file a row came from, relative to `data.path`, as the encode stage recorded it beside each latent.
-A parquet shard is read twice, cheaply: its `image.path` column alone (to find the rows), then only the row
-groups that hold them; an ImageFolder image is its own source file; a WebDataset shard is streamed once, keeping
+A parquet row's id names its shard and row number (`<shard>#<row>`), so only the row groups that hold the chosen
+rows are read; an ImageFolder image is its own source file; a WebDataset shard is streamed once, keeping
 the chosen samples. The embedded digits are small and are simply reloaded.
 """
 
@@ -20,23 +20,28 @@ from engine.location import filesystem_and_path, location
 
 
 def read_parquet_rows_by_id(file, ids: list[str]) -> dict:
-    """Rows of one HF parquet shard whose image.path is in `ids`, in the order of `ids`; missing ids raise."""
+    """Rows of one parquet shard by their ids (`<shard>#<row>`), in the order of `ids`, in the row form; ids of
+    another shard, or past its end, raise."""
+    from engine.sources import parquet_table
+
     fs, inner = filesystem_and_path(location(file))
     shard = pq.ParquetFile(fs.open_input_file(inner))
-    paths = shard.read(columns=["image.path"]).column("image").combine_chunks().field("path").to_pylist()
-    position = {path: row for row, path in enumerate(paths)}
-    missing = [i for i in ids if i not in position]
-    if missing:
-        raise KeyError(f"{file}: {len(missing)} chosen row(s) no longer in the shard, e.g. {missing[:3]}")
-    rows = np.array([position[i] for i in ids], dtype=np.int64)
+    name = location(file).name
+    rows = []
+    for row_id in ids:
+        shard_name, _, row = row_id.rpartition("#")
+        if shard_name != name or not row.isdigit() or int(row) >= shard.metadata.num_rows:
+            raise KeyError(f"{file}: chosen row {row_id!r} is not a row of this shard (was the data changed?)")
+        rows.append(int(row))
     starts = np.cumsum([0] + [shard.metadata.row_group(g).num_rows for g in range(shard.num_row_groups)])
-    groups = sorted(set(np.searchsorted(starts, rows, side="right") - 1))
-    table = shard.read_row_groups(groups, columns=["image", "label"])
-    # Row r of the shard is row (r - start of its group + rows of the groups read before it) of `table`.
-    offset = {g: int(sum(starts[h + 1] - starts[h] for h in groups[:i])) for i, g in enumerate(groups)}
-    taken = table.take(pa.array([offset[g] + r - starts[g] for r, g in
-                                 zip(rows, np.searchsorted(starts, rows, side="right") - 1)]))
-    return taken.to_pydict()
+    group_of = np.searchsorted(starts, rows, side="right") - 1
+    columns = [c for c in ("image", "label") if c in shard.schema_arrow.names]
+    groups = sorted(set(group_of.tolist()))
+    parts = [parquet_table(shard.read_row_group(g, columns=columns).combine_chunks().to_batches()[0], name,
+                           int(starts[g]), inner) for g in groups]
+    offset = dict(zip(groups, np.cumsum([0] + [part.num_rows for part in parts]).tolist()))  # group -> first row
+    taken = [offset[g] + r - int(starts[g]) for r, g in zip(rows, group_of.tolist())]
+    return pa.concat_tables(parts).take(pa.array(taken)).to_pydict()
 
 
 def read_rows_by_id(data: DataConfig, source: str, ids: list[str]) -> dict:
@@ -57,15 +62,15 @@ def read_rows_by_id(data: DataConfig, source: str, ids: list[str]) -> dict:
 
         if len(set(ids)) != 1:
             raise ValueError(f"{place}: an image file holds one image, asked for {len(set(ids))} ids")
-        images = [{"bytes": read_file_bytes(place), "path": ids[0]}]
+        images = [{"bytes": read_file_bytes(place, data.max_image_bytes)[0], "path": ids[0]}]
     else:  # webdataset: stream the shard and keep the chosen samples
         from engine.sources import iter_tar_samples
 
         wanted, found = set(ids), {}
         with place.open("rb") as stream:
-            for row_id, image, _ in iter_tar_samples(stream, source):
-                if row_id in wanted:
-                    found[row_id] = image
+            for sample in iter_tar_samples(stream, source, data.max_image_bytes):
+                if sample.id in wanted:
+                    found[sample.id] = sample.image
         missing = [i for i in ids if i not in found]
         if missing:
             raise KeyError(f"{place}: {len(missing)} chosen sample(s) no longer in the shard, e.g. {missing[:3]}")

@@ -1,8 +1,7 @@
 """File sources as parquet rows: Hugging-Face parquet shards, ImageFolder trees and WebDataset tar shards.
 
-Every file source is read as batches of rows in the parquet row form
-    {"image": [{"bytes": b | None, "path": id}, ...], "label": [int | None, ...], "path": [source file, ...]}
-so `engine.data.decode_rows` (decoding, resizing, every skip reason) applies unchanged, in-process (`load_split`,
+Every file source is read as batches of rows in one row form (engine/rows.py: image {bytes, path = the row's
+unique id}, label, skip, path), so `engine.data.decode_rows` (decoding, resizing, every skip reason) applies unchanged, in-process (`load_split`,
 through `iter_row_batches`) and in Ray Data (`engine/ray/readers.py`, same row functions). Reading is done in two
 steps: `scan_source` lists the split once (no image bytes read) into a `SourceListing` whose `skipped` records
 ({id, reason, detail}) are the rows already known unusable; then the rows of `listing.names` are streamed.
@@ -10,11 +9,14 @@ steps: `scan_source` lists the split once (no image bytes read) into a `SourceLi
 ImageFolder (torchvision's layout): <path>/<split>/<class folder>/<image>, images at any depth below their class
 folder. Split "train" reads train/; split "test" reads val/, else validation/, else test/ (ImageNet's held-out split
 is val/); the engine's "val" split is carved from train/ (engine/splits.py), whatever the source.
-Classes: <path>/classes.txt if present, line i = the folder of label i, optionally followed by a display
-name after a TAB (then the folder name may hold spaces) or after the first run of spaces
-("n01440764 tench, Tinca tinca"); else the sorted folder names of train/ (torchvision's rule), shown as is.
-`class_names_of` gives the display names. Images are chosen by extension (IMAGE_EXTENSIONS, any case); other
-files (notes, .DS_Store) are not rows: they are listed in `listing.ignored` and never counted as skipped. An image
+Classes: <path>/classes.txt if present (`parse_class_lines`: line i is label i, as "<folder><TAB><name>",
+"<WordNet synset> <name>" or a bare name that is its own folder); else the sorted folder names of train/
+(torchvision's rule), shown as is. `class_names_of` gives the display names (data.classes_file overrides them).
+Images are chosen by extension (IMAGE_EXTENSIONS, any case); other files (notes, .DS_Store, macOS's `._*`
+AppleDouble files) are not rows: they are listed in `listing.ignored` and never counted as skipped. Symbolic links
+are followed inside data.path only (data.follow_symlinks=true: anywhere), a link seen again below itself (a loop)
+never; a link not followed is a `link_not_followed` row, a dangling one `missing_image`, a name that is not
+UTF-8 `bad_name` (its id shows the bytes escaped). A file over data.max_image_bytes is `too_large`, unread. An image
 in a folder that is not a class, or directly in the split folder, is skipped at listing time as `missing_label`,
 the detail naming the folder. A file that cannot be read at all (vanished, permission denied) becomes a row without
 bytes (`missing_image`); a transient storage error is retried, then raised: an outage is not a bad image.
@@ -25,9 +27,10 @@ timm's imagenet1k-train-0000.tar / imagenet1k-validation-00.tar work as they are
 (required, one name per line, as for parquet). A tar is streamed member by member (`r|*`), never held.
 Members are grouped into samples by key: the member name up to the first dot of its base name (webdataset's rule;
 members without a dot, directories and links are not part of any sample). A sample's image is its first member with
-suffix jpg/jpeg/png/webp (any case), its label the ASCII integer of `.cls`; anything else (.txt, .json) is ignored.
-No image -> a row without bytes (`missing_image`); no or unparsable .cls -> a null label (`missing_label`; the label
-is checked first, so a sample with neither is `missing_label`). Ids: `<shard name>/<key>`; a key met again later in
+suffix jpg/jpeg/png/webp (any case), its label the decimal integer of `.cls` (engine.rows.parse_label); anything
+else (.txt, .json) is ignored, as are macOS's `._*` members. No image -> a row without bytes (`missing_image`); no
+.cls -> a null label, an unparsable one a skip (`missing_label`; the label is checked first, so a sample with
+neither is `missing_label`); an image member over data.max_image_bytes is not read (`too_large`). Ids: `<shard name>/<key>`; a key met again later in
 the same shard (webdataset requires a sample's members to be adjacent) gets `#2`, `#3`, ... so ids stay unique.
 A damaged tar (truncated, a garbled or cut header, not a tar at all, bytes after the end-of-archive block): every
 sample read before the damage is kept (the one being read when it is hit too, if its image and .cls members were
@@ -35,7 +38,9 @@ both read whole); the rest of the shard becomes ONE row with id `<shard>/<damage
 start>: <error>>`, label 0 and the bytes TAR_DAMAGE, which are no image, so decode_rows skips it as `corrupt`.
 (Python's tarfile ends a stream silently at a cut or garbled header; `_StrictTarInfo` makes that an error.)
 
-Parquet: `<path>/<split>-*.parquet` as before (engine.data.shard_paths / inspect_shards).
+Parquet: `<path>/<split>-*.parquet` (engine.data.shard_paths / inspect_shards), the image column HF's struct
+{bytes, path} or plain binary. Ids: `<shard name>#<row>` (the `image.path` a dataset stores can repeat across
+classes, so it is never the id); labels of any column type go through engine.rows.parse_label.
 This module never imports ray.
 """
 
@@ -53,11 +58,23 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from engine.config import DataConfig
-from engine.location import ObjectPath, filesystem_and_path, list_files as list_object_files, location
+from engine.location import ObjectPath, filesystem_and_path, location
+from engine.location import list_files as list_object_files
+from engine.rows import (
+    ROW_SCHEMA,
+    SourceError,
+    add_skip,
+    empty_rows,
+    is_utf8,
+    parse_label,
+    parse_labels,
+    safe_text,
+)
 from engine.splits import in_split, rows_of_split, skipped_of_split, source_split
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -66,8 +83,6 @@ TAR_IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 SPLIT_NAMES = {"train": ("train",), "test": ("val", "validation", "test")}
 # Stands for the damaged part of a tar: not an image, so decode_rows skips its row as corrupt.
 TAR_DAMAGE = b"DDOQ: damaged tar shard, see the row id\n"
-IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-ROW_SCHEMA = pa.schema([("image", IMAGE_TYPE), ("label", pa.int64()), ("path", pa.string())])
 FILE_SOURCES = ("parquet", "imagefolder", "webdataset")
 
 
@@ -88,21 +103,6 @@ class SourceListing:
         return [str(base / name) for name in self.names]
 
 
-def empty_rows() -> dict:
-    return {"image": [], "label": [], "path": []}
-
-
-def rows_to_table(rows: dict) -> pa.Table:
-    """A row batch as the Arrow table Ray Data carries (parquet's image struct, nullable int64 label)."""
-    return pa.table({"image": pa.array(rows["image"], IMAGE_TYPE), "label": pa.array(rows["label"], pa.int64()),
-                     "path": pa.array(rows["path"], pa.string())}, schema=ROW_SCHEMA)
-
-
-def add_skip(skipped: dict, row_id: str, reason: str, detail: str) -> None:
-    for key, value in zip(("id", "reason", "detail"), (row_id, reason, detail)):
-        skipped[key].append(value)
-
-
 # ---------------------------------------------------------------- listing
 
 
@@ -113,7 +113,8 @@ def find_split(root: Path | ObjectPath, split: str, exists: Callable[[str], bool
     for name in SPLIT_NAMES[split]:
         if exists(name):
             return name
-    raise FileNotFoundError(f"no {' or '.join(SPLIT_NAMES[split])} split under {root}")
+    raise SourceError(f"no {' or '.join(SPLIT_NAMES[split])} split under {root}: see docs/guide.md for the "
+                      f"layout of each source")
 
 
 def subfolders(place: Path | ObjectPath) -> list[str]:
@@ -123,53 +124,120 @@ def subfolders(place: Path | ObjectPath) -> list[str]:
     return sorted(info.base_name for info in infos if info.type == pafs.FileType.Directory)
 
 
-def walk_files(folder: Path | ObjectPath) -> list[tuple[str, int | None]]:
-    """(path relative to folder, size or None) of every file below it, sorted. Locally one scandir per folder and
-    no stat per file (symlinks followed, as torchvision does); on an object store one recursive listing."""
+@dataclass
+class Walk:
+    """What a walk below a split folder found: image candidates (relative path, size or None), rows already known
+    unusable (relative path, reason, detail) and files that are not rows."""
+
+    files: list[tuple[str, int | None]] = field(default_factory=list)
+    problems: list[tuple[str, str, str]] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("._")  # ._*: macOS AppleDouble
+
+
+def walk_files(folder: Path | ObjectPath, inside: Path | None = None, follow_symlinks: bool = False) -> Walk:
+    """Every file below `folder`, sorted. On an object store one recursive listing. Locally one scandir per folder
+    and no stat per file; symbolic links are followed while they stay inside `inside` (data.path; anywhere with
+    follow_symlinks), a folder already on the way down (a loop) never."""
     if isinstance(folder, ObjectPath):
-        return list(list_object_files(folder).items())
-    found = []
+        return Walk(files=list(list_object_files(folder).items()))
+    walk = Walk()
+    root = os.path.realpath(inside or folder)
 
-    def scan(directory: str, prefix: str) -> None:
-        with os.scandir(directory) as entries:
-            for entry in entries:
-                if entry.is_dir():
-                    scan(entry.path, f"{prefix}{entry.name}/")
-                elif entry.is_file():
-                    found.append((f"{prefix}{entry.name}", None))
+    def scan(directory: str, prefix: str, ancestors: frozenset[str]) -> None:
+        try:
+            with os.scandir(directory) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError as error:  # unreadable folder: its files cannot be listed, say so once
+            walk.problems.append((safe_text(prefix.rstrip("/")), "missing_image",
+                                  f"folder not readable ({error.strerror}): its images are not read"))
+            return
+        for entry in entries:
+            relative = f"{prefix}{entry.name}"
+            if not is_utf8(entry.name):
+                walk.problems.append((safe_text(relative), "bad_name", "the name is not UTF-8: rename it"))
+                continue
+            if entry.is_symlink():
+                target = os.path.realpath(entry.path)
+                if not os.path.exists(target):
+                    if entry.name.startswith("._") or not is_image_name(entry.name):
+                        walk.ignored.append(relative)
+                    else:
+                        walk.problems.append((relative, "missing_image", "dangling symbolic link"))
+                    continue
+                if not follow_symlinks and os.path.commonpath([root, target]) != root:
+                    walk.problems.append((relative, "link_not_followed", "symbolic link out of data.path (set "
+                                          "data.follow_symlinks=true to follow it)"))
+                    continue
+            if entry.is_dir():
+                real = os.path.realpath(entry.path)
+                if real in ancestors:
+                    walk.problems.append((relative, "link_not_followed", "symbolic link loop"))
+                    continue
+                scan(entry.path, f"{relative}/", ancestors | {real})
+            elif entry.is_file() and is_image_name(entry.name):
+                walk.files.append((relative, None))
+            else:
+                walk.ignored.append(relative)
 
-    scan(str(folder), "")
-    return sorted(found)
+    scan(str(folder), "", frozenset({os.path.realpath(folder)}))
+    return walk
 
 
-def parse_class_lines(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """classes.txt of an ImageFolder -> (folder of each label, display name of each label)."""
-    folders, names = [], []
-    for line in text.splitlines():
+# A WordNet synset id (ImageNet's folder and label names): "n01440764 tench" is that synset named tench.
+_SYNSET = re.compile(r"n[0-9]{8}")
+
+
+def parse_class_lines(text: str, file: str = "classes.txt") -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """classes.txt of any source -> (key of each label, display name of each label); line i is label i. A line is
+    "<key><TAB><name>", "<synset> <name>" (ImageNet's LOC_synset_mapping.txt: "n01440764 tench, Tinca tinca"),
+    or a bare name that is its own key ("Ankle boot"). ImageFolder keys are class folders; parquet and WebDataset
+    use the names only. A blank line inside the list, or a key listed twice, would shift or merge labels: both are
+    a SourceError naming the line."""
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    keys, names = [], []
+    for number, line in enumerate(lines, 1):
         if not line.strip():
-            continue
+            raise SourceError(f"{file} line {number} is blank, which would shift every later label by one: remove "
+                              f"it or name the class of label {number - 1} there")
         if "\t" in line:
-            folder, _, name = line.partition("\t")
+            key, _, name = line.partition("\t")
         else:
-            folder, _, name = line.strip().partition(" ")
-        folders.append(folder.strip())
-        names.append(name.strip() or folder.strip())
-    if not folders:
-        raise ValueError("classes.txt lists no class")
-    repeated = sorted({f for f in folders if folders.count(f) > 1})
+            first, _, rest = line.strip().partition(" ")
+            key, name = (first, rest) if _SYNSET.fullmatch(first) else (line.strip(), "")
+        keys.append(key.strip())
+        names.append(name.strip() or key.strip())
+    if not keys:
+        raise SourceError(f"{file} lists no class: write one class name per line, in label order")
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
     if repeated:
-        raise ValueError(f"classes.txt lists these folders more than once: {repeated[:5]}")
-    return tuple(folders), tuple(names)
+        lines_of = [i + 1 for i, k in enumerate(keys) if k == repeated[0]]
+        raise SourceError(f"{file} lists {repeated[0]!r} on lines {lines_of} ({len(repeated)} class(es) repeated): "
+                          f"each class must appear once, its line number giving its label")
+    return tuple(keys), tuple(names)
+
+
+def read_classes_file(place: Path | ObjectPath) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    try:
+        text = place.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise SourceError(f"{place} is not UTF-8 text (byte {error.start}): save it as UTF-8") from None
+    return parse_class_lines(text, str(place))
 
 
 def imagefolder_classes(root: Path | ObjectPath) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(folder, display name) of each label: classes.txt when present, else train/'s sorted folder names."""
     listed = root / "classes.txt"
     if listed.exists():
-        return parse_class_lines(listed.read_text())
-    folders = tuple(subfolders(root / "train"))
+        return read_classes_file(listed)
+    folders = tuple(f for f in subfolders(root / "train") if is_utf8(f))
     if not folders:
-        raise FileNotFoundError(f"{root} has no classes.txt and no class folders under train/ to name the classes")
+        raise SourceError(f"{root} has no classes.txt and no class folders under train/ to name the classes")
     return folders, folders
 
 
@@ -179,12 +247,15 @@ def scan_imagefolder(config: DataConfig, split: str) -> SourceListing:
     folders, _ = imagefolder_classes(root)
     label_of = {folder: label for label, folder in enumerate(folders)}
     known = "classes.txt" if (root / "classes.txt").exists() else "the class folders of train/"
-    names, labels, sizes, ignored = [], [], [], []
+    names, labels, sizes = [], [], []
     skipped = {"id": [], "reason": [], "detail": []}
-    for relative, size in walk_files(root / split_name):
+    walk = walk_files(root / split_name, root if isinstance(root, Path) else None, config.follow_symlinks)
+    for relative, reason, detail in walk.problems:
+        add_skip(skipped, f"{split_name}/{relative}", reason, detail)
+    for relative, size in walk.files:
         row_id = f"{split_name}/{relative}"
-        if not relative.lower().endswith(IMAGE_EXTENSIONS):
-            ignored.append(row_id)
+        if not is_image_name(relative.rsplit("/", 1)[-1]):  # an object store lists every file
+            walk.ignored.append(relative)
             continue
         folder, inside, _ = relative.partition("/")
         if not inside:
@@ -196,7 +267,7 @@ def scan_imagefolder(config: DataConfig, split: str) -> SourceListing:
             labels.append(label_of[folder])
             sizes.append(size)
     return SourceListing("imagefolder", config.path, tuple(names), tuple(labels), tuple(sizes), skipped,
-                         tuple(ignored))
+                         tuple(f"{split_name}/{i}" for i in walk.ignored))
 
 
 def scan_webdataset(config: DataConfig, split: str) -> SourceListing:
@@ -243,8 +314,8 @@ def scan_source(config: DataConfig, split: str) -> SourceListing:
 
 def count_rows(config: DataConfig, split: str) -> int:
     """Rows of a split, read as cheaply as the layout allows (it sizes the streamed training schedules; rows that
-    will not decode are still counted): digits from memory, parquet test from the footers and train / val from
-    the ids alone (the `image.path` column, a few MB at ImageNet's size), an ImageFolder from its listing;
+    will not decode are still counted): digits from memory, parquet from the footers (ids are `<shard>#<row>`, so
+    train / val are carved without reading a column), an ImageFolder from its listing;
     WebDataset tars hold no index, so they are streamed once."""
     if config.source == "digits":
         from engine.data import load_split
@@ -261,46 +332,73 @@ def count_rows(config: DataConfig, split: str) -> int:
     return sum(len(rows["label"]) for rows in iter_row_batches(config, split))
 
 
-def list_files(config: DataConfig, split: str) -> list[str]:
-    """The files a split is read from (shards or image files), as local paths or URIs."""
-    return scan_source(config, split).paths()
-
-
 def class_names_of(config: DataConfig) -> tuple[str, ...]:
-    """Class names in label order (ImageFolder: the display names)."""
+    """Class names in label order, from the classes.txt beside the data (ImageFolder: the display names, or the
+    folder names without one); data.classes_file, when set, gives the display names instead (e.g. ImageNet-1K's
+    readable names for prompts), and must list as many classes in the same order (same keys where it has them)."""
+    root = location(config.path)
     if config.source == "imagefolder":
-        return imagefolder_classes(location(config.path))[1]
-    from engine.data import read_class_names
-
-    return read_class_names(config.path)
+        keys, names = imagefolder_classes(root)
+    else:
+        listed = root / "classes.txt"
+        if not listed.exists():
+            raise SourceError(f"{listed} is missing: the dataset folder must list its class names, one per line "
+                              f"in label order")
+        keys, names = read_classes_file(listed)
+    if not config.classes_file:
+        return names
+    other_keys, other_names = read_classes_file(location(config.classes_file))
+    if len(other_keys) != len(keys):
+        raise SourceError(f"data.classes_file={config.classes_file} lists {len(other_keys)} classes, the data "
+                          f"{len(keys)}: point it at the names of these classes, in label order")
+    mismatch = [i for i, (a, b) in enumerate(zip(keys, other_keys)) if _SYNSET.fullmatch(a) and a != b]
+    if mismatch:
+        i = mismatch[0]
+        raise SourceError(f"data.classes_file={config.classes_file} line {i + 1} is {other_keys[i]!r} where the "
+                          f"data's label {i} is {keys[i]!r}: the two lists must be in the same order")
+    return other_names
 
 
 # ---------------------------------------------------------------- rows
 
 
-def read_file_bytes(place: Path | ObjectPath, attempts: int = 3) -> bytes | None:
-    """A file's bytes; None when it cannot be read at all (its row becomes missing_image). Other I/O errors are
-    retried with back-off, then raised: a storage outage must not look like a set of bad images."""
+def read_file_bytes(place: Path | ObjectPath, max_bytes: int | None = None, size: int | None = None,
+                    attempts: int = 3) -> tuple[bytes | None, str | None]:
+    """A file's bytes, or (None, skip) when it cannot be read at all (missing_image) or holds more than max_bytes
+    (too_large: refused from its size, never read whole). Other I/O errors are retried with back-off, then raised:
+    a storage outage must not look like a set of bad images."""
     for attempt in range(attempts):
         try:
-            return place.read_bytes()
-        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
-            return None
+            if isinstance(place, ObjectPath):
+                size = place.stat().st_size if size is None and max_bytes else size
+                if max_bytes and size is not None and size > max_bytes:
+                    return None, f"too_large: {size} bytes > data.max_image_bytes={max_bytes}"
+                return place.read_bytes(), None
+            with open(place, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if max_bytes and size > max_bytes:
+                    return None, f"too_large: {size} bytes > data.max_image_bytes={max_bytes}"
+                return f.read(), None
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as error:
+            return None, f"missing_image: file not readable ({error.__class__.__name__})"
         except OSError:
             if attempt == attempts - 1:
                 raise
             time.sleep(0.5 * 2 ** attempt)
-    return None
+    return None, None
 
 
-def iter_image_rows(root: str, names, labels, batch_size: int = 256) -> Iterator[dict]:
+def iter_image_rows(root: str, names, labels, batch_size: int = 256, max_bytes: int | None = None,
+                    sizes=None) -> Iterator[dict]:
     """ImageFolder files (ids relative to root, with their labels) -> row batches of at most batch_size."""
     base = location(root)
     rows = empty_rows()
-    for name, label in zip(names, labels):
+    for name, label, size in zip(names, labels, sizes or [None] * len(names)):
         place = base / name
-        rows["image"].append({"bytes": read_file_bytes(place), "path": name})
+        data, skip = read_file_bytes(place, max_bytes, size)
+        rows["image"].append({"bytes": data, "path": name})
         rows["label"].append(int(label))
+        rows["skip"].append(skip)
         rows["path"].append(filesystem_and_path(place)[1])
         if len(rows["label"]) == batch_size:
             yield rows
@@ -336,36 +434,48 @@ def split_member_name(name: str) -> tuple[str | None, str]:
     return (match.group(1), match.group(2)) if match else (None, "")
 
 
-def parse_label(data: bytes | None) -> int | None:
-    try:
-        return int(data.decode("ascii").strip()) if data is not None else None
-    except (UnicodeDecodeError, ValueError):
-        return None
+@dataclass(frozen=True)
+class TarSample:
+    id: str
+    image: bytes | None
+    label: int | None
+    skip: str | None = None  # "reason: detail" of a sample known unusable (bad .cls, image over the byte cap)
 
 
-def iter_tar_samples(stream, shard: str) -> Iterator[tuple[str, bytes | None, int | None]]:
-    """(id, image bytes or None, label or None) of each sample of one tar stream, in archive order; see the module
-    docstring for grouping and damage. Transient I/O errors of the stream (OSError) are left to the caller."""
+class _Oversized(int):
+    """An image member not read because it holds more than data.max_image_bytes: its size."""
+
+
+def iter_tar_samples(stream, shard: str, max_bytes: int | None = None) -> Iterator[TarSample]:
+    """Each sample of one tar stream, in archive order; see the module docstring for grouping and damage.
+    Transient I/O errors of the stream (OSError) are left to the caller."""
     seen: dict[str, int] = {}
     key, members, last = None, {}, None
 
-    def sample() -> tuple[str, bytes | None, int | None]:
+    def sample() -> TarSample:
         seen[key] = seen.get(key, 0) + 1
         image = next((data for suffix, data in members.items() if suffix in TAR_IMAGE_SUFFIXES), None)
         suffix = "" if seen[key] == 1 else f"#{seen[key]}"
-        return f"{shard}/{key}{suffix}", image, parse_label(members.get("cls"))
+        label, skip = parse_label(members.get("cls"))
+        if skip is None and isinstance(image, _Oversized):
+            skip = f"too_large: {int(image)} bytes > data.max_image_bytes={max_bytes}"
+        image = None if isinstance(image, _Oversized) else image
+        return TarSample(f"{shard}/{safe_text(key)}{suffix}", image, label, skip)
 
     try:
         with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo) as tar:
             for member in tar:
                 tar.members = []  # stream mode keeps every header read otherwise
                 member_key, suffix = split_member_name(member.name)
-                if not member.isreg() or member_key is None:
+                if not member.isreg() or member_key is None or member.name.rsplit("/", 1)[-1].startswith("._"):
                     continue
                 suffix = suffix.lower()
                 # Only images and labels are read into memory; tarfile reads past the rest (and notices a cut).
                 wanted = suffix in TAR_IMAGE_SUFFIXES or suffix == "cls"
-                data = tar.extractfile(member).read() if wanted else None
+                if wanted and max_bytes and member.size > max_bytes:
+                    data = _Oversized(member.size)
+                else:
+                    data = tar.extractfile(member).read() if wanted else None
                 if member_key != key:
                     if key is not None:
                         yield sample()
@@ -383,15 +493,18 @@ def iter_tar_samples(stream, shard: str) -> Iterator[tuple[str, bytes | None, in
         if key is not None and "cls" in members and any(s in members for s in TAR_IMAGE_SUFFIXES):
             yield sample()
             last = key
-        yield f"{shard}/<damaged after {last or 'the start'}: {error}>", TAR_DAMAGE, 0
+        where = safe_text(last) if last else "the start"
+        yield TarSample(f"{shard}/<damaged after {where}: {error}>", TAR_DAMAGE, 0)
 
 
-def iter_tar_rows(stream, shard: str, path: str, batch_size: int = 256) -> Iterator[dict]:
+def iter_tar_rows(stream, shard: str, path: str, batch_size: int = 256,
+                  max_bytes: int | None = None) -> Iterator[dict]:
     """One tar stream -> row batches of at most batch_size (shard: its name, for ids; path: the `path` column)."""
     rows = empty_rows()
-    for row_id, image, label in iter_tar_samples(stream, shard):
-        rows["image"].append({"bytes": image, "path": row_id})
-        rows["label"].append(label)
+    for sample in iter_tar_samples(stream, shard, max_bytes):
+        rows["image"].append({"bytes": sample.image, "path": sample.id})
+        rows["label"].append(sample.label)
+        rows["skip"].append(sample.skip)
         rows["path"].append(path)
         if len(rows["label"]) == batch_size:
             yield rows
@@ -400,19 +513,58 @@ def iter_tar_rows(stream, shard: str, path: str, batch_size: int = 256) -> Itera
         yield rows
 
 
-def parquet_ids(place: Path | ObjectPath) -> list:
-    """The row ids of a parquet shard (`image.path`), read without the image bytes."""
-    fs, inner = filesystem_and_path(place)
-    with fs.open_input_file(inner) as f:
-        return pq.read_table(f, columns=["image.path"]).column(0).to_pylist()  # the leaf alone: `path`
+def parquet_row_id(shard: str, row: int) -> str:
+    """A parquet row's id: its shard's name and its row number there (the stored `image.path` can repeat)."""
+    return f"{shard}#{row}"
 
 
-def iter_parquet_rows(place: Path | ObjectPath, batch_size: int = 256) -> Iterator[dict]:
+def parquet_ids(place: Path | ObjectPath) -> list[str]:
+    """The row ids of a parquet shard, from its footer alone."""
     fs, inner = filesystem_and_path(place)
     with fs.open_input_file(inner) as f:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=["image", "label"]):
-            rows = batch.to_pydict()
-            yield {**rows, "path": [inner] * batch.num_rows}
+        rows = pq.ParquetFile(f).metadata.num_rows
+    return [parquet_row_id(place.name, row) for row in range(rows)]
+
+
+def parquet_table(batch: pa.RecordBatch, shard: str, first_row: int, path: str,
+                  max_bytes: int | None = None) -> pa.Table:
+    """A batch of a parquet shard (rows first_row.. of `shard`) in the row form: ids `<shard>#<row>`, the image
+    from HF's struct or plain binary bytes, labels of any type through parse_label, images over max_bytes
+    dropped as too_large. A missing column gives null cells, which decode_rows skips with their reason. The
+    image bytes are not copied through Python."""
+    n, names = batch.num_rows, batch.schema.names
+    ids = pa.array([parquet_row_id(shard, first_row + i) for i in range(n)], pa.string())
+    image = batch.column("image") if "image" in names else pa.nulls(n, pa.binary())
+    data = pc.struct_field(image, "bytes") if pa.types.is_struct(image.type) else image
+    data = data.cast(pa.binary()) if not pa.types.is_null(data.type) else pa.nulls(n, pa.binary())
+    if "label" not in names:
+        labels, skips = pa.nulls(n, pa.int64()), [None] * n
+    elif pa.types.is_signed_integer(batch.column("label").type):
+        labels, skips = batch.column("label").cast(pa.int64()), [None] * n
+    else:
+        parsed, skips = parse_labels(batch.column("label").to_pylist())
+        labels = pa.array(parsed, pa.int64())
+    if max_bytes:
+        sizes = pc.binary_length(data).to_pylist()
+        over = [size is not None and size > max_bytes for size in sizes]
+        if any(over):
+            skips = [skip or (f"too_large: {size} bytes > data.max_image_bytes={max_bytes}" if big else None)
+                     for skip, size, big in zip(skips, sizes, over)]
+            data = pc.if_else(pa.array(over), pa.nulls(n, pa.binary()), data)
+    struct = pa.StructArray.from_arrays([data, ids], fields=list(ROW_SCHEMA.field("image").type))
+    return pa.table({"image": struct, "label": labels, "skip": pa.array(skips, pa.string()),
+                     "path": pa.array([path] * n, pa.string())}, schema=ROW_SCHEMA)
+
+
+def iter_parquet_rows(place: Path | ObjectPath, batch_size: int = 256, max_bytes: int | None = None) -> Iterator[dict]:
+    fs, inner = filesystem_and_path(place)
+    with fs.open_input_file(inner) as f:
+        shard = pq.ParquetFile(f)
+        columns = [c for c in ("image", "label") if c in shard.schema_arrow.names]
+        first = 0
+        for batch in shard.iter_batches(batch_size=batch_size, columns=columns):
+            yield parquet_table(batch, place.name, first, inner, max_bytes).to_pydict()
+            first += batch.num_rows
 
 
 def iter_row_batches(config: DataConfig, split: str, batch_size: int = 256,
@@ -423,19 +575,21 @@ def iter_row_batches(config: DataConfig, split: str, batch_size: int = 256,
     listing = listing or scan_source(config, split)
     base = location(listing.root)
     if listing.source == "imagefolder":  # the listing holds the split's files only
-        yield from iter_image_rows(listing.root, listing.names, listing.labels, batch_size)
+        yield from iter_image_rows(listing.root, listing.names, listing.labels, batch_size, config.max_image_bytes,
+                                   listing.sizes)
         return
     for name in listing.names:
-        for rows in iter_file_rows(base / name, listing.source, batch_size):
+        for rows in iter_file_rows(base / name, listing.source, batch_size, config.max_image_bytes):
             rows = rows_of_split(rows, split, config.val_fraction, config.split_seed)
             if rows["label"]:
                 yield rows
 
 
-def iter_file_rows(place: Path | ObjectPath, source: str, batch_size: int) -> Iterator[dict]:
+def iter_file_rows(place: Path | ObjectPath, source: str, batch_size: int,
+                   max_bytes: int | None = None) -> Iterator[dict]:
     """Every row of one parquet shard or tar, streamed (the tar stays open until its last row)."""
     if source == "parquet":
-        yield from iter_parquet_rows(place, batch_size)
+        yield from iter_parquet_rows(place, batch_size, max_bytes)
         return
     with place.open("rb") as stream:
-        yield from iter_tar_rows(stream, place.name, filesystem_and_path(place)[1], batch_size)
+        yield from iter_tar_rows(stream, place.name, filesystem_and_path(place)[1], batch_size, max_bytes)

@@ -24,33 +24,33 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
+
 import ray.data
+from engine.config import DataConfig
+from engine.location import filesystem_and_path, location
+from engine.rows import ROW_SCHEMA, rows_to_table
+from engine.sources import SourceListing, iter_image_rows, iter_tar_rows, parquet_table, scan_source
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 from ray.data.datasource import FileBasedDatasource
-
-from engine.config import DataConfig
-from engine.location import filesystem_and_path, location
-from engine.sources import ROW_SCHEMA, SourceListing, iter_image_rows, iter_tar_rows, rows_to_table, scan_source
 
 # ImageNet-1K train: 1282 read tasks of ~110 MB of JPEGs; small enough to retry, large enough to amortize a task.
 IMAGES_PER_READ_TASK = 1000
 ROWS_PER_BLOCK = 256
 
 
-def read_images(root: str, names: list[str], labels: list[int]):
-    for rows in iter_image_rows(root, names, labels, ROWS_PER_BLOCK):
+def read_images(root: str, names: list[str], labels: list[int], sizes: list, max_bytes: int):
+    for rows in iter_image_rows(root, names, labels, ROWS_PER_BLOCK, max_bytes, sizes):
         yield rows_to_table(rows)
 
 
 class ImageFilesDatasource(Datasource):
     """The image files of an ImageFolder listing, each a row with its label; read tasks carry only their files."""
 
-    def __init__(self, listing: SourceListing):
+    def __init__(self, listing: SourceListing, max_bytes: int):
         super().__init__()
-        self.listing = listing
+        self.listing, self.max_bytes = listing, max_bytes
 
     def estimate_inmemory_data_size(self) -> int | None:
         sizes = self.listing.sizes
@@ -66,39 +66,31 @@ class ImageFilesDatasource(Datasource):
             sizes = listing.sizes[first:stop]
             metadata = BlockMetadata(num_rows=stop - first, size_bytes=None if None in sizes else int(sum(sizes)),
                                      input_files=None, exec_stats=None)
-            read = partial(read_images, listing.root, list(listing.names[first:stop]), list(listing.labels[first:stop]))
+            read = partial(read_images, listing.root, list(listing.names[first:stop]), list(listing.labels[first:stop]),
+                           list(sizes), self.max_bytes)
             tasks.append(ReadTask(read, metadata, schema=ROW_SCHEMA, per_task_row_limit=per_task_row_limit))
         return tasks
 
 
-def read_row_groups(place: str, groups: list[int]):
-    """Raw rows of some row groups of one shard, ROWS_PER_BLOCK at a time, with the shard's filesystem path (as
-    read_parquet's include_paths gives it)."""
+def read_row_groups(place: str, groups: list[int], max_bytes: int):
+    """Raw rows of some consecutive row groups of one shard, ROWS_PER_BLOCK at a time, with the shard's
+    filesystem path (as read_parquet's include_paths gives it) and ids `<shard>#<row>`."""
     filesystem, inner = filesystem_and_path(location(place))
     with filesystem.open_input_file(inner) as f:
         shard = pq.ParquetFile(f)
+        first = sum(shard.metadata.row_group(g).num_rows for g in range(groups[0]))
         columns = [c for c in ("image", "label") if c in shard.schema_arrow.names]  # a missing one: null rows
         for batch in shard.iter_batches(batch_size=ROWS_PER_BLOCK, row_groups=groups, columns=columns):
-            yield row_table(batch, inner)
-
-
-def row_table(batch: pa.RecordBatch, path: str) -> pa.Table:
-    """A parquet batch in the row form (a missing column as nulls: decode_rows skips such rows with their
-    reason), its image bytes not copied through Python where the types allow."""
-    n, names = batch.num_rows, batch.schema.names
-    columns = {name: batch.column(name) if name in names else pa.nulls(n, ROW_SCHEMA.field(name).type)
-               for name in ("image", "label")}
-    try:
-        return pa.table({**columns, "path": pa.array([path] * n, pa.string())}).cast(ROW_SCHEMA)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):  # e.g. a struct of other fields
-        return rows_to_table({**{k: v.to_pylist() for k, v in columns.items()}, "path": [path] * n})
+            yield parquet_table(batch, location(place).name, first, inner, max_bytes)
+            first += batch.num_rows
 
 
 class ParquetShardsDatasource(Datasource):
     """Parquet shards as read tasks of consecutive row groups (~IMAGES_PER_READ_TASK rows), in shard order."""
 
-    def __init__(self, places: list[str]):
+    def __init__(self, places: list[str], max_bytes: int):
         super().__init__()
+        self.max_bytes = max_bytes
         with ThreadPoolExecutor(8) as pool:  # an object store answers footers one request each
             footers = list(pool.map(self._row_groups, places))
         self.pieces = []  # (shard, [row groups], rows, bytes)
@@ -122,7 +114,7 @@ class ParquetShardsDatasource(Datasource):
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ReadTask]:
-        return [ReadTask(partial(read_row_groups, place, groups),
+        return [ReadTask(partial(read_row_groups, place, groups, self.max_bytes),
                          BlockMetadata(num_rows=rows, size_bytes=size, input_files=[place], exec_stats=None),
                          schema=ROW_SCHEMA, per_task_row_limit=per_task_row_limit)
                 for place, groups, rows, size in self.pieces]
@@ -132,8 +124,12 @@ class TarShardsDatasource(FileBasedDatasource):
     """WebDataset shards; FileBasedDatasource opens each as a stream and retries transient storage errors
     (a retry replays the shard, skipping the blocks already given: the reader is deterministic)."""
 
+    def __init__(self, paths, max_bytes: int, **kwargs):
+        super().__init__(paths, **kwargs)
+        self.max_bytes = max_bytes
+
     def _read_stream(self, f, path: str):
-        for rows in iter_tar_rows(f, path.rsplit("/", 1)[-1], path, ROWS_PER_BLOCK):
+        for rows in iter_tar_rows(f, path.rsplit("/", 1)[-1], path, ROWS_PER_BLOCK, self.max_bytes):
             yield rows_to_table(rows)
 
 
@@ -148,13 +144,13 @@ def read_source_rows(data: DataConfig, split: str, listing: SourceListing | None
         raise ValueError(f"nothing readable in the {split} split under {data.path} "
                          f"({len(listing.skipped['id'])} rows skipped while listing it)")
     if listing.source == "parquet":
-        datasource = ParquetShardsDatasource(listing.paths())
+        datasource = ParquetShardsDatasource(listing.paths(), data.max_image_bytes)
         return ray.data.read_datasource(datasource, override_num_blocks=len(datasource.pieces), **remote)
     if listing.source == "imagefolder":
-        return ray.data.read_datasource(ImageFilesDatasource(listing),
+        return ray.data.read_datasource(ImageFilesDatasource(listing, data.max_image_bytes),
                                         override_num_blocks=math.ceil(len(listing.names) / IMAGES_PER_READ_TASK), **remote)
     root = location(listing.root)
     filesystem, _ = filesystem_and_path(root)
     shards = [filesystem_and_path(root / name)[1] for name in listing.names]
-    return ray.data.read_datasource(TarShardsDatasource(shards, filesystem=filesystem),
+    return ray.data.read_datasource(TarShardsDatasource(shards, data.max_image_bytes, filesystem=filesystem),
                                     override_num_blocks=len(shards), **remote)
