@@ -52,6 +52,14 @@ class DataConfig:
     # "resize 256, center-crop 224" at 224 px); "auto" is center_crop at image_size >= 128, squash below (digits,
     # MNIST-likes). It applies at whatever size a stage decodes to (the prior's 512 for sd15: the same 87.5 % centre).
     resize: Literal["auto", "squash", "center_crop"] = "auto"
+    # A file (ImageFolder) or tar member bigger than this is skipped as too_large without being read whole.
+    max_image_bytes: int = 64 * 2**20
+    # ImageFolder: follow symbolic links that lead out of data.path (links inside it are always followed, loops
+    # never). Off by default: a link to / would walk the whole filesystem.
+    follow_symlinks: bool = False
+    # A classes.txt whose display names replace the data's own (same classes, same order), e.g. ImageNet-1K's
+    # readable names for the sd15 prompts (configs/imagenet1k_classes.txt) when the data lists bare synsets.
+    classes_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,11 @@ class PriorConfig:
     kind: Literal["tiny", "sd15", "dit"] = "tiny"
     # A diffusers-format folder; empty = the engine's cache, trained on first use (tiny only).
     path: str = ""
+    # sd15/dit: which weight files of the folder to load (engine/priors/base.py). "auto": the full-precision files
+    # (no suffix) where a component has them, else its only variant (a download of *.fp16.safetensors alone);
+    # "none": only the files without a suffix; a name such as "fp16": diffusion_pytorch_model.fp16.safetensors etc.
+    # Weights are upcast to float32 on load either way; runtime.prior_dtype sets what the networks run in.
+    variant: str = "auto"
     vae_channels: tuple[int, ...] = (16, 32)
     latent_channels: int = 4
     unet_channels: tuple[int, ...] = (32, 64)
@@ -90,6 +103,10 @@ class PriorConfig:
     def __post_init__(self):
         if self.kind != "tiny" and not self.path:
             raise ConfigError(f"prior.kind={self.kind} needs prior.path: a local diffusers folder with its weights")
+        # A variant is one word of a file name (diffusion_pytorch_model.<variant>.safetensors): a dot or a path
+        # would name other files than the ones the folder check looks for.
+        if not self.variant.replace("_", "").isalnum() or not self.variant.isascii():
+            raise ConfigError(f"prior.variant={self.variant!r} must be auto, none or a variant name such as fp16")
 
 
 @dataclass(frozen=True)
@@ -216,6 +233,10 @@ class RuntimeConfig:
     train_use_gpu: bool = False
     # Weights and activations of the prior's networks on the decode/encode actors (bfloat16 on GPUs).
     prior_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Mount points every node of the cluster sees at the same path (NFS, EFS, Filestore, a PVC), e.g. [/mnt/efs]:
+    # on several nodes runs_dir, data.path, prior.path and evaluate.teacher_path must be URIs or under one of these
+    # (engine/pipeline.py check_cluster_places), and the teacher and prior caches go under such a runs_dir.
+    shared_paths: tuple[str, ...] = ()
 
     def threads(self, stage: str) -> int:
         """torch threads of one `stage` ("encode" / "decode") actor or "train" worker."""
@@ -253,6 +274,11 @@ class DistillConfig:
 
 # Value checks beyond types: (predicate, message) per dotted key.
 _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "name": (lambda v: is_path_component(v), "must be one folder name (no '/', '..' or leading '.'): runs_dir/name "
+             "is the run folder"),
+    "data.name": (lambda v: is_path_component(v), "must be one folder name (no '/', '..' or leading '.'): it names "
+                  "the dataset's caches"),
+    "data.max_image_bytes": (lambda v: v >= 1, "must be >= 1 (bytes)"),
     "data.image_size": (lambda v: 8 <= v <= 1024 and v % 4 == 0, "must be a multiple of 4 in [8, 1024]"),
     "data.test_fraction": (lambda v: 0.0 < v < 1.0, "must be in (0, 1)"),
     "data.val_fraction": (lambda v: 0.0 <= v <= 0.5, "must be in [0, 0.5]: val is carved from train"),
@@ -297,7 +323,15 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "runtime.shuffle_partitions": (lambda v: v >= 1, "must be >= 1"),
     "runtime.object_store_mb": (lambda v: v == 0 or v >= 80, "must be 0 (Ray's default) or >= 80"),
     "prior.train_images": (lambda v: v >= 0, "must be >= 0 (0 = every train image)"),
+    "runtime.shared_paths": (lambda v: all(p.startswith("/") and "://" not in p for p in v),
+                             "must list absolute mount points such as /mnt/efs (URIs need no declaring)"),
 }
+
+
+def is_path_component(name: str) -> bool:
+    """A single, ordinary folder name: what runs_dir/name and cache paths may be built from."""
+    return bool(name) and name not in (".", "..") and not name.startswith(".") and "/" not in name \
+        and "\\" not in name and "\0" not in name and not os.path.isabs(name)
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
@@ -387,7 +421,8 @@ def _resolve_paths(config: DistillConfig) -> DistillConfig:
 
     return dataclasses.replace(
         config,
-        data=dataclasses.replace(config.data, path=absolute(config.data.path)),
+        data=dataclasses.replace(config.data, path=absolute(config.data.path),
+                                 classes_file=absolute(config.data.classes_file)),
         prior=dataclasses.replace(config.prior, path=absolute(config.prior.path)),
         evaluate=dataclasses.replace(config.evaluate, teacher_path=absolute(config.evaluate.teacher_path)),
     )
