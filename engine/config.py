@@ -272,12 +272,11 @@ class DistillConfig:
         return Path(os.path.expanduser(self.cache_dir))
 
 
+ONE_FOLDER = "must be one folder name (no '/', '..' or leading '.')"
 # Value checks beyond types: (predicate, message) per dotted key.
 _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
-    "name": (lambda v: is_path_component(v), "must be one folder name (no '/', '..' or leading '.'): runs_dir/name "
-             "is the run folder"),
-    "data.name": (lambda v: is_path_component(v), "must be one folder name (no '/', '..' or leading '.'): it names "
-                  "the dataset's caches"),
+    "name": (lambda v: is_path_component(v), f"{ONE_FOLDER}: runs_dir/name is the run folder"),
+    "data.name": (lambda v: is_path_component(v), f"{ONE_FOLDER}: it names the dataset's caches"),
     "data.max_image_bytes": (lambda v: v >= 1, "must be >= 1 (bytes)"),
     "data.image_size": (lambda v: 8 <= v <= 1024 and v % 4 == 0, "must be a multiple of 4 in [8, 1024]"),
     "data.test_fraction": (lambda v: 0.0 < v < 1.0, "must be in (0, 1)"),
