@@ -3,19 +3,24 @@
 img2img from each centroid: noise it to the timestep reached after (1 - strength) of the scheduler's schedule, run
 the remaining steps with classifier-free guidance, eps = eps(null) + g * (eps(class) - eps(null)), and VAE-decode.
 Noise is drawn per row from a generator seeded by (seed, row key), so an image does not depend on which other
-centroids share its batch. Each prior's loop lives with the prior (engine/priors/: tiny, sd15, dit) and shares the helpers below; every prior
-is reached through `decode_latents`.
+centroids share its batch. Each prior's loop lives with the prior (engine/priors/: tiny, sd15, dit) and shares the
+helpers below; every prior is reached through `decode_latents`.
+
+`decode_by_ipc` packs the rows of every IPC decoded at the same strength into full batches of decode.batch_size
+(a class's 1 + 10 + 50 centroids alone would give the denoiser batches of 1, 10, 32 and 18), capped where the
+VAE decoder's activations would reach 2^31 elements (engine.encode.largest_vae_batch).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from engine.config import DecodeConfig
-from engine.encode import resize_pixels, tensor_to_images
+from engine.encode import largest_vae_batch, resize_pixels, tensor_to_images
 
 
 def row_noise(shape: tuple[int, ...], seed: int, keys: np.ndarray) -> torch.Tensor:
@@ -30,7 +35,8 @@ def check_decode_inputs(latents: np.ndarray, labels: np.ndarray, strength: float
     if not np.isfinite(latents).all():
         raise ValueError("decode_centroids got NaN or Inf latents")
     if len(labels) and not 0 <= int(np.min(labels)) <= int(np.max(labels)) < num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes}) for this prior, got {np.min(labels)}..{np.max(labels)}")
+        raise ValueError(f"labels must lie in [0, {num_classes}) for this prior, "
+                         f"got {np.min(labels)}..{np.max(labels)}")
 
 
 def img2img_timesteps(scheduler, num_steps: int, strength: float) -> torch.Tensor:
@@ -55,20 +61,56 @@ def decode_latents(prior, latents: np.ndarray, labels: np.ndarray, config: Decod
     return prior.decode(np.asarray(latents), np.asarray(labels), config, keys, size)
 
 
-def decode_by_ipc(prior, latents: np.ndarray, labels: np.ndarray, ipcs: np.ndarray, keys: np.ndarray,
-                  decode: DecodeConfig, size: int | None) -> np.ndarray:
-    """Decode rows of several IPCs in batches of decode.batch_size, each IPC at its own strength
-    (decode.strength_at), into uint8 images in the rows' order."""
-    if not len(latents):
-        return np.zeros((0, 1, 1, 3), np.uint8)
-    images = None
+@dataclass(frozen=True)
+class DecodedRows:
+    """What `decode_by_ipc` made: the images in the rows' order and the row indices of each denoiser batch, in
+    the order they ran (their lengths are the batch sizes the denoiser saw)."""
+
+    images: np.ndarray  # (N, H, W, 3) uint8
+    batches: tuple[np.ndarray, ...]
+
+    def batch_size_of_rows(self) -> np.ndarray:
+        """(N,) the size of the denoiser batch each row was decoded in."""
+        sizes = np.zeros(len(self.images), np.int64)
+        for rows in self.batches:
+            sizes[rows] = len(rows)
+        return sizes
+
+
+def strength_groups(ipcs: np.ndarray, decode: DecodeConfig) -> list[tuple[float, np.ndarray]]:
+    """[(strength, row indices)]: the rows of every IPC decoded at one strength share batches; groups in order of
+    their smallest IPC, rows in input order."""
+    groups: dict[float, list[int]] = {}
     for ipc in np.unique(ipcs):
-        rows = np.flatnonzero(ipcs == ipc)
-        config = dataclasses.replace(decode, strength=decode.strength_at(int(ipc)))
-        for start in range(0, len(rows), decode.batch_size):
-            part = rows[start:start + decode.batch_size]
+        groups.setdefault(decode.strength_at(int(ipc)), []).append(int(ipc))
+    return [(strength, np.flatnonzero(np.isin(ipcs, members))) for strength, members in groups.items()]
+
+
+def denoiser_batch_size(prior, decode: DecodeConfig) -> int:
+    """decode.batch_size, or fewer where the prior's VAE decoder would reach 2^31 elements at its resolution."""
+    vae = getattr(prior, "vae", None)
+    if vae is None:
+        return decode.batch_size
+    side = prior.latent_shape[-1] * 2 ** (len(vae.config.block_out_channels) - 1)  # the VAE's full resolution
+    return min(decode.batch_size, largest_vae_batch(vae.config, side, "decoder"))
+
+
+def decode_by_ipc(prior, latents: np.ndarray, labels: np.ndarray, ipcs: np.ndarray, keys: np.ndarray,
+                  decode: DecodeConfig, size: int | None) -> DecodedRows:
+    """Decode rows of several IPCs, each IPC at its own strength (decode.strength_at), into uint8 images in the
+    rows' order: the rows of one strength in full batches of `denoiser_batch_size` (the last one partial).
+    Noise is keyed per row, so packing changes no image beyond float rounding."""
+    if not len(latents):
+        return DecodedRows(np.zeros((0, 1, 1, 3), np.uint8), ())
+    batch = denoiser_batch_size(prior, decode)
+    images, batches = None, []
+    for strength, rows in strength_groups(np.asarray(ipcs), decode):
+        config = dataclasses.replace(decode, strength=strength)
+        for start in range(0, len(rows), batch):
+            part = rows[start:start + batch]
             decoded = decode_latents(prior, latents[part], labels[part], config, keys[part], size)
             if images is None:
                 images = np.zeros((len(latents), *decoded.shape[1:]), decoded.dtype)
             images[part] = decoded
-    return images
+            batches.append(part)
+    return DecodedRows(images, tuple(batches))

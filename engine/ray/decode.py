@@ -1,8 +1,9 @@
 """The decode stage: per-class centroid files -> map_batches(CentroidDecoder, actor pool) -> images ->
 map_batches(write_images, tasks) -> PNGs of the distilled sets.
 
-Input rows are class files, not centroids: one small row per class, split into one block per batch of classes,
-so every actor of the pool gets work and no process ever holds more than a batch of classes' centroids. The
+Input rows are class files, not centroids: one small row per group of classes (`classes_per_batch`: enough
+classes for their centroids to fill whole denoiser batches), one block each, so every actor of the pool gets work,
+the denoiser sees full batches of decode.batch_size, and no process ever holds more than a group's centroids. The
 decoder only decodes; PNG encoding and writing run in separate Ray Data tasks, off the GPU actor's critical path.
 Each image is written once, into the first set that uses it, and shared with the others (d4m and every ddoq
 weighting hold the same images with different weights) by `store.share_file`.
@@ -11,6 +12,7 @@ weighting hold the same images with different weights) by `store.share_file`.
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -50,7 +52,7 @@ class CentroidDecoder:
         from engine.store import read_table, table_latents
 
         crash_once_if_requested(self.fault_dir, "decode")
-        tables = [read_table(file) for file in batch["file"]]
+        tables = [read_table(file) for files in batch["files"] for file in files]
         rows = pa.concat_tables(tables)
         rows = rows.filter(pc.is_in(rows["ipc"], pa.array(self.ipcs, pa.int64())))
         check_finite_centroids(rows)  # NaN/Inf never reaches the decoder, named by (class, IPC)
@@ -59,8 +61,9 @@ class CentroidDecoder:
         labels, ipcs, indices = (np.asarray(meta[k], np.int64) for k in ("label", "ipc", "index"))
         # Noise key per centroid: unique within the run, independent of batching.
         keys = ipcs * 1_000_000 + labels * 1_000 + indices
-        images = decode_by_ipc(self.prior, latents, labels, ipcs, keys, self.decode, self.image_size)
-        return {**{k: np.asarray(v) for k, v in meta.items()}, "image": images,
+        decoded = decode_by_ipc(self.prior, latents, labels, ipcs, keys, self.decode, self.image_size)
+        return {**{k: np.asarray(v) for k, v in meta.items()}, "image": decoded.images,
+                "denoiser_batch": decoded.batch_size_of_rows(),
                 "actor": np.array([self.actor] * len(labels), dtype=object)}
 
 
@@ -79,9 +82,28 @@ def write_images(batch: dict, set_dirs: dict[int, list[str]]) -> dict:
         files.append([str(t) for t in targets])
         digests.append(record["sha256"])
         sizes.append(record["bytes"])
-    kept = {k: batch[k] for k in META_COLUMNS + ("actor",)}
+    kept = {k: batch[k] for k in META_COLUMNS + ("actor", "denoiser_batch")}
     return {**kept, "path": np.array(paths, dtype=object), "files": files,
             "sha256": np.array(digests, dtype=object), "bytes": np.array(sizes, dtype=np.int64)}
+
+
+def classes_per_batch(decode: DecodeConfig, ipcs: tuple[int, ...], classes: int, actors: int) -> int:
+    """Classes per actor call: the fewest whose centroids fill whole batches of decode.batch_size at every
+    strength (the IPCs decoded at one strength share batches), so only the last call of the run decodes a partial
+    batch per strength; fewer when that many would leave actors of the pool without work."""
+    per_class: Counter = Counter()
+    for ipc in ipcs:
+        per_class[decode.strength_at(ipc)] += ipc  # centroids of one class at each strength
+    unit = 1
+    for count in per_class.values():
+        unit = math.lcm(unit, decode.batch_size // math.gcd(decode.batch_size, count))
+    return max(1, min(unit, math.ceil(classes / max(1, actors))))
+
+
+def denoiser_histogram(rows: pa.Table) -> dict[int, int]:
+    """{batch size: batches} the denoiser ran, from the per-image `denoiser_batch` column."""
+    images = Counter(rows.column("denoiser_batch").to_pylist())
+    return {size: images[size] // size for size in sorted(images, reverse=True)}
 
 
 def decode_centroids_to_sets(config: DistillConfig, prior_folder, class_files: dict[int, str],
@@ -96,18 +118,18 @@ def decode_centroids_to_sets(config: DistillConfig, prior_folder, class_files: d
     deterministic_order()
     wait_for_pool(runtime.pool_start_timeout_s)
     ipcs = tuple(sorted(set_dirs))
-    images_per_class = sum(ipcs)
-    classes_per_batch = max(1, config.decode.batch_size // max(1, images_per_class))
-    items = [{"label": label, "file": str(file)} for label, file in sorted(class_files.items())]
-    blocks = max(1, math.ceil(len(items) / classes_per_batch))
-    decoded = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+    files = [str(file) for _, file in sorted(class_files.items())]
+    group = classes_per_batch(config.decode, ipcs, len(files), runtime.decode_actors)
+    # One row, and one block, per group: Ray Data would otherwise re-bundle blocks into batches of its own sizes.
+    items = [{"files": files[start:start + group]} for start in range(0, len(files), group)]
+    decoded = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
         CentroidDecoder,
         fn_constructor_kwargs={"prior_kind": config.prior.kind, "prior_folder": str(prior_folder),
                                "class_names": tuple(class_names), "decode": config.decode, "ipcs": ipcs,
                                "device": "cuda" if use_gpu else "cpu", "image_size": config.data.image_size,
                                "dtype": runtime.prior_dtype, "threads": runtime.threads("decode"),
                                "fault_dir": str(config.run_dir)},
-        batch_size=classes_per_batch,
+        batch_size=1,
         # One batch of classes in flight per actor, and the whole pool up before the first batch: otherwise the
         # first actor to load its prior takes every batch while the others are still starting.
         compute=ray.data.ActorPoolStrategy(size=runtime.decode_actors, max_tasks_in_flight_per_actor=1),
@@ -115,5 +137,10 @@ def decode_centroids_to_sets(config: DistillConfig, prior_folder, class_files: d
         num_cpus=runtime.decode_cpus_per_actor,
     ).map_batches(write_images, fn_kwargs={"set_dirs": set_dirs}, batch_size=None, num_cpus=WRITE_TASK_CPUS)
     # One small row per decoded image (classes x IPC; the pixels stayed in the write tasks).
-    return pa.Table.from_pylist(decoded.take_all()).sort_by([("ipc", "ascending"), ("label", "ascending"),
+    rows = pa.Table.from_pylist(decoded.take_all()).sort_by([("ipc", "ascending"), ("label", "ascending"),
                                                              ("index", "ascending")])
+    if rows.num_rows:
+        batches = ", ".join(f"{count} x {size}" for size, count in denoiser_histogram(rows).items())
+        print(f"decode: the denoiser ran batches of {batches} centroids (decode.batch_size {config.decode.batch_size})",
+              flush=True)
+    return rows
