@@ -175,6 +175,17 @@ class EvaluateConfig:
     teacher: str = "convnet3"
     # A local safetensors state dict of `teacher` for this data; empty = train it on the full split (cached).
     teacher_path: str = ""
+    # The input scale of the students and of a teacher the engine trains (engine/protocols.py): "imagenet" = ImageNet
+    # mean/std, as SRe2L/RDED/D4M train at ImageNet scale; "symmetric" = x / 127.5 - 1, the small sets' scale;
+    # "auto" = imagenet at data.image_size >= 64, symmetric below (digits, Fashion-MNIST as before).
+    input_norm: Literal["auto", "imagenet", "symmetric"] = "auto"
+    # The per-channel mean/std (of pixels in [0, 1]) a given teacher_path was trained with; empty = the timm
+    # architecture's pretrained_cfg (its weights' own normalization) at >= 64 px, else input_norm.
+    teacher_mean: tuple[float, ...] = ()
+    teacher_std: tuple[float, ...] = ()
+    # The run stops before any student when the teacher's validation top-1 is below this (a wrongly scaled or
+    # wrong teacher labels every batch badly without an error); 0 = off.
+    min_teacher_top1: float = 0.0
     students: tuple[str, ...] = ("convnet3",)
     width: int = 32  # ConvNet-3 channels (128 in the classic hard-label tables)
     teacher_epochs: int = 30
@@ -182,6 +193,9 @@ class EvaluateConfig:
     student_epochs: int = 100
     full_epochs: int = 15
     batch_size: int = 64
+    # A student batch size for some IPCs ({ipc: batch}; the others use batch_size): RDED scales its batch with the
+    # set (ImageNet-1K: 20 / 100 / 200 at IPC 1 / 10 / 50). The teacher and `full` use batch_size.
+    batch_size_by_ipc: dict[int, int] = field(default_factory=dict)
     temperature: float = 20.0  # RDED's T with CutMix
     cutmix: bool = True  # rded / fkd only
     flip: bool = False  # off for digits and other orientation-bearing data
@@ -194,6 +208,14 @@ class EvaluateConfig:
     # agreement, Fréchet distance, precision / recall) into results/<key>/set_quality.json and the report. Trains
     # the teacher when the protocol has none (hard).
     set_quality: bool = True
+
+    def __post_init__(self):
+        if bool(self.teacher_mean) != bool(self.teacher_std):
+            raise ConfigError("evaluate.teacher_mean and evaluate.teacher_std go together: give both or neither")
+
+    def batch_size_at(self, ipc: int) -> int:
+        """The batch size a student trains with on a set of this IPC."""
+        return self.batch_size_by_ipc.get(ipc, self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -308,6 +330,11 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "evaluate.student_epochs": (lambda v: v >= 0, "must be >= 0 (0 = the protocol's default)"),
     "evaluate.reports": (lambda v: v >= 1, "must be >= 1"),
     "evaluate.batch_size": (lambda v: v >= 1, "must be >= 1"),
+    "evaluate.batch_size_by_ipc": (lambda v: all(k >= 1 and b >= 1 for k, b in v.items()),
+                                   "must map IPCs >= 1 to batch sizes >= 1"),
+    "evaluate.teacher_mean": (lambda v: len(v) in (0, 3), "must be empty or 3 channel means"),
+    "evaluate.teacher_std": (lambda v: len(v) in (0, 3) and all(x > 0 for x in v), "must be empty or 3 stds > 0"),
+    "evaluate.min_teacher_top1": (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1] (0 = off)"),
     "evaluate.temperature": (lambda v: v > 0, "must be > 0"),
     "runtime.train_workers": (lambda v: v >= 1, "must be >= 1"),
     "runtime.train_cpus_per_worker": (lambda v: v > 0, "must be > 0"),
