@@ -1,9 +1,17 @@
 """sd15 and dit priors built from (scaled-down) real configs with random weights, saved in the diffusers layout,
-loaded back through the engine's loader, and run encode -> quantize -> decode. Full size lives under `slow`."""
+loaded back through the engine's loader, and run encode -> quantize -> decode. Every weight layout users download
+(full precision, fp16 variant, sharded, the DiT hub folder, pickles) either loads or is refused in one sentence, and
+the working resolution comes from the denoiser. Full size lives under `slow`."""
 
+import copy
 import dataclasses
 import json
+import re
+import shlex
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,28 +20,42 @@ import torch
 from engine.config import ConfigError, DecodeConfig, PriorConfig, load_config
 from engine.decode import decode_latents
 from engine.priors import load_prior
-from engine.priors.dit import build_dit_prior
-from engine.priors.sd15 import build_sd15_prior
+from engine.priors.base import check_prior_folder
+from engine.priors.dit import build_dit_prior, load_dit_prior
+from engine.priors.sd15 import build_sd15_prior, load_sd15_prior
 from engine.quantize import quantize_class
-from tests.priors_small import DIT_SMALL, SD15_SMALL
+from tests.priors_small import (DIT_SMALL, LAYOUTS, SD15_SMALL, edit_config, save_dit_hub_layout, save_in_layout,
+                                weighted_modules)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 NAMES = ("tench", "goldfish", "great white shark")
 DECODE = DecodeConfig(guidance_scale=3.0, strength=0.6, num_steps=5, seed=0, negative_prompt="cartoon, anime")
 
 
 @pytest.fixture(scope="module")
-def sd15_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sd15")
+def sd15_built(tmp_path_factory):
     torch.manual_seed(0)
-    build_sd15_prior(NAMES, root / "tok", **SD15_SMALL).save(root / "prior")
+    return build_sd15_prior(NAMES, tmp_path_factory.mktemp("tok"), **SD15_SMALL)
+
+
+@pytest.fixture(scope="module")
+def dit_built():
+    torch.manual_seed(0)
+    return build_dit_prior(NAMES, **DIT_SMALL)
+
+
+@pytest.fixture(scope="module")
+def sd15_folder(tmp_path_factory, sd15_built):
+    root = tmp_path_factory.mktemp("sd15")
+    sd15_built.save(root / "prior")
     return root / "prior"
 
 
 @pytest.fixture(scope="module")
-def dit_folder(tmp_path_factory):
+def dit_folder(tmp_path_factory, dit_built):
     root = tmp_path_factory.mktemp("dit")
-    torch.manual_seed(0)
-    build_dit_prior(NAMES, **DIT_SMALL).save(root / "prior")
+    dit_built.save(root / "prior")
     return root / "prior"
 
 
@@ -135,9 +157,10 @@ def test_missing_weights_and_malformed_config_are_named(tmp_path, dit_folder):
     (folder / "vae" / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="vae/config.json is not valid JSON"):
         load_prior("dit", folder, NAMES)
+    (folder / "vae" / "config.json").write_text((dit_folder / "vae" / "config.json").read_text())
     for weights in (folder / "vae").glob("*.safetensors"):
         weights.unlink()
-    with pytest.raises(FileNotFoundError, match=r"vae/\*.safetensors"):
+    with pytest.raises(FileNotFoundError, match=r"vae/ holds no weights \(diffusion_pytorch_model.safetensors"):
         load_prior("dit", folder, NAMES)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_prior("sd15", tmp_path / "nowhere", NAMES)
@@ -155,6 +178,187 @@ def test_saved_folders_hold_no_pickles(sd15_folder, dit_folder):
     for folder in (sd15_folder, dit_folder):
         assert not [p for p in folder.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
         assert json.loads((folder / "model_index.json").read_text())["_class_name"].endswith("Pipeline")
+
+
+# ---------------------------------------------------------------- weight layouts
+
+
+def assert_weights_equal(loaded, built, dtype=torch.float32):
+    """Every loaded parameter is float32 and equals the built one (rounded through `dtype` where the file held it)."""
+    for name, module in weighted_modules(built).items():
+        theirs = getattr(loaded, name).state_dict()
+        for key, value in module.state_dict().items():
+            assert theirs[key].dtype == torch.float32, (name, key)
+            torch.testing.assert_close(theirs[key], value.to(dtype).float(), rtol=0, atol=0, msg=f"{name}.{key}")
+
+
+def one_decode_step(prior):
+    latents = np.random.default_rng(0).standard_normal((2, *prior.latent_shape)).astype(np.float32)
+    config = dataclasses.replace(DECODE, num_steps=1, strength=1.0)
+    images = decode_latents(prior, latents, np.array([0, 2]), config)
+    assert images.shape == (2, prior.image_size, prior.image_size, 3) and images.dtype == np.uint8
+    return images
+
+
+# The exact files check_prior_folder finds in each layout (the vae's; every weighted component alike).
+VAE_FILES = {"full": ("diffusion_pytorch_model.safetensors",), "fp16": ("diffusion_pytorch_model.fp16.safetensors",)}
+
+
+@pytest.mark.parametrize("layout", [layout for layout in LAYOUTS if layout != "bin"])
+@pytest.mark.parametrize("kind", ["sd15", "dit"])
+def test_every_safetensors_layout_loads_and_decodes(tmp_path, sd15_built, dit_built, kind, layout):
+    built = sd15_built if kind == "sd15" else dit_built
+    folder = save_in_layout(built, tmp_path / layout, layout)
+    components = ("vae", "unet", "text_encoder", "tokenizer", "scheduler") if kind == "sd15" else (
+        "vae", "transformer", "scheduler")
+    checked = check_prior_folder(folder, components)
+    vae = next(w for w in checked.weights if w.component == "vae")
+    assert vae.variant == ("fp16" if layout == "fp16" else None)
+    if layout == "sharded":
+        assert vae.files[0] == "diffusion_pytorch_model.safetensors.index.json" and len(vae.files) > 2
+    else:
+        assert vae.files == VAE_FILES[layout]
+    prior = load_prior(kind, folder, NAMES)
+    assert_weights_equal(prior, built, torch.float16 if layout == "fp16" else torch.float32)
+    one_decode_step(prior)
+
+
+def test_the_dit_hub_layout_loads(tmp_path, dit_built):
+    folder = save_dit_hub_layout(dit_built, tmp_path / "hub")
+    assert json.loads((folder / "transformer" / "config.json").read_text())["_class_name"] == "Transformer2DModel"
+    prior = load_prior("dit", folder, NAMES)
+    assert_weights_equal(prior, dit_built)
+    np.testing.assert_array_equal(one_decode_step(prior), one_decode_step(dit_built))
+
+
+def test_a_transformer2d_that_is_not_a_dit_is_refused(tmp_path, dit_built):
+    folder = save_dit_hub_layout(dit_built, tmp_path / "pixart")
+    edit_config(folder, "transformer", norm_type="ada_norm_single", num_embeds_ada_norm=None)
+    with pytest.raises(ValueError, match=r"transformer/config.json is not a class-conditional DiT"):
+        load_prior("dit", folder, NAMES)
+
+
+def test_prior_variant_chooses_between_full_and_fp16_files(tmp_path, sd15_built):
+    folder = save_in_layout(sd15_built, tmp_path / "both", "full")
+    for name, module in weighted_modules(sd15_built).items():  # beside the full files, as hub SD folders hold
+        copy.deepcopy(module).half().save_pretrained(folder / name, variant="fp16")
+    assert_weights_equal(load_sd15_prior(folder, NAMES), sd15_built)  # auto: the full-precision files
+    assert_weights_equal(load_sd15_prior(folder, NAMES, variant="none"), sd15_built)
+    assert_weights_equal(load_sd15_prior(folder, NAMES, variant="fp16"), sd15_built, torch.float16)
+    # A variant some components lack: those load their full-precision files (hub folders: non_ema for the UNet).
+    for path in (folder / "text_encoder").glob("*.fp16.*"):
+        path.unlink()
+    mixed = load_sd15_prior(folder, NAMES, variant="fp16")
+    torch.testing.assert_close(mixed.text_encoder.state_dict(), sd15_built.text_encoder.state_dict(), rtol=0, atol=0)
+    torch.testing.assert_close(mixed.vae.state_dict(), {k: v.half().float() for k, v in
+                                                        sd15_built.vae.state_dict().items()}, rtol=0, atol=0)
+    (folder / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"vae/ holds no ema weights \(fp16\): set prior.variant"):
+        load_sd15_prior(folder, NAMES, variant="ema")
+
+
+def test_a_variant_only_folder_refuses_what_it_lacks(tmp_path, dit_built):
+    folder = save_in_layout(dit_built, tmp_path / "fp16", "fp16")
+    with pytest.raises(FileNotFoundError, match=r"vae/ holds no full-precision \(unsuffixed\) weights \(fp16\)"):
+        load_dit_prior(folder, NAMES, variant="none")
+    # Two variants and no plain files: which to load is the user's choice, not the engine's.
+    for path in folder.glob("*/*.fp16.safetensors"):
+        shutil.copy(path, path.with_name(path.name.replace(".fp16.", ".non_ema.")))
+    with pytest.raises(FileNotFoundError, match=r"vae/ holds several variants \(fp16, non_ema\): set prior.variant"):
+        load_dit_prior(folder, NAMES)
+    assert load_dit_prior(folder, NAMES, variant="non_ema").image_size == 32
+
+
+def test_a_missing_shard_is_named(tmp_path, dit_built):
+    folder = save_in_layout(dit_built, tmp_path / "sharded", "sharded")
+    shard = sorted((folder / "transformer").glob("*-00002-of-*.safetensors"))[0]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"transformer/diffusion_pytorch_model.safetensors.index.json lists "
+                                                rf"{shard.name}, which is missing"):
+        check_prior_folder(folder, ("vae", "transformer", "scheduler"))
+
+
+@pytest.mark.parametrize("kind", ["sd15", "dit"])
+def test_a_pickle_only_folder_is_refused_with_the_command_that_converts_it(tmp_path, sd15_built, dit_built, kind):
+    built = sd15_built if kind == "sd15" else dit_built
+    folder = save_in_layout(built, tmp_path / "with space" / "bin", "bin")
+    with pytest.raises(FileNotFoundError, match=r"vae/diffusion_pytorch_model.bin is a pickle") as refused:
+        load_prior(kind, folder, NAMES)
+    message = str(refused.value)
+    assert "\n" not in message and message.count(": ") <= 2
+    command = shlex.split(re.search(r"`(.+)`", message).group(1))
+    assert command[:2] == ["python", "jobs/convert_weights.py"]
+    out = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    prior = load_prior(kind, folder, NAMES)
+    assert_weights_equal(prior, built)
+    one_decode_step(prior)
+    rerun = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "converted 0 file(s)" in rerun.stdout  # idempotent
+
+
+def test_a_pickled_text_encoder_beside_safetensors_parts_is_named(tmp_path, sd15_built):
+    folder = save_in_layout(sd15_built, tmp_path / "sd15", "full")
+    (folder / "text_encoder" / "model.safetensors").unlink()
+    torch.save(sd15_built.text_encoder.state_dict(), folder / "text_encoder" / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match=r"text_encoder/pytorch_model.bin is a pickle.*convert_weights.py"):
+        load_prior("sd15", folder, NAMES)
+
+
+def test_prior_variant_is_a_config_key():
+    assert PriorConfig().variant == "auto"
+    assert load_config(None, ["prior.kind=sd15", "prior.path=/m", "prior.variant=fp16"]).prior.variant == "fp16"
+    for bad in ("fp16.safetensors", "../fp16", "", "fp 16"):
+        with pytest.raises(ConfigError, match="prior.variant"):
+            PriorConfig(variant=bad)
+
+
+# ---------------------------------------------------------------- resolution from the denoiser
+
+
+def test_the_resolution_comes_from_the_unet_not_the_vae_config(tmp_path, sd15_built):
+    """A VAE whose config claims another size (sd-vae-ft-mse says 256 beside SD's 512 UNet) changes nothing: the
+    UNet's 16-latent side x the VAE's factor 2 = 32 pixels."""
+    folder = save_in_layout(sd15_built, tmp_path / "sd15", "full")
+    edit_config(folder, "vae", sample_size=64)
+    prior = load_prior("sd15", folder, NAMES)
+    assert prior.image_size == 32 and prior.latent_shape == (4, 16, 16)
+    latents = prior.encode(np.zeros((1, 20, 20, 3), np.uint8))
+    assert latents.shape == (1, 4, 16, 16)
+
+
+def test_a_dit_at_another_resolution_encodes_at_its_own(dit_built):
+    """A DiT trained on 8-latent images (a DiT-512 beside a 256 VAE, scaled down) encodes at 8 x 2 = 16 px, so its
+    latents fit the transformer, whatever the VAE's config says."""
+    torch.manual_seed(0)
+    small = build_dit_prior(NAMES, vae={**DIT_SMALL["vae"], "sample_size": 64},
+                            transformer={**DIT_SMALL["transformer"], "sample_size": 8})
+    assert small.image_size == 16 and small.latent_shape == (4, 8, 8)
+    latents = small.encode(np.zeros((2, 32, 32, 3), np.uint8))
+    assert latents.shape == (2, 4, 8, 8)
+    images = decode_latents(small, latents, np.array([0, 1]), dataclasses.replace(DECODE, num_steps=2))
+    assert images.shape == (2, 16, 16, 3)
+
+
+@pytest.mark.parametrize("kind, component, change, message", [
+    ("sd15", "vae", {"latent_channels": 8}, r"vae/config.json makes 8-channel latents but unet/config.json takes "
+                                            r"in_channels 4: use the VAE this unet was trained with"),
+    ("dit", "vae", {"latent_channels": 16}, r"makes 16-channel latents but transformer/config.json takes"),
+    ("sd15", "text_encoder", {"hidden_size": 64}, r"text_encoder/config.json has hidden_size 64 but "
+                                                  r"unet/config.json has cross_attention_dim 32"),
+    ("sd15", "unet", {"_class_name": "UNet2DModel"}, r"unet/config.json is a UNet2DModel, not a UNet2DConditionModel"),
+    ("dit", "transformer", {"sample_size": [16, 8]}, r"non-square sample_size \[16, 8\]"),
+])
+def test_parts_that_disagree_are_refused_before_any_weight_is_read(tmp_path, sd15_folder, dit_folder, kind,
+                                                                  component, change, message):
+    folder = tmp_path / kind
+    shutil.copytree(sd15_folder if kind == "sd15" else dit_folder, folder)
+    edit_config(folder, component, **change)
+    for weights in folder.glob("*/*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")  # reading any weight would fail with another error
+    with pytest.raises(ValueError, match=message) as refused:
+        load_prior(kind, folder, NAMES)
+    assert str(folder) in str(refused.value) and "\n" not in str(refused.value)
 
 
 @pytest.mark.ray

@@ -1,7 +1,9 @@
 """The `dit` prior: DiT-XL/2-256 (DiTTransformer2DModel, class-conditional on 1000 classes) + an
-sd-vae-ft-mse-style AutoencoderKL + its scheduler, from a local diffusers folder (vae/, transformer/, scheduler/).
+sd-vae-ft-mse-style AutoencoderKL + its scheduler, from a local diffusers folder (vae/, transformer/, scheduler/):
+the engine's own save, or the hub folder, whose transformer/config.json names the older Transformer2DModel.
 
-encode: uint8 (B, H, W, 3) -> resized to the VAE's sample_size (256) -> latents (B, 4, 32, 32) = mean x 0.18215.
+encode: uint8 (B, H, W, 3) -> resized to the transformer's resolution (sample_size 32 x the VAE's factor 8 = 256)
+-> latents (B, 4, 32, 32) = mean x 0.18215.
 decode: the quantized latent is the sampler's initialisation: the centroid noised to `strength` starts the
 reverse process (guidance default 4.0, 50 steps). strength 1.0 starts from pure noise and ignores the centroid:
 the plain class-conditional DiT baseline. The transformer predicts (eps, sigma); sigma is dropped as in
@@ -21,8 +23,9 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel
 from engine.config import DecodeConfig
 from engine.decode import check_decode_inputs, img2img_timesteps, pixels_to_images, row_noise
 from engine.encode import encode_images
-from engine.priors.base import check_prior_folder, guided, load_scheduler, move
-from engine.priors.sd15 import SD15_VAE, NetworkTuning
+from engine.priors.base import (PriorFolder, Resolution, check_prior_folder, denoiser_resolution, guided,
+                                 load_scheduler, move)
+from engine.priors.sd15 import SD15_VAE, NetworkTuning, weights
 
 COMPONENTS = ("vae", "transformer", "scheduler")
 
@@ -50,13 +53,16 @@ class DiTPrior:
     tuning: NetworkTuning = field(default_factory=NetworkTuning, repr=False, compare=False)
 
     @property
+    def resolution(self) -> Resolution:
+        return denoiser_resolution(self.vae.config, self.transformer.config, "transformer")
+
+    @property
     def image_size(self) -> int:
-        return int(self.vae.config.sample_size)
+        return self.resolution.image_size
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        side = int(self.transformer.config.sample_size)
-        return (int(self.transformer.config.in_channels), side, side)
+        return self.resolution.latent_shape
 
     @property
     def num_model_classes(self) -> int:
@@ -128,14 +134,24 @@ def build_dit_prior(class_names: tuple[str, ...], vae: dict = SD_VAE_FT_MSE, tra
                     tuple(class_names)).eval()
 
 
-def load_dit_prior(folder: str | Path, class_names: tuple[str, ...]) -> DiTPrior:
-    """Load a DiT diffusers folder; a missing or malformed part raises an error naming it."""
-    folder = Path(folder)
-    check_prior_folder(folder, COMPONENTS)
+def load_dit_prior(folder: str | Path, class_names: tuple[str, ...], variant: str = "auto") -> DiTPrior:
+    """Load a DiT diffusers folder (`variant`: prior.variant); a missing, malformed or mismatched part raises an
+    error naming it before any weight is read."""
+    checked = check_prior_folder(Path(folder), COMPONENTS, variant)
+    check_dit_config(checked)
     return DiTPrior(
-        vae=AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True, low_cpu_mem_usage=False),
-        transformer=DiTTransformer2DModel.from_pretrained(folder / "transformer", use_safetensors=True,
-                                                          low_cpu_mem_usage=False),
-        scheduler=load_scheduler(folder / "scheduler"),
+        vae=AutoencoderKL.from_pretrained(**weights(checked, "vae"), low_cpu_mem_usage=False),
+        transformer=DiTTransformer2DModel.from_pretrained(**weights(checked, "transformer"), low_cpu_mem_usage=False),
+        scheduler=load_scheduler(checked.path / "scheduler"),
         class_names=tuple(class_names),
     ).eval()
+
+
+def check_dit_config(checked: PriorFolder) -> None:
+    """Transformer2DModel is also the class of text-conditioned transformers (PixArt): only DiT's class-conditional
+    adaLN-zero layout loads into DiTTransformer2DModel."""
+    config = checked.config("transformer")
+    if config.get("norm_type") != "ada_norm_zero" or not config.get("num_embeds_ada_norm"):
+        raise ValueError(f"prior folder {checked.path}: transformer/config.json is not a class-conditional DiT "
+                         f"(norm_type {config.get('norm_type')!r}, num_embeds_ada_norm "
+                         f"{config.get('num_embeds_ada_norm')!r}): point prior.path at a DiT folder")

@@ -1,7 +1,9 @@
 """The `sd15` prior: Stable Diffusion v1.5 from a local diffusers folder (vae/, unet/, text_encoder/, tokenizer/,
-scheduler/), safetensors only.
+scheduler/), safetensors only, in any layout engine.priors.base accepts (full precision, a variant such as fp16,
+sharded).
 
-encode: uint8 (B, H, W, 3) -> resized to the VAE's sample_size (512) -> latents (B, 4, 64, 64) = mean x 0.18215.
+encode: uint8 (B, H, W, 3) -> resized to the UNet's resolution (sample_size 64 x the VAE's factor 8 = 512) ->
+latents (B, 4, 64, 64) = mean x 0.18215.
 decode: img2img from each centroid (D4M: strength 0.7 of 50 steps, guidance 8, negative prompt "cartoon, anime,
 painting"): noise to `strength`, denoise with the class-name prompt and batched classifier-free guidance against
 the negative prompt, VAE-decode, resize to the evaluation resolution.
@@ -25,7 +27,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from engine.config import DecodeConfig
 from engine.decode import check_decode_inputs, img2img_timesteps, pixels_to_images, row_noise
 from engine.encode import encode_images
-from engine.priors.base import check_prior_folder, guided, load_scheduler, move
+from engine.priors.base import (PriorFolder, Resolution, check_prior_folder, denoiser_resolution, guided,
+                                 load_scheduler, move)
 
 COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 
@@ -91,13 +94,16 @@ class StableDiffusionPrior:
     tuning: NetworkTuning = field(default_factory=NetworkTuning, repr=False, compare=False)
 
     @property
+    def resolution(self) -> Resolution:
+        return denoiser_resolution(self.vae.config, self.unet.config, "unet")
+
+    @property
     def image_size(self) -> int:
-        return int(self.vae.config.sample_size)
+        return self.resolution.image_size
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        side = self.image_size // 2 ** (len(self.vae.config.block_out_channels) - 1)
-        return (self.vae.config.latent_channels, side, side)
+        return self.resolution.latent_shape
 
     def to(self, device: str, dtype: str = "float32") -> "StableDiffusionPrior":
         for module in (self.vae, self.unet, self.text_encoder):
@@ -196,16 +202,34 @@ def build_sd15_prior(class_names: tuple[str, ...], tokenizer_folder: Path, vae: 
                                 tokenizer, PNDMScheduler(**scheduler), tuple(class_names)).eval()
 
 
-def load_sd15_prior(folder: str | Path, class_names: tuple[str, ...]) -> StableDiffusionPrior:
-    """Load a Stable Diffusion v1.5 diffusers folder; a missing or malformed part raises an error naming it."""
-    folder = Path(folder)
-    check_prior_folder(folder, COMPONENTS)
+def load_sd15_prior(folder: str | Path, class_names: tuple[str, ...], variant: str = "auto") -> StableDiffusionPrior:
+    """Load a Stable Diffusion v1.5 diffusers folder (`variant`: prior.variant); a missing, malformed or mismatched
+    part raises an error naming it before any weight is read."""
+    checked = check_prior_folder(Path(folder), COMPONENTS, variant)
+    check_text_width(checked)
+    # dtype float32: transformers 5 would keep an fp16 variant in fp16; the engine casts in `to()` as the run asks.
     # low_cpu_mem_usage=False: loading without the optional `accelerate` package.
     return StableDiffusionPrior(
-        vae=AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True, low_cpu_mem_usage=False),
-        unet=UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True, low_cpu_mem_usage=False),
-        text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True),
-        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-        scheduler=load_scheduler(folder / "scheduler"),
+        vae=AutoencoderKL.from_pretrained(**weights(checked, "vae"), low_cpu_mem_usage=False),
+        unet=UNet2DConditionModel.from_pretrained(**weights(checked, "unet"), low_cpu_mem_usage=False),
+        text_encoder=CLIPTextModel.from_pretrained(**weights(checked, "text_encoder")),
+        tokenizer=CLIPTokenizer.from_pretrained(checked.path / "tokenizer"),
+        scheduler=load_scheduler(checked.path / "scheduler"),
         class_names=tuple(class_names),
     ).eval()
+
+
+def weights(checked: PriorFolder, component: str) -> dict:
+    """from_pretrained's arguments for one component of a checked folder: the files check_prior_folder found."""
+    return dict(pretrained_model_name_or_path=checked.path / component, variant=checked.variant(component),
+                use_safetensors=True, dtype=torch.float32)
+
+
+def check_text_width(checked: PriorFolder) -> None:
+    """A text encoder of another width (SD 2's OpenCLIP-H: 1024) than the UNet's cross-attention would load and
+    fail only at the first decode, after the whole encode."""
+    width, attends = checked.config("text_encoder")["hidden_size"], checked.config("unet")["cross_attention_dim"]
+    if width != attends:
+        raise ValueError(f"prior folder {checked.path}: text_encoder/config.json has hidden_size {width} but "
+                         f"unet/config.json has cross_attention_dim {attends}: use the text encoder this UNet was "
+                         f"trained with")
