@@ -26,6 +26,10 @@ def check_run_inputs(config: DistillConfig, class_names: tuple[str, ...], until:
     if prior_path and not location(prior_path).is_dir():
         raise RunError(f"prior.path={prior_path} does not exist (or is not a folder): point it at a saved prior, "
                        f"or leave it empty to train the tiny prior into the cache")
+    if config.data.source != "digits":
+        from engine.sources import check_source
+
+        check_source(config.data)  # a damaged shard or a bad classes.txt is one sentence, before any stage
     if len(class_names) == 0:
         raise RunError(f"the dataset {config.data.name} lists no classes")
     if len(class_names) < 2 and until == "evaluate":

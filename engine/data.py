@@ -15,6 +15,7 @@ import hashlib
 import heapq
 import io
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,11 +161,15 @@ def decode_image_bytes(data: bytes | None, size: int, max_pixels: int = Image.MA
     if fast is not None:
         return fast
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            check_pixels(width, height, max_pixels)
-            image.load()
-            return to_rgb_square(image, size, mode)
+        # PIL warns about damaged metadata it reads past (corrupt EXIF, oversized TIFF tags): the row's outcome is
+        # what counts, and a web-scraped shard would fill the log with them.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                check_pixels(width, height, max_pixels)
+                image.load()
+                return to_rgb_square(image, size, mode)
     except BadImage:
         raise
     except Image.DecompressionBombError as error:  # PIL's own limit, when it is below ours

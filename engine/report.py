@@ -35,6 +35,14 @@ def _pyplot():
     return plt
 
 
+def plot_text(text: str, limit: int = 40) -> str:
+    """A user's text (a class name) as matplotlib draws it literally: `$` would start mathtext (and an unpaired
+    one fails the whole figure), control characters are shown escaped, long names are cut."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return text.replace("$", r"\$")
+
+
 def _save(fig, path) -> str:
     import io
 
@@ -64,7 +72,7 @@ def plot_image_grid(sets: dict[str, Path], ipc: int, path, quality: dict | None 
     order = sorted(sets, key=lambda m: (m not in REAL_SETS, m != "random", m))
     indexes = {m: read_table(sets[m] / "index.parquet").to_pandas() for m in order}
     labels = sorted(set().union(*(set(ix.label) for ix in indexes.values())))
-    names = {int(r.label): str(r.class_name) for ix in indexes.values() for r in ix.itertuples()}
+    names = {int(r.label): plot_text(str(r.class_name)) for ix in indexes.values() for r in ix.itertuples()}
     per_cell = min(ipc, MAX_IMAGES_PER_CELL)
     by_class = ipc > 3
     labels = labels[:MAX_CLASSES_DETAILED if by_class else MAX_CLASSES_IN_GRID]

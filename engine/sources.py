@@ -312,6 +312,19 @@ def scan_source(config: DataConfig, split: str) -> SourceListing:
                                sizes=tuple(listing.sizes[i] for i in keep), skipped=skipped)
 
 
+def check_source(config: DataConfig) -> None:
+    """Whole-source problems as one sentence (SourceError) before any stage: the class list, and that both
+    splits are there and readable as far as their listing tells (parquet footers; the tars and the folders of an
+    ImageFolder are only found here, their contents checked as they are read)."""
+    class_names_of(config)
+    for split in ("train", "test"):
+        if config.source == "imagefolder":
+            root = location(config.path)
+            find_split(root, split, lambda name: (root / name).is_dir())
+        else:
+            scan_source(config, split)
+
+
 def count_rows(config: DataConfig, split: str) -> int:
     """Rows of a split, read as cheaply as the layout allows (it sizes the streamed training schedules; rows that
     will not decode are still counted): digits from memory, parquet from the footers (ids are `<shard>#<row>`, so

@@ -1,6 +1,6 @@
 """End-to-end DDOQ distillation: prior -> encode -> quantize -> decode -> evaluate, on Ray.
 
-    python jobs/distill.py [--config configs/digits.yaml] [--smoke-test] [key.path=value ...]
+    python jobs/distill.py [--config configs/digits.yaml] [--smoke-test] [--overwrite] [key.path=value ...]
     ray job submit --working-dir . -- python jobs/distill.py --smoke-test
 
 The stages live in engine/pipeline.py (shared with tune/sweep.py); this file parses the command line and prints
@@ -21,16 +21,20 @@ from engine.config import DistillConfig, load_config
 from engine.pipeline import DEFAULT_CONFIG, SMOKE_OVERRIDES, STAGES, run
 
 
-def parse_args(argv=None) -> tuple[DistillConfig, str]:
+def parse_args(argv=None) -> tuple[DistillConfig, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/digits.yaml)")
     parser.add_argument("--smoke-test", action="store_true", help="tiny fast run of every stage")
     parser.add_argument("--until", choices=STAGES, default="evaluate",
                         help="last stage to run: `quantize` stops before decoding (latent W2 only)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace what the run folder holds that is not this configuration's run (another "
+                             "configuration's outputs, files the engine did not write); stages that still apply are "
+                             "reused")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. quantize.ipc=10 decode.strength=0.7")
     args = parser.parse_args(argv)
     overrides = (SMOKE_OVERRIDES if args.smoke_test else ()) + tuple(args.overrides)
-    return load_config(args.config, overrides), args.until
+    return load_config(args.config, overrides), args
 
 
 def format_table(metrics: dict) -> str:
@@ -64,12 +68,13 @@ def main(argv=None) -> None:
     from engine.checks import RunError
     from engine.config import ConfigError
     from engine.data import TooManyBadRows
+    from engine.rows import SourceError
 
     start = time.perf_counter()
     try:  # problems the user can fix are one sentence, not a traceback
-        config, until = parse_args(argv)
-        metrics = run(config, until)
-    except (ConfigError, RunError, TooManyBadRows) as error:
+        config, options = parse_args(argv)
+        metrics = run(config, options.until, options.overwrite)
+    except (ConfigError, RunError, TooManyBadRows, SourceError) as error:
         print(f"distill: error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
     print()

@@ -11,9 +11,9 @@ from engine import store
 from engine.report import flatten_counts, write_report
 
 
-def make_run(run_dir, ipcs=(1, 3), classes=3, with_results=True):
+def make_run(run_dir, ipcs=(1, 3), classes=3, with_results=True, names=None):
     rng = np.random.default_rng(0)
-    names = tuple(f"class{c}" for c in range(classes))
+    names = names or tuple(f"class{c}" for c in range(classes))
     centroid_rows, stat_rows = [], []
     for ipc in ipcs:
         for label in range(classes):
@@ -66,6 +66,16 @@ def test_report_links_every_figure_and_shows_counts(tmp_path):
     # Counts are shown generically, nested keys as dotted names (issue #8 adds skipped counts).
     for key in ("images_encoded", "skipped.corrupt", "skipped.too_small"):
         assert f"<td>{key}</td>" in text
+
+
+def test_class_names_are_drawn_and_shown_as_written(tmp_path):
+    """A folder name matplotlib would read as mathtext (an unpaired `$`) or HTML would read as markup."""
+    names = ("a$\\nosuch$b", "<b>bold</b>", "tab\there")
+    make_run(tmp_path, names=names)
+    text = write_report(tmp_path).read_text()
+    assert "<b>bold</b>" not in text
+    with Image.open(tmp_path / "report" / "images_ipc1.png") as image:
+        assert image.size[0] > 200
 
 
 def test_report_without_students_says_so(tmp_path):

@@ -280,3 +280,25 @@ def test_a_sweep_whose_space_leaves_the_methods_open_runs_every_method(ray_sessi
     jobs = {p.name.split("-ipc")[0] for p in out["sweep_dir"].glob("trials/t-*/results/*/*-seed0.json")}
     assert jobs == {"random", "herding", "d4m", "ddoq-mass", "full"}
     assert len(list((tmp_path / "cache" / "teachers").glob("*.safetensors"))) == 1  # trained once, shared
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_sweep_rerun_in_its_folder_succeeds_whatever_state_its_trials_were_left_in(ray_session, tmp_path):
+    """Every trial reports its rows to Tune whether it trains now, trained before (an ASHA stop left its students
+    done but no metrics.json) or finished: a re-run never fails on a missing metric, and picks the same best."""
+    import shutil
+
+    args = ["--smoke-test", f"runs_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}"]
+    first = sweep.main(args)
+    trials = sorted((first["sweep_dir"] / "trials").glob("t-*"))
+    assert len(trials) == 4
+    (trials[0] / "metrics.json").unlink()  # students done, no metrics.json: what an ASHA stop leaves
+    shutil.rmtree(trials[1])  # never started
+    for result in (trials[2] / "results").glob("*/*-seed0.json"):  # stopped before its student finished
+        result.unlink()
+    (trials[2] / "metrics.json").unlink()
+    again = sweep.main(args)  # trials[3] finished: reported from its metrics.json
+    table = pq.read_table(again["sweep_dir"] / "trials.parquet").to_pandas()
+    assert (table.error == "").all() and (table.jobs_done >= 1).all()
+    assert again["best"] == first["best"]

@@ -160,11 +160,7 @@ def run_trial(params: dict, base: DistillConfig, space: SearchSpace, sweep_dir: 
     config = trial_config(base, space, params, sweep_dir)
     finished = config.run_dir / "metrics.json"
     if finished.exists():  # done in an earlier run of the sweep: nothing to train, so Tune gets its rows
-        from ray import tune
-
-        for row in json.loads(finished.read_text())["results"]:
-            job = pipeline.job_name(row["method"], row["weights"], row["ipc"], row["student"], row["seed"])
-            tune.report({"job": job, "step": 0, "val_top1": row["val_top1"]})
+        report_rows(json.loads(finished.read_text())["results"])
         return
     shared = shared_folder(config, sweep_dir)
     marker = json.loads(store.stage_marker(shared, "quantize").read_text())
@@ -181,6 +177,19 @@ def run_trial(params: dict, base: DistillConfig, space: SearchSpace, sweep_dir: 
     results, timings = ray.get(outside.remote(config, run_dir, folder, quantized_dir, marker["key"], names,
                                               (TuneReportCallback(),)))
     store.atomic_write_json(run_dir / "metrics.json", {"params": params, "results": results, "timings_s": timings})
+    # Students finished in an earlier run of the sweep (one ASHA stopped before its metrics.json) train nothing now
+    # and report nothing through Ray Train; Tune fails a trial without its metric, so the rows are reported here,
+    # after metrics.json: a stop at this report loses nothing.
+    report_rows(results)
+
+
+def report_rows(rows: list[dict]) -> None:
+    """Each result row's validation top-1 to Tune (the last report of its job)."""
+    from ray import tune
+
+    for row in rows:
+        job = pipeline.job_name(row["method"], row["weights"], row["ipc"], row["student"], row["seed"])
+        tune.report({"job": job, "step": 0, "val_top1": row["val_top1"]})
 
 
 def _decode_and_evaluate(config, run_dir, folder, quantized_dir, quantize_key, names,
