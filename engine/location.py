@@ -249,13 +249,25 @@ def local_copy(place: Path | ObjectPath, cache_root: Path | None = None) -> Path
     return target
 
 
-def publish_folder(folder: Path, place: ObjectPath) -> ObjectPath:
-    """Upload a local folder to `place` once (the marker `_published`, written last, says it is whole)."""
+def publish_folder(folder: Path, place: Path | ObjectPath) -> Path | ObjectPath:
+    """Copy a local folder to `place` once, on an object store or a shared mount (the marker `_published`,
+    written last, says it is whole)."""
     if not (place / PUBLISHED).exists():
-        pafs.copy_files(str(folder), place.inner, source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=place.fs)
+        fs, inner = filesystem_and_path(place)
+        pafs.copy_files(str(folder), inner, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
         (place / PUBLISHED).write_text(str(folder) + "\n")
     return place
+
+
+def is_shared_place(place: str, shared_paths: tuple[str, ...] = ()) -> bool:
+    """Whether every node of a cluster reaches `place` under the same name: a URI (object store, HDFS, ...), or a
+    local path inside one of the mount points `shared_paths` that every node mounts (runtime.shared_paths).
+    The path is normalised first, so /mnt/efs/../home is not inside /mnt/efs."""
+    if "://" in place and not place.startswith("file://"):
+        return True
+    path = PurePosixPath(os.path.normpath(str(location(place))))
+    return any(path == PurePosixPath(os.path.normpath(m)) or PurePosixPath(os.path.normpath(m)) in path.parents
+               for m in shared_paths)
 
 
 def remove_tree(place: Path | ObjectPath) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from engine import store
 from engine.config import DistillConfig, config_hash, save_config
-from engine.location import ObjectPath, location, publish_folder
+from engine.location import ObjectPath, is_shared_place, location, publish_folder
 from engine.manifest import record_stage
 from engine.protocols import get_protocol
 
@@ -56,24 +56,55 @@ def student_jobs(config: DistillConfig, set_dirs: dict[tuple[str, str, int], Pat
     return jobs
 
 
-def shared_cache(config: DistillConfig) -> ObjectPath | None:
-    """runs_dir/_cache when the run folders are on an object store: the one place every machine of a cluster
-    shares, so caches the actors or trainer workers read (the teacher, the prior this driver trained) go there."""
-    runs = location(config.runs_dir)
-    return runs / "_cache" if isinstance(runs, ObjectPath) else None
+def shared_cache(config: DistillConfig) -> Path | ObjectPath | None:
+    """runs_dir/_cache when the run folders are where every machine of a cluster reaches them (an object store, or
+    a mount listed in runtime.shared_paths), so caches the actors or trainer workers read (the teacher, the prior
+    this driver trained) go there rather than into each node's own cache_dir."""
+    if not is_shared_place(config.runs_dir, config.runtime.shared_paths):
+        return None  # a one-machine run keeps its caches in cache_dir, shared by all its run folders
+    return location(config.runs_dir) / "_cache"
+
+
+# The settings naming files that the workers, not only the driver, open; on several nodes each must name the same
+# files on every node.
+PLACE_KEYS = ("runs_dir", "data.path", "prior.path", "evaluate.teacher_path")
+
+
+def check_cluster_places(config: DistillConfig, nodes: int, address: str = "") -> None:
+    """Refuse, before any stage, node-local files on a cluster of several nodes (or from a driver that joined its
+    cluster through Ray Client, ray://, whose own disk no worker sees): each worker would read, or write, its own
+    node's disk, and the driver would then miss what they wrote. `nodes`: the nodes the cluster has or may grow
+    to; `address`: the cluster address the job joined ("" for a Ray it started)."""
+    from engine.checks import RunError
+
+    remote = address.startswith("ray://")
+    if nodes <= 1 and not remote:
+        return
+    shared = config.runtime.shared_paths
+    values = {"runs_dir": config.runs_dir, "data.path": config.data.path if config.data.source != "digits" else "",
+              "prior.path": config.prior.path, "evaluate.teacher_path": config.evaluate.teacher_path}
+    local = [f"{key}={values[key]}" for key in PLACE_KEYS if values[key] and not is_shared_place(values[key], shared)]
+    if local:
+        where = f"a cluster of {nodes} nodes" if nodes > 1 else f"the cluster at {address}, joined from another machine"
+        raise RunError(
+            f"on {where} every node must reach the same files, but {' and '.join(local)} "
+            f"{'is a path' if len(local) == 1 else 'are paths'} on one machine's own disk: use an object-store URI "
+            f"(s3://bucket/..., gs://bucket/...) or a path under a mount every node sees, declared with "
+            f"runtime.shared_paths=[/mnt/efs]" + (f" (declared now: {list(shared)})" if shared else ""))
 
 
 def teacher_cache_path(config: DistillConfig) -> Path | ObjectPath:
     """A given checkpoint (local or a URI), or the cache keyed by (dataset, architecture, seed 0, everything that
-    shapes it): in cache_dir, or in the shared cache when the run folders are on an object store (a per-node cache
-    would leave a multi-node trainer's ranks disagreeing on whether to train)."""
+    shapes it): in cache_dir, or in the shared cache when the run folders are on an object store or a shared mount
+    (a per-node cache would leave a multi-node trainer's ranks disagreeing on whether to train)."""
     e = config.evaluate
     if e.teacher_path:
         if not location(e.teacher_path).is_file():
             raise FileNotFoundError(f"evaluate.teacher_path {e.teacher_path} is not a file")
         return location(e.teacher_path)
     key = config_hash(config.data, e.teacher, e.width, e.teacher_epochs, e.batch_size, e.flip)
-    return (shared_cache(config) or config.cache_path) / "teachers" / f"{config.data.name}-{e.teacher}-seed0-{key}.safetensors"
+    name = f"{config.data.name}-{e.teacher}-seed0-{key}.safetensors"
+    return (shared_cache(config) or config.cache_path) / "teachers" / name
 
 
 def needs_teacher(config: DistillConfig) -> bool:
@@ -129,8 +160,8 @@ def decode_stage(config: DistillConfig, run_dir, folder: Path, quantized_dir, qu
                                   part[f"weight_{weights}"].to_numpy(), part["count"].to_numpy())
         share = decoded.groupby("actor").size()
         log(f"decode: {len(decoded)} images, per actor {sorted(int(v) for v in share)}")
-        store.mark_stage_finished(run_dir, "decode", decode_key, images=len(decoded),
-                                  images_per_actor=sorted(int(v) for v in share))
+        store.mark_stage_finished(run_dir, "decode", decode_key, tuple(sorted(set(decoded.node))),
+                                  images=len(decoded), images_per_actor=sorted(int(v) for v in share))
         record_stage(run_dir, "decode", images)
     return decode_key, set_dirs
 
@@ -234,7 +265,8 @@ def prepare_prior(config: DistillConfig) -> tuple[Path, tuple[str, ...], tuple[i
                        f"but the data has {len(names)} classes {tuple(names)[:5]}...")
     if shared_cache(config) is not None and not config.prior.path:
         # The prior this driver trained into its cache_dir: the encode/decode actors may run on other machines,
-        # which share only the object store, so they load it from there (each machine copies it once).
+        # which share only the run folders' store or mount, so they load it from there (from an object store each
+        # machine copies it once).
         folder = publish_folder(folder, shared_cache(config) / "priors" / folder.name)
     return folder, tuple(names), tuple(prior.latent_shape), prior.image_size
 
@@ -244,6 +276,7 @@ def encode_stage(config: DistillConfig, run_dir, folder: Path, latent_shape, ima
     """Encode once per (data, prior) into run_dir/latents -> (encode key, latents folder, images encoded,
     rows skipped per reason)."""
     from engine.data import count_skipped
+    from engine.ray.cluster import take_nodes
     from engine.ray.encode import encode_to_parquet
 
     encode_key = config_hash(config.data, config.prior, str(folder.resolve()))
@@ -256,8 +289,8 @@ def encode_stage(config: DistillConfig, run_dir, folder: Path, latent_shape, ima
         skipped = count_skipped(store.read_table(run_dir / "skipped.parquet", ["reason"]).column(0).to_pylist())
         if skipped:
             log(f"encode: skipped {sum(skipped.values())} unusable rows {skipped} (listed in skipped.parquet)")
-        store.mark_stage_finished(run_dir, "encode", encode_key, images=encoded, latent_shape=latent_shape,
-                                  skipped=skipped)
+        store.mark_stage_finished(run_dir, "encode", encode_key, take_nodes("encode"), images=encoded,
+                                  latent_shape=latent_shape, skipped=skipped)
         record_stage(run_dir, "encode", files)
     else:
         encoded, skipped = marker["images"], marker.get("skipped", {})
@@ -270,6 +303,7 @@ def quantize_stage(config: DistillConfig, run_dir, latents_dir, encode_key: str)
     -> (quantize key, that folder, stats frame). centroids.parquet lists every centroid's weights and count, not
     its latent: the latents stay in the class files, which the decode stage reads class by class."""
     from engine.quantize_stage import gather_centroid_weights
+    from engine.ray.cluster import take_nodes
     from engine.ray.quantize import quantize_classes
 
     quantize_key = config_hash(encode_key, config.quantize)
@@ -282,7 +316,7 @@ def quantize_stage(config: DistillConfig, run_dir, latents_dir, encode_key: str)
         weights = gather_centroid_weights(quantized_dir, sorted(class_dirs))
         store.atomic_write_table(run_dir / "centroids.parquet", weights)
         store.atomic_write_table(run_dir / "quantization.parquet", stats)
-        store.mark_stage_finished(run_dir, "quantize", quantize_key, classes=len(class_dirs))
+        store.mark_stage_finished(run_dir, "quantize", quantize_key, take_nodes("quantize"), classes=len(class_dirs))
         record_stage(run_dir, "quantize", files)
     stats = store.read_table(run_dir / "quantization.parquet").to_pandas()
     return quantize_key, quantized_dir, stats
@@ -293,10 +327,12 @@ def run(config: DistillConfig, until: str = "evaluate") -> dict:
     from engine.checks import RunError, check_run_inputs
     from engine.data import class_names
     from engine.manifest import write_manifest
-    from engine.ray.cluster import init_ray
+    from engine.ray.cluster import cluster_span, init_ray
     from engine.report import write_report
 
-    check_run_inputs(config, class_names(config.data), until)  # before anything is written or started
+    span = cluster_span(config.runtime)  # joins the cluster the job was pointed at; starts nothing otherwise
+    check_cluster_places(config, span.nodes, span.address)  # before anything is read, written or started
+    check_run_inputs(config, class_names(config.data), until)
     store.start_ledger()  # this process's writes are recorded for the manifest (engine/manifest.py)
     try:  # an unreachable object store or a missing bucket is one sentence, before any work
         run_dir = config.run_dir

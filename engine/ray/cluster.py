@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import ray
 import ray.data
@@ -87,3 +88,58 @@ def wait_for_pool(timeout_s: float) -> None:
     """An actor pool starts work only once all its actors are up (or fails after `timeout_s`, naming the wait),
     so every actor gets its share of the input; on a cluster the timeout covers the autoscaler adding nodes."""
     ray.data.DataContext.get_current().wait_for_min_actors_s = int(timeout_s)
+
+
+@dataclass(frozen=True)
+class ClusterSpan:
+    """How far a job's Ray reaches: the nodes it has, or may grow to, and the address it joined ("" for a Ray this
+    process started itself)."""
+
+    nodes: int
+    address: str = ""
+
+
+def cluster_span(runtime: RuntimeConfig) -> ClusterSpan:
+    """Join the cluster when the job was pointed at one (RAY_ADDRESS, or a Ray already initialised, as tests do) and
+    count its nodes; a Ray started here by init_ray is this machine alone, and is not started for the count."""
+    address = os.environ.get("RAY_ADDRESS", "")
+    if not ray.is_initialized() and not address:
+        return ClusterSpan(1)
+    init_ray(runtime)
+    alive = sum(1 for node in ray.nodes() if node.get("Alive"))
+    return ClusterSpan(max(alive, most_nodes()), address)
+
+
+def most_nodes() -> int:
+    """The node count the autoscaler may grow the cluster to (a cluster that starts with its head alone and adds
+    GPU workers for the stages is a multi-node cluster from the first stage on); 0 when no autoscaler published
+    its node groups. Ray Train reads the same record for its own upper bounds."""
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except (ImportError, AttributeError):  # a private API: a Ray without it only loses this estimate
+        return 0
+    if config is None:
+        return 0
+    counts = [group.max_count for group in config.node_group_configs]
+    return 1_000_000 if any(count < 0 for count in counts) else sum(counts)
+
+
+# The Ray node ids whose actors or tasks did a stage's work, gathered by the driver from the rows and summaries the
+# workers send back (engine/ray/encode.py, quantize.py, decode.py), until the stage's record takes them.
+_NODES_SEEN: dict[str, set[str]] = {}
+
+
+def node_id() -> str:
+    """The Ray node this actor or task runs on (hex)."""
+    return ray.get_runtime_context().get_node_id()
+
+
+def saw_nodes(stage: str, ids) -> None:
+    _NODES_SEEN.setdefault(stage, set()).update(str(i) for i in ids)
+
+
+def take_nodes(stage: str) -> tuple[str, ...]:
+    """The node ids seen doing `stage`'s work since the last take, sorted."""
+    return tuple(sorted(_NODES_SEEN.pop(stage, set())))

@@ -43,6 +43,7 @@ class CentroidDecoder:
         self.image_size = image_size  # the evaluation resolution images are resized to
         self.fault_dir = fault_dir  # test-only crash injection (engine/faults.py); empty in normal runs
         self.actor = ray.get_runtime_context().get_actor_id() or "driver"
+        self.node = ray.get_runtime_context().get_node_id()  # into the stage's record: which nodes did the work
 
     def __call__(self, batch: dict) -> dict:
         import pyarrow.compute as pc
@@ -64,7 +65,8 @@ class CentroidDecoder:
         decoded = decode_by_ipc(self.prior, latents, labels, ipcs, keys, self.decode, self.image_size)
         return {**{k: np.asarray(v) for k, v in meta.items()}, "image": decoded.images,
                 "denoiser_batch": decoded.batch_size_of_rows(),
-                "actor": np.array([self.actor] * len(labels), dtype=object)}
+                "actor": np.array([self.actor] * len(labels), dtype=object),
+                "node": np.array([self.node] * len(labels), dtype=object)}
 
 
 def write_images(batch: dict, set_dirs: dict[int, list[str]]) -> dict:
@@ -82,7 +84,7 @@ def write_images(batch: dict, set_dirs: dict[int, list[str]]) -> dict:
         files.append([str(t) for t in targets])
         digests.append(record["sha256"])
         sizes.append(record["bytes"])
-    kept = {k: batch[k] for k in META_COLUMNS + ("actor", "denoiser_batch")}
+    kept = {k: batch[k] for k in META_COLUMNS + ("actor", "node", "denoiser_batch")}
     return {**kept, "path": np.array(paths, dtype=object), "files": files,
             "sha256": np.array(digests, dtype=object), "bytes": np.array(sizes, dtype=np.int64)}
 

@@ -17,7 +17,8 @@ from engine.data import check_skipped
 from engine.data import class_names as data_class_names
 from engine.faults import crash_once_if_requested
 from engine.location import ObjectPath, location, remove_tree
-from engine.ray.cluster import check_pool_fits, deterministic_order, shuffle_on_disk, wait_for_pool
+from engine.ray.cluster import (check_pool_fits, deterministic_order, node_id, saw_nodes, shuffle_on_disk,
+                                wait_for_pool)
 from engine.ray.source import gather_skipped, source_dataset
 
 
@@ -42,7 +43,8 @@ class VaeEncoder:
         crash_once_if_requested(self.fault_dir, "encode")
         latents = self.prior.encode(batch["image"], self.batch_size)  # (B, C, h, w)
         table = latents_to_table(batch["id"], batch["label"], latents)
-        return table.append_column("source", pa.array(list(map(str, batch["source"])), pa.string()))
+        table = table.append_column("source", pa.array(list(map(str, batch["source"])), pa.string()))
+        return table.append_column("node", pa.array([node_id()] * table.num_rows, pa.string()))  # for the record
 
 
 def write_class_group(group: pa.Table, out_dir: str) -> pa.Table:
@@ -50,7 +52,8 @@ def write_class_group(group: pa.Table, out_dir: str) -> pa.Table:
     from engine.store import write_class_latents
 
     label = int(group.column("label")[0].as_py())
-    return pa.Table.from_pylist([write_class_latents(out_dir, label, group)])
+    nodes = sorted(set(group.column("node").to_pylist()) | {node_id()})  # the encoders' and this writer's
+    return pa.Table.from_pylist([{**write_class_latents(out_dir, label, group), "nodes": nodes}])
 
 
 def encode_to_parquet(config: DistillConfig, prior_folder, out_dir, resolution: int | None = None,
@@ -95,6 +98,7 @@ def encode_to_parquet(config: DistillConfig, prior_folder, out_dir, resolution: 
         write_class_group, fn_kwargs={"out_dir": str(staging)}, batch_format="pyarrow")
     records = written.take_all()  # one small row per class: {label, rows, path, file, sha256, bytes}
     count = sum(int(r["rows"]) for r in records)
+    saw_nodes("encode", (node for r in records for node in r["nodes"]))
     skipped = gather_skipped(skip_dir)
     check_skipped(count + skipped.num_rows, skipped.to_pydict(), config.data.max_skip_fraction)
     atomic_write_table(out_dir.parent / "skipped.parquet", skipped)

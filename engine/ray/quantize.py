@@ -10,6 +10,7 @@ import ray
 
 from engine.config import DistillConfig, QuantizeConfig
 from engine.location import location
+from engine.ray.cluster import saw_nodes
 
 
 # Retries: a killed actor is restarted and its task re-run; a finished class is skipped by its marker file.
@@ -32,7 +33,8 @@ class QuantizeWorker:
     def quantize(self, label: int, class_dir: str) -> dict:
         from engine.quantize_stage import quantize_class_folder
 
-        return quantize_class_folder(label, class_dir, self.config, self.out_dir, self.device)
+        summary = quantize_class_folder(label, class_dir, self.config, self.out_dir, self.device)
+        return {**summary, "node": ray.get_runtime_context().get_node_id()}  # for the stage's record
 
     def read(self, label: int, class_dir: str) -> dict:
         """Only read the class (the I/O floor the stage is measured against in benchmarks/)."""
@@ -81,5 +83,6 @@ def quantize_classes(config: DistillConfig, class_dirs: dict[int, Path], out_dir
     from engine.quantize_stage import gather_class_stats
 
     summaries = run_class_pool(config, class_dirs, out_dir, "quantize", log)
+    saw_nodes("quantize", (summary["node"] for summary in summaries))
     files = {path: record for summary in summaries for path, record in summary["files"].items()}
     return gather_class_stats(out_dir, sorted(class_dirs)), files
