@@ -16,17 +16,25 @@ hard  DC / DSA / MTT (Zhao et al. 2021, Cazenavette et al. 2022): hard labels, c
 Weighted loss in every protocol: loss = mean_i w_i * l_i (weights average 1 per class, so uniform weights give
 the plain loss). With CutMix, a mixed sample's weight is mixed with the same lambda as its pixels:
 w = lambda * w_a + (1 - lambda) * w_b.
+
+Input scale: batches are augmented in [-1, 1] (`standardize`), and each network maps them to the scale it was
+trained on as its first step (`attach_input_norm`): students at ImageNet scale take ImageNet mean/std as SRe2L and
+RDED's do, a pretrained teacher its weights' own mean/std (timm's pretrained_cfg), the small sets [-1, 1] as ever.
+One augmented batch then feeds the student and the online teacher at once, each at its own scale.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from engine import augment
+from engine.config import EvaluateConfig
+from engine.students import SMALL_IMAGE, create_student
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,93 @@ def standardize(images: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) uint8 (or float already standardized) -> float32 in [-1, 1]. Sets stay uint8 until here, so
     only a batch is ever float."""
     return images.float() / 127.5 - 1.0 if images.dtype == torch.uint8 else images
+
+
+@dataclass(frozen=True)
+class InputNorm:
+    """A network's input scale: (pixel / 255 - mean) / std per channel."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+SYMMETRIC = InputNorm((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # x / 127.5 - 1: what `standardize` already gives
+IMAGENET = InputNorm((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def student_norm(config: EvaluateConfig, image_size: int) -> InputNorm:
+    """The students' input scale (and that of a teacher this engine trains): evaluate.input_norm; "auto" keeps
+    the small sets' scale below SMALL_IMAGE px, where the students' stems are made CIFAR-style too."""
+    if config.input_norm == "imagenet" or (config.input_norm == "auto" and image_size >= SMALL_IMAGE):
+        return IMAGENET
+    return SYMMETRIC
+
+
+def pretrained_norm(model: nn.Module) -> InputNorm | None:
+    """The mean/std a timm model's weights were trained with (its pretrained_cfg), None for other networks."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if "mean" not in cfg or "std" not in cfg:
+        return None
+    return InputNorm(tuple(map(float, cfg["mean"])), tuple(map(float, cfg["std"])))
+
+
+def teacher_norm(config: EvaluateConfig, image_size: int, model: nn.Module | None = None) -> InputNorm:
+    """The teacher's input scale: evaluate.teacher_mean/std when given; for a given teacher_path of a timm
+    architecture at >= SMALL_IMAGE px (a stem left as timm built it), the pretrained_cfg of `model` (or of the
+    architecture, built on the meta device: no memory, no weights); else the students' (a teacher this engine
+    trained, or a convnet3)."""
+    if config.teacher_mean:
+        return InputNorm(tuple(config.teacher_mean), tuple(config.teacher_std))
+    if config.teacher_path and image_size >= SMALL_IMAGE:
+        if model is None:
+            with torch.device("meta"):
+                model = create_student(config.teacher, 1, image_size, config.width)
+        pretrained = pretrained_norm(model)
+        if pretrained is not None:
+            return pretrained
+    return student_norm(config, image_size)
+
+
+class InputRescale(nn.Module):
+    """[-1, 1] -> (x01 - mean) / std, as one multiply-add: x01 = (x + 1) / 2, so x * 1 / (2 std) +
+    (1/2 - mean) / std. Its buffers are not persistent: the network's state dict stays the bare architecture's."""
+
+    def __init__(self, norm: InputNorm):
+        super().__init__()
+        std, mean = np.asarray(norm.std, np.float64), np.asarray(norm.mean, np.float64)
+        self.register_buffer("scale", torch.tensor(0.5 / std, dtype=torch.float32).view(1, -1, 1, 1),
+                             persistent=False)
+        self.register_buffer("shift", torch.tensor((0.5 - mean) / std, dtype=torch.float32).view(1, -1, 1, 1),
+                             persistent=False)
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) in [-1, 1]
+        return x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
+
+
+def _rescale_input(model: nn.Module, args: tuple) -> tuple:
+    return (model.input_rescale(args[0]), *args[1:])
+
+
+def attach_input_norm(model: nn.Module, norm: InputNorm) -> nn.Module:
+    """`model` reading [-1, 1] batches at its own scale `norm`: a forward pre-hook rescales its input, so every
+    caller (training, the online teacher, held-out top-1, set quality) feeds it the same standardized batch, and
+    DDP, checkpoints and saved teachers see the bare architecture. SYMMETRIC adds nothing (the small sets'
+    networks are bit for bit as before)."""
+    if hasattr(model, "input_rescale"):
+        raise ValueError(f"{type(model).__name__} already has an input scale ({model.input_rescale.norm})")
+    if norm == SYMMETRIC:
+        return model
+    parameter = next(model.parameters(), None)
+    model.input_rescale = InputRescale(norm).to(parameter.device if parameter is not None else "cpu")
+    model.register_forward_pre_hook(_rescale_input)
+    return model
+
+
+def input_norm_of(model: nn.Module) -> InputNorm:
+    """The scale `attach_input_norm` gave `model` (DDP-wrapped or not)."""
+    rescale = getattr(getattr(model, "module", model), "input_rescale", None)
+    return SYMMETRIC if rescale is None else rescale.norm
 
 
 def apply_plan(images: torch.Tensor, weights: torch.Tensor, plan: dict[str, torch.Tensor],

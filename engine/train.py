@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import EvaluateConfig
-from engine.protocols import (Protocol, apply_plan, get_protocol, make_optimizer, plan_batch, standardize,
-                              weighted_ce_loss, weighted_kd_loss)
+from engine.protocols import (InputNorm, Protocol, apply_plan, attach_input_norm, get_protocol, make_optimizer,
+                              plan_batch, standardize, student_norm, teacher_norm, weighted_ce_loss, weighted_kd_loss)
 from engine.store import atomic_write_bytes
 from engine.students import create_student
 
@@ -85,9 +85,12 @@ def on_device_layout(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
 
 
-def new_model(arch: str, num_classes: int, image_size: int, width: int, worker: Worker) -> nn.Module:
-    """A network for this worker: on its device (channels_last on CUDA), wrapped (DDP under Ray Train)."""
-    model = create_student(arch, num_classes, image_size, width).to(worker.device)
+def new_model(arch: str, num_classes: int, image_size: int, width: int, worker: Worker,
+              norm: InputNorm | None = None) -> nn.Module:
+    """A network for this worker reading [-1, 1] batches at its input scale `norm` (None: the default
+    evaluate.input_norm's at this size): on its device (channels_last on CUDA), wrapped (DDP under Ray Train)."""
+    norm = norm or student_norm(EvaluateConfig(), image_size)
+    model = attach_input_norm(create_student(arch, num_classes, image_size, width), norm).to(worker.device)
     if torch.device(worker.device).type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     return worker.wrap_model(model)
@@ -246,7 +249,8 @@ def train_teacher(data: TrainSet, num_classes: int, arch: str, config: EvaluateC
                   worker: Worker = Worker()) -> nn.Module:
     """A teacher on a train split held in memory, for `teacher_epochs` (the Ray layer streams it: fit_stream)."""
     torch.manual_seed(seed)
-    model = new_model(arch, num_classes, data.images.shape[1], config.width, worker)
+    size = data.images.shape[1]
+    model = new_model(arch, num_classes, size, config.width, worker, teacher_norm(config, size))
     steps = epochs_to_steps(len(data.labels), config.teacher_epochs, config.batch_size)
     protocol, recipe = teacher_recipe(config)
     return fit(model, data, steps, protocol, recipe, seed, teacher_loss, worker)
@@ -280,7 +284,8 @@ def train_student(data: TrainSet, teacher: nn.Module | None, num_classes: int, a
     labels and cross-entropy; the teacher is ignored."""
     protocol = get_protocol(config.protocol)
     torch.manual_seed(seed)
-    model = new_model(arch, num_classes, data.images.shape[1], config.width, worker)
+    size = data.images.shape[1]
+    model = new_model(arch, num_classes, size, config.width, worker, student_norm(config, size))
     steps = epochs_to_steps(len(data.labels), epochs, config.batch_size)
     if protocol.stored_labels and (soft_labels is None or soft_labels.steps != steps):
         raise ValueError(f"protocol fkd needs stored soft labels for all {steps} steps (generate_soft_labels)")
@@ -294,10 +299,12 @@ def train_student(data: TrainSet, teacher: nn.Module | None, num_classes: int, a
 
 
 def load_teacher(path_or_bytes: str | Path | bytes, architecture: str, num_classes: int, image_size: int,
-                 width: int, device: str | torch.device) -> nn.Module:
+                 width: int, device: str | torch.device, config: EvaluateConfig | None = None) -> nn.Module:
     """A teacher from a safetensors state dict (a local path, anything with `read_bytes()` such as an object-store
     path, or the bytes themselves), in eval mode and ON `device`: the student's batches live on the worker's
-    device, and a teacher left on the CPU crashes the first soft-label batch on a GPU."""
+    device, and a teacher left on the CPU crashes the first soft-label batch on a GPU. It reads [-1, 1] batches at
+    its own input scale (engine.protocols.teacher_norm of `config`; None: a teacher this engine trained under the
+    default evaluate.input_norm)."""
     from safetensors.torch import load
 
     if isinstance(path_or_bytes, (bytes, bytearray)):
@@ -308,6 +315,7 @@ def load_teacher(path_or_bytes: str | Path | bytes, architecture: str, num_class
         blob = Path(path_or_bytes).read_bytes()
     teacher = create_student(architecture, num_classes, image_size, width)
     teacher.load_state_dict(load(blob))
+    attach_input_norm(teacher, teacher_norm(config or EvaluateConfig(), image_size, teacher))
     return teacher.to(device).eval().requires_grad_(False)
 
 

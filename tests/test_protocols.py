@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -5,7 +7,9 @@ import torch
 from engine import augment
 from engine.config import DataConfig, EvaluateConfig
 from engine.data import load_split
-from engine.protocols import apply_plan, get_protocol, plan_batch, weighted_ce_loss, weighted_kd_loss
+from engine.protocols import (IMAGENET, SYMMETRIC, InputNorm, apply_plan, attach_input_norm, get_protocol,
+                              input_norm_of, plan_batch, student_norm, teacher_norm, weighted_ce_loss,
+                              weighted_kd_loss)
 from engine.students import create_student
 from engine.train import TrainSet, generate_soft_labels, to_float, train_student
 
@@ -125,3 +129,96 @@ def test_dsa_and_crop_plans_are_seeded_and_change_images():
         b, _ = apply_plan(x, torch.ones(6), plans[1])
         torch.testing.assert_close(a, b)
         assert a.shape == x.shape and not torch.allclose(a, x[plans[0]["index"]])
+
+
+KNOWN = InputNorm((0.1, 0.3, 0.7), (0.2, 0.4, 0.3))  # no real model's: an input at any other scale shows
+
+
+def _first_conv_input(model: torch.nn.Module, images: np.ndarray) -> torch.Tensor:
+    """What the first convolution of `model` receives when it is fed `images` as every caller feeds it."""
+    from engine.train import model_input
+
+    seen = []
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    hook = conv.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+    with torch.no_grad():
+        model.eval()(model_input(images, "cpu"))
+    hook.remove()
+    return seen[0]
+
+
+def _normalized(images: np.ndarray, norm: InputNorm) -> torch.Tensor:
+    x = torch.tensor(images, dtype=torch.float64).permute(0, 3, 1, 2) / 255
+    mean, std = (torch.tensor(v, dtype=torch.float64).view(1, 3, 1, 1) for v in (norm.mean, norm.std))
+    return ((x - mean) / std).float()
+
+
+@pytest.fixture(scope="module")
+def pictures():
+    return np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+
+
+def test_a_timm_resnet18_with_a_known_pretrained_cfg_receives_inputs_at_its_scale(tmp_path, pictures):
+    import timm
+
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10,
+                              pretrained_cfg_overlay={"mean": KNOWN.mean, "std": KNOWN.std})
+    config = EvaluateConfig(teacher="resnet18", teacher_path=str(tmp_path / "resnet18.safetensors"),
+                            input_norm="symmetric")
+    assert teacher_norm(config, 64, model) == KNOWN
+    bare = set(model.state_dict())
+    attach_input_norm(model, teacher_norm(config, 64, model))
+    torch.testing.assert_close(_first_conv_input(model, pictures), _normalized(pictures, KNOWN), atol=1e-5, rtol=0)
+    assert set(model.state_dict()) == bare  # checkpoints and saved teachers hold the architecture alone
+    with pytest.raises(ValueError, match="already has an input scale"):
+        attach_input_norm(model, IMAGENET)
+
+
+def test_load_teacher_scales_a_given_timm_teacher_as_its_weights_were_trained(tmp_path, pictures):
+    """The same saved ResNet-18 weights: given as evaluate.teacher_path they read timm's ImageNet mean/std; with
+    teacher_mean/std those; trained by the engine (no teacher_path) the students' scale, here [-1, 1]."""
+    from safetensors.torch import save_file
+
+    from engine.train import load_teacher
+
+    path = tmp_path / "resnet18.safetensors"
+    save_file(create_student("resnet18", 10, 64).state_dict(), str(path))
+    students = EvaluateConfig(teacher="resnet18", input_norm="symmetric")
+    cases = {"given": (dataclasses.replace(students, teacher_path=str(path)), IMAGENET),
+             "given with mean/std": (dataclasses.replace(students, teacher_path=str(path), teacher_mean=KNOWN.mean,
+                                                         teacher_std=KNOWN.std), KNOWN),
+             "trained here": (students, SYMMETRIC)}
+    for name, (config, expected) in cases.items():
+        teacher = load_teacher(path, "resnet18", 10, 64, 8, "cpu", config)
+        assert input_norm_of(teacher) == expected, name
+        torch.testing.assert_close(_first_conv_input(teacher, pictures), _normalized(pictures, expected),
+                                   atol=1e-5, rtol=0, msg=name)
+
+
+def test_students_take_imagenet_scale_at_imagenet_size_and_the_small_sets_keep_theirs(pictures):
+    from engine.train import Worker, new_model
+
+    auto = EvaluateConfig()
+    assert student_norm(auto, 16) == SYMMETRIC and student_norm(auto, 28) == SYMMETRIC
+    assert student_norm(auto, 224) == IMAGENET and student_norm(auto, 64) == IMAGENET
+    assert student_norm(EvaluateConfig(input_norm="imagenet"), 16) == IMAGENET
+    assert student_norm(EvaluateConfig(input_norm="symmetric"), 224) == SYMMETRIC
+    small = new_model("convnet3", 10, 16, 8, Worker(), student_norm(auto, 16))
+    assert not hasattr(small, "input_rescale")  # the digits' networks are exactly as before: nothing added
+    student = new_model("convnet3", 10, 64, 8, Worker(), student_norm(auto, 64))
+    torch.testing.assert_close(_first_conv_input(student, pictures), _normalized(pictures, IMAGENET),
+                               atol=1e-5, rtol=0)
+
+
+def test_one_augmented_batch_reaches_student_and_online_teacher_each_at_its_scale(small_set):
+    """rded: the teacher labels the very batch the student trains on; each network rescales it itself."""
+    from engine.train import student_loss
+
+    teacher = attach_input_norm(create_student("convnet3", 10, 16, 8), KNOWN).eval()
+    seen = []
+    teacher.features[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+    config = EvaluateConfig(width=8, batch_size=8)
+    loss_fn = student_loss(get_protocol("rded"), teacher, config)
+    x = to_float(small_set.images[:4])  # [-1, 1], as apply_plan gives it
+    loss_fn(torch.zeros(4, 10), x, torch.zeros(4, dtype=torch.int64), torch.ones(4), 0, slice(None))
+    torch.testing.assert_close(seen[0], _normalized(small_set.images[:4], KNOWN), atol=1e-5, rtol=0)
