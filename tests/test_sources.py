@@ -370,3 +370,49 @@ def test_parquet_read_tasks_are_whole_row_groups_in_shard_order(tmp_path, ray_se
         ("train-00001-of", [0, 1], 4), ("train-00001-of", [2, 3], 3)]
     ids = [r["image"]["path"] for r in readers.read_source_rows(config, "train").take_all()]
     assert sorted(ids) == sorted(f"s{s}-{i}.png" for s in range(2) for i in range(7))
+
+
+# ---------------------------------------------------------------- class names (the prompts)
+
+
+def test_imagenet_class_names_ship_in_synset_order_and_are_unique():
+    from engine.sources import read_classes_file
+
+    synsets, names = read_classes_file(Path(__file__).resolve().parents[1] / "configs" / "imagenet1k_classes.txt")
+    assert len(synsets) == 1000 and list(synsets) == sorted(synsets) and len(set(names)) == 1000
+    assert (synsets[0], names[0]) == ("n01440764", "tench") and names[999] == "toilet tissue"
+    assert all(name and not name.startswith("n0") for name in names)
+
+
+@pytest.mark.parametrize("text, names", [
+    ("n01440764 tench, Tinca tinca\nn01443537 goldfish\n", ("tench, Tinca tinca", "goldfish")),  # LOC_synset_mapping
+    ("n01440764\ttench\nn01443537\tgoldfish\n", ("tench", "goldfish")),
+    ("n01440764\nn01443537\n\n", ("n01440764", "n01443537")),  # bare synsets; trailing blank lines are fine
+    ("T-shirt/top\nAnkle boot\n", ("T-shirt/top", "Ankle boot")),  # a name with a space is one name
+])
+def test_class_lines_are_parsed_the_same_in_every_source(text, names, tmp_path):
+    """One parser: the same classes.txt gives the same names (the prompts) from parquet, WebDataset and an
+    ImageFolder whose folders are the lines' keys."""
+    from engine.sources import parse_class_lines
+
+    keys, _ = parse_class_lines(text)
+    for source in ("parquet", "webdataset", "imagefolder"):
+        root = tmp_path / source
+        root.mkdir()
+        (root / "classes.txt").write_text(text)
+        for key in keys:
+            (root / "train" / key).mkdir(parents=True)
+        assert class_names(DataConfig(source=source, path=str(root))) == names
+
+
+def test_a_classes_file_gives_readable_names_for_bare_synsets_and_must_match_them(tmp_path):
+    (tmp_path / "classes.txt").write_text("n01440764\nn01443537\n")
+    (tmp_path / "names.txt").write_text("n01440764\ttench\nn01443537\tgoldfish\n")
+    config = DataConfig(source="parquet", path=str(tmp_path), classes_file=str(tmp_path / "names.txt"))
+    assert class_names(config) == ("tench", "goldfish")
+    (tmp_path / "names.txt").write_text("n01443537\tgoldfish\nn01440764\ttench\n")
+    with pytest.raises(SourceError, match="line 1 is 'n01443537' where the data's label 0 is 'n01440764'"):
+        class_names(config)
+    (tmp_path / "names.txt").write_text("tench\n")
+    with pytest.raises(SourceError, match="lists 1 classes, the data 2"):
+        class_names(config)
