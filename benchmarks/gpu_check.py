@@ -1,41 +1,40 @@
 """The GPU check: encode, decode, quantize and training throughput of the engine's pure modules, in one command.
 
-    python benchmarks/gpu_check.py                  # CUDA: the real architectures at random weights, <= 8 min
+    python benchmarks/gpu_check.py                  # CUDA: the real architectures at random weights, < 8 min
     python benchmarks/gpu_check.py --dry-run        # the same code at tiny sizes on the CPU (the default test tier)
     python benchmarks/gpu_check.py --dry-run --device cuda   # tiny sizes on a GPU (the `gpu` test tier)
 
+It needs torch with CUDA, diffusers, transformers, huggingface_hub, timm, safetensors and pyyaml (not Ray, faiss
+or POT: it drives the pure modules); it first imports what it needs and names the wheel of anything missing.
 It prints one table (a failing section prints its error there and the others still run; the exit status is 1 if
-any did) and a last line
+any did), each measured row with the peak GPU memory it allocated (torch.cuda.max_memory_allocated, weights
+included: what a card needs for that row), and a last line
     encode_mfu=<f> decode_s_per_img=<s> quantize_classes_per_s=<r> train_img_per_s=<r> device=<name>
-Sections, each with its own time budget (an item that would start past it is listed as skipped):
+Sections, each with its own time budget (an item that would start past it is listed as skipped); the whole run is
+budgeted to 360 s (--budget), which leaves 2 minutes of an 8-minute slot for imports and the last items' overrun:
   peak      bf16 matmul TFLOP/s, measured here: the denominator of every MFU (no spec sheet)
   encode    sd15 VAE encoder at 512^2, bf16, batches 8..64: images/s through prior.encode (uint8 in host memory,
-            as the engine feeds it) and through vae.encode on a device tensor; TFLOP/s counted by
-            torch.utils.flop_counter.FlopCounterMode on one batch; encode_mfu = best prior.encode TFLOP/s / peak
-  sd15      img2img at D4M's settings (strength 0.7 of 50 steps = 35 run, CFG 8, batched CFG, negative prompt),
-            batches 8..32, s/image; then at the best batch: classic attention, SDPA, + channels_last,
-            + torch.compile of the UNet (the decode.* keys); decode_s_per_img = the best of these
-  dit       DiT-XL/2-256, 50 steps from noise (strength 1.0), CFG 4, batches 8..32, s/image
+            as the engine feeds it; it splits a batch that would reach 2^31 elements) and through vae.encode on a
+            device tensor; TFLOP/s counted by torch.utils.flop_counter.FlopCounterMode on one batch;
+            encode_mfu = best prior.encode TFLOP/s / peak
+  boundary  the sd15 VAE alone at 512^2, batches 32 and 64, contiguous and channels_last: encode at 64 and decode
+            at 32 are the first batches whose largest activation reaches 2^31 elements, where some kernels fail
+            or overflow. Each row: images/s, or how it failed, and its outputs against the same images in a batch
+            of 4; a raw VAE failing here is what the engine's batch caps avoid (informational, not an error)
   quantize  1000 synthetic classes (Gaussian mixtures) of 1300 x 4096 on the device, IPC 1/10/50 each, through
             engine.quantize.quantize_class(device="cuda") (faiss-gpu if present, else engine/quantize_torch.py):
-            classes/s; and its objective against a CPU quantizer on a few classes, which must agree within 1 %
-            (faiss-cpu when it imports, else the torch path on the CPU: the lent machine has no faiss)
+            classes/s, until the time reserved for the next check; then its objective against a CPU quantizer
+            on a few classes, which must agree within 1 % (faiss-cpu when it imports, else the torch path)
   train     ResNet-18 student, protocol rded, teacher LOADED FROM A SAFETENSORS FILE (engine.train.load_teacher),
-            50 steps at 224^2, images/s without and with bf16 autocast; every parameter of teacher and student and
-            every batch either sees is asserted to be on the device (the teacher-left-on-CPU crash)
-
-On a lent GPU (the `device` tool's `run`; rules in /work/.library/device/README.md). That machine has torch 2.11
-(CUDA 13), timm, transformers, safetensors, pyarrow, numpy, scipy, scikit-learn, but no diffusers, ray, faiss or
-POT, and a call carries at most 64 MiB of the tree. This script imports only pure engine modules (no Ray, faiss or
-POT at import), so diffusers is the one wheel to carry. Here, once, in the repository root:
-    echo /.whl/ >> .git/info/exclude
-    python3 -m pip download diffusers==0.42.1 --no-deps -d .whl     # 6.4 MB, py3-none-any: fits Python 3.12 there
-    python benchmarks/gpu_check.py --dry-run                        # here first: must print no ERROR
-then ONE device call with carry [".whl"] and a timeout that leaves room to rerun (the check itself is budgeted to
-about 7 minutes plus imports; --budget changes that):
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && \\
-    PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py 2>&1 | tee $OUT/gpu_check.log
-and give the machine back (`give_back`) unless you rerun at once. Never quote a number from a dry run as a GPU one.
+            50 steps at 224^2, images/s in fp32 (autocast asserted off) and in bf16 autocast; every parameter of
+            teacher and student and every batch either sees is asserted to be on the device, and on CUDA the
+            student's batches are asserted channels_last (the engine's training layout)
+  dit       DiT-XL/2-256, 50 steps from noise (strength 1.0), CFG 4, batches 8..32, s/image
+  sd15      img2img at D4M's settings (strength 0.7 of 50 steps = 35 run, CFG 8, batched CFG, negative prompt),
+            batches 16 and the engine's largest at 512^2 (31: decode.batch_size 32 capped below 2^31), s/image;
+            then at the best batch: SDPA + channels_last, + torch.compile of the UNet (the decode.* keys);
+            decode_s_per_img = the best of these
+Run it on the GPU you will distill on; never quote a number from a dry run as a GPU one.
 """
 
 from __future__ import annotations
@@ -43,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib
 import math
 import signal
 import sys
@@ -52,17 +52,49 @@ import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+STARTED = time.perf_counter()
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from engine.config import DecodeConfig, EvaluateConfig, QuantizeConfig  # noqa: E402
-
 CLASS_NAMES = ("tench", "goldfish", "great white shark", "tiger shark", "hammerhead", "electric ray", "stingray",
                "cock", "hen", "ostrich")
-D4M = DecodeConfig(strength=0.7, num_steps=50, guidance_scale=8.0, negative_prompt="cartoon, anime, painting")
-DIT = DecodeConfig(strength=1.0, num_steps=50, guidance_scale=4.0)
+# What the check imports, in dependency order: a machine with torch alone lacks several, and a bare traceback from
+# deep inside diffusers does not say which wheel to install. The engine modules come last to catch the rest.
+NEEDED = ("yaml", "safetensors", "huggingface_hub", "transformers", "diffusers", "timm", "engine.priors.sd15",
+          "engine.priors.dit", "engine.train", "engine.quantize_torch")
+WHEELS = {"yaml": "pyyaml", "PIL": "pillow", "sklearn": "scikit-learn", "cv2": "opencv-python"}
+
+
+def missing_wheels() -> list[str]:
+    """One line per module that does not import: the wheel to install, or the version conflict it reported
+    (diffusers checks its huggingface_hub version on import)."""
+    lines = []
+    for module in NEEDED:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            wheel = WHEELS.get((error.name or module).split(".")[0], (error.name or module).split(".")[0])
+            lines.append(f"cannot import {module}: no module {error.name!r}: install the {wheel} wheel")
+        except ImportError as error:
+            lines.append(f"cannot import {module}: {str(error).splitlines()[0]}")
+    return lines
+
+
+def d4m_config(steps: int):
+    """D4M's img2img settings (strength 0.7 of 50 steps, CFG 8, negative prompt)."""
+    from engine.config import DecodeConfig
+
+    return DecodeConfig(strength=0.7, num_steps=steps, guidance_scale=8.0,
+                        negative_prompt="cartoon, anime, painting")
+
+
+def dit_config(steps: int):
+    """DiT's own sampling: from noise, CFG 4."""
+    from engine.config import DecodeConfig
+
+    return DecodeConfig(strength=1.0, num_steps=steps, guidance_scale=4.0)
 
 # Tiny stand-ins for the dry run: the same classes and block types as SD v1.5 / DiT-XL/2, small widths.
 _SMALL_VAE = dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
@@ -95,42 +127,56 @@ class Sizes:
     """Everything that differs between the real check and the dry run."""
     matmul: int = 8192
     encode_batches: tuple[int, ...] = (8, 16, 32, 64)
-    sd15_batches: tuple[int, ...] = (8, 16, 32)
+    boundary_batches: tuple[int, ...] = (32, 64)  # at 512^2: 2^31 elements (encode at 64, decode at 32)
+    sd15_batches: tuple[int, ...] = (16, 32)  # 32 is capped to the engine's largest (31 at 512^2)
     dit_batches: tuple[int, ...] = (8, 16, 32)
     decode_steps: int = 50
     compile_backend: str = "inductor"
-    compile_seconds: float = 120.0  # what an inductor compile of the SD UNet may take: skipped if less is left
+    compile_seconds: float = 90.0  # what an inductor compile of the SD UNet may take: skipped if less is left
     classes: int = 1000
     points: int = 1300
     dim: int = 4096
     ipc: tuple[int, ...] = (1, 10, 50)
     check_classes: int = 2
+    check_seconds: float = 25.0  # reserved at the end of the quantize section for the agreement check
     train_size: int = 224
     train_images: int = 640
     train_batch: int = 128
     train_epochs: int = 10  # 640 / 128 = 5 steps an epoch: 50 steps
     small_models: bool = False
-    # seconds per section; the whole run is also cut at --budget
-    budgets: dict = field(default_factory=lambda: dict(peak=15, encode=45, quantize=60, train=60, dit=45, sd15=200))
+    # seconds per section (they add up to the default --budget, 360); the whole run is also cut at --budget
+    budgets: dict = field(default_factory=lambda: dict(peak=10, encode=35, boundary=35, quantize=45, train=45,
+                                                       dit=30, sd15=160))
 
 
-DRY = Sizes(matmul=256, encode_batches=(2, 4), sd15_batches=(1, 2), dit_batches=(1, 2), decode_steps=4,
-            compile_backend="eager", compile_seconds=0.0, classes=6, points=60, dim=16, ipc=(1, 5),
-            check_classes=2, train_size=64, train_images=16, train_batch=8, train_epochs=2, small_models=True,
-            budgets=dict(peak=10, encode=20, quantize=20, train=30, dit=20, sd15=40))
+DRY = Sizes(matmul=256, encode_batches=(2, 4), boundary_batches=(4, 8), sd15_batches=(1, 2), dit_batches=(1, 2),
+            decode_steps=4, compile_backend="eager", compile_seconds=0.0, classes=6, points=60, dim=16, ipc=(1, 5),
+            check_classes=2, check_seconds=5.0, train_size=64, train_images=16, train_batch=8, train_epochs=2,
+            small_models=True, budgets=dict(peak=10, encode=20, boundary=20, quantize=20, train=40, dit=20, sd15=40))
+DEFAULT_BUDGET = 360.0
+
+
+@dataclass(frozen=True)
+class Row:
+    section: str
+    item: str
+    value: str
+    note: str = ""
+    peak_gib: float | None = None  # torch.cuda.max_memory_allocated during the row; None on the CPU
 
 
 class Report:
-    """Table rows (section, item, value, note), errors, and the figures of the last line."""
+    """Table rows, errors, and the figures of the last line."""
 
     def __init__(self):
-        self.rows: list[tuple[str, str, str, str]] = []
+        self.rows: list[Row] = []
         self.errors: list[str] = []
         self.summary: dict[str, float] = {}
 
-    def add(self, section: str, item: str, value: str, note: str = "") -> None:
-        print(f"  {section:<9} {item:<42} {value:>16}  {note}", flush=True)
-        self.rows.append((section, item, value, note))
+    def add(self, section: str, item: str, value: str, note: str = "", peak_gib: float | None = None) -> None:
+        memory = "-" if peak_gib is None else f"{peak_gib:.2f}"
+        print(f"  {section:<9} {item:<46} {value:>16} {memory:>8}  {note}", flush=True)
+        self.rows.append(Row(section, item, value, note, peak_gib))
 
     def error(self, section: str, item: str, error: BaseException | str) -> None:
         text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
@@ -171,6 +217,15 @@ class Context:
             return False
         self.report.add(section, item, "skipped", "time budget spent")
         return True
+
+    def reset_peak(self) -> None:
+        """Start a row's memory count from what is allocated now (the weights stay counted)."""
+        if self.device.type == "cuda":
+            self.sync()
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_gib(self) -> float | None:
+        return torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
 
 
 @contextlib.contextmanager
@@ -243,6 +298,8 @@ def section_peak(ctx: Context) -> None:
 def section_encode(ctx: Context) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
+    from engine.encode import largest_vae_batch
+
     prior = build(ctx, "sd15")
     size, rng = prior.image_size, np.random.default_rng(0)
     first = ctx.sizes.encode_batches[0]
@@ -250,15 +307,17 @@ def section_encode(ctx: Context) -> None:
         prior.encode(rng.integers(0, 256, (first, size, size, 3), dtype=np.uint8), first)
     per_image = counter.get_total_flops() / first
     ctx.report.add("encode", f"FLOPs per {size}^2 image (FlopCounterMode)", f"{per_image / 1e9:.4g} GFLOP")
+    cap = largest_vae_batch(prior.vae.config, size, "encoder")  # the raw VAE beyond it: the boundary section
     best = (0.0, first)
 
     def rate(item: str, n: int, fn) -> float:
+        ctx.reset_peak()
         fn()  # warm-up: kernels chosen, memory allocated
         seconds = min(ctx.timed(fn) for _ in range(2))
         per_s = n / seconds
         tflops = per_image * per_s
         ctx.report.add("encode", item, f"{per_s:.1f} img/s",
-                       f"{tflops / 1e12:.4g} TFLOP/s, {tflops / ctx.peak_flops:.1%} of peak")
+                       f"{tflops / 1e12:.4g} TFLOP/s, {tflops / ctx.peak_flops:.1%} of peak", ctx.peak_gib())
         return per_s
 
     for b in ctx.sizes.encode_batches:
@@ -266,12 +325,14 @@ def section_encode(ctx: Context) -> None:
             continue
         try:
             images = rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8)
-            per_s = rate(f"prior.encode B={b} (uint8 on host)", b, lambda: prior.encode(images, b))
+            split = f", split at {cap}" if b > cap else ""
+            per_s = rate(f"prior.encode B={b} (uint8 on host{split})", b, lambda: prior.encode(images, b))
             best = max(best, (per_s, b))
             ctx.report.best("encode_mfu", per_image * per_s / ctx.peak_flops)
-            parameter = next(prior.vae.parameters())
-            pixels = torch.rand(b, 3, size, size, device=ctx.device, dtype=parameter.dtype) * 2 - 1
-            rate(f"vae.encode B={b} (input on device)", b, lambda: prior.vae.encode(pixels).latent_dist.mean)
+            if b <= cap:
+                parameter = next(prior.vae.parameters())
+                pixels = torch.rand(b, 3, size, size, device=ctx.device, dtype=parameter.dtype) * 2 - 1
+                rate(f"vae.encode B={b} (input on device)", b, lambda: prior.vae.encode(pixels).latent_dist.mean)
         except Exception as error:  # noqa: BLE001  e.g. out of memory at the largest batch: the others stand
             ctx.report.error("encode", f"B={b}", error)
             free(ctx)
@@ -282,7 +343,54 @@ def section_encode(ctx: Context) -> None:
         rate(f"prior.encode B={b}, channels_last VAE", b, lambda: prior.encode(images, b))
 
 
-def _decode_rows(ctx: Context, section: str, prior, config: DecodeConfig, batches, summary_key: str) -> tuple:
+def section_boundary(ctx: Context) -> None:
+    """The raw sd15 VAE at the batches whose largest activation reaches 2^31 elements (diffusers' channels_last
+    upsample guard undercounts there): does each run, and does it give the images a batch of 4 gives?"""
+    from engine.encode import vae_peak_elements
+
+    prior = build(ctx, "sd15")
+    vae, size = prior.vae, prior.image_size
+    dtype = next(vae.parameters()).dtype
+    generator = torch.Generator(ctx.device).manual_seed(0)
+    inputs = {"encode": torch.rand(max(ctx.sizes.boundary_batches), 3, size, size, generator=generator,
+                                   device=ctx.device, dtype=dtype) * 2 - 1,
+              "decode": torch.randn(max(ctx.sizes.boundary_batches), *prior.latent_shape, generator=generator,
+                                    device=ctx.device, dtype=dtype)}
+    run = {"encode": lambda x: vae.encode(x).latent_dist.mean, "decode": lambda z: vae.decode(z).sample}
+    for part, network in (("encode", "encoder"), ("decode", "decoder")):
+        per_image = vae_peak_elements(vae.config, size, network)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            vae.to(memory_format=layout)
+            with torch.no_grad():
+                reference = run[part](inputs[part][:4]).float()  # (4, ...) the same images in a small batch
+            for b in ctx.sizes.boundary_batches:
+                item = f"vae.{part} B={b} {'channels_last' if layout == torch.channels_last else 'contiguous'}"
+                if ctx.over("boundary", item):
+                    continue
+                _boundary_row(ctx, item, lambda b=b: run[part](inputs[part][:b]), reference, b, b * per_image)
+                free(ctx)
+
+
+def _boundary_row(ctx: Context, item: str, fn, reference: torch.Tensor, b: int, elements: int) -> None:
+    note = f"largest activation {elements / 2**31:.3g} x 2^31 elements"
+    ctx.reset_peak()
+    try:
+        with torch.no_grad():
+            out = fn()  # warm-up: kernels chosen, memory allocated
+            seconds = ctx.timed(fn)
+    except Exception as error:  # noqa: BLE001  a raw VAE failing here is the finding (the engine caps below it)
+        traceback.print_exception(error, file=sys.stderr)
+        ctx.report.add("boundary", item, "fails", f"{note}; {type(error).__name__}: {str(error).splitlines()[0][:120]}",
+                       ctx.peak_gib())
+        return
+    delta = (out[:4].float() - reference).abs().max().item()
+    # bf16 kernels may pick other algorithms at another batch size: a rounding step, not an overflow's garbage
+    verdict = "same images" if math.isfinite(delta) and delta < 0.1 else "WRONG images (overflow)"
+    ctx.report.add("boundary", item, f"{b / seconds:.1f} img/s",
+                   f"{note}; {verdict}: max |diff| vs B=4 {delta:.3g}", ctx.peak_gib())
+
+
+def _decode_rows(ctx: Context, section: str, prior, config, batches, summary_key: str) -> tuple:
     """s/image of prior.decode at each batch size (one warm-up of a 2-step schedule first); (best s/img, batch)."""
     rng = np.random.default_rng(0)
     best = (math.inf, batches[0])
@@ -291,10 +399,11 @@ def _decode_rows(ctx: Context, section: str, prior, config: DecodeConfig, batche
         if ctx.over(section, f"B={b}"):
             continue
         try:
+            ctx.reset_peak()
             seconds = _decode_seconds(ctx, prior, config, b, rng)
             ctx.report.add(section, f"B={b}, {config.strength:g} x {config.num_steps} steps ({calls} calls), "
                                     f"CFG {config.guidance_scale:g}",
-                           f"{seconds / b:.4f} s/img", f"{seconds:.2f} s a batch")
+                           f"{seconds / b:.4f} s/img", f"{seconds:.2f} s a batch", ctx.peak_gib())
             best = min(best, (seconds / b, b))
             ctx.report.best(summary_key, seconds / b, lower=True)
         except Exception as error:  # noqa: BLE001  e.g. out of memory at the largest batch: the others stand
@@ -303,13 +412,13 @@ def _decode_rows(ctx: Context, section: str, prior, config: DecodeConfig, batche
     return best
 
 
-def _timesteps(prior, config: DecodeConfig):
+def _timesteps(prior, config):
     from engine.decode import img2img_timesteps
 
     return img2img_timesteps(prior.scheduler, config.num_steps, config.strength)
 
 
-def _decode_seconds(ctx: Context, prior, config: DecodeConfig, b: int, rng: np.random.Generator) -> float:
+def _decode_seconds(ctx: Context, prior, config, b: int, rng: np.random.Generator) -> float:
     latents = rng.standard_normal((b, *prior.latent_shape)).astype(np.float32)
     labels, keys = np.arange(b) % len(CLASS_NAMES), np.arange(b)
     prior.decode(latents, labels, replace(config, num_steps=2), keys)  # warm-up (and the compile, if any)
@@ -317,13 +426,17 @@ def _decode_seconds(ctx: Context, prior, config: DecodeConfig, b: int, rng: np.r
 
 
 def section_sd15(ctx: Context) -> None:
+    from engine.decode import denoiser_batch_size
+
     prior = build(ctx, "sd15")
-    config = replace(D4M, num_steps=ctx.sizes.decode_steps)
-    _, b = _decode_rows(ctx, "sd15", prior, config, ctx.sizes.sd15_batches, "decode_s_per_img")
+    config = d4m_config(ctx.sizes.decode_steps)
+    # The batches the engine runs: decode.batch_size capped where the VAE decoder would reach 2^31 elements (the
+    # boundary section measures the raw VAE beyond it).
+    batches = sorted({denoiser_batch_size(prior, replace(config, batch_size=b)) for b in ctx.sizes.sd15_batches})
+    _, b = _decode_rows(ctx, "sd15", prior, config, batches, "decode_s_per_img")
     rng = np.random.default_rng(1)
-    # Against the sweep's row at this batch (sdpa, the default): classic attention, then the keys added in turn.
-    variants = [("classic attention (sdpa=false)", dict(sdpa=False)),
-                ("sdpa + channels_last", dict(sdpa=True, channels_last=True)),
+    # Against the sweep's row at this batch (sdpa, the default): the speed keys added in turn.
+    variants = [("sdpa + channels_last", dict(sdpa=True, channels_last=True)),
                 (f"sdpa + channels_last + compile={ctx.sizes.compile_backend}",
                  dict(sdpa=True, channels_last=True, compile=ctx.sizes.compile_backend))]
     for name, keys in variants:
@@ -333,12 +446,13 @@ def section_sd15(ctx: Context) -> None:
         variant = replace(config, **keys)
         try:
             start = time.perf_counter()
+            ctx.reset_peak()
             with alarm(ctx.deadline - start):  # a compile that outruns the budget ends here, as a skipped row
                 seconds = _decode_seconds(ctx, prior, variant, b, rng)
             note = f"{seconds:.2f} s a batch"
             if compiling:
                 note += f"; compile + warm-up {time.perf_counter() - start - seconds:.0f} s"
-            ctx.report.add("sd15", f"B={b} {name}", f"{seconds / b:.4f} s/img", note)
+            ctx.report.add("sd15", f"B={b} {name}", f"{seconds / b:.4f} s/img", note, ctx.peak_gib())
             ctx.report.best("decode_s_per_img", seconds / b, lower=True)
         except TimeoutError as error:  # the budget, not the code: a longer --budget would measure it
             ctx.report.add("sd15", f"B={b} {name}", "skipped", str(error))
@@ -349,8 +463,7 @@ def section_sd15(ctx: Context) -> None:
 
 def section_dit(ctx: Context) -> None:
     prior = build(ctx, "dit")
-    _decode_rows(ctx, "dit", prior, replace(DIT, num_steps=ctx.sizes.decode_steps), ctx.sizes.dit_batches,
-                 "dit_s_per_img")
+    _decode_rows(ctx, "dit", prior, dit_config(ctx.sizes.decode_steps), ctx.sizes.dit_batches, "dit_s_per_img")
 
 
 def _mixture(index: int, sizes: Sizes, device: torch.device) -> torch.Tensor:
@@ -363,10 +476,44 @@ def _mixture(index: int, sizes: Sizes, device: torch.device) -> torch.Tensor:
 
 
 def section_quantize(ctx: Context) -> None:
+    quantizer, name, reference, reference_name = _quantizers(ctx)
+    sizes = ctx.sizes
+    throughput_end = ctx.deadline - sizes.check_seconds  # the agreement check keeps its own time
+    seconds, done = 0.0, 0
+    ctx.reset_peak()
+    for index in range(sizes.classes):
+        if time.perf_counter() > throughput_end:
+            ctx.report.add("quantize", f"classes {done}..{sizes.classes - 1}", "skipped", "time budget spent")
+            break
+        points = _mixture(index, sizes, ctx.device)
+        seconds += ctx.timed(lambda: [quantizer(points, k) for k in sizes.ipc])
+        done += 1
+    if done:
+        ctx.report.add("quantize", f"{done} classes {sizes.points}x{sizes.dim}, IPC {list(sizes.ipc)}",
+                       f"{done / seconds:.2f} classes/s", f"{name}; nredo 3, niter 50", ctx.peak_gib())
+        ctx.report.best("quantize_classes_per_s", done / seconds)
+    for index in range(sizes.check_classes):
+        points = _mixture(index, sizes, ctx.device)
+        for k in sizes.ipc[-2:]:
+            if ctx.over("quantize", f"class {index} K={k} vs {reference_name}", 1.0):
+                continue
+            mine, cpu = quantizer(points, k).distortion, reference(points.cpu().numpy(), k).distortion
+            gap = abs(mine - cpu) / cpu
+            item = f"class {index} K={k}: objective vs {reference_name}"
+            if gap <= 0.01:
+                ctx.report.add("quantize", item, f"{gap:+.3%}", f"{mine:.4g} vs {cpu:.4g}")
+            else:
+                ctx.report.error("quantize", item, f"objective {mine:.6g} vs {cpu:.6g}: {gap:.2%} > 1 %")
+
+
+def _quantizers(ctx: Context) -> tuple:
+    """(quantizer, its name, the CPU reference, its name): the engine's device route and what it must agree with."""
+    from engine.config import QuantizeConfig
     from engine.quantize import faiss_sees_gpu, quantize_class
     from engine.quantize_torch import quantize_class_torch
 
-    config, sizes = QuantizeConfig(), ctx.sizes
+    config = QuantizeConfig()
+    assert (config.nredo, config.niter) == (3, 50), "the row's note quotes the defaults"
     if ctx.device.type == "cuda" and faiss_sees_gpu():  # faiss takes host arrays
         name = "faiss-gpu"
         quantizer = lambda x, k: quantize_class(x.cpu().numpy(), k, config, device="cuda")  # noqa: E731
@@ -383,93 +530,105 @@ def section_quantize(ctx: Context) -> None:
     except ImportError:
         reference = lambda x, k: quantize_class_torch(x, k, config, device="cpu")  # noqa: E731
         reference_name = "torch on the CPU (faiss not installed)"
-    seconds, done = 0.0, 0
-    for index in range(sizes.classes):
-        if time.perf_counter() > ctx.deadline:
-            ctx.report.add("quantize", f"classes {done}..{sizes.classes - 1}", "skipped", "time budget spent")
-            break
-        points = _mixture(index, sizes, ctx.device)
-        seconds += ctx.timed(lambda: [quantizer(points, k) for k in sizes.ipc])
-        done += 1
-    if done:
-        ctx.report.add("quantize", f"{done} classes {sizes.points}x{sizes.dim}, IPC {list(sizes.ipc)}",
-                       f"{done / seconds:.2f} classes/s", f"{name}; nredo {config.nredo}, niter {config.niter}")
-        ctx.report.best("quantize_classes_per_s", done / seconds)
-    for index in range(sizes.check_classes):
-        points = _mixture(index, sizes, ctx.device)
-        for k in sizes.ipc[-2:]:
-            if ctx.over("quantize", f"class {index} K={k} vs {reference_name}", 5.0):
-                continue
-            mine, cpu = quantizer(points, k).distortion, reference(points.cpu().numpy(), k).distortion
-            gap = abs(mine - cpu) / cpu
-            item = f"class {index} K={k}: objective vs {reference_name}"
-            if gap <= 0.01:
-                ctx.report.add("quantize", item, f"{gap:+.3%}", f"{mine:.4g} vs {cpu:.4g}")
-            else:
-                ctx.report.error("quantize", item, f"objective {mine:.6g} vs {cpu:.6g}: {gap:.2%} > 1 %")
+    return quantizer, name, reference, reference_name
 
 
 def section_train(ctx: Context) -> None:
-    from safetensors.torch import save_file
-
-    from engine.students import create_student
-    from engine.train import TrainSet, Worker, load_teacher, train_student
+    from engine.config import EvaluateConfig
+    from engine.train import TrainSet, Worker
 
     sizes, device, classes = ctx.sizes, ctx.device, 1000
     config = EvaluateConfig(protocol="rded", teacher="resnet18", students=("resnet18",), batch_size=sizes.train_batch,
                             flip=True)
-    torch.manual_seed(0)
-    teacher_file = ctx.tmp / "teacher.safetensors"
-    save_file(create_student("resnet18", classes, sizes.train_size).state_dict(), str(teacher_file))
-    teacher = load_teacher(teacher_file, "resnet18", classes, sizes.train_size, config.width, device)
-    misplaced = [n for n, p in teacher.named_parameters() if not on_device(p, device)]
-    assert not misplaced, f"load_teacher left {len(misplaced)} teacher parameters off {device}: {misplaced[:3]}"
+    teacher = _teacher(ctx, classes, config.width)
     rng = np.random.default_rng(0)
     data = TrainSet(rng.integers(0, 256, (sizes.train_images, sizes.train_size, sizes.train_size, 3), np.uint8),
                     rng.integers(0, classes, sizes.train_images), np.ones(sizes.train_images))
-    seen = {"teacher": 0, "student": 0}
-
-    def check_batch(name: str):
-        def hook(_module, inputs):
-            assert on_device(inputs[0], device), f"a {name} batch is on {inputs[0].device}, not {device}"
-            seen[name] += 1
-        return hook
-
-    teacher.register_forward_pre_hook(check_batch("teacher"))
-
-    def wrap(model: torch.nn.Module) -> torch.nn.Module:  # what ray.train.torch.prepare_model does for placement
-        model = model.to(device)
-        model.register_forward_pre_hook(check_batch("student"))
-        return model
-
-    for autocast in (False, True):
-        item = f"resnet18 {sizes.train_size}^2 B={sizes.train_batch}, rded" + (", bf16 autocast" if autocast else "")
+    for precision in ("fp32", "bf16"):
+        item = f"resnet18 {sizes.train_size}^2 B={sizes.train_batch}, rded, {precision}"
         if ctx.over("train", item):
             continue
-        marks: list[tuple[int, float]] = []
-
-        def report(step: int, _model) -> None:
-            ctx.sync()
-            marks.append((step, time.perf_counter()))
-
-        seen.update(teacher=0, student=0)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            student = train_student(data, teacher, classes, "resnet18", sizes.train_epochs, config, seed=0,
-                                    worker=Worker(wrap_model=wrap), report=report, reports=10)
-        steps = marks[-1][0]
-        misplaced = [n for n, p in student.named_parameters() if not on_device(p, device)]
-        assert not misplaced, f"student parameters off {device}: {misplaced[:3]}"
-        assert seen["student"] == seen["teacher"] == steps, f"batches seen {seen} for {steps} steps"
-        (first_step, first_time), (last_step, last_time) = marks[0], marks[-1]  # the first report ends the warm-up
-        per_s = (last_step - first_step) * sizes.train_batch / (last_time - first_time)
+        # precision is the engine's own key: "auto" would turn bf16 autocast on inside each CUDA step, so the
+        # fp32 row names fp32, and the hooks below assert what each forward actually ran under.
+        watch = BatchWatch(device, autocast=precision == "bf16")
+        worker = Worker(wrap_model=watch.wrap, device=device)  # the device: new_model's channels_last on CUDA
+        ctx.reset_peak()
+        per_s, first, last, steps = _train_rate(ctx, data, teacher, classes, replace(config, precision=precision),
+                                                worker, watch)
         ctx.report.add("train", item, f"{per_s:.1f} img/s",
-                       f"steps {first_step}..{last_step} timed of {steps}; teacher from safetensors, on {device}")
+                       f"steps {first}..{last} timed of {steps}; teacher from safetensors, on {device}"
+                       f"{', channels_last' if device.type == 'cuda' else ''}", ctx.peak_gib())
         ctx.report.best("train_img_per_s", per_s)
 
 
+def _teacher(ctx: Context, classes: int, width: int) -> torch.nn.Module:
+    """A ResNet-18 teacher through engine.train.load_teacher from a safetensors file, asserted on the device."""
+    from safetensors.torch import save_file
+
+    from engine.students import create_student
+    from engine.train import load_teacher
+
+    torch.manual_seed(0)
+    teacher_file = ctx.tmp / "teacher.safetensors"
+    save_file(create_student("resnet18", classes, ctx.sizes.train_size).state_dict(), str(teacher_file))
+    teacher = load_teacher(teacher_file, "resnet18", classes, ctx.sizes.train_size, width, ctx.device)
+    misplaced = [n for n, p in teacher.named_parameters() if not on_device(p, ctx.device)]
+    assert not misplaced, f"load_teacher left {len(misplaced)} teacher parameters off {ctx.device}: {misplaced[:3]}"
+    return teacher
+
+
+class BatchWatch:
+    """Forward pre-hooks on the teacher and the student: every batch on the device, autocast on or off as the row
+    says, the student's batches channels_last on CUDA; counts the batches each saw."""
+
+    def __init__(self, device: torch.device, autocast: bool):
+        self.device, self.autocast = device, autocast
+        self.seen = {"teacher": 0, "student": 0}
+
+    def hook(self, name: str):
+        def check(_module, inputs):
+            x = inputs[0]
+            assert on_device(x, self.device), f"a {name} batch is on {x.device}, not {self.device}"
+            assert torch.is_autocast_enabled(self.device.type) == self.autocast, \
+                f"the {name} ran with autocast {'off' if self.autocast else 'on'}"
+            if name == "student" and self.device.type == "cuda":
+                assert x.is_contiguous(memory_format=torch.channels_last), "a student batch is not channels_last"
+            self.seen[name] += 1
+        return check
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:  # where ray.train.torch.prepare_model would wrap
+        model.register_forward_pre_hook(self.hook("student"))
+        return model
+
+
+def _train_rate(ctx: Context, data, teacher, classes: int, config, worker, watch: BatchWatch) -> tuple:
+    """(images/s after the first report, first and last timed step, steps) of one train_student run."""
+    from engine.train import train_student
+
+    marks: list[tuple[int, float]] = []
+
+    def report(step: int, _model) -> None:
+        ctx.sync()
+        marks.append((step, time.perf_counter()))
+
+    handle = teacher.register_forward_pre_hook(watch.hook("teacher"))
+    try:
+        student = train_student(data, teacher, classes, "resnet18", ctx.sizes.train_epochs, config, seed=0,
+                                worker=worker, report=report, reports=10)
+    finally:
+        handle.remove()
+    steps = marks[-1][0]
+    misplaced = [n for n, p in student.named_parameters() if not on_device(p, ctx.device)]
+    assert not misplaced, f"student parameters off {ctx.device}: {misplaced[:3]}"
+    assert watch.seen["student"] == watch.seen["teacher"] == steps, f"batches seen {watch.seen} for {steps} steps"
+    (first_step, first_time), (last_step, last_time) = marks[0], marks[-1]  # the first report ends the warm-up
+    per_s = (last_step - first_step) * ctx.sizes.train_batch / (last_time - first_time)
+    return per_s, first_step, last_step, steps
+
+
 # In this order: sd15 last, since its compile is the one step whose length cannot be bounded in advance.
-SECTIONS = {"peak": section_peak, "encode": section_encode, "quantize": section_quantize, "train": section_train,
-            "dit": section_dit, "sd15": section_sd15}
+SECTIONS = {"peak": section_peak, "encode": section_encode, "boundary": section_boundary,
+            "quantize": section_quantize, "train": section_train, "dit": section_dit, "sd15": section_sd15}
 
 
 def run_check(device: torch.device, sizes: Sizes, sections: list[str], budget: float) -> Report:
@@ -516,10 +675,19 @@ def main() -> int:
     parser.add_argument("--dry-run", action="store_true", help="tiny models and sizes (default device: cpu)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda, or cpu for --dry-run)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {list(SECTIONS)}")
-    parser.add_argument("--budget", type=float, default=430.0, help="seconds for the whole check (default 430)")
+    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET,
+                        help=f"seconds for the sections together (default {DEFAULT_BUDGET:.0f})")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads of torch and faiss (default: 1 on a "
                         "CPU device, where tiny ops on a shared machine run far slower on 2 threads; else torch's)")
     args = parser.parse_args()
+    sections = [s for s in args.sections.split(",") if s]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown sections {unknown}; known: {list(SECTIONS)}")
+    missing = missing_wheels()
+    if missing:
+        print("\n".join(f"gpu_check: {line}" for line in missing), file=sys.stderr)
+        return 3
     device = torch.device(args.device or ("cpu" if args.dry_run else "cuda"))
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device is visible: run with --dry-run for the CPU version", file=sys.stderr)
@@ -531,24 +699,33 @@ def main() -> int:
             import faiss
 
             faiss.omp_set_num_threads(threads)
-    sections = [s for s in args.sections.split(",") if s]
-    unknown = sorted(set(sections) - set(SECTIONS))
-    if unknown:
-        parser.error(f"unknown sections {unknown}; known: {list(SECTIONS)}")
-    import diffusers
-
-    print(f"gpu_check{' --dry-run' if args.dry_run else ''}: device {device}"
-          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, torch "
-          f"{torch.__version__} (CUDA {torch.version.cuda}), diffusers {diffusers.__version__}, Python "
-          f"{sys.version.split()[0]}, {torch.get_num_threads()} threads", flush=True)
-    print(f"  {'section':<9} {'item':<42} {'value':>16}  note")
+    print(header(device, args.dry_run), flush=True)
+    print(f"  {'section':<9} {'item':<46} {'value':>16} {'peak GiB':>8}  note")
     start = time.perf_counter()
     report = run_check(device, DRY if args.dry_run else Sizes(), sections, args.budget)
-    print(f"total {time.perf_counter() - start:.1f} s, {len(report.errors)} error(s)")
+    print(f"total {time.perf_counter() - start:.1f} s of the {args.budget:.0f} s budget, "
+          f"{time.perf_counter() - STARTED:.1f} s since start, {len(report.errors)} error(s)")
     for error in report.errors:
         print(f"  ERROR {error.splitlines()[0][:300]}")
     print(last_line(report, device))
     return 1 if report.errors else 0
+
+
+def header(device: torch.device, dry_run: bool) -> str:
+    """The device and every version the numbers depend on."""
+    import diffusers
+    import huggingface_hub
+    import timm
+    import transformers
+
+    card = ""
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory / 2**30
+        card = f" ({torch.cuda.get_device_name(device)}, {memory:.0f} GiB)"
+    return (f"gpu_check{' --dry-run' if dry_run else ''}: device {device}{card}, torch {torch.__version__} "
+            f"(CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}), diffusers {diffusers.__version__}, "
+            f"transformers {transformers.__version__}, huggingface_hub {huggingface_hub.__version__}, timm "
+            f"{timm.__version__}, Python {sys.version.split()[0]}, {torch.get_num_threads()} threads")
 
 
 if __name__ == "__main__":

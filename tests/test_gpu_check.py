@@ -1,6 +1,8 @@
-"""benchmarks/gpu_check.py stays runnable between GPU loans: its dry run (every section at tiny sizes on the CPU)
-prints no error and the last line the README quotes; it needs nothing the lent machine lacks (Ray, faiss, POT);
-and the pieces it checks on a GPU behave here: load_teacher places the teacher, the decode speed keys apply."""
+"""benchmarks/gpu_check.py stays runnable without a GPU: its dry run (every section at tiny sizes on the CPU)
+prints no error and the last line the README quotes; it needs neither Ray, faiss nor POT, and names the wheel of
+anything else missing; its rows measure what they say (fp32 without autocast, the agreement check in its own
+time, the 2^31 boundary batches); and the pieces it checks on a GPU behave here: load_teacher places the teacher,
+the decode speed keys apply."""
 
 import os
 import re
@@ -9,6 +11,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -28,6 +31,18 @@ def run(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
                           env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"})
 
 
+@pytest.fixture
+def gpu_check(monkeypatch):
+    """benchmarks/gpu_check.py as a module (it is a script, not a package member)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_check", module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_dry_run_runs_every_section_without_error():
     start = time.perf_counter()
     out = run(["benchmarks/gpu_check.py", "--dry-run"])
@@ -40,9 +55,15 @@ def test_dry_run_runs_every_section_without_error():
     values = [float(v) for v in match.groups()[:4]]
     assert all(np.isfinite(v) and v > 0 for v in values), lines[-1]  # every section delivered its figure
     assert match.group(5) == "cpu"
-    for section in ("peak", "encode", "quantize", "train", "dit", "sd15"):
+    for section in ("peak", "encode", "boundary", "quantize", "train", "dit", "sd15"):
         assert re.search(rf"^\s+{section}\s+section wall time", out.stdout, re.M), section
     assert "objective vs faiss-cpu" in out.stdout and "compile=eager" in out.stdout
+    assert re.search(r"^\s+section\s+item\s+value\s+peak GiB\s+note$", out.stdout, re.M)
+    assert re.search(r"train\s+resnet18 .*, rded, fp32\s", out.stdout) and re.search(r"rded, bf16\s", out.stdout)
+    for part in ("encode", "decode"):
+        for layout in ("contiguous", "channels_last"):
+            assert re.search(rf"boundary\s+vae.{part} B=8 {layout}\s.*img/s.*same images", out.stdout), (part, layout)
+    assert "transformers" in lines[0] and "huggingface_hub" in lines[0]  # the versions the numbers depend on
     print(f"dry run: {seconds:.1f} s")
 
 
@@ -65,18 +86,78 @@ def test_a_failing_section_is_reported_and_fails_the_run():
             "runpy.run_path('benchmarks/gpu_check.py', run_name='__main__')")
     out = run(["-c", code])
     assert out.returncode == 1
-    assert re.search(r"train\s+section\s+ERROR\s+ZeroDivisionError", out.stdout)
+    assert re.search(r"train\s+section\s+ERROR\s+-\s+ZeroDivisionError", out.stdout)
     assert re.search(r"peak\s+bf16 matmul", out.stdout)  # the other section still ran
     assert "train_img_per_s=nan" in out.stdout.strip().splitlines()[-1]
 
 
-def test_the_alarm_bounds_a_step_and_is_disarmed_after(monkeypatch):
-    import importlib.util
+@pytest.mark.parametrize("module, wheel", [("timm", "timm"), ("huggingface_hub", "huggingface_hub"),
+                                           ("yaml", "pyyaml")])
+def test_a_missing_wheel_is_named_before_anything_runs(module, wheel):
+    code = (f"import sys, runpy; sys.modules[{module!r}] = None; sys.argv = ['gpu_check.py', '--dry-run']; "
+            "runpy.run_path('benchmarks/gpu_check.py', run_name='__main__')")
+    out = run(["-c", code])
+    assert out.returncode == 3, out.stdout[-2000:] + out.stderr[-2000:]
+    assert f"install the {wheel} wheel" in out.stderr and "section" not in out.stdout
 
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "gpu_check", gpu_check)  # dataclasses look their module up there
-    spec.loader.exec_module(gpu_check)
+
+def test_the_fp32_row_fails_if_autocast_comes_back_on():
+    """The engine's "auto" precision turns bf16 autocast on inside each CUDA step: were the fp32 row to run under
+    autocast again (as "auto" does on a GPU; here the step's context is forced on), its hooks stop it."""
+    code = ("import sys, runpy, torch, engine.train as t; "
+            "t.precision_context = lambda device, precision: torch.autocast('cpu', dtype=torch.bfloat16); "
+            "sys.argv = ['gpu_check.py', '--dry-run', '--sections', 'peak,train']; "
+            "runpy.run_path('benchmarks/gpu_check.py', run_name='__main__')")
+    out = run(["-c", code])
+    assert out.returncode == 1
+    assert re.search(r"train\s+section\s+ERROR\s+-\s+AssertionError: the student ran with autocast on", out.stdout)
+
+
+def test_the_watch_checks_device_autocast_and_counts(gpu_check):
+    watch = gpu_check.BatchWatch(torch.device("cpu"), autocast=False)
+    model = watch.wrap(torch.nn.Conv2d(3, 4, 3))
+    model(torch.zeros(1, 3, 8, 8))
+    assert watch.seen["student"] == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(AssertionError, match="autocast on"):
+        model(torch.zeros(1, 3, 8, 8))
+    with pytest.raises(AssertionError, match="not cuda"):
+        gpu_check.BatchWatch(torch.device("cuda"), autocast=False).hook("teacher")(None, (torch.zeros(1),))
+
+
+def test_the_agreement_check_keeps_its_reserved_time(gpu_check):
+    """Far more classes than the section's time allows: the throughput loop stops early enough for the check."""
+    sizes = replace(gpu_check.DRY, classes=10**6, check_seconds=4.0,
+                    budgets={**gpu_check.DRY.budgets, "quantize": 7})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops on 2 shared cores: far faster on one thread
+    try:
+        report = gpu_check.run_check(torch.device("cpu"), sizes, ["quantize"], budget=60)
+    finally:
+        torch.set_num_threads(threads)
+    items = [row.item for row in report.rows if row.section == "quantize"]
+    assert any(item.startswith("classes ") for item in items)  # the rest of the classes: skipped
+    assert sum("objective vs" in item for item in items) == 2 * sizes.check_classes, items
+    assert report.errors == []
+
+
+def test_the_default_budget_leaves_90_s_of_8_minutes_and_the_boundary_rows_sit_on_2_31(gpu_check):
+    from engine.encode import vae_peak_elements
+    from engine.priors.sd15 import SD15_VAE
+
+    sizes = gpu_check.Sizes()
+    assert sum(sizes.budgets.values()) <= gpu_check.DEFAULT_BUDGET <= 8 * 60 - 90
+    assert set(sizes.budgets) == set(gpu_check.SECTIONS)
+    vae = SimpleNamespace(**SD15_VAE)
+    assert sizes.boundary_batches == (32, 64)
+    assert 64 * vae_peak_elements(vae, 512, "encoder") >= 2**31 > 63 * vae_peak_elements(vae, 512, "encoder")
+    assert 32 * vae_peak_elements(vae, 512, "decoder") >= 2**31 > 31 * vae_peak_elements(vae, 512, "decoder")
+
+
+def test_the_docs_speak_to_a_user_with_a_gpu(gpu_check):
+    assert not re.search(r"\blent\b|\bloan|borrow|\bcarry\b|device tool|\.whl", gpu_check.__doc__, re.I)
+
+
+def test_the_alarm_bounds_a_step_and_is_disarmed_after(gpu_check):
     start = time.perf_counter()
     with pytest.raises(TimeoutError, match="still running"):
         with gpu_check.alarm(0.2):
