@@ -344,7 +344,7 @@ def test_read_tasks_are_sized_by_files_and_shards(imagefolder, webdataset, ray_s
 
     monkeypatch.setattr(readers, "IMAGES_PER_READ_TASK", 3)
     listing = scan_source(folder_config(imagefolder), "train")  # 9 image files in class folders
-    tasks = readers.ImageFilesDatasource(listing).get_read_tasks(3)
+    tasks = readers.ImageFilesDatasource(listing, max_bytes=1 << 20).get_read_tasks(3)
     assert [t.metadata.num_rows for t in tasks] == [3, 3, 3]
     assert readers.read_source_rows(folder_config(imagefolder), "train").materialize().num_blocks() == 3
     assert readers.read_source_rows(wds_config(webdataset), "train").materialize().num_blocks() == 2  # a shard each
@@ -364,12 +364,12 @@ def test_parquet_read_tasks_are_whole_row_groups_in_shard_order(tmp_path, ray_se
                        tmp_path / f"train-0000{shard}-of-00002.parquet", row_group_size=2)
     monkeypatch.setattr(readers, "IMAGES_PER_READ_TASK", 3)
     config = DataConfig(source="parquet", path=str(tmp_path), image_size=SIZE, val_fraction=0)
-    datasource = readers.ParquetShardsDatasource(scan_source(config, "train").paths())
+    datasource = readers.ParquetShardsDatasource(scan_source(config, "train").paths(), max_bytes=1 << 20)
     assert [(Path(p).name[:14], groups, rows) for p, groups, rows, _ in datasource.pieces] == [
         ("train-00000-of", [0, 1], 4), ("train-00000-of", [2, 3], 3),
         ("train-00001-of", [0, 1], 4), ("train-00001-of", [2, 3], 3)]
     ids = [r["image"]["path"] for r in readers.read_source_rows(config, "train").take_all()]
-    assert sorted(ids) == sorted(f"s{s}-{i}.png" for s in range(2) for i in range(7))
+    assert sorted(ids) == sorted(f"train-0000{s}-of-00002.parquet#{i}" for s in range(2) for i in range(7))
 
 
 # ---------------------------------------------------------------- class names (the prompts)
