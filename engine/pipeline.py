@@ -206,6 +206,8 @@ def evaluate_stage(config: DistillConfig, run_dir, set_dirs: dict, stage_keys: t
 
     evaluate_key = config_hash(*stage_keys, config.data, config.evaluate)
     results_dir = run_dir / "results" / evaluate_key
+    if measured is not None:
+        measured["results_folder"] = f"results/{evaluate_key}"
     jobs = student_jobs(config, set_dirs)
     log(f"training {len(jobs)} students, protocol {config.evaluate.protocol}")
     rows = train_rows if train_rows is not None else count_rows(config.data, "train")
@@ -286,9 +288,14 @@ def encode_stage(config: DistillConfig, run_dir, folder: Path, latent_shape, ima
         log(f"encoding the train split with the prior's VAE (latent shape {latent_shape})")
         store.invalidate_stage(run_dir, "encode")  # the old latents are about to be replaced
         encoded, files = encode_to_parquet(config, folder, latents_dir, image_size, tuple(names))
-        skipped = count_skipped(store.read_table(run_dir / "skipped.parquet", ["reason"]).column(0).to_pylist())
+        records = store.read_table(run_dir / "skipped.parquet", ["id", "reason"]).to_pydict()
+        skipped = count_skipped(records["reason"])
         if skipped:
             log(f"encode: skipped {sum(skipped.values())} unusable rows {skipped} (listed in skipped.parquet)")
+        damaged = [i for i in records["id"] if "/<damaged after " in i]
+        if damaged:  # a tar holds no index: how many samples followed the damage is unknown
+            log(f"warning: {len(damaged)} tar shard(s) are damaged; each counts as one skipped row, and the samples "
+                f"after the damage are lost uncounted (e.g. {damaged[0]})")
         store.mark_stage_finished(run_dir, "encode", encode_key, take_nodes("encode"), images=encoded,
                                   latent_shape=latent_shape, skipped=skipped)
         record_stage(run_dir, "encode", files)
@@ -322,17 +329,32 @@ def quantize_stage(config: DistillConfig, run_dir, latents_dir, encode_key: str)
     return quantize_key, quantized_dir, stats
 
 
-def run(config: DistillConfig, until: str = "evaluate") -> dict:
+def finish_run_folder(config: DistillConfig, run_dir, quantize_key: str, results_folder: str | None) -> None:
+    """Drop the engine's outputs of other configurations (left by --overwrite), so the folder's sets and its
+    manifest are this run's alone."""
+    from engine.run_folder import Keep, prune_run_folder
+    from engine.sets import requested_sets, set_dir
+
+    sets = frozenset(set_dir(run_dir, *key).name for key in requested_sets(config))
+    results_key = results_folder.split("/", 1)[1] if results_folder else None
+    removed = prune_run_folder(run_dir, Keep(sets, quantize_key, results_key))
+    if removed:
+        log(f"removed {len(removed)} output folder(s) of the configuration this run replaced: {removed[:5]}")
+
+
+def run(config: DistillConfig, until: str = "evaluate", overwrite: bool = False) -> dict:
     """The whole run: every stage up to `until`, then metrics.json, report.html and manifest.json."""
     from engine.checks import RunError, check_run_inputs
     from engine.data import class_names
     from engine.manifest import write_manifest
     from engine.ray.cluster import cluster_span, init_ray
     from engine.report import write_report
+    from engine.run_folder import check_run_folder
 
     span = cluster_span(config.runtime)  # joins the cluster the job was pointed at; starts nothing otherwise
     check_cluster_places(config, span.nodes, span.address)  # before anything is read, written or started
     check_run_inputs(config, class_names(config.data), until)
+    check_run_folder(config, overwrite)  # another run's files, or foreign ones: refused (or cleared) up front
     store.start_ledger()  # this process's writes are recorded for the manifest (engine/manifest.py)
     try:  # an unreachable object store or a missing bucket is one sentence, before any work
         run_dir = config.run_dir
@@ -381,6 +403,11 @@ def run(config: DistillConfig, until: str = "evaluate") -> dict:
                "counts": {"images_read": int(encoded) + sum(skipped.values()), "images_encoded": int(encoded),
                           "skipped": skipped, "classes": int(stats.label.nunique()), "empty_classes": empty_classes}}
     store.atomic_write_json(run_dir / "metrics.json", metrics)
-    log(f"report: {write_report(run_dir)}")
+    finish_run_folder(config, run_dir, quantize_key, measured.get("results_folder"))
+    try:
+        log(f"report: {write_report(run_dir)}")
+    except Exception as error:  # noqa: BLE001 - a figure must never take a finished run down; the numbers are written
+        log(f"warning: the report could not be written ({error.__class__.__name__}: {error}); metrics.json holds "
+            f"every number")
     write_manifest(run_dir)  # last: from the writers' records (report included), to compare runs, detect changes
     return metrics
