@@ -22,7 +22,7 @@ from engine.decode import decode_latents
 from engine.priors import load_prior
 from engine.priors.base import check_prior_folder
 from engine.priors.dit import build_dit_prior, load_dit_prior
-from engine.priors.sd15 import build_sd15_prior, load_sd15_prior
+from engine.priors.sd15 import build_sd15_prior, load_sd15_prior, write_byte_tokenizer
 from engine.quantize import quantize_class
 from tests.priors_small import (DIT_SMALL, LAYOUTS, SD15_SMALL, edit_config, save_dit_hub_layout, save_in_layout,
                                 weighted_modules)
@@ -303,6 +303,26 @@ def test_a_pickled_text_encoder_beside_safetensors_parts_is_named(tmp_path, sd15
     torch.save(sd15_built.text_encoder.state_dict(), folder / "text_encoder" / "pytorch_model.bin")
     with pytest.raises(FileNotFoundError, match=r"text_encoder/pytorch_model.bin is a pickle.*convert_weights.py"):
         load_prior("sd15", folder, NAMES)
+
+
+def test_both_tokenizer_layouts_load(tmp_path, sd15_folder, sd15_built):
+    """transformers 5 saves tokenizer.json; hub SD folders hold the slow tokenizer's vocab.json + merges.txt."""
+    folder = tmp_path / "sd15"
+    shutil.copytree(sd15_folder, folder)
+    assert (folder / "tokenizer" / "tokenizer.json").is_file()
+    shutil.rmtree(folder / "tokenizer")
+    write_byte_tokenizer(folder / "tokenizer")
+    prior = load_prior("sd15", folder, NAMES)
+    assert prior.tokenizer(["great white shark"]).input_ids == sd15_built.tokenizer(["great white shark"]).input_ids
+    (folder / "tokenizer" / "merges.txt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"missing tokenizer/tokenizer.json \(or vocab.json \+ merges.txt\)"):
+        load_prior("sd15", folder, NAMES)
+
+
+def test_a_single_file_checkpoint_is_refused(tmp_path):
+    (tmp_path / "v1-5-pruned-emaonly.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"is a file, not a diffusers folder: .*from_single_file"):
+        load_prior("sd15", tmp_path / "v1-5-pruned-emaonly.safetensors", NAMES)
 
 
 def test_prior_variant_is_a_config_key():

@@ -66,7 +66,6 @@ OTHER_FILES = {"tokenizer": (("tokenizer.json",), ("vocab.json", "merges.txt")),
 CLASS_NAMES = {"vae": ("AutoencoderKL",), "unet": ("UNet2DConditionModel",),
                "transformer": ("DiTTransformer2DModel", "Transformer2DModel"), "text_encoder": ("CLIPTextModel",)}
 DENOISERS = ("unet", "transformer")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 CONVERT_COMMAND = "python jobs/convert_weights.py"
 
 
@@ -106,6 +105,9 @@ def check_prior_folder(folder: Path, components: tuple[str, ...], variant: str =
     `variant` (prior.variant): "auto" (the files without a variant suffix, else the only variant present), "none"
     (only those without a suffix) or a variant name such as "fp16" (a component without it: its unsuffixed files)."""
     folder = Path(folder)
+    if folder.is_file():  # a single-file checkpoint (v1-5-pruned-emaonly.safetensors)
+        raise FileNotFoundError(f"prior folder {folder} is a file, not a diffusers folder: save it as one with "
+                                f"diffusers' from_single_file(...).save_pretrained(<folder>)")
     if not folder.is_dir():
         raise FileNotFoundError(f"prior folder {folder} does not exist: set prior.path to a diffusers folder")
     missing = [part for component in components for part in missing_parts(folder, component)]
@@ -162,10 +164,12 @@ def choose_variant(folder: Path, component: str, found: set[str | None], variant
     """`variant` where the component has it; a named variant a component lacks falls back to its unsuffixed files,
     as diffusers' pipelines do (hub SD folders hold non_ema weights for the UNet alone)."""
     if variant == "auto" and len(found) == 1:
-        return next(iter(found))
+        return next(iter(found))  # a download of one variant only
     wanted = None if variant in ("auto", "none") else variant
-    if wanted in found or (variant != "none" and None in found):
-        return wanted if wanted in found else None
+    if wanted in found:
+        return wanted
+    if wanted is not None and None in found:
+        return None
     held = ", ".join(sorted("full precision (unsuffixed)" if v is None else v for v in found))
     ask = "several variants" if variant == "auto" else f"no {wanted or 'full-precision (unsuffixed)'} weights"
     raise FileNotFoundError(f"prior folder {folder}: {component}/ holds {ask} ({held}): set prior.variant to the "
@@ -179,7 +183,9 @@ def variant_files(folder: Path, component: str, variant: str | None) -> tuple[st
     files = [single] if (directory / single).is_file() else []
     if (directory / index).is_file():
         shards = sorted(set(read_json(directory / index, folder).get("weight_map", {}).values()))
-        for shard in shards or ["a shard"]:
+        if not shards:
+            raise ValueError(f"prior folder {folder}: {component}/{index} lists no shards: download it again")
+        for shard in shards:
             if not (directory / shard).is_file():
                 raise FileNotFoundError(f"prior folder {folder}: {component}/{index} lists {shard}, which is "
                                         f"missing: download every shard the index lists")
@@ -190,7 +196,7 @@ def variant_files(folder: Path, component: str, variant: str | None) -> tuple[st
 def no_weights_message(folder: Path, component: str) -> str:
     """Why a component has no safetensors weights, and the fix: convert its pickles, or download the weights."""
     directory, stem = folder / component, WEIGHT_STEMS[component]
-    pickles = sorted(path.name for path in directory.iterdir() if path.suffix in PICKLE_SUFFIXES)
+    pickles = sorted(path.name for path in directory.iterdir() if path.suffix == ".bin")
     if pickles:
         return (f"prior folder {folder}: {component}/{pickles[0]} is a pickle, which the engine never loads: convert "
                 f"the folder to safetensors once with `{CONVERT_COMMAND} {shlex.quote(str(folder))}`")
