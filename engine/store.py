@@ -122,13 +122,13 @@ def invalidate_stage(run_dir: Path | ObjectPath, stage: str) -> None:
 def mark_stage_finished(run_dir: Path | ObjectPath, stage: str, key: str, node_ids: tuple[str, ...] = (),
                         **facts) -> None:
     """`node_ids`: the Ray nodes whose actors or tasks did the stage's work (on a cluster, proof that each did)."""
-    nodes = {"node_ids": list(node_ids)} if node_ids else {}
+    nodes = {"node_ids": list(node_ids)} if node_ids else {}  # only where the stage's workers reported them
     atomic_write_json(stage_marker(run_dir, stage), {"key": key, **facts, **nodes})
     # One record per stage that really computed (a reused stage writes nothing): sweeps and tests count them.
     # One small file each, never an append: object stores cannot append, and no record is ever torn.
     now = time.time_ns()
     atomic_write_json(location(run_dir) / "_stages" / "history" / f"{now:020d}-{stage}.json",
-                      {"stage": stage, "key": key, "time": round(now / 1e9, 3), "node_ids": list(node_ids)})
+                      {"stage": stage, "key": key, "time": round(now / 1e9, 3), **nodes})
 
 
 def stage_history(run_dir: Path | ObjectPath) -> list[dict]:

@@ -177,3 +177,28 @@ def test_fsspec_protocols_go_through_pyarrows_wrapper(request):
     assert write_manifest(place).keys() == {"t.parquet", "_stages/encode.json"} | {
         f for f in list_files(place) if f.startswith("_stages/history/")}
     assert verify_manifest(place) == []
+
+
+def test_shared_places_are_uris_or_inside_a_declared_mount(tmp_path, monkeypatch):
+    from engine.location import is_shared_place
+
+    assert is_shared_place("s3://bucket/runs") and is_shared_place("gs://bucket/x", ("/mnt/efs",))
+    assert not is_shared_place("runs") and not is_shared_place("/mnt/efs/runs")  # nothing declared
+    mounts = ("/mnt/efs", "/data/")
+    assert is_shared_place("/mnt/efs", mounts) and is_shared_place("/mnt/efs/runs/x", mounts)
+    assert is_shared_place("file:///data/imagenet", mounts) and is_shared_place("/data", mounts)
+    assert not is_shared_place("/mnt/efs2/runs", mounts)  # a longer name, not a folder inside
+    assert not is_shared_place("/mnt/efs/../home/runs", mounts)  # normalised before the comparison
+    monkeypatch.chdir(tmp_path)
+    assert is_shared_place("runs", (str(tmp_path),)) and not is_shared_place("runs", (str(tmp_path / "other"),))
+
+
+def test_a_prior_is_published_once_to_a_shared_mount(saved_prior, tmp_path):
+    """With runs_dir on a mount every node sees, the prior the driver trained is copied there (marker last)."""
+    from engine.location import PUBLISHED, publish_folder
+
+    place = publish_folder(saved_prior, tmp_path / "efs" / "priors" / "tiny")
+    assert place == tmp_path / "efs" / "priors" / "tiny" and (place / PUBLISHED).read_text().strip() == str(saved_prior)
+    assert set(list_files(place)) == set(list_files(saved_prior)) | {PUBLISHED}
+    (saved_prior / "extra.txt").write_text("changed after publishing")
+    assert publish_folder(saved_prior, place) == place and not (place / "extra.txt").exists()  # published once

@@ -10,6 +10,7 @@ import io
 import json
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -88,6 +89,16 @@ def test_the_teacher_cache_goes_under_a_shared_runs_dir(tmp_path, s3_env):
     assert str(teacher_cache_path(remote).parent) == f"s3://{s3_env['bucket']}/runs/_cache/teachers"
 
 
+def test_stage_records_name_the_nodes_that_did_the_work_when_known(tmp_path):
+    from engine import store
+
+    store.mark_stage_finished(tmp_path, "encode", "k1", ("b" * 56, "a" * 56), images=5)
+    store.mark_stage_finished(tmp_path, "real_sets", "k2")  # a stage whose workers report no node
+    encode, real = store.stage_history(tmp_path)
+    assert encode["node_ids"] == ["b" * 56, "a" * 56] and "node_ids" not in real
+    assert store.finished_stage(tmp_path, "encode", "k1")["node_ids"] == ["b" * 56, "a" * 56]
+
+
 # ---------------------------------------------------------------- the rehearsal (Ray, two nodes)
 
 
@@ -144,28 +155,14 @@ def computed_nodes(run_dir) -> dict[str, set[str]]:
     return {h["stage"]: set(h["node_ids"]) for h in store.stage_history(run_dir) if h.get("node_ids")}
 
 
-@pytest.mark.ray
-def test_the_smoke_path_on_two_nodes_uses_both_and_equals_one_node(s3_env, tmp_path):
-    """Both runs share one runs_dir (so the prior published there and the teacher are made once) under different
-    names; the one-node reference stops after decode, which is all that is deterministic to compare."""
+@contextmanager
+def two_node_cluster():
+    """A head and a worker node of one CPU each on this machine, this process connected as the driver -> the two
+    node ids. Started after the S3 endpoint, so every node's workers reach it through the same variables."""
     import ray
     from ray.cluster_utils import Cluster
 
-    sys.path.insert(0, str(ROOT / "jobs"))
-    import distill
-
-    from engine import pipeline
-    from engine.location import location
-
     ray.shutdown()  # a session Ray of other tests: one Ray instance at a time on this machine
-    root = location(f"s3://{s3_env['bucket']}/{tmp_path.name}")
-    write_digits_shards(root / "digits")
-    same = [f"runs_dir={root / 'runs'}", f"cache_dir={tmp_path / 'cache'}", "data.source=parquet",
-            f"data.path={root / 'digits'}", "data.name=digits-shards", "runtime.encode_actors=2",
-            "runtime.encode_cpus_per_actor=0.5", "runtime.decode_actors=2", "runtime.decode_cpus_per_actor=0.5",
-            "runtime.quantize_actors=2"]
-
-    # A node-local run folder is refused on the cluster before anything is written.
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 300 * 2**20})
     try:
         cluster.add_node(num_cpus=1, object_store_memory=300 * 2**20)
@@ -173,18 +170,50 @@ def test_the_smoke_path_on_two_nodes_uses_both_and_equals_one_node(s3_env, tmp_p
         ray.init(address=cluster.address, log_to_driver=False)
         nodes = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
         assert len(nodes) == 2
-        local, _ = distill.parse_args(["--smoke-test", *same, f"runs_dir={tmp_path / 'runs'}"])
-        with pytest.raises(RunError, match=f"cluster of 2 nodes.*runs_dir={tmp_path / 'runs'}"):
-            pipeline.run(local)
-        assert not (tmp_path / "runs").exists()
-
-        two, _ = distill.parse_args(["--smoke-test", *same, "name=two-nodes"])
-        start = time.perf_counter()
-        metrics = pipeline.run(two)
-        seconds = time.perf_counter() - start
+        yield nodes
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def smoke_config(*overrides: str):
+    sys.path.insert(0, str(ROOT / "jobs"))
+    import distill
+
+    return distill.parse_args(["--smoke-test", *overrides])[0]
+
+
+@pytest.mark.ray
+def test_a_two_node_cluster_refuses_a_local_run_folder_before_anything_is_written(s3_env, tmp_path):
+    from engine import pipeline
+
+    config = smoke_config(f"runs_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}")
+    pattern = f"on a cluster of 2 nodes .* runs_dir={tmp_path / 'runs'} is a path"
+    with two_node_cluster(), pytest.raises(RunError, match=pattern):
+        pipeline.run(config)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()  # no stage started
+
+
+@pytest.mark.slow  # ~3.5 min on 2 cores: the full smoke path on two nodes, then a one-node run to compare
+def test_the_smoke_path_on_two_nodes_uses_both_and_equals_one_node(s3_env, tmp_path):
+    """Both runs share one runs_dir (so the prior published there and the teacher are made once) under different
+    names; the one-node reference stops after decode, which is all that is deterministic to compare."""
+    import ray
+
+    from engine import pipeline
+    from engine.location import location
+
+    root = location(f"s3://{s3_env['bucket']}/{tmp_path.name}")
+    write_digits_shards(root / "digits")
+    same = [f"runs_dir={root / 'runs'}", f"cache_dir={tmp_path / 'cache'}", "data.source=parquet",
+            f"data.path={root / 'digits'}", "data.name=digits-shards", "prior.vae_steps=10", "prior.unet_steps=10",
+            "runtime.encode_actors=2", "runtime.encode_cpus_per_actor=0.5", "runtime.decode_actors=2",
+            "runtime.decode_cpus_per_actor=0.5", "runtime.quantize_actors=2"]
+    two = smoke_config(*same, "name=two-nodes")
+    with two_node_cluster() as nodes:
+        start = time.perf_counter()
+        metrics = pipeline.run(two)
+        seconds = time.perf_counter() - start
     # Some of the truncated rows fall in train (the rest in val, by the split's coin), and are skipped there.
     assert len(metrics["results"]) == 9 and 0 < sum(metrics["counts"]["skipped"].values()) <= 3
     seen = computed_nodes(two.run_dir)
@@ -194,12 +223,12 @@ def test_the_smoke_path_on_two_nodes_uses_both_and_equals_one_node(s3_env, tmp_p
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        one, _ = distill.parse_args(["--smoke-test", *same, "name=one-node"])
+        one = smoke_config(*same, "name=one-node")
         reference = pipeline.run(one, until="decode")
         (single,) = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     finally:
         ray.shutdown()
-    assert all(ids == {single} for ids in computed_nodes(one.run_dir).values())
+    assert computed_nodes(one.run_dir) == {stage: {single} for stage in ("encode", "quantize", "decode")}
     assert reference["counts"] == metrics["counts"]
     expected, got = deterministic_outputs(one.run_dir), deterministic_outputs(two.run_dir)
     assert sum(name.endswith(".png") for name in expected) == 2 * 10 * (1 + 2)  # d4m + ddoq-mass, IPC 1 and 2

@@ -127,7 +127,8 @@ def most_nodes() -> int:
 
 
 # The Ray node ids whose actors or tasks did a stage's work, gathered by the driver from the rows and summaries the
-# workers send back (engine/ray/encode.py, quantize.py, decode.py), until the stage's record takes them.
+# workers send back (engine/ray/encode.py, quantize.py; the decode stage's rows carry their node themselves),
+# until the stage's record takes them.
 _NODES_SEEN: dict[str, set[str]] = {}
 
 
@@ -137,7 +138,8 @@ def node_id() -> str:
 
 
 def saw_nodes(stage: str, ids) -> None:
-    _NODES_SEEN.setdefault(stage, set()).update(str(i) for i in ids)
+    """Called once per stage run, when its work is done: replaces what an earlier, failed attempt left."""
+    _NODES_SEEN[stage] = {str(i) for i in ids}
 
 
 def take_nodes(stage: str) -> tuple[str, ...]:
