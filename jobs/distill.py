@@ -6,6 +6,9 @@
 The stages live in engine/pipeline.py (shared with tune/sweep.py); this file parses the command line and prints
 the table. Each stage writes into runs/<name>/ with a completion marker keyed by a hash of everything it depends
 on, so a re-run (or a killed run started again) skips finished stages and finished student jobs.
+On a cluster of several nodes (RAY_ADDRESS) runs_dir, data.path, prior.path and evaluate.teacher_path must name the
+same files on every node, URIs or paths under runtime.shared_paths: anything else is refused before the first stage,
+and each stage's record (_stages/) names the nodes that did its work (docs/scale.md "Several nodes").
 """
 
 from __future__ import annotations
