@@ -17,10 +17,6 @@ budgeted to 360 s (--budget), which leaves 2 minutes of an 8-minute slot for imp
             as the engine feeds it; it splits a batch that would reach 2^31 elements) and through vae.encode on a
             device tensor; TFLOP/s counted by torch.utils.flop_counter.FlopCounterMode on one batch;
             encode_mfu = best prior.encode TFLOP/s / peak
-  boundary  the sd15 VAE alone at 512^2, batches 32 and 64, contiguous and channels_last: encode at 64 and decode
-            at 32 are the first batches whose largest activation reaches 2^31 elements, where some kernels fail
-            or overflow. Each row: images/s, or how it failed, and its outputs against the same images in a batch
-            of 4; a raw VAE failing here is what the engine's batch caps avoid (informational, not an error)
   quantize  1000 synthetic classes (Gaussian mixtures) of 1300 x 4096 on the device, IPC 1/10/50 each, through
             engine.quantize.quantize_class(device="cuda") (faiss-gpu if present, else engine/quantize_torch.py):
             classes/s, until the time reserved for the next check; then its objective against a CPU quantizer
@@ -34,6 +30,11 @@ budgeted to 360 s (--budget), which leaves 2 minutes of an 8-minute slot for imp
             batches 16 and the engine's largest at 512^2 (31: decode.batch_size 32 capped below 2^31), s/image;
             then at the best batch: SDPA + channels_last, + torch.compile of the UNet (the decode.* keys);
             decode_s_per_img = the best of these
+  boundary  the sd15 VAE alone at 512^2, batches 32 and 64, contiguous and channels_last: encode at 64 and decode
+            at 32 are the first batches whose largest activation reaches 2^31 elements, where some kernels fail
+            or overflow. Each row: images/s, or how it failed, and its outputs against the same images in a batch
+            of 4; a raw VAE failing here is what the engine's batch caps avoid (informational, not an error).
+            Last, since an overflow can leave the CUDA context unusable
 Run it on the GPU you will distill on; never quote a number from a dry run as a GPU one.
 """
 
@@ -626,9 +627,11 @@ def _train_rate(ctx: Context, data, teacher, classes: int, config, worker, watch
     return per_s, first_step, last_step, steps
 
 
-# In this order: sd15 last, since its compile is the one step whose length cannot be bounded in advance.
-SECTIONS = {"peak": section_peak, "encode": section_encode, "boundary": section_boundary,
-            "quantize": section_quantize, "train": section_train, "dit": section_dit, "sd15": section_sd15}
+# In this order: sd15 late, since its compile is the one step whose length cannot be bounded in advance (the alarm
+# ends it at its budget); boundary last, since a kernel overflowing at 2^31 elements can leave a sticky CUDA error
+# that fails every later CUDA call of the process.
+SECTIONS = {"peak": section_peak, "encode": section_encode, "quantize": section_quantize, "train": section_train,
+            "dit": section_dit, "sd15": section_sd15, "boundary": section_boundary}
 
 
 def run_check(device: torch.device, sizes: Sizes, sections: list[str], budget: float) -> Report:

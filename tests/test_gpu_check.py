@@ -91,14 +91,15 @@ def test_a_failing_section_is_reported_and_fails_the_run():
     assert "train_img_per_s=nan" in out.stdout.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("module, wheel", [("timm", "timm"), ("huggingface_hub", "huggingface_hub"),
-                                           ("yaml", "pyyaml")])
-def test_a_missing_wheel_is_named_before_anything_runs(module, wheel):
-    code = (f"import sys, runpy; sys.modules[{module!r}] = None; sys.argv = ['gpu_check.py', '--dry-run']; "
-            "runpy.run_path('benchmarks/gpu_check.py', run_name='__main__')")
+def test_a_missing_wheel_is_named_before_anything_runs():
+    missing = {"timm": "timm", "huggingface_hub": "huggingface_hub", "yaml": "pyyaml"}  # module: its wheel
+    code = (f"import sys, runpy; sys.modules.update(dict.fromkeys({list(missing)!r})); "
+            "sys.argv = ['gpu_check.py', '--dry-run']; runpy.run_path('benchmarks/gpu_check.py', run_name='__main__')")
     out = run(["-c", code])
     assert out.returncode == 3, out.stdout[-2000:] + out.stderr[-2000:]
-    assert f"install the {wheel} wheel" in out.stderr and "section" not in out.stdout
+    for wheel in missing.values():
+        assert f"install the {wheel} wheel" in out.stderr, wheel
+    assert "section" not in out.stdout
 
 
 def test_the_fp32_row_fails_if_autocast_comes_back_on():
