@@ -157,8 +157,9 @@ def computed_nodes(run_dir) -> dict[str, set[str]]:
 
 @contextmanager
 def two_node_cluster():
-    """A head and a worker node of one CPU each on this machine, this process connected as the driver -> the two
-    node ids. Started after the S3 endpoint, so every node's workers reach it through the same variables."""
+    """A head and a worker node of one CPU each on this machine, this process connected as the driver -> (the two
+    node ids, the cluster's address). Started after the S3 endpoint, so every node's workers reach it through the
+    same variables."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -170,7 +171,7 @@ def two_node_cluster():
         ray.init(address=cluster.address, log_to_driver=False)
         nodes = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
         assert len(nodes) == 2
-        yield nodes
+        yield nodes, cluster.address
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -184,13 +185,24 @@ def smoke_config(*overrides: str):
 
 
 @pytest.mark.ray
-def test_a_two_node_cluster_refuses_a_local_run_folder_before_anything_is_written(s3_env, tmp_path):
+def test_a_two_node_cluster_refuses_a_local_run_folder_before_anything_is_written(s3_env, tmp_path, monkeypatch):
+    """Both ways a job meets a cluster: a driver already connected, and one that joins by RAY_ADDRESS (what
+    `ray job submit` sets) when the run starts."""
+    import ray
+
     from engine import pipeline
+    from engine.ray.cluster import cluster_span
 
     config = smoke_config(f"runs_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}")
     pattern = f"on a cluster of 2 nodes .* runs_dir={tmp_path / 'runs'} is a path"
-    with two_node_cluster(), pytest.raises(RunError, match=pattern):
-        pipeline.run(config)
+    with two_node_cluster() as (_, address):
+        with pytest.raises(RunError, match=pattern):
+            pipeline.run(config)
+        ray.shutdown()
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        assert cluster_span(config.runtime).nodes == 2 and ray.is_initialized()  # joined, not started
+        with pytest.raises(RunError, match=pattern):
+            pipeline.run(config)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()  # no stage started
 
 
@@ -210,7 +222,7 @@ def test_the_smoke_path_on_two_nodes_uses_both_and_equals_one_node(s3_env, tmp_p
             "runtime.encode_actors=2", "runtime.encode_cpus_per_actor=0.5", "runtime.decode_actors=2",
             "runtime.decode_cpus_per_actor=0.5", "runtime.quantize_actors=2"]
     two = smoke_config(*same, "name=two-nodes")
-    with two_node_cluster() as nodes:
+    with two_node_cluster() as (nodes, _):
         start = time.perf_counter()
         metrics = pipeline.run(two)
         seconds = time.perf_counter() - start
