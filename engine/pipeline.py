@@ -70,11 +70,11 @@ def shared_cache(config: DistillConfig) -> Path | ObjectPath | None:
 PLACE_KEYS = ("runs_dir", "data.path", "prior.path", "evaluate.teacher_path")
 
 
-def check_cluster_places(config: DistillConfig, nodes: int, address: str = "") -> None:
+def check_cluster_places(config: DistillConfig, nodes: float, address: str = "") -> None:
     """Refuse, before any stage, node-local files on a cluster of several nodes (or from a driver that joined its
     cluster through Ray Client, ray://, whose own disk no worker sees): each worker would read, or write, its own
     node's disk, and the driver would then miss what they wrote. `nodes`: the nodes the cluster has or may grow
-    to; `address`: the cluster address the job joined ("" for a Ray it started)."""
+    to (math.inf: no limit); `address`: the cluster address the job joined ("" for a Ray it started)."""
     from engine.checks import RunError
 
     remote = address.startswith("ray://")
@@ -85,7 +85,8 @@ def check_cluster_places(config: DistillConfig, nodes: int, address: str = "") -
               "prior.path": config.prior.path, "evaluate.teacher_path": config.evaluate.teacher_path}
     local = [f"{key}={values[key]}" for key in PLACE_KEYS if values[key] and not is_shared_place(values[key], shared)]
     if local:
-        where = f"a cluster of {nodes} nodes" if nodes > 1 else f"the cluster at {address}, joined from another machine"
+        size = "any number of" if nodes == float("inf") else f"{nodes:g}"
+        where = f"a cluster of {size} nodes" if nodes > 1 else f"the cluster at {address}, joined from another machine"
         raise RunError(
             f"on {where} every node must reach the same files, but {' and '.join(local)} "
             f"{'is a path' if len(local) == 1 else 'are paths'} on one machine's own disk: use an object-store URI "

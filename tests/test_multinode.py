@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import sys
 import time
 from contextlib import contextmanager
@@ -43,6 +44,8 @@ def test_one_node_takes_local_paths_and_several_nodes_refuse_them_naming_each_ke
         assert f"{key}={value}" in message
     assert "cluster of 2 nodes" in message and "s3://" in message and "runtime.shared_paths" in message
     assert "\n" not in message and message.count(": ") == 1  # one sentence: the problem, then what to use
+    with pytest.raises(RunError, match="on a cluster of any number of nodes"):  # an autoscaler without a limit
+        check_cluster_places(config, nodes=math.inf)
 
 
 def test_uris_and_declared_mounts_pass_and_only_the_offending_key_is_named():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -95,7 +96,7 @@ class ClusterSpan:
     """How far a job's Ray reaches: the nodes it has, or may grow to, and the address it joined ("" for a Ray this
     process started itself)."""
 
-    nodes: int
+    nodes: float  # math.inf for an autoscaler without a node limit
     address: str = ""
 
 
@@ -110,10 +111,10 @@ def cluster_span(runtime: RuntimeConfig) -> ClusterSpan:
     return ClusterSpan(max(alive, most_nodes()), address)
 
 
-def most_nodes() -> int:
+def most_nodes() -> float:
     """The node count the autoscaler may grow the cluster to (a cluster that starts with its head alone and adds
     GPU workers for the stages is a multi-node cluster from the first stage on); 0 when no autoscaler published
-    its node groups. Ray Train reads the same record for its own upper bounds."""
+    its node groups, math.inf when a group has no limit. Ray Train reads the same record for its own bounds."""
     try:
         from ray._private.state import state
 
@@ -123,7 +124,7 @@ def most_nodes() -> int:
     if config is None:
         return 0
     counts = [group.max_count for group in config.node_group_configs]
-    return 1_000_000 if any(count < 0 for count in counts) else sum(counts)
+    return math.inf if any(count < 0 for count in counts) else sum(counts)
 
 
 # The Ray node ids whose actors or tasks did a stage's work, gathered by the driver from the rows and summaries the
