@@ -20,9 +20,9 @@ import torch
 from engine.config import ConfigError, DecodeConfig, PriorConfig, load_config
 from engine.decode import decode_latents
 from engine.priors import load_prior
-from engine.priors.base import check_prior_folder
-from engine.priors.dit import build_dit_prior, load_dit_prior
-from engine.priors.sd15 import build_sd15_prior, load_sd15_prior, write_byte_tokenizer
+from engine.priors.base import Resolution, check_prior_folder, denoiser_resolution
+from engine.priors.dit import DIT_XL2_256, SD_VAE_FT_MSE, build_dit_prior, load_dit_prior
+from engine.priors.sd15 import SD15_UNET, SD15_VAE, build_sd15_prior, load_sd15_prior, write_byte_tokenizer
 from engine.quantize import quantize_class
 from jobs.convert_weights import convert_folder
 from tests.priors_small import (DIT_SMALL, LAYOUTS, SD15_SMALL, edit_config, save_dit_hub_layout, save_in_layout,
@@ -343,6 +343,14 @@ def test_prior_variant_is_a_config_key():
 
 
 # ---------------------------------------------------------------- resolution from the denoiser
+
+
+def test_the_published_configs_give_512_and_256():
+    """SD v1.5's UNet (64 latents) and DiT-XL/2-256's transformer (32) with the 4-block VAE (factor 8); the
+    sd-vae-ft-mse config's own 256 does not move SD off 512."""
+    assert denoiser_resolution(SD15_VAE, SD15_UNET, "unet") == Resolution(512, (4, 64, 64))
+    assert denoiser_resolution(SD_VAE_FT_MSE, SD15_UNET, "unet") == Resolution(512, (4, 64, 64))
+    assert denoiser_resolution(SD_VAE_FT_MSE, DIT_XL2_256, "transformer") == Resolution(256, (4, 32, 32))
 
 
 def test_the_resolution_comes_from_the_unet_not_the_vae_config(tmp_path, sd15_built):
