@@ -82,8 +82,10 @@ def test_too_many_bad_rows_fail_naming_them(capsys, tmp_path):
     write_toy_dataset(tmp_path / "dirty", "a b", {0: 3, 1: 3}, bad=4)
     err = run_main(["--smoke-test", f"runs_dir={tmp_path}", f"cache_dir={tmp_path}", "data.source=parquet",
                     f"data.path={tmp_path / 'dirty'}"], capsys)  # fails while training the prior: before Ray
-    # 11 train rows, 2 good ones carved into the validation split by their ids' coins: 5 bad of 9 read.
-    assert "5 of 9 rows could not be used" in err and "../../../escape.png (label_out_of_range" in err
+    # 11 train rows, 2 carved into the validation split by their ids' coins: 3 bad of the 9 read. The row whose
+    # stored path is "../../../escape.png" is named by its id, shard and row (row 10: the rows' order is written).
+    assert "3 of 9 rows could not be used" in err
+    assert "train-00000-of-00001.parquet#10 (label_out_of_range: label 7 not in [0, 2))" in err
 
 
 def test_nan_in_weights_is_named():
