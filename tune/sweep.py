@@ -282,13 +282,15 @@ def run_sweep(base: DistillConfig, space: SearchSpace, max_concurrent: int | Non
     from ray.tune.schedulers import ASHAScheduler
 
     from engine import store
-    from engine.ray.cluster import init_ray
     from engine.config import save_config
+    from engine.ray.cluster import cluster_span, init_ray
     from engine.report import plot_sweep_accuracy
 
     # Absolute: Tune runs each trial in its own working directory.
     base = dataclasses.replace(base, runs_dir=str(location(base.runs_dir).resolve()),
                                cache_dir=str(base.cache_path.expanduser().resolve()))
+    span = cluster_span(base.runtime)  # node-local paths on several nodes: refused before anything is written
+    pipeline.check_cluster_places(base, span.nodes, span.address)
     sweep_dir = location(base.runs_dir) / f"{base.name}-sweep"
     sweep_dir.mkdir(parents=True, exist_ok=True)
     init_ray(base.runtime)
@@ -370,9 +372,17 @@ def parse_args(argv=None) -> tuple[DistillConfig, SearchSpace, int | None]:
 
 
 def main(argv=None) -> dict:
-    base, space, max_concurrent = parse_args(argv)
+    from engine.checks import RunError
+    from engine.data import TooManyBadRows
+    from engine.rows import SourceError
+
     start = time.perf_counter()
-    out = run_sweep(base, space, max_concurrent)
+    try:  # problems the user can fix are one sentence, not a traceback
+        base, space, max_concurrent = parse_args(argv)
+        out = run_sweep(base, space, max_concurrent)
+    except (ConfigError, RunError, TooManyBadRows, SourceError) as error:
+        print(f"sweep: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(out["table"].drop(columns=["trial_dir"]).to_string(index=False))
     print(f"\nbest: {out['best']}  (full config: {out['sweep_dir'] / 'best_config.yaml'})")
