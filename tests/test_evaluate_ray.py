@@ -202,3 +202,64 @@ def test_the_validation_slice_is_the_same_rows_whichever_read_task_finishes_firs
         base, _held_out = _stream_inputs(config, tmp_path / "results", tmp_path / "teacher.safetensors", 240)
         images, labels = base["val_set"]
         assert np.array_equal(images, expected.images[:40]) and np.array_equal(labels, expected.labels[:40])
+
+
+def test_a_wrongly_scaled_teacher_stops_the_run_below_min_teacher_top1(ray_session, tmp_path):
+    """A digits teacher that learned the digits (~0.8), given as evaluate.teacher_path: at its own scale it passes
+    min_teacher_top1 = 0.6; told a mean/std it was not trained with it scores ~0.4 and the run stops, in one
+    sentence, before any student. ConvNet-3's instance norm absorbs a rescale common to all channels (a BN ResNet
+    falls to chance under it, but trains too slowly for this test), so the wrong scale differs per channel."""
+    from safetensors.torch import save_file
+
+    from engine.checks import RunError
+    from engine.config import DataConfig, EvaluateConfig
+    from engine.ray.evaluate import prepare_teacher
+    from engine.train import TrainSet, train_teacher
+
+    train = load_split(DataConfig(), "train")
+    teacher = train_teacher(TrainSet(train.images, train.labels, np.ones(len(train))), 10, "convnet3",
+                            EvaluateConfig(width=16, teacher_epochs=3, batch_size=64), seed=0)
+    path = tmp_path / "digits-teacher.safetensors"
+    save_file(teacher.state_dict(), str(path))
+    given = [f"runs_dir={tmp_path}", "name=scale", f"evaluate.teacher_path={path}", "evaluate.width=16",
+             "evaluate.min_teacher_top1=0.6"]
+    right = load_config(None, given)
+    assert prepare_teacher(right, path, tmp_path / "results", train_rows=len(train)) > 0.6
+    wrong = load_config(None, given + ["evaluate.teacher_mean=[0.9,0.1,0.5]", "evaluate.teacher_std=[0.05,1.0,0.2]"])
+    with pytest.raises(RunError, match=r"below evaluate\.min_teacher_top1 = 60\.0%") as stopped:
+        prepare_teacher(wrong, path, tmp_path / "results", train_rows=len(train))  # scored again at the new scale
+    assert "teacher_mean" in str(stopped.value) and str(stopped.value).count(". ") == 0  # one sentence
+    scored = json.loads((tmp_path / "results" / "teacher.json").read_text())
+    assert scored["input_norm"] == {"mean": [0.9, 0.1, 0.5], "std": [0.05, 1.0, 0.2]}
+    assert scored["teacher_val_top1"] < 0.6
+
+
+def test_trainers_are_counted_from_the_autoscalers_largest_cluster(ray_session):
+    """An autoscaling cluster published its node groups (16 GPU workers, 2 CPU workers) but has none alive: the
+    trainers are planned for its largest size, not for the 2 CPUs alive; the teacher's threads stay the alive
+    node's. Without the record the count is the resources alive, as before."""
+    import ray
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental import internal_kv
+
+    from engine.checks import RunError
+    from engine.ray.cluster import Capacity, cluster_capacity
+    from engine.ray.evaluate import teacher_threads, trainer_count
+
+    groups = [autoscaler_pb2.NodeGroupConfig(name="gpu.worker", resources={"CPU": 8, "GPU": 1}, max_count=16),
+              autoscaler_pb2.NodeGroupConfig(name="cpu.worker", resources={"CPU": 16}, max_count=2)]
+    key, namespace = ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE
+    gpu = load_config(None, ["runtime.train_use_gpu=true", "runtime.train_cpus_per_worker=4"])
+    assert cluster_capacity() == Capacity(2.0, 0.0, False)
+    with pytest.raises(RunError, match="do not fit"):  # planned on the 2 CPUs and 0 GPUs alive, as before
+        trainer_count(gpu, 54, streams=True)
+    internal_kv._internal_kv_put(key, autoscaler_pb2.ClusterConfig(node_group_configs=groups).SerializeToString(),
+                                 overwrite=True, namespace=namespace)
+    try:
+        assert cluster_capacity() == Capacity(16 * 8 + 2 * 16, 16.0, True)
+        assert trainer_count(gpu, 54, streams=True) == 16 and trainer_count(gpu, 5, streams=True) == 5
+        assert trainer_count(load_config(None, []), 54, streams=True) == 54  # CPU trainers: 212 fit
+        assert teacher_threads(load_config(None, [])) == 2  # 2 trainers' threads on the 2-CPU node alive
+    finally:
+        internal_kv._internal_kv_del(key, namespace=namespace)
+    assert not cluster_capacity().autoscaled

@@ -70,6 +70,53 @@ def check_pool_fits(stage: str, actors: int, cpus_per_actor: float, gpus_per_act
             f"is fine: runtime.{stage}_threads_per_actor sets the actor's threads).")
 
 
+@dataclass(frozen=True)
+class Capacity:
+    """The CPUs and GPUs a stage may plan for: the cluster at its largest when an autoscaler published how far it
+    may grow (`autoscaled`), else the resources alive now."""
+
+    cpus: float
+    gpus: float
+    autoscaled: bool
+
+
+def autoscaler_max_resources() -> dict[str, float] | None:
+    """{resource: amount} the autoscaler may grow the cluster to (each node group's max_workers x its resources,
+    capped by the cluster's max_resources), as it published them in Ray's GCS (a `ray up` or KubeRay cluster);
+    None without one (a local Ray, a fixed cluster). A group without a maximum makes the amounts infinite."""
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception:  # a private API: a Ray without it plans on the resources alive, as before
+        return None
+    if config is None or not config.node_group_configs:
+        return None
+    total: dict[str, float] = {}
+    for group in config.node_group_configs:
+        count = math.inf if group.max_count < 0 else group.max_count
+        for name, amount in group.resources.items():
+            total[name] = total.get(name, 0.0) + (amount * count if amount else 0.0)
+    return {name: min(amount, config.max_resources.get(name, math.inf)) for name, amount in total.items()}
+
+
+def cluster_capacity() -> Capacity:
+    """What the cluster holds at its largest: an autoscaling cluster that starts at zero GPU workers still plans
+    for every GPU it may add (the requests wait while the autoscaler adds the nodes)."""
+    alive = ray.cluster_resources()
+    most = autoscaler_max_resources()
+    if most is None:
+        return Capacity(alive.get("CPU", 0.0), alive.get("GPU", 0.0), False)
+    return Capacity(max(alive.get("CPU", 0.0), most.get("CPU", 0.0)),
+                    max(alive.get("GPU", 0.0), most.get("GPU", 0.0)), True)
+
+
+def largest_node() -> dict[str, float]:
+    """The resources of the alive node with the most CPUs (where one process can take the most threads)."""
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    return max(nodes, key=lambda resources: resources.get("CPU", 0.0), default={})
+
+
 def shuffle_on_disk(enabled: bool) -> None:
     """Hash shuffles (the encode stage's group-by-class) through files on each node's local disk instead of the
     object store, so their memory stays bounded whatever the dataset size. The shuffle's map buffers its input per

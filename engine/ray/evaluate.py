@@ -16,12 +16,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from engine.config import DistillConfig
+from engine.config import DistillConfig, EvaluateConfig
 from engine.location import location, ray_storage
 
 VAL_IMAGES = 1000  # validation images scored at each report and for each row's val_top1 (the top1 uses all of test)
@@ -120,6 +121,7 @@ def _stream_epochs(seed: int, local_batch: int):
 def _teacher_phase(loop_config: dict, worker) -> None:
     from safetensors.torch import save as to_safetensors_bytes
 
+    from engine.protocols import input_norm_of, teacher_norm
     from engine.store import atomic_write_bytes, atomic_write_json
     from engine.train import (fit_stream, load_teacher, new_model, steady_images_per_s, stream_steps, teacher_loss,
                               teacher_recipe, timed_epochs)
@@ -130,12 +132,12 @@ def _teacher_phase(loop_config: dict, worker) -> None:
     num_classes, size = loop_config["num_classes"], config.data.image_size
     facts = {}
     if teacher_path.exists():
-        teacher = load_teacher(teacher_path, e.teacher, num_classes, size, e.width, worker.device)
+        teacher = load_teacher(teacher_path, e.teacher, num_classes, size, e.width, worker.device, e)
     else:
         import torch
 
         torch.manual_seed(0)
-        model = new_model(e.teacher, num_classes, size, e.width, worker)
+        model = new_model(e.teacher, num_classes, size, e.width, worker, teacher_norm(e, size))
         protocol, recipe = teacher_recipe(e)
         rows = loop_config["train_rows"] // worker.world
         steps, local = stream_steps(rows, e.batch_size, worker.world)
@@ -162,7 +164,8 @@ def _teacher_phase(loop_config: dict, worker) -> None:
     _progress(loop_config, worker, f"teacher {e.teacher}: validation top-1 {val_top1:.4f}, test top-1 {top1:.4f}")
     if worker.rank == 0:
         atomic_write_json(location(loop_config["results_dir"]) / "teacher.json",
-                          {"teacher": teacher_path.name, "teacher_top1": top1, "teacher_val_top1": val_top1, **facts})
+                          {"teacher": teacher_path.name, "teacher_top1": top1, "teacher_val_top1": val_top1,
+                           "input_norm": norm_record(input_norm_of(teacher)), **facts})
 
 
 def _val_top1(model, loop_config: dict) -> float:
@@ -178,7 +181,7 @@ def _student_phase(loop_config: dict, worker) -> None:
 
     from engine.data import class_names
     from engine.faults import crash_once_if_requested
-    from engine.protocols import get_protocol
+    from engine.protocols import get_protocol, student_norm
     from engine.store import atomic_write_json, read_distilled_set
     from engine.train import (TrainSet, fit_stream, load_teacher, new_model, stream_steps,
                               student_epochs, student_loss, train_student)
@@ -191,7 +194,7 @@ def _student_phase(loop_config: dict, worker) -> None:
     teacher, teacher_top1 = None, None
     if protocol.soft_labels:  # on the worker's device: a CPU teacher crashed every GPU soft-label batch
         teacher = load_teacher(location(loop_config["teacher_path"]), e.teacher, num_classes,
-                               config.data.image_size, e.width, worker.device)
+                               config.data.image_size, e.width, worker.device, e)
         teacher_top1 = json.loads((results_dir / "teacher.json").read_text())["teacher_top1"]
 
     jobs = loop_config["jobs"]
@@ -226,7 +229,8 @@ def _student_phase(loop_config: dict, worker) -> None:
             epochs = e.full_epochs
             rows = loop_config["train_rows"] // worker.world
             _, local = stream_steps(rows, e.batch_size, worker.world)
-            model = new_model(job["student"], num_classes, config.data.image_size, e.width, worker)
+            model = new_model(job["student"], num_classes, config.data.image_size, e.width, worker,
+                              student_norm(e, config.data.image_size))
             # fkd's stored logits are the teacher's on each planned batch; a stream has no plan to store, so `full`
             # takes the same targets online (rded's way), the same numbers without a split's worth of logits.
             online = dataclasses.replace(protocol, stored_labels=False)
@@ -237,9 +241,10 @@ def _student_phase(loop_config: dict, worker) -> None:
             if loaded is None or loaded[0] != job["set_dir"]:
                 loaded = (job["set_dir"], TrainSet(*read_distilled_set(job["set_dir"])))
             data, epochs = loaded[1], student_epochs(e)
-            soft_labels = _soft_labels(results_dir, job, data, teacher, epochs, e, worker) \
+            at_ipc = dataclasses.replace(e, batch_size=e.batch_size_at(job["ipc"]))  # RDED's batch grows with IPC
+            soft_labels = _soft_labels(results_dir, job, data, teacher, epochs, at_ipc, worker) \
                 if protocol.stored_labels else None
-            student = train_student(data, teacher, num_classes, job["student"], epochs, e, job["seed"], worker,
+            student = train_student(data, teacher, num_classes, job["student"], epochs, at_ipc, job["seed"], worker,
                                     soft_labels=soft_labels, report=report, reports=e.reports,
                                     checkpoint=checkpoint)
             images = len(data.labels)
@@ -271,29 +276,59 @@ def _soft_labels(results_dir, job: dict, data, teacher, epochs: int, evaluate, w
     return SoftLabels(folder)
 
 
+def trainers_fitting(runtime, cpus: float, gpus: float, spare: float) -> int:
+    """Trainers that `cpus` and `gpus` hold beside `spare` CPUs for the data stream (capped: a cluster without a
+    maximum holds as many as there are jobs)."""
+    def how_many(amount: float, each: float) -> int:
+        return 1 << 30 if math.isinf(amount) else int((amount + 1e-9) // each)
+
+    fits = how_many(cpus - spare, runtime.train_workers * runtime.train_cpus_per_worker)
+    return min(fits, how_many(gpus, runtime.train_workers)) if runtime.train_use_gpu else fits
+
+
 def trainer_count(config: DistillConfig, jobs: int, streams: bool) -> int:
-    """How many trainers run side by side: the config's, or as many as the cluster's GPUs or CPUs hold (leaving
-    the stream's Ray Data tasks their CPU), never more than the jobs. A count that cannot fit on a one-node Ray
-    is refused: the trainers would wait for each other's CPUs and the stream's tasks would never run."""
+    """How many trainers run side by side: the config's, or as many as the cluster's GPUs or CPUs hold at its
+    largest (an autoscaling cluster counts the nodes it may add, not those alive when the stage starts: at zero
+    GPU workers that was one trainer for 54 jobs), leaving the stream's Ray Data tasks their CPU, never more than
+    the jobs. A count that cannot fit on a fixed one-node Ray is refused: the trainers would wait for each other's
+    CPUs and the stream's tasks would never run."""
     import ray
 
     from engine.checks import RunError
+    from engine.ray.cluster import cluster_capacity
 
     runtime = config.runtime
-    total = ray.cluster_resources()
-    cpus = runtime.train_workers * runtime.train_cpus_per_worker
+    capacity = cluster_capacity()
     spare = stream_cpus(config, streams)
-    fits = int((total.get("CPU", 0.0) - spare + 1e-9) // cpus)
-    if runtime.train_use_gpu:
-        fits = min(fits, int(total.get("GPU", 0.0) // runtime.train_workers))
+    fits = trainers_fitting(runtime, capacity.cpus, capacity.gpus, spare)
     count = runtime.concurrent_trainers or max(1, fits)
-    one_node = len([n for n in ray.nodes() if n.get("Alive")]) == 1
+    one_node = not capacity.autoscaled and len([n for n in ray.nodes() if n.get("Alive")]) == 1
     if one_node and count > max(fits, 0):
         raise RunError(f"{count} trainer(s) x {runtime.train_workers} worker(s) x {runtime.train_cpus_per_worker:g} "
-                       f"CPU (+{spare:g} for the data stream) do not fit in {total.get('CPU', 0):g} CPUs: lower "
+                       f"CPU (+{spare:g} for the data stream) do not fit in {capacity.cpus:g} CPUs: lower "
                        f"runtime.concurrent_trainers or runtime.train_cpus_per_worker (a fraction is fine: "
                        f"runtime.train_threads_per_worker sets the threads)")
     return max(1, min(count, jobs))
+
+
+def teacher_threads(config: DistillConfig) -> int:
+    """The teacher trains alone before the students: its worker takes the threads of the trainers its node would
+    hold (all of a one-node Ray's, as before), never those of nodes an autoscaler may add."""
+    from engine.ray.cluster import largest_node
+
+    runtime = config.runtime
+    node = largest_node()
+    fits = max(1, trainers_fitting(runtime, node.get("CPU", 0.0), node.get("GPU", 0.0), stream_cpus(config, True)))
+    return runtime.threads("train") * min(runtime.concurrent_trainers or fits, fits)
+
+
+def capacity_words() -> str:
+    """Where the trainer count came from, for the log."""
+    from engine.ray.cluster import cluster_capacity
+
+    capacity = cluster_capacity()
+    where = "the autoscaler's largest cluster" if capacity.autoscaled else "alive now"
+    return f"{capacity.gpus:g} GPU(s), {capacity.cpus:g} CPU(s) {where}"
 
 
 def job_cost(config: DistillConfig, job: dict, train_rows: int) -> int:
@@ -304,7 +339,8 @@ def job_cost(config: DistillConfig, job: dict, train_rows: int) -> int:
     e = config.evaluate
     if job["method"] == "full":
         return epochs_to_steps(train_rows, e.full_epochs, e.batch_size)
-    return epochs_to_steps(job["ipc"] * len(class_names(config.data)), student_epochs(e), e.batch_size)
+    images = job["ipc"] * len(class_names(config.data))
+    return epochs_to_steps(images, student_epochs(e), e.batch_size_at(job["ipc"]))
 
 
 def share_jobs(config: DistillConfig, jobs: list[dict], trainers: int, train_rows: int) -> list[list[dict]]:
@@ -402,8 +438,11 @@ def prepare_teacher(config: DistillConfig, teacher_path, results_dir, train_rows
     split (alone on the cluster, so its workers take the threads the student trainers will share), then score it
     on the held-out split -> its top-1 (also in results_dir/teacher.json). A teacher this engine trained keeps its
     score beside it (`<teacher>.json`: its cache key fixes the data, so the held-out split too), so a later run or
-    a sweep's trial copies it instead of starting a trainer to score it again."""
+    a sweep's trial copies it instead of starting a trainer to score it again. A figure scored at another input
+    scale (evaluate.teacher_mean/std changed) is scored again. Stops the run when the validation top-1 is below
+    evaluate.min_teacher_top1 (`check_teacher`)."""
     from engine.data import class_names
+    from engine.protocols import teacher_norm
     from engine.store import atomic_write_bytes
 
     results_dir = location(results_dir)
@@ -411,26 +450,55 @@ def prepare_teacher(config: DistillConfig, teacher_path, results_dir, train_rows
     scored = results_dir / "teacher.json"
     beside = location(teacher_path).with_name(location(teacher_path).name + ".json")
     cached = not config.evaluate.teacher_path  # the engine's own cache, not a user's file
-    if not scores(scored, teacher_path) and cached and scores(beside, teacher_path) and location(teacher_path).exists():
+    norm = teacher_norm(config.evaluate, config.data.image_size)
+    if not scores(scored, teacher_path, norm) and cached and scores(beside, teacher_path, norm) \
+            and location(teacher_path).exists():
         atomic_write_bytes(scored, beside.read_bytes())
-    if not scores(scored, teacher_path):
+    if not scores(scored, teacher_path, norm):
         base, held_out = _stream_inputs(config, results_dir, teacher_path, train_rows)
         given = location(teacher_path).exists()
         log(f"teacher {config.evaluate.teacher}: {'loaded' if given else 'training on the streamed train split'}")
-        threads = config.runtime.threads("train") * trainer_count(config, 1 << 30, streams=True)
+        threads = teacher_threads(config)
         loop = {**base, "phase": "teacher", "num_classes": len(class_names(config.data)), "threads": threads}
         _fit(config, "evaluate-teacher", loop, held_out if given else
              {**held_out, "train": split_stream(config, "train", location(base["skip_dir"]))})
         if cached:
             atomic_write_bytes(beside, scored.read_bytes())
-    return json.loads(scored.read_text())["teacher_top1"]
+    record = json.loads(scored.read_text())
+    check_teacher(config.evaluate, record, log)
+    return record["teacher_top1"]
 
 
-def scores(record, teacher_path) -> bool:
-    """Whether a teacher.json holds this teacher's figures: a folder re-used with other teacher settings (another
-    cache key) scores the new teacher instead of reporting the old one's top-1."""
+def norm_record(norm) -> dict:
+    """An InputNorm as teacher.json keeps it."""
+    return {"mean": [float(m) for m in norm.mean], "std": [float(s) for s in norm.std]}
+
+
+def scores(record, teacher_path, norm=None) -> bool:
+    """Whether a teacher.json holds this teacher's figures (at input scale `norm`, when given): a folder re-used
+    with other teacher settings (another cache key) scores the new teacher instead of reporting the old one's
+    top-1, and a teacher given another mean/std is scored again at it."""
     record = location(record)
-    return record.exists() and json.loads(record.read_text()).get("teacher") == location(teacher_path).name
+    if not record.exists():
+        return False
+    figures = json.loads(record.read_text())
+    same_scale = norm is None or figures.get("input_norm") == norm_record(norm)
+    return figures.get("teacher") == location(teacher_path).name and same_scale
+
+
+def check_teacher(evaluate: EvaluateConfig, record: dict, log=print) -> None:
+    """Log the teacher's validation top-1 before any student learns from it, and stop the run when it is below
+    evaluate.min_teacher_top1: a teacher fed inputs at the wrong scale labels every batch badly without an error."""
+    from engine.checks import RunError
+
+    val_top1, scale = record["teacher_val_top1"], record.get("input_norm", {})
+    log(f"teacher {evaluate.teacher} ({record['teacher']}): validation top-1 {val_top1:.4f}, test top-1 "
+        f"{record['teacher_top1']:.4f}, input mean {scale.get('mean')} std {scale.get('std')}")
+    if val_top1 < evaluate.min_teacher_top1:
+        raise RunError(f"the teacher {record['teacher']} scores {val_top1:.1%} validation top-1, below "
+                       f"evaluate.min_teacher_top1 = {evaluate.min_teacher_top1:.1%}, so no student is trained on "
+                       f"its labels: check evaluate.teacher_path and its input scale (mean {scale.get('mean')}, std "
+                       f"{scale.get('std')}; evaluate.teacher_mean / teacher_std set it).")
 
 
 def evaluate_students(config: DistillConfig, jobs: list[dict], teacher_path, results_dir, train_rows: int,
@@ -455,7 +523,7 @@ def evaluate_students(config: DistillConfig, jobs: list[dict], teacher_path, res
         trainers = 1 if callbacks else trainer_count(config, len(todo), streams=streams)
         shares = share_jobs(config, todo, trainers, train_rows)
         log(f"{len(todo)} student jobs on {len(shares)} trainer(s) side by side "
-            f"({config.runtime.train_workers} worker(s) each)")
+            f"({config.runtime.train_workers} worker(s) each; {capacity_words()})")
         errors: list[Exception] = []
         lock = threading.Lock()
 
