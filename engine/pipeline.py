@@ -259,7 +259,12 @@ def prepare_prior(config: DistillConfig) -> tuple[Path, tuple[str, ...], tuple[i
     from engine.priors import load_or_train_prior, prior_folder
 
     names = class_names(config.data)
-    prior = load_or_train_prior(config.prior, config.data, config.cache_path, log=log)
+    try:
+        prior = load_or_train_prior(config.prior, config.data, config.cache_path, log=log)
+    except (FileNotFoundError, ValueError) as error:  # a user's folder: its check names the file and the fix
+        if config.prior.kind == "tiny":
+            raise
+        raise RunError(str(error)) from None
     folder = prior_folder(config.prior, config.data, config.cache_path)
     modules = ("vae", "unet", "transformer", "text_encoder")
     check_finite_parameters({n: getattr(prior, n) for n in modules if hasattr(prior, n)}, f"prior {folder}")

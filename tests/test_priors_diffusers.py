@@ -176,6 +176,23 @@ def test_missing_weights_and_malformed_config_are_named(tmp_path, dit_folder):
         load_prior("sd15", tmp_path / "nowhere", NAMES)
 
 
+def test_a_broken_prior_folder_stops_the_job_in_one_sentence(tmp_path, dit_folder, capsys):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+    import distill
+
+    folder = tmp_path / "dit"
+    shutil.copytree(dit_folder, folder)
+    shutil.rmtree(folder / "transformer")
+    with pytest.raises(SystemExit) as exit_info:
+        distill.main([f"runs_dir={tmp_path / 'runs'}", "prior.kind=dit", f"prior.path={folder}",
+                      f"cache_dir={tmp_path / 'cache'}"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert err.startswith(f"distill: error: prior folder {folder} is missing transformer/")
+
+
 def test_sd15_and_dit_need_a_folder():
     with pytest.raises(ConfigError, match="prior.path"):
         load_config(None, ["prior.kind=sd15"])
@@ -262,9 +279,19 @@ def test_prior_variant_chooses_between_full_and_fp16_files(tmp_path, sd15_built)
     torch.testing.assert_close(mixed.text_encoder.state_dict(), sd15_built.text_encoder.state_dict(), rtol=0, atol=0)
     torch.testing.assert_close(mixed.vae.state_dict(), {k: v.half().float() for k, v in
                                                         sd15_built.vae.state_dict().items()}, rtol=0, atol=0)
+    # The config key reaches the loader the job and the Ray actors share (engine.priors.load_or_train_prior).
+    from engine.config import DataConfig, PriorConfig
+    from engine.priors import load_or_train_prior
+
+    data = DataConfig(source="parquet", path=str(tmp_path), classes_file="")
+    (tmp_path / "classes.txt").write_text("\n".join(NAMES) + "\n")
+    chosen = load_or_train_prior(PriorConfig(kind="sd15", path=str(folder), variant="fp16"), data, tmp_path)
+    torch.testing.assert_close(chosen.vae.state_dict(), mixed.vae.state_dict(), rtol=0, atol=0)
     (folder / "vae" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"vae/ holds no ema weights \(fp16\): set prior.variant"):
         load_sd15_prior(folder, NAMES, variant="ema")
+    with pytest.raises(FileNotFoundError, match=r"vae/ holds no ema weights"):
+        load_or_train_prior(PriorConfig(kind="sd15", path=str(folder), variant="ema"), data, tmp_path)
 
 
 def test_a_variant_only_folder_refuses_what_it_lacks(tmp_path, dit_built):

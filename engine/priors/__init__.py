@@ -24,21 +24,23 @@ def prior_folder(prior: PriorConfig, data: DataConfig, cache_root: Path) -> Path
     return location(prior.path) if prior.path else prior_cache_folder(prior, data, cache_root)
 
 
-def load_prior(kind: str, folder: str | Path | ObjectPath, class_names: tuple[str, ...]) -> Prior:
+def load_prior(kind: str, folder: str | Path | ObjectPath, class_names: tuple[str, ...],
+               variant: str = "auto") -> Prior:
     """The one loader of every kind (used by the job and by the Ray encode/decode actors). The tiny prior brings its
-    own class names and the caller checks them against the data; sd15/dit take the data's names (prompts).
-    A folder on an object store is copied to this machine first (once)."""
+    own class names and the caller checks them against the data; sd15/dit take the data's names (prompts) and the
+    weight files prior.variant names (engine/priors/base.py). A folder on an object store is copied to this
+    machine first (once)."""
     folder = local_copy(location(folder))
     if kind == "tiny":
         return load_tiny_prior(folder)
     if kind == "sd15":
         from engine.priors.sd15 import load_sd15_prior
 
-        return load_sd15_prior(folder, class_names)
+        return load_sd15_prior(folder, class_names, variant)
     if kind == "dit":
         from engine.priors.dit import load_dit_prior
 
-        return load_dit_prior(folder, class_names)
+        return load_dit_prior(folder, class_names, variant)
     raise ValueError(f"unknown prior kind {kind!r}")
 
 
@@ -48,7 +50,7 @@ def load_or_train_prior(prior: PriorConfig, data: DataConfig, cache_root: Path, 
     if prior.kind != "tiny":
         from engine.data import class_names
 
-        return load_prior(prior.kind, folder, class_names(data))
+        return load_prior(prior.kind, folder, class_names(data), prior.variant)
     if prior.path or folder.exists():
         return load_prior("tiny", folder, ())
     from engine.data import sample_split

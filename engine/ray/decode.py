@@ -32,13 +32,13 @@ class CentroidDecoder:
 
     def __init__(self, prior_kind: str, prior_folder: str, class_names: tuple, decode: DecodeConfig,
                  ipcs: tuple[int, ...], device: str, image_size: int | None = None, dtype: str = "float32",
-                 threads: int = 1, fault_dir: str = ""):
+                 threads: int = 1, fault_dir: str = "", variant: str = "auto"):
         import torch
 
         from engine.priors import load_prior
 
         torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS to the CPU reservation; the config decides
-        self.prior = load_prior(prior_kind, prior_folder, class_names).to(device, dtype)
+        self.prior = load_prior(prior_kind, prior_folder, class_names, variant).to(device, dtype)
         self.decode, self.ipcs = decode, tuple(ipcs)
         self.image_size = image_size  # the evaluation resolution images are resized to
         self.fault_dir = fault_dir  # test-only crash injection (engine/faults.py); empty in normal runs
@@ -127,6 +127,7 @@ def decode_centroids_to_sets(config: DistillConfig, prior_folder, class_files: d
     decoded = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
         CentroidDecoder,
         fn_constructor_kwargs={"prior_kind": config.prior.kind, "prior_folder": str(prior_folder),
+                               "variant": config.prior.variant,
                                "class_names": tuple(class_names), "decode": config.decode, "ipcs": ipcs,
                                "device": "cuda" if use_gpu else "cpu", "image_size": config.data.image_size,
                                "dtype": runtime.prior_dtype, "threads": runtime.threads("decode"),

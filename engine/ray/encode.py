@@ -26,14 +26,14 @@ class VaeEncoder:
     """Ray Data callable class: loads the prior's VAE once per actor, encodes batches of images."""
 
     def __init__(self, prior_kind: str, prior_folder: str, class_names: tuple, batch_size: int, device: str,
-                 dtype: str = "float32", threads: int = 1, fault_dir: str = ""):
+                 dtype: str = "float32", threads: int = 1, fault_dir: str = "", variant: str = "auto"):
         import torch
 
         from engine.priors import load_prior
 
         # Ray sets OMP_NUM_THREADS to the actor's CPU reservation; the config says how many cores it may use.
         torch.set_num_threads(threads)
-        self.prior = load_prior(prior_kind, prior_folder, class_names).to(device, dtype)
+        self.prior = load_prior(prior_kind, prior_folder, class_names, variant).to(device, dtype)
         self.batch_size = batch_size
         self.fault_dir = fault_dir  # test-only crash injection (engine/faults.py); empty in normal runs
 
@@ -85,6 +85,7 @@ def encode_to_parquet(config: DistillConfig, prior_folder, out_dir, resolution: 
     latents = source_dataset(config.data, resolution, skip_dir, task_cpus=read_cpus).map_batches(
         VaeEncoder,
         fn_constructor_kwargs={"prior_kind": config.prior.kind, "prior_folder": str(prior_folder),
+                               "variant": config.prior.variant,
                                "class_names": tuple(class_names), "batch_size": config.encode.batch_size,
                                "device": "cuda" if use_gpu else "cpu", "dtype": runtime.prior_dtype,
                                "threads": runtime.threads("encode"), "fault_dir": str(config.run_dir)},
