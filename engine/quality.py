@@ -101,8 +101,10 @@ def quality_of_features(features: np.ndarray, predicted: np.ndarray, labels: np.
                         k: int = NEIGHBOURS) -> dict:
     """set_quality from the teacher's outputs on the set (a caller may compute them chunk by chunk)."""
     quality = {"images": int(len(labels)), "class_agreement": float(np.mean(predicted == labels))}
-    quality["frechet_distance"] = frechet_distance(features, real_features) if len(labels) >= 2 else None
-    if len(labels) > k:
+    # A covariance needs two rows on each side (a tiny validation split may hold one image).
+    enough = len(labels) >= 2 and len(real_features) >= 2
+    quality["frechet_distance"] = frechet_distance(features, real_features) if enough else None
+    if len(labels) > k and len(real_features) > k:
         quality["precision"], quality["recall"] = precision_recall(real_features, features, k)
     else:
         quality["precision"] = quality["recall"] = None  # too few images for a k-NN manifold

@@ -69,3 +69,11 @@ def test_set_quality_with_a_trained_teacher_tells_real_digits_from_noise():
     assert real["precision"] > 0.7 and fake["precision"] < 0.1 and real["recall"] > fake["recall"]
     tiny = set_quality(teacher, train.images[:2], train.labels[:2], real_features)
     assert tiny["precision"] is None and tiny["frechet_distance"] is not None
+
+
+def test_a_validation_split_of_one_image_gives_no_distances_instead_of_failing():
+    from engine.quality import quality_of_features
+
+    rng = np.random.default_rng(0)
+    quality = quality_of_features(rng.normal(size=(6, 4)), np.zeros(6, int), np.zeros(6, int), rng.normal(size=(1, 4)))
+    assert quality["frechet_distance"] is None and quality["precision"] is None and quality["class_agreement"] == 1.0
