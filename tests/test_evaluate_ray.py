@@ -163,7 +163,9 @@ def test_reports_and_val_top1_score_validation_rows_never_test(ray_session, tmp_
                                 "evaluate.seeds=[0]", "evaluate.width=16", "evaluate.student_epochs=150",
                                 "evaluate.reports=2", "evaluate.batch_size=32"])
     train = load_split(config.data, "train")
-    assert len(train) == len(load_split(digits, "train"))  # the same coin on the same ids: the same val rows
+    # Validation is carved from the correctly labelled train shard (parquet ids are <shard>#<row>, so its coin
+    # takes other rows than the digits' own), never from the shifted test split.
+    assert len(train) + len(load_split(config.data, "val")) == sum(len(load_split(digits, s)) for s in ("train", "val"))
     _write_set(train, tmp_path / "set", 10)
     jobs = student_jobs(config, {("random", "none", 10): tmp_path / "set"})
     (row,) = evaluate_students(config, jobs, tmp_path / "cache" / "teacher.safetensors", tmp_path / "results",
