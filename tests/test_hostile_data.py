@@ -151,3 +151,28 @@ def test_the_priors_sample_takes_hostile_rows_and_counts_them(layout, tmp_path):
     assert {str(i): int(label) for i, label in zip(sample.ids, sample.labels)} == {
         i: o.value for i, o in expect.items() if o.kind == "encoded"}
     assert sum(sample.skipped.values()) > 0
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_run_on_hostile_data_files_every_real_image_under_its_own_class(tmp_path, ray_session):
+    """jobs/distill.py end to end on the hostile parquet set (three classes storing the same `img_0.png`): every
+    image of the random and herding sets is a train image of the class it is filed under."""
+    import distill
+    import pyarrow.parquet as pq
+
+    from engine.data import load_split
+    from engine.store import read_image
+
+    ROW_BUILDERS["parquet"](tmp_path / "data")
+    data = ["data.source=parquet", f"data.path={tmp_path / 'data'}", "data.name=hostile", "data.val_fraction=0.2",
+            "data.max_skip_fraction=1.0", f"data.max_image_bytes={MAX_BYTES}"]
+    distill.main(["--smoke-test", "--until", "baselines", f"runs_dir={tmp_path / 'runs'}",
+                  f"cache_dir={tmp_path / 'cache'}", *data])
+    train = load_split(DataConfig(source="parquet", path=str(tmp_path / "data"), image_size=16, val_fraction=0.2,
+                                  max_skip_fraction=1.0, max_image_bytes=MAX_BYTES), "train")
+    for name in ("random-ipc2", "herding-ipc2"):
+        folder = tmp_path / "runs" / "smoke" / "distilled" / name
+        for row in pq.read_table(folder / "index.parquet").to_pylist():
+            image = read_image(folder / row["path"])
+            assert [int(c) for i, c in zip(train.images, train.labels) if np.array_equal(i, image)] == [row["label"]]
