@@ -137,7 +137,7 @@ class DecodeConfig:
     # Fraction of the diffusion trajectory replayed from the noised centroid (img2img strength).
     strength: float = 0.5
     # A strength for some IPCs where one does not suit all ({ipc: strength}; IPCs not named use `strength`): at
-    # IPC 1 the one centroid of a class is its mean, which a light pass leaves a blurred mean (README "Fashion-MNIST").
+    # IPC 1 the one centroid of a class is its mean, which a light pass leaves a blurred mean (docs/results.md, "Fashion-MNIST").
     strength_by_ipc: dict[int, float] = field(default_factory=dict)
     num_steps: int = 50
     batch_size: int = 64

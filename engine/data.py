@@ -129,7 +129,7 @@ def decode_jpeg_fast(data: bytes, size: int, max_pixels: int, mode: str) -> np.n
         return None
     try:
         import simplejpeg
-    except ImportError:  # a machine without it (the lent GPU's): PIL decodes, the pixels are the same
+    except ImportError:  # a machine without it: PIL decodes, the pixels are the same
         return None
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)

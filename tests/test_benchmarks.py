@@ -1,4 +1,4 @@
-"""The benchmarks run (at toy sizes) and print what the README quotes, so they cannot silently rot."""
+"""The benchmarks run (at toy sizes) and print what docs/benchmarks.md quotes, so they cannot silently rot."""
 
 import subprocess
 import sys

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = yaml.safe_load((ROOT / "cluster.yaml").read_text())
 NODES = CLUSTER["available_node_types"]
 
-# The GPU placement a cluster run uses (README "From a laptop to a cluster"): one GPU per encode/decode actor
+# The GPU placement a cluster run uses (docs/scale.md): one GPU per encode/decode actor
 # and per student worker, CPUs for the quantize actors.
 GPU_RUNTIME = ("runtime.encode_actors=16", "runtime.decode_actors=16", "runtime.gpus_per_actor=1",
                "runtime.train_workers=1", "runtime.train_use_gpu=true", "runtime.train_cpus_per_worker=4",

@@ -1,5 +1,5 @@
 """benchmarks/gpu_check.py stays runnable without a GPU: its dry run (every section at tiny sizes on the CPU)
-prints no error and the last line the README quotes; it needs neither Ray, faiss nor POT, and names the wheel of
+prints no error and the last line docs/gpu.md quotes; it needs neither Ray, faiss nor POT, and names the wheel of
 anything else missing; its rows measure what they say (fp32 without autocast, the agreement check in its own
 time, the 2^31 boundary batches); and the pieces it checks on a GPU behave here: load_teacher places the teacher,
 the decode speed keys apply."""
@@ -68,7 +68,7 @@ def test_dry_run_runs_every_section_without_error():
 
 
 def test_runs_where_ray_faiss_and_pot_are_missing():
-    """The lent GPU machine has none of the three: the check's modules import without them, and the quantize
+    """A GPU machine with torch alone has none of the three: the check's modules import without them, and the quantize
     section compares against the torch path on the CPU instead of faiss."""
     code = ("import sys, runpy; sys.modules.update(ray=None, faiss=None, ot=None); "
             "import engine.priors.sd15, engine.priors.dit, engine.train, engine.quantize, engine.quantize_torch; "

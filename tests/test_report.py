@@ -63,7 +63,7 @@ def test_report_links_every_figure_and_shows_counts(tmp_path):
     for src in sources:  # relative links to real, non-trivial PNGs
         with Image.open(tmp_path / src) as image:
             assert image.format == "PNG" and image.size[0] > 200 and np.asarray(image).std() > 0
-    # Counts are shown generically, nested keys as dotted names (issue #8 adds skipped counts).
+    # Counts are shown generically, nested keys as dotted names.
     for key in ("images_encoded", "skipped.corrupt", "skipped.too_small"):
         assert f"<td>{key}</td>" in text
 
