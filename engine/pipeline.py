@@ -103,7 +103,8 @@ def teacher_cache_path(config: DistillConfig) -> Path | ObjectPath:
         if not location(e.teacher_path).is_file():
             raise FileNotFoundError(f"evaluate.teacher_path {e.teacher_path} is not a file")
         return location(e.teacher_path)
-    key = config_hash(config.data, e.teacher, e.width, e.teacher_epochs, e.batch_size, e.flip)
+    # The input scale it is trained at is part of what it is (a cached teacher read at another scale is wrong).
+    key = config_hash(config.data, e.teacher, e.width, e.teacher_epochs, e.batch_size, e.flip, e.input_norm)
     name = f"{config.data.name}-{e.teacher}-seed0-{key}.safetensors"
     return (shared_cache(config) or config.cache_path) / "teachers" / name
 
@@ -137,7 +138,7 @@ def decode_stage(config: DistillConfig, run_dir, folder: Path, quantized_dir, qu
     """Decode once per (centroids, decode config): every d4m/ddoq set of an IPC gets the same images (written
     once), each its own weights -> (decode key, {(method, weights, ipc): set folder})."""
     from engine.quantize_stage import class_result_paths
-    from engine.ray.decode import decode_centroids_to_sets
+    from engine.ray.decode import decode_centroids_to_sets, denoiser_histogram
     from engine.sets import requested_sets, set_dir
 
     latent_sets = [(m, w, k) for m, w, k in requested_sets(config) if m in ("d4m", "ddoq")]
@@ -160,9 +161,12 @@ def decode_stage(config: DistillConfig, run_dir, folder: Path, quantized_dir, qu
             store.write_set_index(set_dirs[(method, weights, ipc)], part.path.tolist(), part.label.to_numpy(), names,
                                   part[f"weight_{weights}"].to_numpy(), part["count"].to_numpy())
         share = decoded.groupby("actor").size()
-        log(f"decode: {len(decoded)} images, per actor {sorted(int(v) for v in share)}")
+        batches = denoiser_histogram(decoded.denoiser_batch)  # full batches of decode.batch_size but the last
+        log(f"decode: {len(decoded)} images, per actor {sorted(int(v) for v in share)}; the denoiser ran batches of "
+            f"{', '.join(f'{count} x {size}' for size, count in batches.items())}")
         store.mark_stage_finished(run_dir, "decode", decode_key, tuple(sorted(set(decoded.node))),
-                                  images=len(decoded), images_per_actor=sorted(int(v) for v in share))
+                                  images=len(decoded), images_per_actor=sorted(int(v) for v in share),
+                                  denoiser_batches={str(size): count for size, count in batches.items()})
         record_stage(run_dir, "decode", images)
     return decode_key, set_dirs
 

@@ -29,6 +29,7 @@ LAYOUT = frozenset({
     "quantization.parquet", "run.log", "latents", "latents.partial", "latents.skipped.partial", "quantized",
     "distilled", "results", "report", "ray_train", "_stages", "_manifest", "_faults", "_cache",
 })
+RUN_LOG = "run.log"
 # What does not change the outputs: where they go and how fast they are made.
 NOT_IDENTITY = ("runtime", "runs_dir", "cache_dir")
 
@@ -41,6 +42,13 @@ class Keep:
     sets: frozenset[str]
     quantize_key: str | None = None
     evaluate_key: str | None = None
+
+
+def run_log_path(config: DistillConfig) -> Path:
+    """Where a job writes Ray's and the libraries' log lines: run.log in a local run folder; beside the cache
+    when the run folder is on an object store (a log is appended line by line, which objects are not)."""
+    run_dir = config.run_dir
+    return run_dir / RUN_LOG if isinstance(run_dir, Path) else config.cache_path / "logs" / f"{config.name}.log"
 
 
 def run_identity(values: dict) -> dict:
@@ -86,6 +94,7 @@ def check_run_folder(config: DistillConfig, overwrite: bool = False) -> None:
     what is not this configuration's (engine outputs of another configuration are pruned after the stages)."""
     run_dir = config.run_dir
     files = list_files(run_dir) if run_dir.exists() else {}
+    files.pop(RUN_LOG, None)  # this job's own log, opened before the check when it joined a cluster
     if not files:
         return
     saved_config = location(run_dir) / "config.yaml"

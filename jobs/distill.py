@@ -1,6 +1,6 @@
 """End-to-end DDOQ distillation: prior -> encode -> quantize -> decode -> evaluate, on Ray.
 
-    python jobs/distill.py [--config configs/digits.yaml] [--smoke-test] [--overwrite] [key.path=value ...]
+    python jobs/distill.py [--config configs/digits.yaml] [--smoke-test] [--overwrite] [--verbose] [key=value ...]
     ray job submit --working-dir . -- python jobs/distill.py --smoke-test
 
 The stages live in engine/pipeline.py (shared with tune/sweep.py); this file parses the command line and prints
@@ -34,6 +34,9 @@ def parse_args(argv=None) -> tuple[DistillConfig, argparse.Namespace]:
                         help="replace what the run folder holds that is not this configuration's run (another "
                              "configuration's outputs, files the engine did not write); stages that still apply are "
                              "reused")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print Ray's and the libraries' log lines here too (default: into the run folder's "
+                             "run.log, the console keeps the engine's progress and results)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. quantize.ipc=10 decode.strength=0.7")
     args = parser.parse_args(argv)
     overrides = (SMOKE_OVERRIDES if args.smoke_test else ()) + tuple(args.overrides)
@@ -67,6 +70,18 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def run_quietly(config: DistillConfig, until: str, overwrite: bool) -> dict:
+    """The run with Ray's and the libraries' log lines in run.log, the console keeping the engine's own."""
+    from engine.ray.console import restore_console, send_library_logs_to
+    from engine.run_folder import run_log_path
+
+    send_library_logs_to(run_log_path(config))
+    try:
+        return run(config, until, overwrite)
+    finally:
+        restore_console()
+
+
 def main(argv=None) -> None:
     from engine.checks import RunError
     from engine.config import ConfigError
@@ -76,13 +91,17 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     try:  # problems the user can fix are one sentence, not a traceback
         config, options = parse_args(argv)
-        metrics = run(config, options.until, options.overwrite)
+        metrics = (run if options.verbose else run_quietly)(config, options.until, options.overwrite)
     except (ConfigError, RunError, TooManyBadRows, SourceError) as error:
         print(f"distill: error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
     print()
     print(format_table(metrics))
     print(f"\nrun folder: {config.run_dir}  ({time.perf_counter() - start:.0f}s)")
+    if not options.verbose:
+        from engine.run_folder import run_log_path
+
+        print(f"Ray's and the libraries' log lines: {run_log_path(config)} (--verbose prints them here)")
 
 
 if __name__ == "__main__":

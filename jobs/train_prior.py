@@ -105,7 +105,7 @@ def sample_quality(config, prior, val, per_class: int) -> dict:
         pipeline.prepare_teacher(config, config.run_dir / "results" / "prior-quality")
     e = config.evaluate
     teacher = load_teacher(teacher_path, e.teacher, len(class_names(config.data)), config.data.image_size, e.width,
-                           "cuda" if torch.cuda.is_available() else "cpu")
+                           "cuda" if torch.cuda.is_available() else "cpu", e)
     # The reference: half of the validation sample; the other half is the real set judged like the samples.
     order = np.random.default_rng(0).permutation(len(val))
     reference, held = order[: len(order) // 2], order[len(order) // 2 :]

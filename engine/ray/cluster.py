@@ -25,15 +25,21 @@ def init_ray(runtime: RuntimeConfig) -> None:
     """Join the cluster a `ray job submit` runs in, or start a local one sized by the config."""
     if ray.is_initialized():
         return
+    from engine.ray.console import library_log, native_stderr_to_log, route_library_logs
+
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if os.environ.get("RAY_ADDRESS"):  # set by `ray job submit`, or by a user pointing at a cluster
-        ray.init()
-    else:  # "local": never attach by surprise to a cluster some earlier `ray start` left running
-        # Read by the raylet this process starts (it inherits the environment); a user's own setting wins.
-        os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", str(IDLE_WORKER_KEEP_MS))
-        # The dashboard (on 127.0.0.1 only) serves the state API that Ray Train's controller polls.
-        ray.init(address="local", num_cpus=runtime.num_cpus or None, dashboard_host="127.0.0.1",
-                 object_store_memory=runtime.object_store_mb * 2**20 or None)
+    # Workers' output reaches this console only when the job shows the libraries' logs (--verbose).
+    console = {"log_to_driver": library_log() is None}
+    with native_stderr_to_log():
+        if os.environ.get("RAY_ADDRESS"):  # set by `ray job submit`, or by a user pointing at a cluster
+            ray.init(**console)
+        else:  # "local": never attach by surprise to a cluster some earlier `ray start` left running
+            # Read by the raylet this process starts (it inherits the environment); a user's own setting wins.
+            os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", str(IDLE_WORKER_KEEP_MS))
+            # The dashboard (on 127.0.0.1 only) serves the state API that Ray Train's controller polls.
+            ray.init(address="local", num_cpus=runtime.num_cpus or None, dashboard_host="127.0.0.1",
+                     object_store_memory=runtime.object_store_mb * 2**20 or None, **console)
+    route_library_logs()  # ray.init installs its console handlers again
     ray.data.DataContext.get_current().enable_progress_bars = True
 
 

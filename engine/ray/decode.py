@@ -102,9 +102,9 @@ def classes_per_batch(decode: DecodeConfig, ipcs: tuple[int, ...], classes: int,
     return max(1, min(unit, math.ceil(classes / max(1, actors))))
 
 
-def denoiser_histogram(rows: pa.Table) -> dict[int, int]:
-    """{batch size: batches} the denoiser ran, from the per-image `denoiser_batch` column."""
-    images = Counter(rows.column("denoiser_batch").to_pylist())
+def denoiser_histogram(sizes) -> dict[int, int]:
+    """{batch size: batches} the denoiser ran, from each image's `denoiser_batch` (the size of its batch)."""
+    images = Counter(int(size) for size in sizes)
     return {size: images[size] // size for size in sorted(images, reverse=True)}
 
 
@@ -142,8 +142,4 @@ def decode_centroids_to_sets(config: DistillConfig, prior_folder, class_files: d
     # One small row per decoded image (classes x IPC; the pixels stayed in the write tasks).
     rows = pa.Table.from_pylist(decoded.take_all()).sort_by([("ipc", "ascending"), ("label", "ascending"),
                                                              ("index", "ascending")])
-    if rows.num_rows:
-        batches = ", ".join(f"{count} x {size}" for size, count in denoiser_histogram(rows).items())
-        print(f"decode: the denoiser ran batches of {batches} centroids (decode.batch_size {config.decode.batch_size})",
-              flush=True)
     return rows

@@ -27,7 +27,7 @@ def _measure(config: DistillConfig, folders: dict[str, str], teacher_path: str) 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(max(1, config.runtime.threads("train")))
     teacher = load_teacher(location(teacher_path), e.teacher, len(class_names(config.data)), config.data.image_size,
-                           e.width, device)
+                           e.width, device, e)
     reference = sample_split(config.data, "val", REFERENCE_IMAGES, seed=0)
     features, predicted = teacher_outputs(teacher, reference.images)
     quality = {"reference": {"images": len(reference), "class_agreement": float((predicted == reference.labels).mean())}}
