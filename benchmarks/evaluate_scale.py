@@ -84,7 +84,7 @@ def bare_loop_images_per_s(classes: int, per_class: int, resolution: int, epochs
 
     from engine.config import load_config
     from engine.data import load_split
-    from engine.train import (Worker, fit_stream, new_model, steady_images_per_s, stream_steps, teacher_loss,
+    from engine.train import (Stream, Worker, fit_stream, new_model, steady_images_per_s, stream_steps, teacher_loss,
                               teacher_recipe, timed_epochs)
 
     torch.set_num_threads(THREADS)
@@ -92,7 +92,6 @@ def bare_loop_images_per_s(classes: int, per_class: int, resolution: int, epochs
     config = load_config(None, teacher_overrides(data_root, "bare", resolution, epochs))
     train = load_split(config.data, "train")
     e = config.evaluate
-    protocol, recipe = teacher_recipe(e)
     _, local = stream_steps(len(train), e.batch_size, 1)
 
     def epoch_batches(epoch: int):
@@ -104,7 +103,8 @@ def bare_loop_images_per_s(classes: int, per_class: int, resolution: int, epochs
     torch.manual_seed(0)
     model = new_model(e.teacher, classes, resolution, e.width, Worker())
     start, seconds = time.perf_counter(), []
-    fit_stream(model, timed_epochs(epoch_batches, seconds), len(train), epochs, protocol, recipe, 0, teacher_loss)
+    fit_stream(model, Stream(timed_epochs(epoch_batches, seconds), len(train), epochs), teacher_recipe(e),
+               teacher_loss)
     return len(train) * epochs / (time.perf_counter() - start), steady_images_per_s(len(train), seconds)
 
 

@@ -604,7 +604,7 @@ class BatchWatch:
 
 def _train_rate(ctx: Context, data, teacher, classes: int, config, worker, watch: BatchWatch) -> tuple:
     """(images/s after the first report, first and last timed step, steps) of one train_student run."""
-    from engine.train import train_student
+    from engine.train import Reporting, Targets, student_recipe, train_student
 
     marks: list[tuple[int, float]] = []
 
@@ -614,8 +614,8 @@ def _train_rate(ctx: Context, data, teacher, classes: int, config, worker, watch
 
     handle = teacher.register_forward_pre_hook(watch.hook("teacher"))
     try:
-        student = train_student(data, teacher, classes, "resnet18", ctx.sizes.train_epochs, config, seed=0,
-                                worker=worker, report=report, reports=10)
+        student = train_student(data, Targets(teacher), classes, "resnet18", ctx.sizes.train_epochs,
+                                student_recipe(config, seed=0), worker, Reporting(report, reports=10))
     finally:
         handle.remove()
     steps = marks[-1][0]

@@ -1,8 +1,8 @@
 """Train teachers and students on image sets and measure top-1 on the held-out split. Pure torch.
 
 Images are (N, H, W, 3) uint8 and stay uint8 until a batch is drawn: only a batch is ever float, on the worker's
-device. The Ray layer passes `wrap_model` (DDP), its worker `rank`/`world`/`device`, a `report` callback and a
-checkpoint path; this module knows nothing about Ray.
+device. The Ray layer passes `wrap_model` (DDP), its worker `rank`/`world`/`device` (`Worker`) and where to report
+and checkpoint (`Reporting`); this module knows nothing about Ray.
 
 Two loops. `fit` trains on a set held in memory (a distilled set: IPC x classes images): every worker draws the same
 global batch plan from the same seeded generator and augments only its own rows (rank::world) of it on its device,
@@ -17,9 +17,10 @@ import contextlib
 import dataclasses
 import io
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -108,66 +109,129 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def _save_checkpoint(checkpoint: Path, model, optimizer, schedule, generator, **position) -> None:
-    """Everything a killed job needs to go on as if it had not stopped (atomically: local or object store)."""
-    state = {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-             "schedule": schedule.state_dict(), "generator": generator.get_state(), **position}
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write_bytes(checkpoint, buffer.getvalue())
+@dataclass(frozen=True)
+class Recipe:
+    """How a loop trains: the protocol (optimizer, schedule, augmentation), the evaluate settings it reads (batch
+    size, flip, CutMix, precision) and the seed of its draws."""
+    protocol: Protocol
+    config: EvaluateConfig
+    seed: int
 
 
-def _load_checkpoint(checkpoint: Path | None, model, optimizer, schedule, generator) -> dict:
-    if checkpoint is None or not checkpoint.exists():
-        return {}
-    state = torch.load(io.BytesIO(checkpoint.read_bytes()), weights_only=True)
-    _unwrap(model).load_state_dict(state.pop("model"))
-    optimizer.load_state_dict(state.pop("optimizer"))
-    schedule.load_state_dict(state.pop("schedule"))
-    generator.set_state(state.pop("generator"))
-    return state
+def student_recipe(config: EvaluateConfig, seed: int) -> Recipe:
+    """A student's training under `config.protocol`."""
+    return Recipe(get_protocol(config.protocol), config, seed)
 
 
-def _step(model, optimizer, schedule, x, y, w, loss_fn, step, mine, precision: str) -> None:
-    with precision_context(x.device, precision):
-        loss = loss_fn(model(x), x, y, w, step, mine)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    schedule.step()
+@dataclass(frozen=True)
+class Reporting:
+    """When a loop calls back and where it saves: `report(step, model)` at `reports` evenly spaced points (the last
+    at the run's end; 0: never), and, when `checkpoint` is given, the run saved there (rank 0) at each point but
+    the last, so a killed job resumes from its last report with the draws it would have made."""
+    report: Callable[[int, nn.Module], None] | None = None
+    reports: int = 0
+    checkpoint: Path | None = None
+
+    def interval(self, units: int) -> int:
+        """Units (steps or epochs) between reports over a run of `units`; 0 without reports."""
+        return max(1, units // self.reports) if self.reports else 0
 
 
-def fit(model: nn.Module, data: TrainSet, steps: int, protocol: Protocol, config: EvaluateConfig, seed: int,
-        loss_fn: Callable, worker: Worker = Worker(), report: Callable[[int, nn.Module], None] | None = None,
-        report_every: int = 0, checkpoint: Path | None = None) -> nn.Module:
-    """The loop over a set in memory. `loss_fn(logits, x, labels, weights, step, rows)` on this worker's rows.
+@dataclass(frozen=True)
+class Targets:
+    """What a student learns from besides its labels: the teacher (rded labels each augmented batch online) or its
+    stored logits (fkd: `SoftLabels`, written by `generate_soft_labels` with the same seed); hard uses neither."""
+    teacher: nn.Module | None = None
+    soft_labels: SoftLabels | None = None
 
-    Every `report_every` steps (and at the end) `report(step, model)` is called and, when `checkpoint` is given,
-    the model, optimizer, schedule and generator are saved there (rank 0), so a killed job resumes from its last
-    report with the same batches it would have drawn."""
-    generator = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
+
+@dataclass(frozen=True)
+class Stream:
+    """A split read as a stream: `epoch_batches(epoch)` yields this worker's rows of one epoch as
+    {"image": (b, H, W, 3) uint8, "label": (b,)}, about `rows_per_worker` of them, for `epochs` epochs."""
+    epoch_batches: Callable[[int], Iterable[dict]]
+    rows_per_worker: int
+    epochs: int
+
+
+class Batch(NamedTuple):
+    """One step's input on the worker's device."""
+    x: torch.Tensor  # (b, 3, H, W) float
+    y: torch.Tensor  # (b,) int64
+    w: torch.Tensor  # (b,) float, the rows' weights
+
+
+@dataclass
+class _Run:
+    """A loop's mutable state: what a checkpoint holds besides the position."""
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator
+
+    def save(self, checkpoint: Path, **position) -> None:
+        """Everything a killed job needs to go on as if it had not stopped (atomically: local or object store)."""
+        state = {"model": _unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "schedule": self.schedule.state_dict(), "generator": self.generator.get_state(), **position}
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write_bytes(checkpoint, buffer.getvalue())
+
+    def resume(self, checkpoint: Path | None) -> dict:
+        """The saved position ({} when there is nothing to resume), the state restored."""
+        if checkpoint is None or not checkpoint.exists():
+            return {}
+        state = torch.load(io.BytesIO(checkpoint.read_bytes()), weights_only=True)
+        _unwrap(self.model).load_state_dict(state.pop("model"))
+        self.optimizer.load_state_dict(state.pop("optimizer"))
+        self.schedule.load_state_dict(state.pop("schedule"))
+        self.generator.set_state(state.pop("generator"))
+        return state
+
+    def step(self, batch: Batch, loss_fn: Callable, step: int, rows: slice, precision: str) -> None:
+        with precision_context(batch.x.device, precision):
+            loss = loss_fn(self.model(batch.x), batch.x, batch.y, batch.w, step, rows)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.schedule.step()
+
+    def finished(self, reporting: Reporting, rank: int, position: tuple[str, int, int], step: int) -> None:
+        """`position` = (unit, done, total): after unit `done` of `total` (a step or an epoch), at a report point,
+        checkpoint (rank 0; not after the last unit: the job's result takes its place), then report at `step`."""
+        unit, done, total = position
+        every = reporting.interval(total)
+        if not every or (done % every and done != total):
+            return
+        if reporting.checkpoint is not None and done < total and rank == 0:
+            self.save(reporting.checkpoint, **{unit: done})
+        if reporting.report is not None:
+            reporting.report(step, _unwrap(self.model))
+            self.model.train()
+
+
+def fit(model: nn.Module, data: TrainSet, steps: int, recipe: Recipe, loss_fn: Callable, worker: Worker = Worker(),
+        reporting: Reporting = Reporting()) -> nn.Module:
+    """The loop over a set in memory. `loss_fn(logits, x, labels, weights, step, rows)` on this worker's rows;
+    reports and checkpoints fall on steps (`reporting`)."""
+    config = recipe.config
     images, labels = image_tensor(data.images), torch.as_tensor(data.labels)
     weights = torch.as_tensor(data.weights, dtype=torch.float32)
-    optimizer, schedule = make_optimizer(protocol, model, steps)
+    run = _Run(model, *make_optimizer(recipe.protocol, model, steps), torch.Generator().manual_seed(recipe.seed))
+    device = next(model.parameters()).device
     batch = min(config.batch_size, len(images))
     if batch < worker.world:
         raise ValueError(f"batch of {batch} images cannot be split over {worker.world} workers")
-    start = int(_load_checkpoint(checkpoint, model, optimizer, schedule, generator).get("step", 0))
+    start = int(run.resume(reporting.checkpoint).get("step", 0))
     model.train()
     mine = slice(worker.rank, None, worker.world)
     for step in range(start, steps):
-        plan = plan_batch(protocol, generator, len(images), batch, images.shape[-1], config.flip, config.cutmix)
+        plan = plan_batch(recipe.protocol, run.generator, len(images), batch, images.shape[-1], config.flip,
+                          config.cutmix)
         x, w = apply_plan(images, weights, plan, rows=mine, device=device)  # this worker's rows, on its device
         y = labels[plan["index"][mine]].to(device)
-        _step(model, optimizer, schedule, on_device_layout(x), y, w, loss_fn, step, mine, config.precision)
-        done = step + 1
-        if report_every and (done % report_every == 0 or done == steps):
-            if checkpoint is not None and done < steps and worker.rank == 0:
-                _save_checkpoint(checkpoint, model, optimizer, schedule, generator, step=done)
-            if report is not None:
-                report(done, _unwrap(model))
-                model.train()
+        run.step(Batch(on_device_layout(x), y, w), loss_fn, step, mine, config.precision)
+        run.finished(reporting, worker.rank, ("step", step + 1, steps), step + 1)
     return model.eval()
 
 
@@ -196,43 +260,34 @@ def steady_images_per_s(rows: int, seconds: list[float]) -> float | None:
     return rows * (len(seconds) - 1) / sum(seconds[1:]) if len(seconds) > 1 else None
 
 
-def fit_stream(model: nn.Module, epoch_batches: Callable[[int], Iterable[dict]], rows_per_worker: int, epochs: int,
-               protocol: Protocol, config: EvaluateConfig, seed: int, loss_fn: Callable,
-               worker: Worker = Worker(), report: Callable[[int, nn.Module], None] | None = None,
-               reports: int = 0, checkpoint: Path | None = None) -> nn.Module:
-    """The loop over a streamed split (the teacher, `full`). `epoch_batches(epoch)` yields this worker's rows of
-    one epoch as {"image": (b, H, W, 3) uint8, "label": (b,)} (Ray Data: its shard of the split, reshuffled each
-    epoch); every worker reads the same number of rows (Ray Train splits a dataset equally), so DDP steps stay in
-    lockstep. Each row is seen once per epoch; crops, flips and CutMix are drawn per batch from a generator seeded
-    by (seed, rank) and applied on the worker's device. The schedule spans `epochs` x the steps of
-    `rows_per_worker` rows (an estimate is fine: a few skipped rows end the cosine a little early). Reports and
-    checkpoints fall on epoch ends (`reports` of them), and a killed job resumes at its last checkpointed epoch."""
-    generator = torch.Generator().manual_seed(seed * 7919 + worker.rank)
+def fit_stream(model: nn.Module, stream: Stream, recipe: Recipe, loss_fn: Callable, worker: Worker = Worker(),
+               reporting: Reporting = Reporting()) -> nn.Module:
+    """The loop over a streamed split (the teacher, `full`); Ray Data gives each worker its shard of the split,
+    reshuffled each epoch. Every worker reads the same number of rows (Ray Train splits a dataset equally), so DDP
+    steps stay in lockstep. Each row is seen once per epoch; crops, flips and CutMix are drawn per batch from a
+    generator seeded by (seed, rank) and applied on the worker's device. The schedule spans the stream's epochs x
+    the steps of its `rows_per_worker` (an estimate is fine: a few skipped rows end the cosine a little early).
+    Reports and checkpoints fall on epoch ends, and a killed job resumes at its last checkpointed epoch."""
+    config = recipe.config
+    steps_per_epoch, _ = stream_steps(stream.rows_per_worker, config.batch_size, worker.world)
+    run = _Run(model, *make_optimizer(recipe.protocol, model, stream.epochs * steps_per_epoch),
+               torch.Generator().manual_seed(recipe.seed * 7919 + worker.rank))
     device = next(model.parameters()).device
-    steps_per_epoch, _ = stream_steps(rows_per_worker, config.batch_size, worker.world)
-    optimizer, schedule = make_optimizer(protocol, model, epochs * steps_per_epoch)
-    start = int(_load_checkpoint(checkpoint, model, optimizer, schedule, generator).get("epoch", 0))
-    every = max(1, epochs // max(1, reports)) if reports else 0
+    start = int(run.resume(reporting.checkpoint).get("epoch", 0))
     step = start * steps_per_epoch
     model.train()
-    for epoch in range(start, epochs):
-        for batch in epoch_batches(epoch):
+    for epoch in range(start, stream.epochs):
+        for batch in stream.epoch_batches(epoch):
             images = batch_tensor(batch["image"]).permute(0, 3, 1, 2)  # (b, 3, H, W) uint8, the wire's dtype
             b = len(images)
-            plan = plan_batch(protocol, generator, b, b, images.shape[-1], config.flip, config.cutmix)
+            plan = plan_batch(recipe.protocol, run.generator, b, b, images.shape[-1], config.flip, config.cutmix)
             plan["index"] = torch.arange(b)  # a stream is read once per epoch, not sampled
             x, w = apply_plan(images, torch.ones(b), plan, device=device)
             y = torch.as_tensor(np.asarray(batch["label"]), dtype=torch.int64).to(device)
-            _step(model, optimizer, schedule, on_device_layout(x), y, w, loss_fn, step, slice(None),
-                  config.precision)
+            run.step(Batch(on_device_layout(x), y, w), loss_fn, step, slice(None), config.precision)
             step += 1
         done = epoch + 1
-        if every and (done % every == 0 or done == epochs):
-            if checkpoint is not None and done < epochs and worker.rank == 0:
-                _save_checkpoint(checkpoint, model, optimizer, schedule, generator, epoch=done)
-            if report is not None:
-                report(done * steps_per_epoch, _unwrap(model))
-                model.train()
+        run.finished(reporting, worker.rank, ("epoch", done, stream.epochs), done * steps_per_epoch)
     return model.eval()
 
 
@@ -240,9 +295,9 @@ def teacher_loss(logits, _x, y, _w, _step, _rows):
     return F.cross_entropy(logits, y)
 
 
-def teacher_recipe(config: EvaluateConfig) -> tuple[Protocol, EvaluateConfig]:
+def teacher_recipe(config: EvaluateConfig, seed: int = 0) -> Recipe:
     """The teacher's training: cross-entropy, AdamW and cosine of the crop protocol, crop/flip, no CutMix."""
-    return get_protocol("rded"), dataclasses.replace(config, cutmix=False)
+    return Recipe(get_protocol("rded"), dataclasses.replace(config, cutmix=False), seed)
 
 
 def train_teacher(data: TrainSet, num_classes: int, arch: str, config: EvaluateConfig, seed: int,
@@ -252,8 +307,7 @@ def train_teacher(data: TrainSet, num_classes: int, arch: str, config: EvaluateC
     size = data.images.shape[1]
     model = new_model(arch, num_classes, size, config.width, worker, teacher_norm(config, size))
     steps = epochs_to_steps(len(data.labels), config.teacher_epochs, config.batch_size)
-    protocol, recipe = teacher_recipe(config)
-    return fit(model, data, steps, protocol, recipe, seed, teacher_loss, worker)
+    return fit(model, data, steps, teacher_recipe(config, seed), teacher_loss, worker)
 
 
 def student_loss(protocol: Protocol, teacher: nn.Module | None, config: EvaluateConfig,
@@ -273,29 +327,25 @@ def student_loss(protocol: Protocol, teacher: nn.Module | None, config: Evaluate
     return loss_fn
 
 
-def train_student(data: TrainSet, teacher: nn.Module | None, num_classes: int, arch: str, epochs: int,
-                  config: EvaluateConfig, seed: int, worker: Worker = Worker(),
-                  soft_labels: SoftLabels | None = None, report: Callable | None = None,
-                  reports: int = 10, checkpoint: Path | None = None) -> nn.Module:
-    """Train `arch` on `data` under `config.protocol` for `epochs` epochs of the set.
-
-    rded: `teacher` labels each augmented batch online. fkd: `soft_labels` (`SoftLabels`, written by
-    `generate_soft_labels` with the same seed) supply each step's stored logits; the teacher is not used. hard:
-    labels and cross-entropy; the teacher is ignored."""
-    protocol = get_protocol(config.protocol)
-    torch.manual_seed(seed)
+def train_student(data: TrainSet, targets: Targets, num_classes: int, arch: str, epochs: int, recipe: Recipe,
+                  worker: Worker = Worker(), reporting: Reporting = Reporting(reports=10)) -> nn.Module:
+    """Train `arch` on `data` under `recipe` (`student_recipe`) for `epochs` epochs of the set, learning from
+    `targets` as the protocol says: rded's teacher, fkd's stored logits (all of the run's steps), hard's labels
+    alone (a teacher given is ignored). Reports fall on steps, at least one (at the end)."""
+    protocol, config = recipe.protocol, recipe.config
+    torch.manual_seed(recipe.seed)
     size = data.images.shape[1]
     model = new_model(arch, num_classes, size, config.width, worker, student_norm(config, size))
     steps = epochs_to_steps(len(data.labels), epochs, config.batch_size)
+    teacher, soft_labels = targets.teacher, targets.soft_labels
     if protocol.stored_labels and (soft_labels is None or soft_labels.steps != steps):
         raise ValueError(f"protocol fkd needs stored soft labels for all {steps} steps (generate_soft_labels)")
     if protocol.soft_labels and not protocol.stored_labels and teacher is None:
         raise ValueError(f"protocol {protocol.name} needs a teacher")
     if teacher is not None:
         teacher.eval()
-    every = max(1, steps // max(1, reports))
-    return fit(model, data, steps, protocol, config, seed, student_loss(protocol, teacher, config, soft_labels),
-               worker, report, every, checkpoint)
+    reporting = dataclasses.replace(reporting, reports=max(1, reporting.reports))
+    return fit(model, data, steps, recipe, student_loss(protocol, teacher, config, soft_labels), worker, reporting)
 
 
 def load_teacher(path_or_bytes: str | Path | bytes, architecture: str, num_classes: int, image_size: int,

@@ -86,7 +86,7 @@ def test_soft_label_student_with_a_teacher_from_disk_trains_on_cuda(tmp_path):
     from safetensors.torch import save_file
 
     from engine.students import create_student
-    from engine.train import TrainSet, Worker, load_teacher, train_student
+    from engine.train import Targets, TrainSet, Worker, load_teacher, student_recipe, train_student
 
     torch.manual_seed(0)
     save_file(create_student("convnet3", 3, 16, 8).state_dict(), str(tmp_path / "teacher.safetensors"))
@@ -95,7 +95,7 @@ def test_soft_label_student_with_a_teacher_from_disk_trains_on_cuda(tmp_path):
     rng = np.random.default_rng(0)
     data = TrainSet(rng.integers(0, 256, (24, 16, 16, 3), np.uint8), rng.integers(0, 3, 24), np.ones(24))
     config = EvaluateConfig(protocol="rded", width=8, batch_size=8)
-    student = train_student(data, teacher, 3, "convnet3", 2, config, seed=0,
+    student = train_student(data, Targets(teacher), 3, "convnet3", 2, student_recipe(config, seed=0),
                             worker=Worker(wrap_model=lambda m: m.to("cuda")))
     assert all(p.is_cuda for p in student.parameters())
 

@@ -11,7 +11,7 @@ from engine.protocols import (IMAGENET, SYMMETRIC, InputNorm, apply_plan, attach
                               input_norm_of, plan_batch, student_norm, teacher_norm, weighted_ce_loss,
                               weighted_kd_loss)
 from engine.students import create_student
-from engine.train import TrainSet, generate_soft_labels, to_float, train_student
+from engine.train import Targets, TrainSet, generate_soft_labels, student_recipe, to_float, train_student
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +34,8 @@ def test_weights_change_every_protocols_loss_and_uniform_weights_do_not():
 def test_weights_change_what_a_student_learns(small_set):
     config = EvaluateConfig(width=8, batch_size=16, protocol="hard")
     uniform = TrainSet(small_set.images, small_set.labels, np.ones(len(small_set.labels)))
-    a = train_student(uniform, None, 10, "convnet3", 3, config, seed=0)
-    b = train_student(small_set, None, 10, "convnet3", 3, config, seed=0)
+    a = train_student(uniform, Targets(), 10, "convnet3", 3, student_recipe(config, seed=0))
+    b = train_student(small_set, Targets(), 10, "convnet3", 3, student_recipe(config, seed=0))
     assert not torch.allclose(a.classifier.weight, b.classifier.weight)
 
 
@@ -73,9 +73,9 @@ def test_fkd_replay_gives_the_generated_crops_and_logits(small_set, tmp_path, mo
         seen.append((step, x.detach()))
         return weighted_kd_loss(logits, stored.logits(step)[mine].float(), w, config.temperature)
 
-    from engine.train import fit
+    from engine.train import Recipe, fit
 
-    fit(create_student("convnet3", 10, 16, 8), small_set, stored.steps, get_protocol("fkd"), config, 5,
+    fit(create_student("convnet3", 10, 16, 8), small_set, stored.steps, Recipe(get_protocol("fkd"), config, 5),
         replayed_batches)
     generator = torch.Generator().manual_seed(5)  # the student redraws the plans the labels were made on
     for step, x in seen:
@@ -86,9 +86,9 @@ def test_fkd_replay_gives_the_generated_crops_and_logits(small_set, tmp_path, mo
         with torch.no_grad():  # ... whose stored logits are the teacher's (to fp16 precision)
             torch.testing.assert_close(teacher(x).half(), stored.logits(step), atol=2e-3, rtol=2e-3)
     # and the student run itself needs no teacher
-    train_student(small_set, None, 10, "convnet3", 2, config, seed=5, soft_labels=stored)
+    train_student(small_set, Targets(soft_labels=stored), 10, "convnet3", 2, student_recipe(config, seed=5))
     with pytest.raises(ValueError, match="stored soft labels"):
-        train_student(small_set, None, 10, "convnet3", 2, config, seed=5)
+        train_student(small_set, Targets(), 10, "convnet3", 2, student_recipe(config, seed=5))
 
 
 def test_a_workers_own_rows_augment_as_the_whole_batch_does():
@@ -111,13 +111,14 @@ def test_a_workers_own_rows_augment_as_the_whole_batch_does():
 
 def test_hard_label_protocol_ignores_the_teacher(small_set):
     config = EvaluateConfig(width=8, batch_size=16, protocol="hard")
-    without = train_student(small_set, None, 10, "convnet3", 2, config, seed=0)
+    without = train_student(small_set, Targets(), 10, "convnet3", 2, student_recipe(config, seed=0))
     teacher = create_student("convnet3", 10, 16, 8)
-    with_teacher = train_student(small_set, teacher, 10, "convnet3", 2, config, seed=0)
+    with_teacher = train_student(small_set, Targets(teacher), 10, "convnet3", 2, student_recipe(config, seed=0))
     for a, b in zip(without.state_dict().values(), with_teacher.state_dict().values()):
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="needs a teacher"):
-        train_student(small_set, None, 10, "convnet3", 1, EvaluateConfig(width=8, protocol="rded"), seed=0)
+        train_student(small_set, Targets(), 10, "convnet3", 1, student_recipe(EvaluateConfig(width=8, protocol="rded"),
+                                                                            seed=0))
 
 
 def test_dsa_and_crop_plans_are_seeded_and_change_images():

@@ -9,7 +9,8 @@ from engine.config import DataConfig, EvaluateConfig
 from engine.data import load_split
 from engine.students import create_student
 from engine.protocols import get_protocol
-from engine.train import TrainSet, Worker, evaluate_top1, fit, train_student, train_teacher
+from engine.train import (Recipe, Reporting, Stream, Targets, TrainSet, Worker, evaluate_top1, fit, student_recipe,
+                          train_student, train_teacher)
 
 FAST = EvaluateConfig(width=16, teacher_epochs=2, batch_size=64)
 
@@ -62,8 +63,8 @@ def test_teacher_learns_digits_and_student_learns_from_it():
     chosen = select_random(train.labels, 10, seed=0)
     small = TrainSet(train.images[chosen], train.labels[chosen], np.ones(len(chosen)))
     reported = []
-    student = train_student(small, teacher, 10, "convnet3", 30, FAST, seed=0,
-                            report=lambda step, model: reported.append(step), reports=3)
+    student = train_student(small, Targets(teacher), 10, "convnet3", 30, student_recipe(FAST, seed=0),
+                            reporting=Reporting(lambda step, model: reported.append(step), reports=3))
     assert evaluate_top1(student, test.images, test.labels) > 0.3
     assert reported == [20, 40, 60]  # 100 images, batch 64: 2 steps per epoch, 30 epochs
 
@@ -77,7 +78,8 @@ def _digits_set(n_per_class=3):
 def test_a_killed_student_resumes_from_its_checkpoint_exactly(tmp_path):
     data, config = _digits_set(), EvaluateConfig(width=8, batch_size=16)
     teacher = create_student("convnet3", 10, 16, 8).eval()
-    straight = train_student(data, teacher, 10, "convnet3", 4, config, seed=1, reports=2)
+    recipe = student_recipe(config, seed=1)
+    straight = train_student(data, Targets(teacher), 10, "convnet3", 4, recipe, reporting=Reporting(reports=2))
 
     checkpoint = tmp_path / "job.pt"
 
@@ -85,10 +87,11 @@ def test_a_killed_student_resumes_from_its_checkpoint_exactly(tmp_path):
         raise KeyboardInterrupt  # the process dies right after its first checkpoint
 
     with pytest.raises(KeyboardInterrupt):
-        train_student(data, teacher, 10, "convnet3", 4, config, seed=1, report=die_after_first_report, reports=2,
-                      checkpoint=checkpoint)
+        train_student(data, Targets(teacher), 10, "convnet3", 4, recipe,
+                      reporting=Reporting(die_after_first_report, reports=2, checkpoint=checkpoint))
     assert checkpoint.exists()
-    resumed = train_student(data, teacher, 10, "convnet3", 4, config, seed=1, reports=2, checkpoint=checkpoint)
+    resumed = train_student(data, Targets(teacher), 10, "convnet3", 4, recipe,
+                            reporting=Reporting(reports=2, checkpoint=checkpoint))
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b)
 
@@ -106,7 +109,7 @@ def test_data_parallel_workers_split_one_global_batch():
             return logits.sum() * 0
 
         model = create_student("convnet3", 10, 16, 8)
-        fit(model, data, 2, get_protocol("hard"), config, seed=0, loss_fn=loss_fn, worker=Worker(rank, world))
+        fit(model, data, 2, Recipe(get_protocol("hard"), config, seed=0), loss_fn=loss_fn, worker=Worker(rank, world))
         seen[(rank, world)] = rows
     for step in range(2):
         whole = seen[(0, 1)][step]
@@ -135,14 +138,14 @@ def test_streamed_training_learns_as_well_as_in_memory_training():
     train, test = load_split(DataConfig(val_fraction=0), "train"), load_split(DataConfig(val_fraction=0), "test")
     config = EvaluateConfig(width=16, teacher_epochs=4, batch_size=64)
     memory = train_teacher(TrainSet(train.images, train.labels, np.ones(len(train))), 10, "convnet3", config, seed=0)
-    protocol, recipe = teacher_recipe(config)
     torch.manual_seed(0)
     model = new_model("convnet3", 10, 16, config.width, Worker())
     steps, local = stream_steps(len(train), config.batch_size, 1)
     assert (steps, local) == (23, 64)  # 1437 rows: 22 full batches and a partial one per epoch
     reported = []
-    streamed = fit_stream(model, _shuffled_epochs(train.images, train.labels, local, 0), len(train), 4, protocol,
-                          recipe, 0, teacher_loss, report=lambda step, m: reported.append(step), reports=2)
+    streamed = fit_stream(model, Stream(_shuffled_epochs(train.images, train.labels, local, 0), len(train), 4),
+                          teacher_recipe(config), teacher_loss,
+                          reporting=Reporting(lambda step, m: reported.append(step), reports=2))
     assert reported == [46, 92]
     a, b = (evaluate_top1(m, test.images, test.labels) for m in (memory, streamed))
     assert a > 0.7 and b > 0.7 and abs(a - b) < 0.08, (a, b)
@@ -156,8 +159,6 @@ def test_streamed_training_resumes_from_its_last_epoch_checkpoint(tmp_path):
     keep = np.arange(0, len(train), 4)
     images, labels = train.images[keep], train.labels[keep]
     config = EvaluateConfig(width=8, batch_size=64)
-    protocol, recipe = teacher_recipe(config)
-
     def run(epochs_done_before_kill=None, checkpoint=None):
         torch.manual_seed(0)
         model = new_model("convnet3", 10, 16, 8, Worker())
@@ -165,8 +166,9 @@ def test_streamed_training_resumes_from_its_last_epoch_checkpoint(tmp_path):
         def report(step, m):
             if epochs_done_before_kill and step == epochs_done_before_kill * 6:
                 raise KeyboardInterrupt  # the kill, right after the epoch-2 checkpoint
-        return fit_stream(model, _shuffled_epochs(images, labels, 64, 0), len(labels), 4, protocol, recipe, 0,
-                          teacher_loss, report=report, reports=2, checkpoint=checkpoint)
+        return fit_stream(model, Stream(_shuffled_epochs(images, labels, 64, 0), len(labels), 4),
+                          teacher_recipe(config), teacher_loss,
+                          reporting=Reporting(report, reports=2, checkpoint=checkpoint))
 
     unbroken = run()
     checkpoint = tmp_path / "job.pt"
@@ -210,11 +212,12 @@ def test_every_module_and_batch_is_on_the_workers_device(device, tmp_path):
 
     engine.train.new_model = hooked_model
     try:
-        student = train_student(data, teacher, 10, "convnet3", 2, config, seed=0, worker=worker)
+        student = train_student(data, Targets(teacher), 10, "convnet3", 2, student_recipe(config, seed=0),
+                                worker=worker)
         streamed = fit_stream(hooked_model("convnet3", 10, 16, 8, worker),
-                              _shuffled_epochs(data.images, data.labels, 8, 0), len(data.labels), 1,
-                              get_protocol("rded"), config, 0, student_loss(get_protocol("rded"), teacher, config),
-                              worker)
+                              Stream(_shuffled_epochs(data.images, data.labels, 8, 0), len(data.labels), 1),
+                              Recipe(get_protocol("rded"), config, 0),
+                              student_loss(get_protocol("rded"), teacher, config), worker)
         for model in (student, streamed, teacher):
             count_correct(model, [(torch.from_numpy(data.images), torch.from_numpy(data.labels))])
     finally:

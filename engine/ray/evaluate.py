@@ -123,8 +123,8 @@ def _teacher_phase(loop_config: dict, worker) -> None:
 
     from engine.protocols import input_norm_of, teacher_norm
     from engine.store import atomic_write_bytes, atomic_write_json
-    from engine.train import (fit_stream, load_teacher, new_model, steady_images_per_s, stream_steps, teacher_loss,
-                              teacher_recipe, timed_epochs)
+    from engine.train import (Reporting, Stream, fit_stream, load_teacher, new_model, steady_images_per_s,
+                              stream_steps, teacher_loss, teacher_recipe, timed_epochs)
 
     config: DistillConfig = loop_config["config"]
     e = config.evaluate
@@ -138,7 +138,6 @@ def _teacher_phase(loop_config: dict, worker) -> None:
 
         torch.manual_seed(0)
         model = new_model(e.teacher, num_classes, size, e.width, worker, teacher_norm(e, size))
-        protocol, recipe = teacher_recipe(e)
         rows = loop_config["train_rows"] // worker.world
         steps, local = stream_steps(rows, e.batch_size, worker.world)
 
@@ -146,11 +145,12 @@ def _teacher_phase(loop_config: dict, worker) -> None:
             _progress(loop_config, worker, f"teacher {e.teacher}: step {step}/{steps * e.teacher_epochs}")
 
         start, epoch_s = time.perf_counter(), []
-        model = fit_stream(model, timed_epochs(_stream_epochs(0, local), epoch_s), rows, e.teacher_epochs, protocol,
-                           recipe, 0, teacher_loss, worker, report, reports=min(e.reports, e.teacher_epochs),
-                           # Named by the teacher (its cache key is its recipe): a folder re-used with other
-                           # teacher settings never resumes the old teacher's run.
-                           checkpoint=location(loop_config["results_dir"]) / "checkpoints" / f"{teacher_path.name}.pt")
+        # Named by the teacher (its cache key is its recipe): a folder re-used with other teacher settings never
+        # resumes the old teacher's run.
+        checkpoint = location(loop_config["results_dir"]) / "checkpoints" / f"{teacher_path.name}.pt"
+        stream = Stream(timed_epochs(_stream_epochs(0, local), epoch_s), rows, e.teacher_epochs)
+        model = fit_stream(model, stream, teacher_recipe(e), teacher_loss, worker,
+                           Reporting(report, min(e.reports, e.teacher_epochs), checkpoint))
         # Streamed training throughput over every worker's rows (a run resumed mid-way overstates it).
         facts["train_images_per_s"] = rows * worker.world * e.teacher_epochs / (time.perf_counter() - start)
         # Per epoch (this run's epochs only): the first also starts the stream's workers; the rest are its rate.
@@ -179,12 +179,12 @@ def _student_phase(loop_config: dict, worker) -> None:
     import ray.train
     import torch
 
-    from engine.data import class_names
+    from engine.sources import class_names
     from engine.faults import crash_once_if_requested
     from engine.protocols import get_protocol, student_norm
     from engine.store import atomic_write_json, read_distilled_set
-    from engine.train import (TrainSet, fit_stream, load_teacher, new_model, stream_steps,
-                              student_epochs, student_loss, train_student)
+    from engine.train import (Recipe, Reporting, Stream, Targets, TrainSet, fit_stream, load_teacher, new_model,
+                              stream_steps, student_epochs, student_loss, student_recipe, train_student)
 
     config: DistillConfig = loop_config["config"]
     e = config.evaluate
@@ -234,8 +234,9 @@ def _student_phase(loop_config: dict, worker) -> None:
             # fkd's stored logits are the teacher's on each planned batch; a stream has no plan to store, so `full`
             # takes the same targets online (rded's way), the same numbers without a split's worth of logits.
             online = dataclasses.replace(protocol, stored_labels=False)
-            student = fit_stream(model, _stream_epochs(job["seed"], local), rows, epochs, protocol, e, job["seed"],
-                                 student_loss(online, teacher, e), worker, report, e.reports, checkpoint)
+            student = fit_stream(model, Stream(_stream_epochs(job["seed"], local), rows, epochs),
+                                 Recipe(protocol, e, job["seed"]), student_loss(online, teacher, e), worker,
+                                 Reporting(report, e.reports, checkpoint))
             images = loop_config["train_rows"]
         else:
             if loaded is None or loaded[0] != job["set_dir"]:
@@ -244,9 +245,9 @@ def _student_phase(loop_config: dict, worker) -> None:
             at_ipc = dataclasses.replace(e, batch_size=e.batch_size_at(job["ipc"]))  # RDED's batch grows with IPC
             soft_labels = _soft_labels(results_dir, job, data, teacher, epochs, at_ipc, worker) \
                 if protocol.stored_labels else None
-            student = train_student(data, teacher, num_classes, job["student"], epochs, at_ipc, job["seed"], worker,
-                                    soft_labels=soft_labels, report=report, reports=e.reports,
-                                    checkpoint=checkpoint)
+            student = train_student(data, Targets(teacher, soft_labels), num_classes, job["student"], epochs,
+                                    student_recipe(at_ipc, job["seed"]), worker,
+                                    Reporting(report, e.reports, checkpoint))
             images = len(data.labels)
         trained = getattr(student, "module", student)
         top1, val_top1 = _held_out_top1(trained, worker, e.precision, loop_config), _val_top1(trained, loop_config)
@@ -333,7 +334,7 @@ def capacity_words() -> str:
 
 def job_cost(config: DistillConfig, job: dict, train_rows: int) -> int:
     """Training steps of a job (its relative cost): the set's size x epochs in batches."""
-    from engine.data import class_names
+    from engine.sources import class_names
     from engine.train import epochs_to_steps, student_epochs
 
     e = config.evaluate
@@ -441,7 +442,7 @@ def prepare_teacher(config: DistillConfig, teacher_path, results_dir, train_rows
     a sweep's trial copies it instead of starting a trainer to score it again. A figure scored at another input
     scale (evaluate.teacher_mean/std changed) is scored again. Stops the run when the validation top-1 is below
     evaluate.min_teacher_top1 (`check_teacher`)."""
-    from engine.data import class_names
+    from engine.sources import class_names
     from engine.protocols import teacher_norm
     from engine.store import atomic_write_bytes
 
