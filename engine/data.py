@@ -4,8 +4,9 @@ Every source yields the same in-memory form, `ImageSet`: uint8 RGB images (N, H,
 size, int64 labels (N,), a unique string id per image (the parquet `image.path`, the ImageFolder file below
 data.path, `<shard>/<key>` of a tar, or `digits/<split>/<index>`), and the class names. Parquet shards hold rows
 `{image: {bytes, path}, label}` (the layout of ImageNet-1K and ../shared/data/fashion_mnist); ImageFolder trees and
-WebDataset tars are read as the same rows (engine/sources.py); `decode_rows` turns such rows into images and is what
-the Ray Data read stage maps over them. Every row is either converted (any PIL mode, any size) or skipped with one
+WebDataset tars are read as the same rows (engine/sources.py, which lists and reads every source; this module
+only imports it inside the functions that load a whole split); `decode_rows` turns such rows into images and is
+what the Ray Data read stage maps over them. Every row is either converted (any PIL mode, any size) or skipped with one
 of SKIP_REASONS, so a web-scraped shard never stops a run for one bad image and never loses a row without a trace.
 """
 
@@ -18,15 +19,12 @@ import struct
 import warnings
 import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from engine.config import ConfigError, DataConfig
-from engine.location import location
-from engine.rows import SKIP_REASONS, SourceError, image_struct, is_image_column, parse_label
+from engine.rows import SKIP_REASONS, SkipRecords, add_skip, image_struct, no_skips, parse_label
 
 
 @dataclass(frozen=True)
@@ -182,13 +180,13 @@ def decode_image_bytes(data: bytes | None, size: int, max_pixels: int = Image.MA
 
 
 def decode_rows(batch: dict, size: int, num_classes: int | None = None,
-                max_pixels: int = Image.MAX_IMAGE_PIXELS, *, mode: str = "squash") -> tuple[dict, dict]:
+                max_pixels: int = Image.MAX_IMAGE_PIXELS, *, mode: str = "squash") -> tuple[dict, SkipRecords]:
     """Raw rows (engine/rows.py: {image: {bytes, path = id}, label, skip}) -> (decoded, skipped); images resized
     by `mode` ("squash" or "center_crop", see `to_rgb_square`; a caller with a DataConfig passes
     `resize_mode(config)`).
 
     decoded: {id, label, image (B, size, size, 3) uint8} for the rows that are images with a valid label.
-    skipped: {id, reason, detail} for every other row, so none is lost without a trace: a row the reader marked
+    skipped: skip records (engine.rows.SkipRecords) for every other row, so none is lost without a trace: a row the reader marked
     (`skip`), a missing `label` column, a null label, one that is not a decimal integer (engine.rows.parse_label)
     or one outside [0, num_classes) (`num_classes=None` skips no label as out of range), then the image's own
     faults. Never raises for a row's content.
@@ -198,7 +196,7 @@ def decode_rows(batch: dict, size: int, num_classes: int | None = None,
     count = len(structs) if structs is not None else len(batch.get("label", ()))
     structs = structs if structs is not None else [None] * count
     labels, skips = batch.get("label"), batch.get("skip")
-    kept, skipped = {"id": [], "label": [], "image": []}, {"id": [], "reason": [], "detail": []}
+    kept, skipped = {"id": [], "label": [], "image": []}, no_skips()
     for row in range(count):
         struct = image_struct(structs[row])
         row_id = str(struct.get("path") or f"<row {row} of its batch, no path>")
@@ -219,8 +217,7 @@ def decode_rows(batch: dict, size: int, num_classes: int | None = None,
                 raise BadImage("label_out_of_range", f"label {label} not in [0, {num_classes})")
             image = decode_image_bytes(struct.get("bytes"), size, max_pixels, mode=mode)
         except BadImage as bad:
-            for key, value in zip(("id", "reason", "detail"), (row_id, bad.reason, bad.detail)):
-                skipped[key].append(value)
+            add_skip(skipped, row_id, bad.reason, bad.detail)
             continue
         kept["id"].append(row_id)
         kept["label"].append(label)
@@ -233,12 +230,6 @@ def decode_rows(batch: dict, size: int, num_classes: int | None = None,
     return decoded, skipped
 
 
-def decode_image_batch(batch: dict, size: int, num_classes: int | None = None,
-                       max_pixels: int = Image.MAX_IMAGE_PIXELS, *, mode: str = "squash") -> dict:
-    """Parquet rows -> {id, label, image (B, size, size, 3) uint8}, bad rows left out (see `decode_rows`)."""
-    return decode_rows(batch, size, num_classes, max_pixels, mode=mode)[0]
-
-
 def count_skipped(reasons) -> dict[str, int]:
     """reason per skipped row -> {reason: n}, in SKIP_REASONS order, zero counts omitted."""
     reasons = list(reasons)
@@ -246,52 +237,20 @@ def count_skipped(reasons) -> dict[str, int]:
 
 
 def load_digits_split(config: DataConfig, split: str) -> ImageSet:
-    """scikit-learn's digits (1797 images, 8x8, values 0..16) with a seeded stratified train/test split (sklearn);
-    val is carved from train by the same per-id coin as every source's (engine/splits.py), so its rows keep
-    their train ids."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    """scikit-learn's digits split (engine.sources.read_digits) as images of data.image_size."""
+    from engine.sources import DIGIT_NAMES, read_digits
 
-    from engine.splits import in_split, source_split
-
-    digits = load_digits()
-    pixels = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)  # (1797, 8, 8)
-    labels = digits.target.astype(np.int64)
-    index = np.arange(len(labels))
-    train_index, test_index = train_test_split(
-        index, test_size=config.test_fraction, stratify=labels, random_state=config.split_seed
-    )
-    chosen = np.sort(train_index if source_split(split) == "train" else test_index)
-    ids = np.array([f"digits/{source_split(split)}/{i:06d}" for i in chosen], dtype=object)
-    keep = in_split(ids, split, config.val_fraction, config.split_seed)
-    chosen, ids = chosen[keep], ids[keep]
+    pixels, labels, ids = read_digits(config, split)
     mode = resize_mode(config)  # squash at the default 16 px: the 8x8 digits are square
-    images = np.stack([to_rgb_square(Image.fromarray(pixels[i], mode="L"), config.image_size, mode) for i in chosen])
-    names = tuple(str(n) for n in digits.target_names)
-    return ImageSet(images, labels[chosen], ids, names)
-
-
-def shard_paths(root: str | Path, split: str) -> list[str]:
-    """The split's shards under a local folder or an object-store URI (s3://bucket/imagenet-1k/data)."""
-    paths = sorted(str(p) for p in location(root).glob(f"{split}-*.parquet"))
-    if not paths:
-        raise SourceError(f"no parquet shards matching {split}-*.parquet under {root}: point data.path at the "
-                          f"folder that holds them")
-    return paths
-
-
-def read_class_names(root: str | Path) -> tuple[str, ...]:
-    """The display names of classes.txt beside the shards, in label order (engine.sources.parse_class_lines)."""
-    from engine.sources import class_names_of
-
-    return class_names_of(DataConfig(source="parquet", path=str(root)))
+    images = np.stack([to_rgb_square(Image.fromarray(p, mode="L"), config.image_size, mode) for p in pixels])
+    return ImageSet(images, labels, ids, DIGIT_NAMES)
 
 
 class TooManyBadRows(ValueError):
     """More rows skipped than data.max_skip_fraction allows; the message names the first bad rows."""
 
 
-def check_skipped(rows_read: int, skipped: dict, max_fraction: float) -> None:
+def check_skipped(rows_read: int, skipped: SkipRecords, max_fraction: float) -> None:
     """Fail, naming the first bad rows by id and reason, when more than `max_fraction` of the rows read were
     skipped; below it the run goes on and the counts are reported."""
     bad = len(skipped["id"])
@@ -303,45 +262,17 @@ def check_skipped(rows_read: int, skipped: dict, max_fraction: float) -> None:
                      f"data.max_skip_fraction={max_fraction}; first: {first}")
 
 
-def inspect_shards(paths: list[str]) -> tuple[list[str], dict]:
-    """Check each shard's schema from its footer (no data read): a shard without an `image` or `label` column
-    contributes every row to `skipped` ({id: "<shard>#<row>", reason, detail}) and is left out of the returned
-    readable list. A file that is not parquet (a zero-byte or cut file), or an image column the engine cannot
-    read, stops the run with one sentence (SourceError) naming the shard."""
-    readable, skipped = [], {"id": [], "reason": [], "detail": []}
-    for path in paths:
-        try:
-            metadata = pq.read_metadata(path)
-            schema = metadata.schema.to_arrow_schema()
-        except Exception as error:  # pyarrow raises ArrowInvalid / OSError variants for damaged footers
-            raise SourceError(f"{path} is not a readable parquet file ({error.__class__.__name__}: {error}): "
-                              f"re-export or remove it") from None
-        if "image" in schema.names and not is_image_column(schema.field("image").type):
-            raise SourceError(f"{path}: its image column is {schema.field('image').type}, where the engine reads "
-                              f"encoded image bytes (a struct<bytes, path> as Hugging Face writes, or binary): "
-                              f"store the image files' bytes in it")
-        reason = "missing_image" if "image" not in schema.names else \
-            "missing_label" if "label" not in schema.names else None
-        if reason is None:
-            readable.append(path)
-            continue
-        shard = location(path).name
-        for row in range(metadata.num_rows):
-            skipped["id"].append(f"{shard}#{row}")
-            skipped["reason"].append(reason)
-            skipped["detail"].append(f"shard has no {reason.split('_')[1]} column")
-    return readable, skipped
-
-
 def load_file_split(config: DataConfig, split: str) -> ImageSet:
     """Read and decode a whole split of a file source (parquet, imagefolder, webdataset; engine/sources.py) in this
     process (small sets and evaluation; encoding streams through Ray). Bad rows are left out and counted in
     `skipped`, exactly as the encode stage leaves them out: the listing's skips, then decode_rows' per batch."""
-    from engine.sources import class_names_of, iter_row_batches, scan_source
+    from engine.sources import class_names, iter_row_batches, scan_source
 
     listing = scan_source(config, split)
-    names = class_names_of(config)
-    all_skipped = {key: list(values) for key, values in listing.skipped.items()}
+    names = class_names(config)
+    all_skipped = no_skips()
+    for key in all_skipped:
+        all_skipped[key] += listing.skipped[key]
     parts = []
     for rows in iter_row_batches(config, split, listing=listing):
         decoded, skipped = decode_rows(rows, config.image_size, len(names), config.max_image_pixels,
@@ -374,9 +305,9 @@ def sample_split(config: DataConfig, split: str, limit: int, seed: int) -> Image
     embedded digits are always whole (1437 images)."""
     if limit == 0 or config.source == "digits":
         return load_split(config, split)  # asked for the whole split (small sets), or the 1437 digits
-    from engine.sources import class_names_of, iter_row_batches
+    from engine.sources import class_names, iter_row_batches
 
-    names = class_names_of(config)
+    names = class_names(config)
     quota = max(1, limit // len(names))
     kept: dict[int, list] = {}  # label -> heap of (-key, id, bytes, label): the quota lowest keys seen so far
     for rows in iter_row_batches(config, split):
@@ -412,10 +343,12 @@ def load_split(config: DataConfig, split: str) -> ImageSet:
     return load_file_split(config, split)
 
 
-def class_names(config: DataConfig) -> tuple[str, ...]:
-    if config.source == "digits":
-        return tuple(str(i) for i in range(10))
-    from engine.sources import class_names_of
+def __getattr__(name: str):
+    """`engine.data.class_names` is engine.sources.class_names itself, looked up on first use: callers that read
+    the class list beside the images keep working, while this module imports engine.sources only lazily."""
+    if name == "class_names":
+        from engine.sources import class_names
 
-    return class_names_of(config)
+        return class_names
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -259,7 +259,7 @@ def prepare_prior(config: DistillConfig) -> tuple[Path, tuple[str, ...], tuple[i
     A prior with NaN/Inf weights, or a tiny prior trained for other classes, stops the run here. With run folders
     on an object store, the folder returned is there too (the actors of every machine load it)."""
     from engine.checks import RunError, check_finite_parameters
-    from engine.data import class_names
+    from engine.sources import class_names
     from engine.priors import load_or_train_prior, prior_folder
 
     names = class_names(config.data)
@@ -355,7 +355,7 @@ def finish_run_folder(config: DistillConfig, run_dir, quantize_key: str, results
 def run(config: DistillConfig, until: str = "evaluate", overwrite: bool = False) -> dict:
     """The whole run: every stage up to `until`, then metrics.json, report.html and manifest.json."""
     from engine.checks import RunError, check_run_inputs
-    from engine.data import class_names
+    from engine.sources import class_names
     from engine.manifest import write_manifest
     from engine.ray.cluster import cluster_span, init_ray
     from engine.report import write_report

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import TypedDict
 
 import numpy as np
 import pyarrow as pa
@@ -48,9 +49,23 @@ def rows_to_table(rows: dict) -> pa.Table:
                      "path": pa.array(rows["path"], pa.string())}, schema=ROW_SCHEMA)
 
 
-def add_skip(skipped: dict, row_id: str, reason: str, detail: str) -> None:
-    for key, value in zip(("id", "reason", "detail"), (row_id, reason, detail)):
-        skipped[key].append(value)
+class SkipRecords(TypedDict):
+    """Rows left out, as equal-length columns (the form Ray Data carries and skipped.parquet stores): each row's
+    id, its reason (one of SKIP_REASONS) and a detail for a person."""
+
+    id: list[str]
+    reason: list[str]
+    detail: list[str]
+
+
+def no_skips() -> SkipRecords:
+    return {"id": [], "reason": [], "detail": []}
+
+
+def add_skip(skipped: SkipRecords, row_id: str, reason: str, detail: str) -> None:
+    skipped["id"].append(row_id)
+    skipped["reason"].append(reason)
+    skipped["detail"].append(detail)
 
 
 def safe_text(name: str) -> str:

@@ -11,7 +11,7 @@ folder. Split "train" reads train/; split "test" reads val/, else validation/, e
 is val/); the engine's "val" split is carved from train/ (engine/splits.py), whatever the source.
 Classes: <path>/classes.txt if present (`parse_class_lines`: line i is label i, as "<folder><TAB><name>",
 "<WordNet synset> <name>" or a bare name that is its own folder); else the sorted folder names of train/
-(torchvision's rule), shown as is. `class_names_of` gives the display names (data.classes_file overrides them).
+(torchvision's rule), shown as is. `class_names` gives the display names (data.classes_file overrides them).
 Images are chosen by extension (IMAGE_EXTENSIONS, any case); other files (notes, .DS_Store, macOS's `._*`
 AppleDouble files) are not rows: they are listed in `listing.ignored` and never counted as skipped. Symbolic links
 are followed inside data.path only (data.follow_symlinks=true: anywhere), a link seen again below itself (a loop)
@@ -38,10 +38,12 @@ both read whole); the rest of the shard becomes ONE row with id `<shard>/<damage
 start>: <error>>`, label 0 and the bytes TAR_DAMAGE, which are no image, so decode_rows skips it as `corrupt`.
 (Python's tarfile ends a stream silently at a cut or garbled header; `_StrictTarInfo` makes that an error.)
 
-Parquet: `<path>/<split>-*.parquet` (engine.data.shard_paths / inspect_shards), the image column HF's struct
+Parquet: `<path>/<split>-*.parquet` (`shard_paths` / `inspect_shards`), the image column HF's struct
 {bytes, path} or plain binary. Ids: `<shard name>#<row>` (the `image.path` a dataset stores can repeat across
 classes, so it is never the id); labels of any column type go through engine.rows.parse_label.
-This module never imports ray.
+
+Digits: scikit-learn's embedded 8x8 digits (`read_digits`), split train/test by a seeded stratified draw; classes
+"0".."9". engine/data.py turns them into images. This module never imports engine/data.py nor ray.
 """
 
 from __future__ import annotations
@@ -67,10 +69,13 @@ from engine.location import ObjectPath, filesystem_and_path, location
 from engine.location import list_files as list_object_files
 from engine.rows import (
     ROW_SCHEMA,
+    SkipRecords,
     SourceError,
     add_skip,
     empty_rows,
+    is_image_column,
     is_utf8,
+    no_skips,
     parse_label,
     parse_labels,
     safe_text,
@@ -84,6 +89,7 @@ SPLIT_NAMES = {"train": ("train",), "test": ("val", "validation", "test")}
 # Stands for the damaged part of a tar: not an image, so decode_rows skips its row as corrupt.
 TAR_DAMAGE = b"DDOQ: damaged tar shard, see the row id\n"
 FILE_SOURCES = ("parquet", "imagefolder", "webdataset")
+DIGIT_NAMES = tuple(str(digit) for digit in range(10))
 
 
 @dataclass(frozen=True)
@@ -95,7 +101,7 @@ class SourceListing:
     names: tuple[str, ...]  # files to read, relative to root: shards, or image ids (imagefolder)
     labels: tuple[int, ...] = ()  # imagefolder: each file's label, from its class folder
     sizes: tuple[int | None, ...] = ()  # bytes when the listing gave them (object stores), else None
-    skipped: dict = field(default_factory=lambda: {"id": [], "reason": [], "detail": []})
+    skipped: SkipRecords = field(default_factory=no_skips)
     ignored: tuple[str, ...] = ()  # imagefolder: files that are not images (not rows, not counted)
 
     def paths(self) -> list[str]:
@@ -248,7 +254,7 @@ def scan_imagefolder(config: DataConfig, split: str) -> SourceListing:
     label_of = {folder: label for label, folder in enumerate(folders)}
     known = "classes.txt" if (root / "classes.txt").exists() else "the class folders of train/"
     names, labels, sizes = [], [], []
-    skipped = {"id": [], "reason": [], "detail": []}
+    skipped = no_skips()
     walk = walk_files(root / split_name, root if isinstance(root, Path) else None, config.follow_symlinks)
     for relative, reason, detail in walk.problems:
         add_skip(skipped, f"{split_name}/{relative}", reason, detail)
@@ -281,9 +287,44 @@ def scan_webdataset(config: DataConfig, split: str) -> SourceListing:
     return SourceListing("webdataset", config.path, names, sizes=(None,) * len(names))
 
 
-def scan_parquet(config: DataConfig, split: str) -> SourceListing:
-    from engine.data import inspect_shards, shard_paths
+def shard_paths(root: str | Path, split: str) -> list[str]:
+    """The split's shards under a local folder or an object-store URI (s3://bucket/imagenet-1k/data)."""
+    paths = sorted(str(p) for p in location(root).glob(f"{split}-*.parquet"))
+    if not paths:
+        raise SourceError(f"no parquet shards matching {split}-*.parquet under {root}: point data.path at the "
+                          f"folder that holds them")
+    return paths
 
+
+def inspect_shards(paths: list[str]) -> tuple[list[str], SkipRecords]:
+    """Check each shard's schema from its footer (no data read): a shard without an `image` or `label` column
+    contributes every row to the skip records (id `<shard>#<row>`) and is left out of the returned readable list.
+    A file that is not parquet (a zero-byte or cut file), or an image column the engine cannot read, stops the run
+    with one sentence (SourceError) naming the shard."""
+    readable, skipped = [], no_skips()
+    for path in paths:
+        try:
+            metadata = pq.read_metadata(path)
+            schema = metadata.schema.to_arrow_schema()
+        except Exception as error:  # pyarrow raises ArrowInvalid / OSError variants for damaged footers
+            raise SourceError(f"{path} is not a readable parquet file ({error.__class__.__name__}: {error}): "
+                              f"re-export or remove it") from None
+        if "image" in schema.names and not is_image_column(schema.field("image").type):
+            raise SourceError(f"{path}: its image column is {schema.field('image').type}, where the engine reads "
+                              f"encoded image bytes (a struct<bytes, path> as Hugging Face writes, or binary): "
+                              f"store the image files' bytes in it")
+        reason = "missing_image" if "image" not in schema.names else \
+            "missing_label" if "label" not in schema.names else None
+        if reason is None:
+            readable.append(path)
+            continue
+        shard = location(path).name
+        for row in range(metadata.num_rows):
+            add_skip(skipped, parquet_row_id(shard, row), reason, f"shard has no {reason.split('_')[1]} column")
+    return readable, skipped
+
+
+def scan_parquet(config: DataConfig, split: str) -> SourceListing:
     readable, skipped = inspect_shards(shard_paths(config.path, split))  # footers only
     names = tuple(location(path).name for path in readable)
     return SourceListing("parquet", config.path, names, sizes=(None,) * len(names), skipped=skipped)
@@ -316,7 +357,7 @@ def check_source(config: DataConfig) -> None:
     """Whole-source problems as one sentence (SourceError) before any stage: the class list, and that both
     splits are there and readable as far as their listing tells (parquet footers; the tars and the folders of an
     ImageFolder are only found here, their contents checked as they are read)."""
-    class_names_of(config)
+    class_names(config)
     for split in ("train", "test"):
         if config.source == "imagefolder":
             root = location(config.path)
@@ -331,9 +372,7 @@ def count_rows(config: DataConfig, split: str) -> int:
     train / val are carved without reading a column), an ImageFolder from its listing;
     WebDataset tars hold no index, so they are streamed once."""
     if config.source == "digits":
-        from engine.data import load_split
-
-        return len(load_split(config, split))
+        return len(read_digits(config, split)[2])
     listing = scan_source(config, split)
     if listing.source == "parquet":
         if split == "test":
@@ -345,10 +384,13 @@ def count_rows(config: DataConfig, split: str) -> int:
     return sum(len(rows["label"]) for rows in iter_row_batches(config, split))
 
 
-def class_names_of(config: DataConfig) -> tuple[str, ...]:
-    """Class names in label order, from the classes.txt beside the data (ImageFolder: the display names, or the
-    folder names without one); data.classes_file, when set, gives the display names instead (e.g. ImageNet-1K's
-    readable names for prompts), and must list as many classes in the same order (same keys where it has them)."""
+def class_names(config: DataConfig) -> tuple[str, ...]:
+    """Class names in label order, of any source: "0".."9" for the digits; else from the classes.txt beside the
+    data (ImageFolder: the display names, or the folder names without one); data.classes_file, when set, gives the
+    display names instead (e.g. ImageNet-1K's readable names for prompts), and must list as many classes in the
+    same order (same keys where it has them)."""
+    if config.source == "digits":
+        return DIGIT_NAMES
     root = location(config.path)
     if config.source == "imagefolder":
         keys, names = imagefolder_classes(root)
@@ -370,6 +412,32 @@ def class_names_of(config: DataConfig) -> tuple[str, ...]:
         raise SourceError(f"data.classes_file={config.classes_file} line {i + 1} is {other_keys[i]!r} where the "
                           f"data's label {i} is {keys[i]!r}: the two lists must be in the same order")
     return other_names
+
+
+def read_class_names(root: str | Path) -> tuple[str, ...]:
+    """The display names of the classes.txt beside parquet shards, in label order (`parse_class_lines`)."""
+    return class_names(DataConfig(source="parquet", path=str(root)))
+
+
+def read_digits(config: DataConfig, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's digits (1797 images, 8x8, values 0..16) with a seeded stratified train/test split (sklearn);
+    val is carved from train by the same per-id coin as every source's (engine/splits.py), so its rows keep
+    their train ids. -> (pixels (N, 8, 8) uint8 scaled to 0..255, labels (N,) int64, ids (N,) str)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    pixels = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)  # (1797, 8, 8)
+    labels = digits.target.astype(np.int64)
+    index = np.arange(len(labels))
+    train_index, test_index = train_test_split(
+        index, test_size=config.test_fraction, stratify=labels, random_state=config.split_seed
+    )
+    chosen = np.sort(train_index if source_split(split) == "train" else test_index)
+    ids = np.array([f"digits/{source_split(split)}/{i:06d}" for i in chosen], dtype=object)
+    keep = in_split(ids, split, config.val_fraction, config.split_seed)
+    chosen = chosen[keep]
+    return pixels[chosen], labels[chosen], ids[keep]
 
 
 # ---------------------------------------------------------------- rows

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from engine.config import DataConfig
-from engine.data import BadImage, count_skipped, decode_image_batch, decode_image_bytes, decode_rows, load_split
+from engine.data import BadImage, count_skipped, decode_image_bytes, decode_rows, load_split
 from engine.rows import SourceError
 
 FASHION = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion_mnist"
@@ -52,7 +52,7 @@ def test_parquet_round_trip_in_hugging_face_layout(tmp_path):
 def test_decode_batch_converts_rgba_and_resizes():
     rgba = np.zeros((10, 12, 4), np.uint8)
     batch = {"image": [{"bytes": png_bytes(rgba, "RGBA"), "path": "x.png"}], "label": [3]}
-    out = decode_image_batch(batch, 16)
+    out, _ = decode_rows(batch, 16)
     assert out["image"].shape == (1, 16, 16, 3) and list(out["id"]) == ["x.png"]
 
 

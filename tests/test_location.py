@@ -116,7 +116,8 @@ def test_a_missing_bucket_is_one_clear_sentence(s3_env, tmp_path, capsys):
 def test_parquet_shards_read_from_an_object_store(remote, tmp_path):
     """data.path=s3://...: shards and classes.txt are listed and read through pyarrow, as from a local folder."""
     from engine.config import DataConfig
-    from engine.data import class_names, load_split, shard_paths
+    from engine.data import load_split
+    from engine.sources import class_names, shard_paths
     from tests.test_reliability import write_toy_dataset
 
     write_toy_dataset(tmp_path / "toy", "cat dog", {0: 3, 1: 2})

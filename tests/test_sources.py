@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from engine.config import DataConfig
-from engine.data import class_names, count_skipped, decode_image_bytes, decode_rows, load_split
+from engine.data import count_skipped, decode_image_bytes, decode_rows, load_split
 from engine.rows import SourceError
-from engine.sources import TAR_DAMAGE, iter_row_batches, iter_tar_samples, scan_source
+from engine.sources import TAR_DAMAGE, class_names, iter_row_batches, iter_tar_samples, scan_source
 
 SIZE = 8
 NOT_AN_IMAGE = b"not an image at all\n" * 20

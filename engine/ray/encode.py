@@ -14,12 +14,12 @@ import ray.data
 
 from engine.config import DistillConfig
 from engine.data import check_skipped
-from engine.data import class_names as data_class_names
 from engine.faults import crash_once_if_requested
 from engine.location import ObjectPath, location, remove_tree
 from engine.ray.cluster import (check_pool_fits, deterministic_order, node_id, saw_nodes, shuffle_on_disk,
                                 wait_for_pool)
 from engine.ray.source import gather_skipped, source_dataset
+from engine.sources import class_names as data_class_names
 
 
 class VaeEncoder:

@@ -11,11 +11,11 @@ import ray.data
 from ray.data.extensions import ArrowTensorArray
 
 from engine.config import DataConfig
-from engine.data import class_names, decode_rows, load_split, resize_mode
+from engine.data import decode_rows, load_split, resize_mode
 from engine.location import filesystem_and_path, location
 from engine.ray.readers import ROWS_PER_BLOCK, read_source_rows
 from engine.splits import rows_of_split
-from engine.sources import scan_source
+from engine.sources import class_names, scan_source
 
 
 SKIPPED_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
