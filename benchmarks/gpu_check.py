@@ -511,7 +511,6 @@ def _quantizers(ctx: Context) -> tuple:
     """(quantizer, its name, the CPU reference, its name): the engine's device route and what it must agree with."""
     from engine.config import QuantizeConfig
     from engine.quantize import faiss_sees_gpu, quantize_class
-    from engine.quantize_torch import quantize_class_torch
 
     config = QuantizeConfig()
     assert (config.nredo, config.niter) == (3, 50), "the row's note quotes the defaults"
@@ -523,13 +522,13 @@ def _quantizers(ctx: Context) -> tuple:
         quantizer = lambda x, k: quantize_class(x, k, config, device="cuda")  # noqa: E731
     else:  # the dry run: the torch path on the CPU, the one the GPU run takes without faiss-gpu
         name = "torch on the CPU (dry run)"
-        quantizer = lambda x, k: quantize_class_torch(x, k, config, device="cpu")  # noqa: E731
+        quantizer = lambda x, k: quantize_class(x, k, config, device="cpu", backend="torch")  # noqa: E731
     try:
         import faiss  # noqa: F401
 
         reference, reference_name = (lambda x, k: quantize_class(x, k, config, device="cpu")), "faiss-cpu"
     except ImportError:
-        reference = lambda x, k: quantize_class_torch(x, k, config, device="cpu")  # noqa: E731
+        reference = lambda x, k: quantize_class(x, k, config, device="cpu", backend="torch")  # noqa: E731
         reference_name = "torch on the CPU (faiss not installed)"
     return quantizer, name, reference, reference_name
 

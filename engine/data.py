@@ -186,10 +186,10 @@ def decode_rows(batch: dict, size: int, num_classes: int | None = None,
     `resize_mode(config)`).
 
     decoded: {id, label, image (B, size, size, 3) uint8} for the rows that are images with a valid label.
-    skipped: skip records (engine.rows.SkipRecords) for every other row, so none is lost without a trace: a row the reader marked
-    (`skip`), a missing `label` column, a null label, one that is not a decimal integer (engine.rows.parse_label)
-    or one outside [0, num_classes) (`num_classes=None` skips no label as out of range), then the image's own
-    faults. Never raises for a row's content.
+    skipped: skip records (engine.rows.SkipRecords) for every other row, so none is lost without a trace: a row
+    the reader marked (`skip`), a missing `label` column, a null label, one that is not a decimal integer
+    (engine.rows.parse_label) or one outside [0, num_classes) (`num_classes=None` skips no label as out of range),
+    then the image's own faults. Never raises for a row's content.
     """
     check_mode(mode)
     structs = batch.get("image")

@@ -259,8 +259,8 @@ def prepare_prior(config: DistillConfig) -> tuple[Path, tuple[str, ...], tuple[i
     A prior with NaN/Inf weights, or a tiny prior trained for other classes, stops the run here. With run folders
     on an object store, the folder returned is there too (the actors of every machine load it)."""
     from engine.checks import RunError, check_finite_parameters
-    from engine.sources import class_names
     from engine.priors import load_or_train_prior, prior_folder
+    from engine.sources import class_names
 
     names = class_names(config.data)
     try:
@@ -355,11 +355,11 @@ def finish_run_folder(config: DistillConfig, run_dir, quantize_key: str, results
 def run(config: DistillConfig, until: str = "evaluate", overwrite: bool = False) -> dict:
     """The whole run: every stage up to `until`, then metrics.json, report.html and manifest.json."""
     from engine.checks import RunError, check_run_inputs
-    from engine.sources import class_names
     from engine.manifest import write_manifest
     from engine.ray.cluster import cluster_span, init_ray
     from engine.report import write_report
     from engine.run_folder import check_run_folder
+    from engine.sources import class_names
 
     span = cluster_span(config.runtime)  # joins the cluster the job was pointed at; starts nothing otherwise
     check_cluster_places(config, span.nodes, span.address)  # before anything is read, written or started

@@ -1,7 +1,10 @@
 """Quantize one class: latents (n, d) float32 -> K centroids (K, d), cell counts (K,), weights, distortion.
 
 Centroids: faiss Lloyd iterations (default) or CLVQ, the competitive-learning algorithm of optimal quantization,
-from a greedy k-means++, random or faiss seeding; the best of `nredo` seeded runs. Lloyd trains on all of the
+from a greedy k-means++ (engine.quantize_torch.kmeans_plus_plus, the one implementation), random or faiss
+seeding; the best of `nredo` seeded runs. `quantize_class` is the one entry point: it checks the latents, picks a
+backend (`FaissQuantizer` here, `TorchLloyd` in engine/quantize_torch.py), which gives the centroids of each seed
+and assigns points, and keeps the best run. Lloyd trains on all of the
 class's points, and cell counts always come from assigning ALL points afterwards. Weights per centroid are scaled
 to average 1.0 within the class (so `uniform` is all ones and the weighted loss of `uniform` is the plain loss):
   uniform  1                         D4M (CVPR'24)
@@ -9,7 +12,8 @@ to average 1.0 within the class (so `uniform` is all ones and the weighted loss 
   sqrt     proportional to sqrt(count_k)   the variance-reduction reading of DDOQ's heuristic
 
 Devices: "cpu" (faiss-cpu), or "cuda": faiss-gpu when it imports and sees a GPU, else the same algorithm in torch
-(engine/quantize_torch.py: faiss-gpu's wheels are CUDA 12 builds, the pinned torch is CUDA 13). A quantize actor
+(engine/quantize_torch.py: faiss-gpu's wheels are CUDA 12 builds, the pinned torch is CUDA 13); backend="torch"
+runs that path on any device. A quantize actor
 given a GPU gets its device from `quantize_device`, which fails rather than quietly quantizing on the CPU.
 faiss and POT are imported where they are used, so the torch path runs on a machine with neither.
 """
@@ -26,6 +30,7 @@ from engine.config import QuantizeConfig
 WEIGHT_MODES = ("uniform", "mass", "sqrt")
 INITS = ("kmeans++", "random", "faiss")
 DEVICES = ("cpu", "cuda")
+BACKENDS = ("faiss", "torch")
 
 
 @dataclass(frozen=True)
@@ -86,41 +91,6 @@ def _squared_distances32(points: np.ndarray, norms: np.ndarray, centers: np.ndar
     return np.maximum(d2, 0.0)
 
 
-def kmeans_plus_plus(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """Greedy k-means++ seeding (as sklearn's): D^2 sampling with 2 + log(k) candidates per step, keeping the
-    candidate that lowers the potential most. (n, d) float32 -> (k, d) float32 initial centroids."""
-    n = len(points)
-    norms = (points * points).sum(1)
-    trials = 2 + int(np.log(k))
-    first = int(rng.integers(n))
-    chosen = [first]
-    closest = _squared_distances32(points, norms, points[first : first + 1])[:, 0]  # (n,)
-    potential = float(closest.sum())
-    for _ in range(1, k):
-        if potential <= 0:  # every point coincides with a chosen one (duplicates): any point will do
-            candidates = rng.integers(n, size=trials)
-        else:
-            candidates = np.searchsorted(np.cumsum(closest, dtype=np.float64), rng.random(trials) * potential)
-            candidates = np.minimum(candidates, n - 1)
-        trial_closest = np.minimum(closest[:, None], _squared_distances32(points, norms, points[candidates]))
-        potentials = trial_closest.sum(0, dtype=np.float64)  # (trials,)
-        best = int(np.argmin(potentials))
-        chosen.append(int(candidates[best]))
-        closest, potential = trial_closest[:, best], float(potentials[best])
-    return points[chosen].astype(np.float32)
-
-
-def initial_centroids(points: np.ndarray, k: int, init: str, rng: np.random.Generator) -> np.ndarray | None:
-    """k-means++ or k distinct random points; None for "faiss" (faiss samples its own start from the seed)."""
-    if init == "kmeans++":
-        return kmeans_plus_plus(points, k, rng)
-    if init == "random":
-        return points[rng.choice(len(points), size=k, replace=False)].astype(np.float32)
-    if init == "faiss":
-        return None
-    raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
-
-
 def lloyd(points: np.ndarray, start: np.ndarray | None, k: int, niter: int, seed: int, tol: float,
           on_gpu: bool = False) -> np.ndarray:
     """faiss Lloyd iterations on every point (faiss would otherwise subsample to 256 per centroid), run in chunks
@@ -164,52 +134,85 @@ def clvq(points: np.ndarray, start: np.ndarray, epochs: int, batch_size: int, rn
     return centroids
 
 
-def quantize_class(latents: np.ndarray, k: int, config: QuantizeConfig = QuantizeConfig(),
-                   device: str = "cpu") -> Quantization:
-    """Quantize one class's latents (n, ...) into K = min(k, n) centroids; the best of `nredo` seeded runs.
-    device "cuda": faiss-gpu if it sees a GPU, else engine.quantize_torch (see the module docstring)."""
+class FaissQuantizer:
+    """The faiss / numpy backend: faiss Lloyd (faiss-gpu with `on_gpu`) or CLVQ, one seeded run per `run` call;
+    every point assigned through one flat faiss index."""
+
+    def __init__(self, latents: np.ndarray, k: int, config: QuantizeConfig, on_gpu: bool = False):
+        import faiss
+
+        self.points = np.ascontiguousarray(latents, dtype=np.float32).reshape(len(latents), -1)  # (n, d)
+        self.index = faiss.IndexFlatL2(self.points.shape[1])
+        self.k, self.config, self.on_gpu = k, config, on_gpu
+
+    def all_finite(self) -> bool:
+        return bool(np.isfinite(self.points).all())
+
+    def run(self, seed: int) -> tuple[np.ndarray | None, np.ndarray]:
+        """One seeded run -> (its start, None where faiss seeds itself; its centroids (k, d) float32)."""
+        from engine.quantize_torch import initial_centroids
+
+        config, rng = self.config, np.random.default_rng(seed)
+        start = None if config.init == "faiss" else initial_centroids(self.points, self.k, config.init, rng).numpy()
+        if config.algorithm == "clvq":
+            start = start if start is not None else initial_centroids(self.points, self.k, "random", rng).numpy()
+            return start, clvq(self.points, start, config.clvq_epochs, config.clvq_batch_size, rng)
+        return start, lloyd(self.points, start, self.k, config.niter, seed, config.tol, on_gpu=self.on_gpu)
+
+    def assign(self, centroids: np.ndarray) -> tuple[np.ndarray, float]:
+        """Every point (not a training subsample) to its nearest centroid -> ((k,) int64 counts, mean squared
+        distance)."""
+        self.index.reset()
+        self.index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+        nearest_d2, nearest = self.index.search(self.points, 1)
+        return np.bincount(nearest.ravel(), minlength=len(centroids)).astype(np.int64), float(nearest_d2.mean())
+
+
+def choose_backend(config: QuantizeConfig, device: str) -> str:
+    """faiss, unless a GPU is asked for and faiss does not see one (then torch). Fails rather than running a GPU
+    actor's work on the CPU unannounced."""
     if device not in DEVICES:
         raise ValueError(f"unknown quantize device {device!r}; expected one of {DEVICES}")
     if device == "cuda" and config.algorithm != "lloyd":  # clvq is numpy: it would run on the CPU unannounced
         raise ValueError(f"quantize.algorithm={config.algorithm} runs on the CPU only; use lloyd on a GPU or set "
                          f"runtime.quantize_gpus_per_actor=0")
-    if device == "cuda" and not faiss_sees_gpu():
-        from engine.quantize_torch import quantize_class_torch
+    return "torch" if device == "cuda" and not faiss_sees_gpu() else "faiss"
 
-        return quantize_class_torch(latents, k, config, device)
-    import faiss
 
+def make_quantizer(latents, k: int, config: QuantizeConfig, device: str, backend: str):
+    if backend == "torch":
+        from engine.quantize_torch import TorchLloyd
+
+        return TorchLloyd(latents, k, config, device)
+    if backend == "faiss":
+        return FaissQuantizer(latents, k, config, on_gpu=device == "cuda")
+    raise ValueError(f"unknown quantize backend {backend!r}; expected one of {BACKENDS}")
+
+
+def quantize_class(latents, k: int, config: QuantizeConfig = QuantizeConfig(), device: str = "cpu",
+                   backend: str | None = None) -> Quantization:
+    """Quantize one class's latents (n, ...) (a numpy array, or for the torch backend a tensor, on the device
+    or not) into K = min(k, n) centroids; the best of `nredo` runs seeded seed, seed + 1, ... `backend` None
+    chooses (`choose_backend`); "faiss" or "torch" forces one."""
+    backend = choose_backend(config, device) if backend is None else backend
+    if config.init not in INITS:
+        raise ValueError(f"unknown init {config.init!r}; expected one of {INITS}")
     if len(latents) == 0:
         raise ValueError("cannot quantize an empty class")
-    points = np.ascontiguousarray(latents, dtype=np.float32).reshape(len(latents), -1)
-    n, d = points.shape
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    if not np.isfinite(points).all():
+    requested_k, k = k, min(k, len(latents))
+    quantizer = make_quantizer(latents, k, config, device, backend)
+    if not quantizer.all_finite():
         raise ValueError("latents contain NaN or Inf")
-    requested_k, k = k, min(k, n)
     if k < requested_k:
-        warnings.warn(f"class has {n} points < K={requested_k}: using K={n}", stacklevel=2)
-
-    index = faiss.IndexFlatL2(d)
+        warnings.warn(f"class has {len(latents)} points < K={requested_k}: using K={len(latents)}", stacklevel=2)
     best = None
-    for attempt in range(config.nredo):
-        seed = config.seed + attempt
-        rng = np.random.default_rng(seed)
-        start = initial_centroids(points, k, config.init, rng)
-        if config.algorithm == "clvq":
-            start = start if start is not None else initial_centroids(points, k, "random", rng)
-            centroids = clvq(points, start, config.clvq_epochs, config.clvq_batch_size, rng)
-        else:
-            centroids = lloyd(points, start, k, config.niter, seed, config.tol, on_gpu=device == "cuda")
-        index.reset()
-        index.add(centroids)
-        nearest_d2, nearest = index.search(points, 1)  # all points, not a training subsample
-        run_distortion = float(nearest_d2.mean())
+    for seed in range(config.seed, config.seed + config.nredo):
+        start, centroids = quantizer.run(seed)
+        counts, run_distortion = quantizer.assign(centroids)
         if best is None or run_distortion < best.distortion:
-            initial = float("nan") if start is None else float(
-                _squared_distances32(points, (points * points).sum(1), start).min(axis=1).mean(dtype=np.float64))
-            counts = np.bincount(nearest.ravel(), minlength=k).astype(np.int64)
+            initial = float("nan") if start is None else quantizer.assign(start)[1]
             best = Quantization(centroids, counts, run_distortion, initial, requested_k)
     return best
 

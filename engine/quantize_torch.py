@@ -1,13 +1,15 @@
 """Quantize one class with torch, on a GPU where faiss-gpu cannot be installed (its only wheels are CUDA 12 builds
 needing hundreds of MB of CUDA 12 libraries; the pinned torch is a CUDA 13 build). Pure torch + numpy: no faiss,
-no POT, so it also runs on a machine that has neither.
+no POT, so it also runs on a machine that has neither. It also holds the one k-means++ seeding, which the faiss
+path runs on the CPU through the same code.
 
-The algorithm of engine/quantize.py's `lloyd` path, step for step:
-- greedy k-means++ seeding with the same numpy generator and the same draws, so on the CPU it picks the same seeds
-  as the numpy seeding (up to float rounding in a tie);
+A backend of engine.quantize.quantize_class (the entry point that validates the latents and keeps the best of
+`nredo` seeded runs): `TorchLloyd(latents, k, config, device)` gives, per seed, the start and the centroids, and
+assigns every point to a set of centroids. The algorithm of the faiss `lloyd` path, step for step:
+- greedy k-means++ seeding (`kmeans_plus_plus`, shared by both paths) from the numpy generator of the seed;
 - Lloyd iterations on every point, in chunks of 5, stopping once a chunk improves the objective by less than `tol`
   (relative), at most `niter` iterations;
-- the best of `nredo` runs seeded seed, seed + 1, ...; counts and distortion from assigning ALL points afterwards.
+- counts and distortion from assigning ALL points afterwards.
 One difference: a cell that empties is moved onto the point farthest from its centroid (as scikit-learn does),
 which never raises the objective; faiss splits a large cell instead. init "faiss" (faiss's own sampling) has no
 torch counterpart and draws K distinct points from the seed, as "random" does.
@@ -22,7 +24,16 @@ import numpy as np
 import torch
 
 from engine.config import QuantizeConfig
-from engine.quantize import INITS, Quantization
+
+
+def as_tensor(points: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """A tensor sharing `points`' memory. Latents read from parquet can be read-only arrays; seeding never writes
+    to them, so torch's warning about that is silenced rather than paying for a copy of the class."""
+    if isinstance(points, torch.Tensor):
+        return points
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.as_tensor(points)
 
 
 def _squared_distances(points: torch.Tensor, norms: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
@@ -31,9 +42,11 @@ def _squared_distances(points: torch.Tensor, norms: torch.Tensor, centers: torch
     return d2.clamp_min_(0.0)
 
 
-def kmeans_plus_plus_torch(points: torch.Tensor, k: int, rng: np.random.Generator) -> torch.Tensor:
-    """engine.quantize.kmeans_plus_plus on `points`' device: D^2 sampling with 2 + log(k) candidates per step,
-    keeping the one that lowers the potential most. The draws come from the numpy `rng` in the same order."""
+def kmeans_plus_plus(points: torch.Tensor | np.ndarray, k: int, rng: np.random.Generator) -> torch.Tensor:
+    """Greedy k-means++ seeding (as sklearn's) on `points`' device: D^2 sampling with 2 + log(k) candidates per
+    step, keeping the candidate that lowers the potential most. (n, d) float32 -> (k, d) float32 initial
+    centroids; a numpy array is seeded on the CPU without a copy."""
+    points = as_tensor(points)
     n = len(points)
     norms = (points * points).sum(1)
     trials = 2 + int(np.log(k))
@@ -82,44 +95,41 @@ def lloyd_torch(points: torch.Tensor, start: torch.Tensor, niter: int, tol: floa
     return centroids
 
 
-def _start(points: torch.Tensor, k: int, init: str, rng: np.random.Generator) -> torch.Tensor:
+def initial_centroids(points: torch.Tensor | np.ndarray, k: int, init: str, rng: np.random.Generator) -> torch.Tensor:
+    """k-means++, or k distinct points drawn from `rng` ("random", and "faiss" where faiss does not seed)."""
     if init == "kmeans++":
-        return kmeans_plus_plus_torch(points, k, rng)
-    if init in ("random", "faiss"):
-        index = torch.as_tensor(rng.choice(len(points), size=k, replace=False), device=points.device)
-        return points[index].clone()
-    raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
+        return kmeans_plus_plus(points, k, rng)
+    points = as_tensor(points)
+    index = torch.as_tensor(rng.choice(len(points), size=k, replace=False), device=points.device)
+    return points[index].clone()
 
 
-@torch.no_grad()
-def quantize_class_torch(latents: np.ndarray | torch.Tensor, k: int, config: QuantizeConfig = QuantizeConfig(),
-                         device: str | torch.device = "cuda") -> Quantization:
-    """engine.quantize.quantize_class with torch on `device`: K = min(k, n) centroids, the best of `nredo` runs.
+class TorchLloyd:
+    """The torch backend of engine.quantize.quantize_class: Lloyd on `device`, one seeded run per `run` call.
     `latents` (n, ...) may already be a tensor on the device (no copy then)."""
-    if config.algorithm != "lloyd":
-        raise ValueError(f"the torch quantizer implements Lloyd only, not quantize.algorithm={config.algorithm}")
-    if len(latents) == 0:
-        raise ValueError("cannot quantize an empty class")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    points = torch.as_tensor(latents).to(device, torch.float32).reshape(len(latents), -1).contiguous()
-    n = len(points)
-    if not bool(torch.isfinite(points).all()):
-        raise ValueError("latents contain NaN or Inf")
-    requested_k, k = k, min(k, n)
-    if k < requested_k:
-        warnings.warn(f"class has {n} points < K={requested_k}: using K={n}", stacklevel=2)
-    norms = (points * points).sum(1)
-    best = None
-    for attempt in range(config.nredo):
-        rng = np.random.default_rng(config.seed + attempt)
-        start = _start(points, k, config.init, rng)
-        centroids = lloyd_torch(points, start, config.niter, config.tol)
-        nearest_d2, nearest = _squared_distances(points, norms, centroids).min(1)  # all points
-        run_distortion = float(nearest_d2.mean(dtype=torch.float64))
-        if best is None or run_distortion < best.distortion:
-            initial = float(_squared_distances(points, norms, start).min(1).values.mean(dtype=torch.float64))
-            counts = torch.bincount(nearest, minlength=k).cpu().numpy().astype(np.int64)
-            best = Quantization(centroids.cpu().numpy().astype(np.float32), counts, run_distortion, initial,
-                                requested_k)
-    return best
+
+    def __init__(self, latents: np.ndarray | torch.Tensor, k: int, config: QuantizeConfig,
+                 device: str | torch.device):
+        if config.algorithm != "lloyd":
+            raise ValueError(f"the torch quantizer implements Lloyd only, not quantize.algorithm={config.algorithm}")
+        self.points = torch.as_tensor(latents).to(device, torch.float32).reshape(len(latents), -1).contiguous()
+        self.norms = (self.points * self.points).sum(1)
+        self.k, self.config = k, config
+
+    def all_finite(self) -> bool:
+        return bool(torch.isfinite(self.points).all())
+
+    @torch.no_grad()
+    def run(self, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+        """One seeded run -> (its start, on the device; its centroids (k, d) float32)."""
+        start = initial_centroids(self.points, self.k, self.config.init, np.random.default_rng(seed))
+        centroids = lloyd_torch(self.points, start, self.config.niter, self.config.tol)
+        return start, centroids.cpu().numpy().astype(np.float32)
+
+    @torch.no_grad()
+    def assign(self, centroids: np.ndarray | torch.Tensor) -> tuple[np.ndarray, float]:
+        """Every point to its nearest centroid -> ((k,) int64 counts, mean squared distance)."""
+        centroids = torch.as_tensor(centroids, device=self.points.device)
+        nearest_d2, nearest = _squared_distances(self.points, self.norms, centroids).min(1)
+        counts = torch.bincount(nearest, minlength=len(centroids)).cpu().numpy().astype(np.int64)
+        return counts, float(nearest_d2.mean(dtype=torch.float64))

@@ -67,14 +67,13 @@ def test_torch_quantizer_on_cuda_matches_the_cpu(k):
     from sklearn.datasets import make_blobs
 
     from engine.quantize import quantize_class, quantize_device
-    from engine.quantize_torch import quantize_class_torch
 
     points, _ = make_blobs(n_samples=1300, centers=12, n_features=256, cluster_std=6.0, random_state=0)
     points = points.astype(np.float32)
     config = QuantizeConfig(seed=0)
     device = quantize_device(1.0)
-    on_gpu = quantize_class_torch(torch.as_tensor(points, device=device), k, config, device)
-    assert on_gpu.distortion == pytest.approx(quantize_class_torch(points, k, config, "cpu").distortion, rel=0.01)
+    on_gpu = quantize_class(torch.as_tensor(points, device=device), k, config, device, backend="torch")
+    assert on_gpu.distortion == pytest.approx(quantize_class(points, k, config, "cpu", backend="torch").distortion, rel=0.01)
     assert on_gpu.distortion == pytest.approx(quantize_class(points, k, config).distortion, rel=0.01)
     assert on_gpu.counts.sum() == 1300
     routed = quantize_class(points, k, config, device="cuda")  # faiss-gpu if installed, else the torch path

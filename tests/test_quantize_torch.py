@@ -1,6 +1,8 @@
 """The torch quantizer (engine/quantize_torch.py), run on the CPU here: the same algorithm as the faiss path, so the
 same objective, and the device selection that keeps a quantize actor given a GPU off the CPU."""
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
@@ -10,8 +12,10 @@ from sklearn.metrics import adjusted_rand_score
 import engine.quantize_torch
 from engine.config import QuantizeConfig
 from engine.quantize import quantize_class, quantize_device
-from engine.quantize_torch import lloyd_torch, quantize_class_torch
+from engine.quantize_torch import lloyd_torch
 from engine.transport import distortion, squared_distances
+
+quantize_with_torch = partial(quantize_class, backend="torch")
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +44,7 @@ def overlapping():
 @pytest.mark.parametrize("seed", [0, 1])
 def test_objective_matches_the_faiss_path(overlapping, k, seed):
     config = QuantizeConfig(seed=seed)
-    mine, faiss_q = quantize_class_torch(overlapping, k, config, "cpu"), quantize_class(overlapping, k, config)
+    mine, faiss_q = quantize_with_torch(overlapping, k, config, "cpu"), quantize_class(overlapping, k, config)
     assert mine.distortion == pytest.approx(faiss_q.distortion, rel=0.01)
     # The same numpy draws seed both: the k-means++ starts agree to float rounding.
     assert mine.initial_distortion == pytest.approx(faiss_q.initial_distortion, rel=1e-4)
@@ -48,7 +52,7 @@ def test_objective_matches_the_faiss_path(overlapping, k, seed):
 
 def test_recovers_blobs(blobs):
     points, truth = blobs
-    q = quantize_class_torch(points, 5, QuantizeConfig(seed=0), "cpu")
+    q = quantize_with_torch(points, 5, QuantizeConfig(seed=0), "cpu")
     assert adjusted_rand_score(truth, squared_distances(points, q.centroids).argmin(1)) > 0.99
     assert q.distortion == pytest.approx(distortion(points, q.centroids), rel=1e-4)
 
@@ -56,7 +60,7 @@ def test_recovers_blobs(blobs):
 def test_objective_never_increases(overlapping):
     points = torch.as_tensor(overlapping)
     for init in ("kmeans++", "random"):
-        q = quantize_class_torch(points, 8, QuantizeConfig(init=init, seed=3), "cpu")
+        q = quantize_with_torch(points, 8, QuantizeConfig(init=init, seed=3), "cpu")
         assert q.distortion <= q.initial_distortion * (1 + 1e-6)
     start = points[np.random.default_rng(0).choice(len(points), 8, replace=False)]
     # Objective after 1, 2, ... Lloyd iterations from one start (tol=-1: never stop early).
@@ -75,17 +79,17 @@ def test_an_empty_cell_is_moved_not_lost(blobs):
 
 def test_counts_cover_every_point():
     points = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
-    q = quantize_class_torch(points, 1, device="cpu")
+    q = quantize_with_torch(points, 1, device="cpu")
     assert q.counts.tolist() == [300] and q.counts.dtype == np.int64
     np.testing.assert_allclose(q.centroids[0], points.mean(0), atol=1e-4)
-    q = quantize_class_torch(points, 7, device="cpu")
+    q = quantize_with_torch(points, 7, device="cpu")
     assert q.counts.sum() == 300 and q.centroids.shape == (7, 8) and q.centroids.dtype == np.float32
 
 
 def test_fewer_points_than_k_behaves_like_the_faiss_path():
     points = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
     with pytest.warns(UserWarning, match="K=10"):
-        q = quantize_class_torch(points, 10, device="cpu")
+        q = quantize_with_torch(points, 10, device="cpu")
     assert q.k == 4 and q.requested_k == 10 and q.distortion == pytest.approx(0.0, abs=1e-6)
     assert q.counts.tolist() == [1, 1, 1, 1]
 
@@ -93,27 +97,27 @@ def test_fewer_points_than_k_behaves_like_the_faiss_path():
 def test_seeded_and_tensor_input():
     points = np.random.default_rng(0).standard_normal((200, 8)).astype(np.float32)
     for config in (QuantizeConfig(seed=5), QuantizeConfig(seed=5, init="random"), QuantizeConfig(init="faiss")):
-        a = quantize_class_torch(points, 7, config, "cpu")
-        b = quantize_class_torch(torch.as_tensor(points).reshape(200, 2, 4), 7, config, "cpu")  # (n, ...) latents
+        a = quantize_with_torch(points, 7, config, "cpu")
+        b = quantize_with_torch(torch.as_tensor(points).reshape(200, 2, 4), 7, config, "cpu")  # (n, ...) latents
         np.testing.assert_array_equal(a.centroids, b.centroids)
         np.testing.assert_array_equal(a.counts, b.counts)
 
 
 def test_duplicate_points():
     points = np.repeat(np.eye(3, dtype=np.float32), 20, axis=0)  # 3 distinct points, 20 copies each
-    q = quantize_class_torch(points, 5, device="cpu")
+    q = quantize_with_torch(points, 5, device="cpu")
     assert q.counts.sum() == 60 and q.distortion == pytest.approx(0.0, abs=1e-6)
 
 
 def test_bad_inputs():
     with pytest.raises(ValueError, match="NaN or Inf"):
-        quantize_class_torch(np.full((10, 4), np.nan, np.float32), 2, device="cpu")
+        quantize_with_torch(np.full((10, 4), np.nan, np.float32), 2, device="cpu")
     with pytest.raises(ValueError, match="k must be"):
-        quantize_class_torch(np.zeros((5, 2), np.float32), 0, device="cpu")
+        quantize_with_torch(np.zeros((5, 2), np.float32), 0, device="cpu")
     with pytest.raises(ValueError, match="empty"):
-        quantize_class_torch(np.zeros((0, 2), np.float32), 1, device="cpu")
+        quantize_with_torch(np.zeros((0, 2), np.float32), 1, device="cpu")
     with pytest.raises(ValueError, match="Lloyd only"):
-        quantize_class_torch(np.zeros((5, 2), np.float32), 1, QuantizeConfig(algorithm="clvq"), device="cpu")
+        quantize_with_torch(np.zeros((5, 2), np.float32), 1, QuantizeConfig(algorithm="clvq"), device="cpu")
 
 
 def test_quantize_device(monkeypatch):
@@ -128,9 +132,10 @@ def test_quantize_device(monkeypatch):
 def test_cuda_without_faiss_gpu_takes_the_torch_path(monkeypatch, blobs):
     calls = []
     monkeypatch.setattr("engine.quantize.faiss_sees_gpu", lambda: False)
-    monkeypatch.setattr(engine.quantize_torch, "quantize_class_torch",
-                        lambda latents, k, config, device: calls.append((k, device)) or "torch result")
-    assert quantize_class(blobs[0], 3, device="cuda") == "torch result" and calls == [(3, "cuda")]
+    on_cpu = engine.quantize_torch.TorchLloyd
+    monkeypatch.setattr(engine.quantize_torch, "TorchLloyd",
+                        lambda latents, k, config, device: calls.append((k, device)) or on_cpu(latents, k, config, "cpu"))
+    assert quantize_class(blobs[0], 3, device="cuda").k == 3 and calls == [(3, "cuda")]
     with pytest.raises(ValueError, match="runs on the CPU only"):  # never a silent CPU run on a GPU actor
         quantize_class(blobs[0], 3, QuantizeConfig(algorithm="clvq"), device="cuda")
     with pytest.raises(ValueError, match="unknown quantize device"):
