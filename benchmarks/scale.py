@@ -151,7 +151,7 @@ def run_size(classes: int, per_class: int | None, resolution: int) -> dict:
                "files_per_class_max": files_per_class,
                "decode_images_per_actor": decode_marker.get("images_per_actor", []),
                "decoded": decode_marker["images"],
-               "baseline_files": json.loads((run_dir / "_stages" / "real_sets.json").read_text()).get("files", 0)}
+               "baseline_files": json.loads((run_dir / "_stages" / "baselines.json").read_text()).get("files", 0)}
     figures_path.write_text(json.dumps(figures, indent=2))  # audit: written last, once the run has finished
     return figures
 

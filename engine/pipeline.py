@@ -2,11 +2,15 @@
 real-image baselines -> evaluate. Each stage writes into the run folder with a completion marker keyed by a hash of
 everything it depends on, so a re-run (or a killed run started again) skips finished stages and finished students.
 The Ray layer (engine/ray/) places each stage; this module only decides what runs, in which order, with which key.
+Each stage function returns a small record (PreparedPrior, Encoded, Quantized, StageSets) that the next one takes.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from engine import store
@@ -15,7 +19,10 @@ from engine.location import ObjectPath, is_shared_place, location, publish_folde
 from engine.manifest import record_stage
 from engine.protocols import get_protocol
 
-STAGES = ("quantize", "decode", "baselines", "evaluate")
+# The stages a run can stop after (jobs/distill.py --until); the prior and encode stages always run.
+UNTIL_CHOICES = ("quantize", "decode", "baselines", "evaluate")
+# Run folders written before the baselines stage's marker was named after it call it real_sets (same key).
+BASELINES_MARKERS = ("baselines", "real_sets")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
 
 # A tiny, fast version of the same run: every stage runs for real, on fewer steps.
@@ -28,6 +35,44 @@ SMOKE_OVERRIDES = (
 
 def log(message: str) -> None:
     print(f"[distill {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+@contextmanager
+def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    """Wall seconds of the block into timings[stage] (metrics.json's timings_s), when the block finishes."""
+    start = time.perf_counter()
+    yield
+    timings[stage] = time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class PreparedPrior:
+    folder: Path | ObjectPath  # the prior's files, where every actor loads them
+    class_names: tuple[str, ...]
+    latent_shape: tuple[int, ...]
+    image_size: int  # the prior's input size: the encode stage reads the data at it
+
+
+@dataclass(frozen=True)
+class Encoded:
+    key: str
+    latents_dir: Path | ObjectPath  # run_dir/latents, one folder per class
+    images: int  # rows encoded
+    skipped: dict[str, int]  # rows left out, per reason
+
+
+@dataclass(frozen=True)
+class Quantized:
+    key: str
+    folder: Path | ObjectPath  # run_dir/quantized/<key>: one set of files per class
+
+
+@dataclass(frozen=True)
+class StageSets:
+    """What the decode or the baselines stage made: its key and its distilled sets' folders."""
+
+    key: str
+    set_dirs: dict[tuple[str, str, int], Path | ObjectPath]  # (method, weights, ipc) -> set folder
 
 
 def job_name(method: str, weights: str, ipc: int, student: str, seed: int) -> str:
@@ -115,14 +160,16 @@ def needs_teacher(config: DistillConfig) -> bool:
 
 
 def prepare_teacher(config: DistillConfig, results_dir) -> float:
-    """Train (or load) the teacher into its cache and score it, before anything that shares it runs (a sweep's
-    trials) -> its held-out top-1."""
+    """The driver's entry to the teacher, before anything that shares it runs (a sweep's trials): start Ray, count
+    the train rows, and have engine.ray.evaluate.prepare_teacher train (or load) the teacher into its cache and
+    score it -> its held-out top-1."""
+    from engine.ray import evaluate as ray_evaluate
     from engine.ray.cluster import init_ray
-    from engine.ray.evaluate import prepare_teacher as teacher_phase
     from engine.sources import count_rows
 
     init_ray(config.runtime)
-    return teacher_phase(config, teacher_cache_path(config), results_dir, count_rows(config.data, "train"), log)
+    rows = count_rows(config.data, "train")
+    return ray_evaluate.prepare_teacher(config, teacher_cache_path(config), results_dir, rows, log)
 
 
 def decode_identity(decode):
@@ -133,17 +180,17 @@ def decode_identity(decode):
     return dataclasses.replace(decode, batch_size=0, channels_last=False, sdpa=True, compile="none")
 
 
-def decode_stage(config: DistillConfig, run_dir, folder: Path, quantized_dir, quantize_key: str,
-                 names: tuple[str, ...]) -> tuple[str, dict]:
+def decode_stage(config: DistillConfig, run_dir, prior: PreparedPrior, quantized: Quantized) -> StageSets:
     """Decode once per (centroids, decode config): every d4m/ddoq set of an IPC gets the same images (written
-    once), each its own weights -> (decode key, {(method, weights, ipc): set folder})."""
+    once), each its own weights -> the decode key and {(method, weights, ipc): set folder}."""
     from engine.quantize_stage import class_result_paths
     from engine.ray.decode import decode_centroids_to_sets, denoiser_histogram
     from engine.sets import requested_sets, set_dir
 
     latent_sets = [(m, w, k) for m, w, k in requested_sets(config) if m in ("d4m", "ddoq")]
     set_dirs = {key: set_dir(run_dir, *key) for key in latent_sets}
-    decode_key = config_hash(quantize_key, decode_identity(config.decode), sorted(latent_sets))
+    names, quantized_dir = prior.class_names, quantized.folder
+    decode_key = config_hash(quantized.key, decode_identity(config.decode), sorted(latent_sets))
     if latent_sets and store.finished_stage(run_dir, "decode", decode_key) is None:
         ipcs = sorted({k for _, _, k in latent_sets})
         labels = store.quantized_labels(quantized_dir)
@@ -153,7 +200,7 @@ def decode_stage(config: DistillConfig, run_dir, folder: Path, quantized_dir, qu
             f"guidance {config.decode.guidance_scale}, {config.decode.num_steps} steps, "
             f"{config.runtime.decode_actors} actor(s))")
         targets = {ipc: [str(set_dirs[key]) for key in latent_sets if key[2] == ipc] for ipc in ipcs}
-        decoded = decode_centroids_to_sets(config, folder, files, targets, tuple(names)).to_pandas()
+        decoded = decode_centroids_to_sets(config, prior.folder, files, targets, names).to_pandas()
         images = {file: {"sha256": sha, "bytes": size}
                   for copies, sha, size in zip(decoded.files, decoded.sha256, decoded["bytes"]) for file in copies}
         for method, weights, ipc in latent_sets:
@@ -168,13 +215,13 @@ def decode_stage(config: DistillConfig, run_dir, folder: Path, quantized_dir, qu
                                   images=len(decoded), images_per_actor=sorted(int(v) for v in share),
                                   denoiser_batches={str(size): count for size, count in batches.items()})
         record_stage(run_dir, "decode", images)
-    return decode_key, set_dirs
+    return StageSets(decode_key, set_dirs)
 
 
-def baselines_stage(config: DistillConfig, run_dir, quantized_dir, quantize_key: str,
-                    names: tuple[str, ...]) -> tuple[str, dict]:
+def baselines_stage(config: DistillConfig, run_dir, quantized: Quantized, names: tuple[str, ...]) -> StageSets:
     """Real-image baselines (random, herding, k-center) from the ids the quantize actors picked: only the chosen
-    rows are read back from the source -> (baselines key, {(method, "none", ipc): set folder})."""
+    rows are read back from the source -> the baselines key and {(method, "none", ipc): set folder}. Its marker is
+    `baselines`; an older run folder's `real_sets` marker of the same key counts as finished too."""
     import numpy as np
 
     from engine.quantize_stage import gather_picks
@@ -183,9 +230,11 @@ def baselines_stage(config: DistillConfig, run_dir, quantized_dir, quantize_key:
 
     real = [m for m in config.evaluate.methods if m in REAL_METHODS]
     ipcs = tuple(config.quantize.ipc)
-    real_key = config_hash(config.data, quantize_key, real, ipcs)
+    quantized_dir = quantized.folder
+    real_key = config_hash(config.data, quantized.key, real, ipcs)
     real_dirs = {(m, "none", k): set_dir(run_dir, m, "none", k) for m in real for k in ipcs}
-    if real and store.finished_stage(run_dir, "real_sets", real_key) is None:
+    finished = any(store.finished_stage(run_dir, marker, real_key) for marker in BASELINES_MARKERS)
+    if real and not finished:
         log(f"real-image baselines: {', '.join(real)} at IPC {list(ipcs)}, reading only the chosen rows back")
         picks = gather_picks(quantized_dir, store.quantized_labels(quantized_dir), ipcs, tuple(real))
         files = write_real_sets(config, picks, {(m, k): str(d) for (m, _, k), d in real_dirs.items()})
@@ -195,9 +244,9 @@ def baselines_stage(config: DistillConfig, run_dir, quantized_dir, quantize_key:
             paths = [store.image_file_name(int(c), int(r)) for c, r in zip(part.label, part["rank"])]
             ones = np.ones(len(part))
             store.write_set_index(folder, paths, part.label.to_numpy(), names, ones, ones.astype(int))
-        store.mark_stage_finished(run_dir, "real_sets", real_key, methods=real, files=len(files))
+        store.mark_stage_finished(run_dir, "baselines", real_key, methods=real, files=len(files))
         record_stage(run_dir, "baselines", files)
-    return real_key, real_dirs
+    return StageSets(real_key, real_dirs)
 
 
 def evaluate_stage(config: DistillConfig, run_dir, set_dirs: dict, stage_keys: tuple[str, ...],
@@ -230,32 +279,27 @@ def evaluate_stage(config: DistillConfig, run_dir, set_dirs: dict, stage_keys: t
                              log=log)
 
 
-def decode_and_evaluate(config: DistillConfig, run_dir, folder: Path, quantized_dir, quantize_key: str,
-                        names: tuple[str, ...], timings: dict, train_callbacks: tuple = (),
-                        until: str = "evaluate", train_rows: int | None = None,
+def decode_and_evaluate(config: DistillConfig, run_dir, prior: PreparedPrior, quantized: Quantized, timings: dict,
+                        train_callbacks: tuple = (), until: str = "evaluate", train_rows: int | None = None,
                         measured: dict | None = None) -> list[dict]:
     """decode -> real-image baselines -> evaluate (as far as `until`), each timed into `timings`; what the
     evaluation measures beside the result rows (set quality) into `measured`."""
-    start = time.perf_counter()
-    decode_key, set_dirs = decode_stage(config, run_dir, folder, quantized_dir, quantize_key, names)
-    timings["decode"] = time.perf_counter() - start
+    with timed(timings, "decode"):
+        decoded = decode_stage(config, run_dir, prior, quantized)
     if until == "decode":
         return []
-    start = time.perf_counter()
-    real_key, real_dirs = baselines_stage(config, run_dir, quantized_dir, quantize_key, names)
-    set_dirs.update(real_dirs)
-    timings["baselines"] = time.perf_counter() - start
+    with timed(timings, "baselines"):
+        baselines = baselines_stage(config, run_dir, quantized, prior.class_names)
     if until == "baselines":
         return []
-    start = time.perf_counter()
-    results = evaluate_stage(config, run_dir, set_dirs, (decode_key, real_key), train_callbacks, train_rows,
-                             measured)
-    timings["evaluate"] = time.perf_counter() - start
-    return results
+    set_dirs = {**decoded.set_dirs, **baselines.set_dirs}
+    with timed(timings, "evaluate"):
+        return evaluate_stage(config, run_dir, set_dirs, (decoded.key, baselines.key), train_callbacks, train_rows,
+                              measured)
 
 
-def prepare_prior(config: DistillConfig) -> tuple[Path, tuple[str, ...], tuple[int, ...], int]:
-    """Load (or train once and cache) the prior -> (its folder, class names, latent shape, its image size).
+def prepare_prior(config: DistillConfig) -> PreparedPrior:
+    """Load (or train once and cache) the prior -> its folder, the class names, its latent shape and image size.
     A prior with NaN/Inf weights, or a tiny prior trained for other classes, stops the run here. With run folders
     on an object store, the folder returned is there too (the actors of every machine load it)."""
     from engine.checks import RunError, check_finite_parameters
@@ -280,24 +324,24 @@ def prepare_prior(config: DistillConfig) -> tuple[Path, tuple[str, ...], tuple[i
         # which share only the run folders' store or mount, so they load it from there (from an object store each
         # machine copies it once).
         folder = publish_folder(folder, shared_cache(config) / "priors" / folder.name)
-    return folder, tuple(names), tuple(prior.latent_shape), prior.image_size
+    return PreparedPrior(folder, tuple(names), tuple(prior.latent_shape), prior.image_size)
 
 
-def encode_stage(config: DistillConfig, run_dir, folder: Path, latent_shape, image_size: int,
-                 names: tuple[str, ...]) -> tuple[str, Path | ObjectPath, int, dict[str, int]]:
-    """Encode once per (data, prior) into run_dir/latents -> (encode key, latents folder, images encoded,
-    rows skipped per reason)."""
+def encode_stage(config: DistillConfig, run_dir, prior: PreparedPrior) -> Encoded:
+    """Encode once per (data, prior) into run_dir/latents -> its key and folder, the images encoded and the rows
+    skipped per reason."""
     from engine.data import count_skipped
     from engine.ray.cluster import take_nodes
     from engine.ray.encode import encode_to_parquet
 
+    folder, latent_shape = prior.folder, prior.latent_shape
     encode_key = config_hash(config.data, config.prior, str(folder.resolve()))
     latents_dir = run_dir / "latents"
     marker = store.finished_stage(run_dir, "encode", encode_key)
     if marker is None:
         log(f"encoding the train split with the prior's VAE (latent shape {latent_shape})")
         store.invalidate_stage(run_dir, "encode")  # the old latents are about to be replaced
-        encoded, files = encode_to_parquet(config, folder, latents_dir, image_size, tuple(names))
+        encoded, files = encode_to_parquet(config, folder, latents_dir, prior.image_size, prior.class_names)
         records = store.read_table(run_dir / "skipped.parquet", ["id", "reason"]).to_pydict()
         skipped = count_skipped(records["reason"])
         if skipped:
@@ -312,21 +356,22 @@ def encode_stage(config: DistillConfig, run_dir, folder: Path, latent_shape, ima
     else:
         encoded, skipped = marker["images"], marker.get("skipped", {})
         log(f"encode: reusing {encoded} latents from an earlier run")
-    return encode_key, latents_dir, encoded, skipped
+    return Encoded(encode_key, latents_dir, int(encoded), skipped)
 
 
-def quantize_stage(config: DistillConfig, run_dir, latents_dir, encode_key: str):
+def quantize_stage(config: DistillConfig, run_dir, encoded: Encoded) -> Quantized:
     """Quantize once per (latents, quantizer config) into run_dir/quantized/<key>/ (one set of files per class)
-    -> (quantize key, that folder, stats frame). centroids.parquet lists every centroid's weights and count, not
-    its latent: the latents stay in the class files, which the decode stage reads class by class."""
+    -> its key and that folder; the per-class statistics go to run_dir/quantization.parquet. centroids.parquet
+    lists every centroid's weights and count, not its latent: the latents stay in the class files, which the
+    decode stage reads class by class."""
     from engine.quantize_stage import gather_centroid_weights
     from engine.ray.cluster import take_nodes
     from engine.ray.quantize import quantize_classes
 
-    quantize_key = config_hash(encode_key, config.quantize)
+    quantize_key = config_hash(encoded.key, config.quantize)
     quantized_dir = location(run_dir) / "quantized" / quantize_key
     if store.finished_stage(run_dir, "quantize", quantize_key) is None:
-        class_dirs = store.class_latent_dirs(latents_dir)
+        class_dirs = store.class_latent_dirs(encoded.latents_dir)
         log(f"quantizing {len(class_dirs)} classes at IPC {list(config.quantize.ipc)} on "
             f"{config.runtime.quantize_actors} actors")
         stats, files = quantize_classes(config, class_dirs, quantized_dir, log)
@@ -335,8 +380,7 @@ def quantize_stage(config: DistillConfig, run_dir, latents_dir, encode_key: str)
         store.atomic_write_table(run_dir / "quantization.parquet", stats)
         store.mark_stage_finished(run_dir, "quantize", quantize_key, take_nodes("quantize"), classes=len(class_dirs))
         record_stage(run_dir, "quantize", files)
-    stats = store.read_table(run_dir / "quantization.parquet").to_pandas()
-    return quantize_key, quantized_dir, stats
+    return Quantized(quantize_key, quantized_dir)
 
 
 def finish_run_folder(config: DistillConfig, run_dir, quantize_key: str, results_folder: str | None) -> None:
@@ -373,19 +417,15 @@ def run(config: DistillConfig, until: str = "evaluate", overwrite: bool = False)
     except OSError as error:
         raise RunError(f"cannot write the run folder under runs_dir={config.runs_dir}: {error}") from error
     timings: dict[str, float] = {}
-
-    start = time.perf_counter()
-    folder, names, latent_shape, image_size = prepare_prior(config)
-    timings["prior"] = time.perf_counter() - start
+    with timed(timings, "prior"):
+        prior = prepare_prior(config)
     init_ray(config.runtime)
-
-    start = time.perf_counter()
-    encode_key, latents_dir, encoded, skipped = encode_stage(config, run_dir, folder, latent_shape, image_size, names)
-    timings["encode"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    quantize_key, quantized_dir, stats = quantize_stage(config, run_dir, latents_dir, encode_key)
-    timings["quantize"] = time.perf_counter() - start
+    with timed(timings, "encode"):
+        encoded = encode_stage(config, run_dir, prior)
+    with timed(timings, "quantize"):
+        quantized = quantize_stage(config, run_dir, encoded)
+        stats = store.read_table(run_dir / "quantization.parquet").to_pandas()
+    names = prior.class_names
     # Documented behaviour: a class with no usable image gets no distilled images; the run goes on and says so.
     empty_classes = [names[c] for c in range(len(names)) if c not in set(stats.label)]
     if empty_classes:
@@ -396,8 +436,8 @@ def run(config: DistillConfig, until: str = "evaluate", overwrite: bool = False)
     results: list[dict] = []
     measured: dict = {}
     if until != "quantize":  # NaN/Inf centroids are stopped by the decoder, named by class and IPC
-        results = decode_and_evaluate(config, run_dir, folder, quantized_dir, quantize_key, names, timings,
-                                      until=until, train_rows=encoded, measured=measured)
+        results = decode_and_evaluate(config, run_dir, prior, quantized, timings, until=until,
+                                      train_rows=encoded.images, measured=measured)
 
     quantization = {
         f"ipc{ipc}": {
@@ -408,12 +448,12 @@ def run(config: DistillConfig, until: str = "evaluate", overwrite: bool = False)
         }
         for ipc, part in stats.groupby("ipc")
     }
-    metrics = {"results": results, **measured, "quantization": quantization, "timings_s": {k: round(v, 2) for k, v in
-                                                                            timings.items()},
-               "counts": {"images_read": int(encoded) + sum(skipped.values()), "images_encoded": int(encoded),
-                          "skipped": skipped, "classes": int(stats.label.nunique()), "empty_classes": empty_classes}}
+    counts = {"images_read": encoded.images + sum(encoded.skipped.values()), "images_encoded": encoded.images,
+              "skipped": encoded.skipped, "classes": int(stats.label.nunique()), "empty_classes": empty_classes}
+    metrics = {"results": results, **measured, "quantization": quantization,
+               "timings_s": {k: round(v, 2) for k, v in timings.items()}, "counts": counts}
     store.atomic_write_json(run_dir / "metrics.json", metrics)
-    finish_run_folder(config, run_dir, quantize_key, measured.get("results_folder"))
+    finish_run_folder(config, run_dir, quantized.key, measured.get("results_folder"))
     try:
         log(f"report: {write_report(run_dir)}")
     except Exception as error:  # noqa: BLE001 - a figure must never take a finished run down; the numbers are written

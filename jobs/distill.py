@@ -21,14 +21,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
 
 from engine.config import DistillConfig, load_config
-from engine.pipeline import DEFAULT_CONFIG, SMOKE_OVERRIDES, STAGES, run
+from engine.pipeline import DEFAULT_CONFIG, SMOKE_OVERRIDES, UNTIL_CHOICES, run
 
 
 def parse_args(argv=None) -> tuple[DistillConfig, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/digits.yaml)")
     parser.add_argument("--smoke-test", action="store_true", help="tiny fast run of every stage")
-    parser.add_argument("--until", choices=STAGES, default="evaluate",
+    parser.add_argument("--until", choices=UNTIL_CHOICES, default="evaluate",
                         help="last stage to run: `quantize` stops before decoding (latent W2 only)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace what the run folder holds that is not this configuration's run (another "

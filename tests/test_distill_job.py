@@ -97,7 +97,7 @@ def test_smoke_run_on_an_object_store_run_folder(ray_session, s3_env, tmp_path):
 
     assert len(results.load_rows([str(run_dir)])) == 9
     computed = store.stage_history(run_dir)
-    assert sorted(h["stage"] for h in computed) == ["decode", "encode", "quantize", "real_sets"]
+    assert sorted(h["stage"] for h in computed) == ["baselines", "decode", "encode", "quantize"]
     again = distill.run(config)
     assert again["results"] == metrics["results"]
     assert store.stage_history(run_dir) == computed  # nothing recomputed

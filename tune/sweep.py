@@ -138,12 +138,11 @@ def prepare_shared_stages(base: DistillConfig, space: SearchSpace, sweep_dir) ->
     for combo in shared_combinations(space):
         config = trial_config(base, space, combo, sweep_dir)
         config = dataclasses.replace(config, quantize=dataclasses.replace(config.quantize, ipc=ipcs))
-        folder, names, latent_shape, image_size = pipeline.prepare_prior(config)
+        prior = pipeline.prepare_prior(config)
         encode_dir = location(sweep_dir) / "shared" / f"encode-{config_hash(config.data, config.prior)}"
-        encode_key, latents_dir, _, _ = pipeline.encode_stage(config, encode_dir, folder, latent_shape, image_size,
-                                                              names)
+        encoded = pipeline.encode_stage(config, encode_dir, prior)
         target = shared_folder(config, sweep_dir)
-        pipeline.quantize_stage(config, target, latents_dir, encode_key)
+        pipeline.quantize_stage(config, target, encoded)
         folders.append(target)
     return folders
 
@@ -164,8 +163,8 @@ def run_trial(params: dict, base: DistillConfig, space: SearchSpace, sweep_dir: 
         return
     shared = shared_folder(config, sweep_dir)
     marker = json.loads(store.stage_marker(shared, "quantize").read_text())
-    quantized_dir = shared / "quantized" / marker["key"]  # every IPC of the sweep; the trial decodes its own
-    folder, names, _, _ = pipeline.prepare_prior(config)  # cached by the driver: a load, not a training
+    quantized = pipeline.Quantized(marker["key"], shared / "quantized" / marker["key"])  # every IPC of the sweep
+    prior = pipeline.prepare_prior(config)  # cached by the driver: a load, not a training
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
@@ -174,8 +173,7 @@ def run_trial(params: dict, base: DistillConfig, space: SearchSpace, sweep_dir: 
     # (the trainer makes its own group anyway); the rule in max_concurrent_trials sizes them.
     outside = ray.remote(num_cpus=0)(_decode_and_evaluate).options(
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
-    results, timings = ray.get(outside.remote(config, run_dir, folder, quantized_dir, marker["key"], names,
-                                              (TuneReportCallback(),)))
+    results, timings = ray.get(outside.remote(config, run_dir, prior, quantized, (TuneReportCallback(),)))
     store.atomic_write_json(run_dir / "metrics.json", {"params": params, "results": results, "timings_s": timings})
     # Students finished in an earlier run of the sweep (one ASHA stopped before its metrics.json) train nothing now
     # and report nothing through Ray Train; Tune fails a trial without its metric, so the rows are reported here,
@@ -192,12 +190,10 @@ def report_rows(rows: list[dict]) -> None:
         tune.report({"job": job, "step": 0, "val_top1": row["val_top1"]})
 
 
-def _decode_and_evaluate(config, run_dir, folder, quantized_dir, quantize_key, names,
-                         callbacks) -> tuple[list, dict]:
+def _decode_and_evaluate(config, run_dir, prior, quantized, callbacks) -> tuple[list, dict]:
     """engine/pipeline.py's decode + baselines + evaluate, as a Ray task body -> (result rows, stage timings)."""
     timings: dict[str, float] = {}
-    results = pipeline.decode_and_evaluate(config, run_dir, folder, quantized_dir, quantize_key, names, timings,
-                                          train_callbacks=callbacks)
+    results = pipeline.decode_and_evaluate(config, run_dir, prior, quantized, timings, train_callbacks=callbacks)
     return results, timings
 
 
