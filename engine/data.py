@@ -58,7 +58,6 @@ MAX_RESIZED_AREA = 16
 
 def resize_mode(config: DataConfig) -> str:
     """data.resize resolved: "squash" or "center_crop" ("auto": center_crop at data.image_size >= 128)."""
-    config = getattr(config, "data", config)  # a DistillConfig is accepted too
     if config.resize == "auto":
         return "center_crop" if config.image_size >= CENTER_CROP_MIN_SIZE else "squash"
     if config.resize not in RESIZE_MODES:  # a DataConfig built in code, not through load_config's checks

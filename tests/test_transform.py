@@ -94,7 +94,7 @@ def test_auto_center_crops_from_128_px(size, mode):
     assert resize_mode(DataConfig(image_size=size)) == mode
     assert resize_mode(DataConfig(image_size=size, resize="squash")) == "squash"
     assert resize_mode(DataConfig(image_size=size, resize="center_crop")) == "center_crop"
-    assert resize_mode(load_config(None, [f"data.image_size={size}"])) == mode  # a DistillConfig too
+    assert resize_mode(load_config(None, [f"data.image_size={size}"]).data) == mode  # a loaded config's data
 
 
 def test_a_bad_resize_value_is_rejected_with_the_key():
