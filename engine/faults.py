@@ -1,6 +1,7 @@
-"""Test-only fault injection: lets a test kill one Ray actor mid-stage, once, to check that Ray retries the work
-and that nothing is lost. Inert in normal runs: it fires only when a test has created the flag file
-`<run folder>/_faults/crash-<stage>`; costs one failed rename per batch otherwise."""
+"""Crash injection, the hook the encode, decode and training actors call once per batch: lets a test kill one Ray
+actor mid-stage, once, to check that Ray retries the work and that nothing is lost. Inert in normal runs: it fires
+only when a test has created the flag file `<run folder>/_faults/crash-<stage>` (tests/faults.py arms it); costs
+one failed rename per batch otherwise."""
 
 from __future__ import annotations
 
@@ -10,16 +11,10 @@ from pathlib import Path
 FAULTS_FOLDER = "_faults"
 
 
-def request_crash(run_dir: str | Path, stage: str) -> Path:
-    """Arm a one-shot crash of whichever actor of `stage` next processes a batch (tests only)."""
-    flag = Path(run_dir) / FAULTS_FOLDER / f"crash-{stage}"
-    flag.parent.mkdir(parents=True, exist_ok=True)
-    flag.touch()
-    return flag
-
-
-def crash_fired(run_dir: str | Path, stage: str) -> bool:
-    return (Path(run_dir) / FAULTS_FOLDER / f"crash-{stage}.fired").exists()
+def crash_flag(run_dir: str | Path, stage: str) -> Path:
+    """The file whose presence arms a one-shot crash of `stage`'s next batch; renamed to `<flag>.fired` by the
+    actor that fires it."""
+    return Path(run_dir) / FAULTS_FOLDER / f"crash-{stage}"
 
 
 def crash_once_if_requested(run_dir: str | None, stage: str) -> None:
@@ -28,7 +23,7 @@ def crash_once_if_requested(run_dir: str | None, stage: str) -> None:
     only: an object store has no atomic rename to claim the flag with."""
     if not run_dir or "://" in str(run_dir):
         return
-    flag = Path(run_dir) / FAULTS_FOLDER / f"crash-{stage}"
+    flag = crash_flag(run_dir, stage)
     try:
         os.rename(flag, flag.with_name(flag.name + ".fired"))
     except FileNotFoundError:

@@ -92,9 +92,9 @@ def test_jobs_on_two_trainers_side_by_side_resume_after_a_kill_with_the_same_res
     finished jobs are not redone, and every result equals the unbroken run's."""
     import ray.data
 
-    from engine import faults
     from engine.pipeline import student_jobs
     from engine.ray.evaluate import evaluate_students
+    from tests import faults
 
     # A fresh driver's Ray Data default (an earlier test's encode or decode stage in this process leaves it True):
     # the trainers must read the streams in the source's order whatever the driver's own setting.

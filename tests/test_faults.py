@@ -1,5 +1,5 @@
-"""Faults: an encode or a decode actor dies mid-stage (injected by engine/faults.py, test-only); Ray restarts it,
-retries its batch, the stage completes and its outputs are identical to an uninterrupted run's."""
+"""Faults: an encode or a decode actor dies mid-stage (armed by tests/faults.py, fired through engine/faults.py);
+Ray restarts it, retries its batch, the stage completes and its outputs are identical to an uninterrupted run's."""
 
 import hashlib
 import io
@@ -11,9 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from engine import faults, store
+from engine import store
 from engine.config import load_config
 from engine.manifest import build_manifest
+from tests import faults
 
 pytestmark = pytest.mark.ray
 
