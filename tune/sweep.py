@@ -202,14 +202,11 @@ def peak_trial_resources(config: DistillConfig, streams: bool = False) -> dict[s
     trainer (a trial runs them one after the other, never together). `streams`: the trainer reads a real split
     through Ray Data (engine/ray/evaluate.py: the test split when not in memory, the train split for `full`),
     whose tasks need their CPU free beside it."""
-    from engine.ray.cluster import WRITE_TASK_CPUS
-    from engine.ray.evaluate import stream_cpus
+    from engine.ray.cluster import stage_resources
 
-    runtime = config.runtime
-    cpu = max(runtime.decode_actors * runtime.decode_cpus_per_actor + WRITE_TASK_CPUS,  # + its PNG-writing tasks
-              runtime.train_workers * runtime.train_cpus_per_worker + stream_cpus(config, streams))
-    gpu = max(runtime.decode_actors * runtime.gpus_per_actor, runtime.train_workers * int(runtime.train_use_gpu))
-    return {"CPU": TRIAL_CPU + cpu, "GPU": float(gpu)}
+    stages = stage_resources(config)
+    cpu = max(stages.decode_cpus, stages.trainer_and_stream_cpus(streams))
+    return {"CPU": TRIAL_CPU + cpu, "GPU": float(max(stages.decode_gpus, stages.trainer_gpus))}
 
 
 def trial_streams(config: DistillConfig) -> bool:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import ray
 import ray.data
 
-from engine.config import RuntimeConfig
+from engine.config import DistillConfig, RuntimeConfig
 
 
 # Ray kills a task worker idle for more than 1 s once a node has more workers than CPUs, and long-lived actors
@@ -53,6 +53,49 @@ def deterministic_order() -> None:
 # PNG-writing tasks for half of one (they are light, and a one-actor decode then fits in 2 CPUs beside a trial).
 TASK_CPUS = 1.0
 WRITE_TASK_CPUS = 0.5
+STREAM_TASK_CPUS = 0.5  # Ray Data read/decode tasks feeding the trainers: they must fit beside the trainers
+
+
+@dataclass(frozen=True)
+class StageResources:
+    """What a run's Ray stages ask for, declared once: the executors (the evaluation's trainer count and teacher
+    threads, a sweep's trial concurrency) read these instead of redoing the arithmetic."""
+
+    trainer_cpus: float  # one trainer: its workers' CPUs together
+    trainer_gpus: float  # one trainer: a GPU per worker when it trains on GPUs, else 0
+    stream_cpus: float  # the CPU a streamed split's Ray Data tasks need free beside the trainers reading it
+    decode_cpus: float  # the decode stage: its actors and the tasks writing their PNGs
+    decode_gpus: float
+
+    def trainer_and_stream_cpus(self, streams: bool) -> float:
+        """A trainer's CPUs, with its stream's when it reads a split through Ray Data."""
+        return self.trainer_cpus + (self.stream_cpus if streams else 0.0)
+
+    def trainers_fitting(self, cpus: float, gpus: float, streams: bool) -> int:
+        """Trainers that `cpus` and `gpus` hold beside the CPU their stream needs (capped: a cluster without a
+        maximum holds as many as there are jobs)."""
+        def how_many(amount: float, each: float) -> int:
+            return 1 << 30 if math.isinf(amount) else int((amount + 1e-9) // each)
+
+        fits = how_many(cpus - (self.stream_cpus if streams else 0.0), self.trainer_cpus)
+        return min(fits, how_many(gpus, self.trainer_gpus)) if self.trainer_gpus else fits
+
+
+def stage_resources(config: DistillConfig) -> StageResources:
+    """The resources each stage of `config` declares. A streamed file source takes a whole CPU beside its trainers
+    whatever its tasks are asked to reserve (STREAM_TASK_CPUS): Ray Data 2.60's read_parquet starts with a
+    ListFiles task of 1 CPU that takes no remote arguments (the v1 reader, a sampling task of 1 CPU), and with only
+    0.99 CPU free it waited forever ("Cluster resources are not enough to run any task"; seen in a sweep whose trial
+    held 0.01 CPU beside a 1-CPU trainer). The engine's readers (engine/ray/readers.py) start no such task now; the
+    whole CPU stays until a sweep with less beside its trainers is measured. The embedded digits only need the
+    stream's light in-memory tasks."""
+    runtime = config.runtime
+    return StageResources(
+        trainer_cpus=runtime.train_workers * runtime.train_cpus_per_worker,
+        trainer_gpus=float(runtime.train_workers * int(runtime.train_use_gpu)),
+        stream_cpus=STREAM_TASK_CPUS if config.data.source == "digits" else TASK_CPUS,
+        decode_cpus=runtime.decode_actors * runtime.decode_cpus_per_actor + WRITE_TASK_CPUS,
+        decode_gpus=runtime.decode_actors * runtime.gpus_per_actor)
 
 
 def check_pool_fits(stage: str, actors: int, cpus_per_actor: float, gpus_per_actor: float = 0.0,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import sys
 import threading
 import time
@@ -26,7 +25,6 @@ from engine.config import DistillConfig, EvaluateConfig
 from engine.location import location, ray_storage
 
 VAL_IMAGES = 1000  # validation images scored at each report and for each row's val_top1 (the top1 uses all of test)
-STREAM_TASK_CPUS = 0.5  # Ray Data read/decode tasks feeding the trainers: they must fit beside the trainers
 
 
 def held_out_streams(config: DistillConfig) -> bool:
@@ -34,21 +32,6 @@ def held_out_streams(config: DistillConfig) -> bool:
     from engine.sources import count_rows
 
     return count_rows(config.data, "test") > VAL_IMAGES  # footers or a listing: no test row is read here
-
-
-def stream_cpus(config: DistillConfig, streams: bool) -> float:
-    """The CPU a streamed split needs free beside the trainers that read it. A file source takes a whole CPU
-    whatever its tasks are asked to reserve: Ray Data 2.60's parquet read starts with a ListFiles task of 1 CPU
-    that takes no remote arguments (the v1 reader, a sampling task of 1 CPU), and with only 0.99 CPU free it
-    waits forever ("Cluster resources are not enough to run any task"; seen in a sweep whose trial held 0.01 CPU
-    beside a 1-CPU trainer). The engine's parquet reader (engine/ray/readers.py) has no such task now; the whole CPU
-    stays until a sweep with less beside its trainers is measured. The embedded digits only need the stream's light
-    in-memory tasks."""
-    from engine.ray.cluster import TASK_CPUS
-
-    if not streams:
-        return 0.0
-    return STREAM_TASK_CPUS if config.data.source == "digits" else TASK_CPUS
 
 
 def _loop(loop_config: dict) -> None:
@@ -277,16 +260,6 @@ def _soft_labels(results_dir, job: dict, data, teacher, epochs: int, evaluate, w
     return SoftLabels(folder)
 
 
-def trainers_fitting(runtime, cpus: float, gpus: float, spare: float) -> int:
-    """Trainers that `cpus` and `gpus` hold beside `spare` CPUs for the data stream (capped: a cluster without a
-    maximum holds as many as there are jobs)."""
-    def how_many(amount: float, each: float) -> int:
-        return 1 << 30 if math.isinf(amount) else int((amount + 1e-9) // each)
-
-    fits = how_many(cpus - spare, runtime.train_workers * runtime.train_cpus_per_worker)
-    return min(fits, how_many(gpus, runtime.train_workers)) if runtime.train_use_gpu else fits
-
-
 def trainer_count(config: DistillConfig, jobs: int, streams: bool) -> int:
     """How many trainers run side by side: the config's, or as many as the cluster's GPUs or CPUs hold at its
     largest (an autoscaling cluster counts the nodes it may add, not those alive when the stage starts: at zero
@@ -296,15 +269,16 @@ def trainer_count(config: DistillConfig, jobs: int, streams: bool) -> int:
     import ray
 
     from engine.checks import RunError
-    from engine.ray.cluster import cluster_capacity
+    from engine.ray.cluster import cluster_capacity, stage_resources
 
     runtime = config.runtime
     capacity = cluster_capacity()
-    spare = stream_cpus(config, streams)
-    fits = trainers_fitting(runtime, capacity.cpus, capacity.gpus, spare)
+    stages = stage_resources(config)
+    fits = stages.trainers_fitting(capacity.cpus, capacity.gpus, streams)
     count = runtime.concurrent_trainers or max(1, fits)
     one_node = not capacity.autoscaled and len([n for n in ray.nodes() if n.get("Alive")]) == 1
     if one_node and count > max(fits, 0):
+        spare = stages.stream_cpus if streams else 0.0
         raise RunError(f"{count} trainer(s) x {runtime.train_workers} worker(s) x {runtime.train_cpus_per_worker:g} "
                        f"CPU (+{spare:g} for the data stream) do not fit in {capacity.cpus:g} CPUs: lower "
                        f"runtime.concurrent_trainers or runtime.train_cpus_per_worker (a fraction is fine: "
@@ -315,11 +289,11 @@ def trainer_count(config: DistillConfig, jobs: int, streams: bool) -> int:
 def teacher_threads(config: DistillConfig) -> int:
     """The teacher trains alone before the students: its worker takes the threads of the trainers its node would
     hold (all of a one-node Ray's, as before), never those of nodes an autoscaler may add."""
-    from engine.ray.cluster import largest_node
+    from engine.ray.cluster import largest_node, stage_resources
 
     runtime = config.runtime
     node = largest_node()
-    fits = max(1, trainers_fitting(runtime, node.get("CPU", 0.0), node.get("GPU", 0.0), stream_cpus(config, True)))
+    fits = max(1, stage_resources(config).trainers_fitting(node.get("CPU", 0.0), node.get("GPU", 0.0), streams=True))
     return runtime.threads("train") * min(runtime.concurrent_trainers or fits, fits)
 
 
@@ -427,6 +401,7 @@ def _stream_inputs(config: DistillConfig, results_dir, teacher_path, train_rows:
 def split_stream(config: DistillConfig, split: str, skip_dir, ordered: bool = False):
     """A split as a quiet stream of {image, label} rows (decode tasks of STREAM_TASK_CPUS); `ordered`: in the
     source's row order (quiet_streams)."""
+    from engine.ray.cluster import STREAM_TASK_CPUS
     from engine.ray.source import source_dataset
 
     with quiet_streams(ordered):
