@@ -95,7 +95,7 @@ def generate_samples(prior, decode, per_class: int, batch: int = 500) -> tuple[n
 def sample_quality(config, prior, val, per_class: int) -> dict:
     """quality.json's `samples` and `real` figures (see the module), with the evaluation's teacher."""
     from engine import pipeline
-    from engine.data import class_names
+    from engine.sources import class_names
     from engine.quality import set_quality, teacher_outputs
     from engine.train import load_teacher
 

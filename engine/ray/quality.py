@@ -18,7 +18,8 @@ REFERENCE_IMAGES = 5000  # real validation images the sets are compared with (a 
 def _measure(config: DistillConfig, folders: dict[str, str], teacher_path: str) -> dict:
     import torch
 
-    from engine.data import class_names, sample_split
+    from engine.data import sample_split
+    from engine.sources import class_names
     from engine.quality import quality_of_features, teacher_outputs
     from engine.store import iter_distilled_set
     from engine.train import load_teacher
