@@ -120,7 +120,7 @@ def test_parquet_shards_stream_through_ray_data(ray_session, tmp_path, saved_pri
     assert encode_to_parquet(config, saved_prior, tmp_path / "latents")[0] == 12
     class_dirs = store.class_latent_dirs(tmp_path / "latents")
     ids, latents = store.read_class_latents(class_dirs[1])
-    assert list(ids) == [f"train/{i:06d}.png" for i in range(12) if i % 2 == 1]
+    assert list(ids) == [f"train-0000{shard}-of-00002.parquet#{i}" for shard in range(2) for i in (1, 3, 5)]
     assert latents.shape == (6, 4 * 8 * 8)
 
 

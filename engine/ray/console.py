@@ -87,7 +87,7 @@ def native_stderr_to_log():
     sys.stderr.flush()
     saved = os.dup(2)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "ab") as log:
+    with open(path, "ab") as log:  # audit: a log, appended line by line, is never an output read back
         os.dup2(log.fileno(), 2)
     try:
         yield
