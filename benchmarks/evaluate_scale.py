@@ -148,8 +148,8 @@ def child_students(trainers: int) -> None:
     wall = time.perf_counter() - start
     # From the first job's start to the last one's end (each result file is written as its job ends, and names
     # the job's seconds): the same jobs without the trainers' start-up.
-    ends = [(results / f"{job['job']}.json").stat().st_mtime for job in jobs]
-    starts = [end - json.loads((results / f"{job['job']}.json").read_text())["seconds"] for end, job in zip(ends, jobs)]
+    ends = [(results / f"{job.name}.json").stat().st_mtime for job in jobs]
+    starts = [end - json.loads((results / f"{job.name}.json").read_text())["seconds"] for end, job in zip(ends, jobs)]
     print(f"STUDENTS {len(jobs) / wall * 3600:.1f} {len(jobs)} {len(jobs) / (max(ends) - min(starts)) * 3600:.1f}",
           flush=True)
 

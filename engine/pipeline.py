@@ -82,8 +82,10 @@ def job_name(method: str, weights: str, ipc: int, student: str, seed: int) -> st
     return f"{set_name(method, weights)}-ipc{ipc}-{student}-seed{seed}"
 
 
-def student_jobs(config: DistillConfig, set_dirs: dict[tuple[str, str, int], Path]) -> list[dict]:
-    """One job per (student architecture, set or `full`, seed); every row names all it was trained under."""
+def student_jobs(config: DistillConfig, set_dirs: dict[tuple[str, str, int], Path]) -> list:
+    """One StudentJob (engine/ray/jobs.py) per (student architecture, set or `full`, seed); every row names all it
+    was trained under."""
+    from engine.ray.jobs import StudentJob
     from engine.sets import requested_sets, set_name
 
     e = config.evaluate
@@ -94,10 +96,10 @@ def student_jobs(config: DistillConfig, set_dirs: dict[tuple[str, str, int], Pat
         for method, weights, ipc in sets:
             name = set_name(method, weights)
             for seed in e.seeds:
-                jobs.append({"job": job_name(method, weights, ipc, student, seed), "set": f"{name}-ipc{ipc}",
-                             "method": method, "weights": weights, "ipc": ipc, "seed": seed, "student": student,
-                             "teacher": teacher, "protocol": e.protocol,
-                             "set_dir": str(set_dirs.get((method, weights, ipc), ""))})
+                jobs.append(StudentJob(name=job_name(method, weights, ipc, student, seed), set_name=f"{name}-ipc{ipc}",
+                                       method=method, weights=weights, ipc=ipc, seed=seed, student=student,
+                                       teacher=teacher, protocol=e.protocol,
+                                       set_dir=str(set_dirs.get((method, weights, ipc), ""))))
     return jobs
 
 

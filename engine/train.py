@@ -169,7 +169,7 @@ class _Run:
     schedule: torch.optim.lr_scheduler.LRScheduler
     generator: torch.Generator
 
-    def save(self, checkpoint: Path, **position) -> None:
+    def write_checkpoint(self, checkpoint: Path, **position) -> None:
         """Everything a killed job needs to go on as if it had not stopped (atomically: local or object store)."""
         state = {"model": _unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
                  "schedule": self.schedule.state_dict(), "generator": self.generator.get_state(), **position}
@@ -204,7 +204,7 @@ class _Run:
         if not every or (done % every and done != total):
             return
         if reporting.checkpoint is not None and done < total and rank == 0:
-            self.save(reporting.checkpoint, **{unit: done})
+            self.write_checkpoint(reporting.checkpoint, **{unit: done})
         if reporting.report is not None:
             reporting.report(step, _unwrap(self.model))
             self.model.train()

@@ -45,7 +45,7 @@ def test_students_train_with_ddp_on_two_workers(ray_session, tmp_path, monkeypat
                           np.ones(len(chosen), int))
 
     jobs = student_jobs(config, {("random", "none", 2): folder})
-    assert [j["job"] for j in jobs] == ["random-ipc2-convnet3-seed0"]
+    assert [j.name for j in jobs] == ["random-ipc2-convnet3-seed0"]
     results_dir = tmp_path / "results"
     rows = evaluate_students(config, jobs, tmp_path / "cache" / "teacher.safetensors", results_dir,
                              train_rows=len(train))
@@ -63,7 +63,7 @@ def test_students_train_with_ddp_on_two_workers(ray_session, tmp_path, monkeypat
     val = load_split(config.data, "val")  # the first 100 rows of val, in the stream's order (the digits' id order)
     scored = json.loads((results_dir / "teacher.json").read_text())
     assert scored["teacher_val_top1"] == pytest.approx(evaluate_top1(teacher, val.images[:100], val.labels[:100]))
-    assert json.loads((results_dir / f"{jobs[0]['job']}.json").read_text()) == row
+    assert json.loads((results_dir / f"{jobs[0].name}.json").read_text()) == row
     assert scored["teacher"] == "teacher.safetensors"
     # The same folder with another teacher (other settings = another cache key): its figures, not the old ones'.
     from engine.ray.evaluate import prepare_teacher, scores
@@ -125,7 +125,7 @@ def test_jobs_on_two_trainers_side_by_side_resume_after_a_kill_with_the_same_res
 
 def test_trainers_that_cannot_fit_beside_the_stream_are_refused(ray_session, tmp_path):
     from engine.checks import RunError
-    from engine.ray.evaluate import trainer_count
+    from engine.ray.jobs import trainer_count
 
     config = load_config(None, ["runtime.concurrent_trainers=3", "runtime.train_cpus_per_worker=0.75"])
     with pytest.raises(RunError, match="do not fit"):
@@ -202,7 +202,7 @@ def test_the_validation_slice_is_the_same_rows_whichever_read_task_finishes_firs
     expected = load_split(config.data, "val")
     for _ in range(2):
         base, _held_out = _stream_inputs(config, tmp_path / "results", tmp_path / "teacher.safetensors", 240)
-        images, labels = base["val_set"]
+        images, labels = base.val_set
         assert np.array_equal(images, expected.images[:40]) and np.array_equal(labels, expected.labels[:40])
 
 
@@ -246,7 +246,7 @@ def test_trainers_are_counted_from_the_autoscalers_largest_cluster(ray_session):
 
     from engine.checks import RunError
     from engine.ray.cluster import Capacity, cluster_capacity
-    from engine.ray.evaluate import teacher_threads, trainer_count
+    from engine.ray.jobs import teacher_threads, trainer_count
 
     groups = [autoscaler_pb2.NodeGroupConfig(name="gpu.worker", resources={"CPU": 8, "GPU": 1}, max_count=16),
               autoscaler_pb2.NodeGroupConfig(name="cpu.worker", resources={"CPU": 16}, max_count=2)]
