@@ -340,14 +340,3 @@ def load_split(config: DataConfig, split: str) -> ImageSet:
     if config.source == "digits":
         return load_digits_split(config, split)
     return load_file_split(config, split)
-
-
-def __getattr__(name: str):
-    """`engine.data.class_names` is engine.sources.class_names itself, looked up on first use: callers that read
-    the class list beside the images keep working, while this module imports engine.sources only lazily."""
-    if name == "class_names":
-        from engine.sources import class_names
-
-        return class_names
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-

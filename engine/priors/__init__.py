@@ -48,7 +48,7 @@ def load_or_train_prior(prior: PriorConfig, data: DataConfig, cache_root: Path, 
     """Load the configured prior folder, or train the tiny prior on the train split and cache it atomically."""
     folder = prior_folder(prior, data, cache_root)
     if prior.kind != "tiny":
-        from engine.data import class_names
+        from engine.sources import class_names
 
         return load_prior(prior.kind, folder, class_names(data), prior.variant)
     if prior.path or folder.exists():
