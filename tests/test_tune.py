@@ -95,6 +95,22 @@ def test_concurrency_rule_never_starves_trainers():
                 assert sweep.max_concurrent_trials(config, {"CPU": cpus}) * peak <= cpus
 
 
+def test_each_stage_declares_its_resources_once():
+    """engine/ray/cluster.py's stage_resources is the one place the trainers', their stream's and the decoders'
+    CPUs and GPUs are worked out; the trainer count and a sweep's trial peak read it."""
+    from engine.ray.cluster import stage_resources
+
+    gpu = runtime(train_workers=2, train_cpus_per_worker=4, train_use_gpu=True, decode_actors=2, gpus_per_actor=1.0)
+    stages = stage_resources(gpu)
+    assert (stages.trainer_cpus, stages.trainer_gpus, stages.decode_gpus) == (8, 2, 2)
+    assert stages.trainers_fitting(64.0, 8.0, streams=False) == 4  # the GPUs bound it
+    assert stages.trainers_fitting(16.4, 8.0, streams=False) == 2
+    assert stages.trainers_fitting(16.4, 8.0, streams=True) == 1  # the stream's CPU comes first
+    assert sweep.peak_trial_resources(gpu, streams=True)["CPU"] == pytest.approx(
+        sweep.TRIAL_CPU + stages.trainer_and_stream_cpus(streams=True))
+    parquet = dataclasses.replace(gpu, data=dataclasses.replace(gpu.data, source="parquet"))
+    assert stage_resources(parquet).stream_cpus > stages.stream_cpus  # a file source keeps a whole CPU free
+
 def write_digits_parquet(root: Path, test_rows: int) -> Path:
     """The digits as Hugging-Face parquet shards (train, and a test split of `test_rows` rows, repeating the test
     digits under their own ids): a file source whose test split the evaluation streams."""
