@@ -67,11 +67,6 @@ def batch_tensor(images) -> torch.Tensor:
     return images if isinstance(images, torch.Tensor) else writable_tensor(np.asarray(images))
 
 
-def to_float(images: np.ndarray) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [-1, 1] (a batch: sets stay uint8, see `image_tensor`)."""
-    return standardize(image_tensor(images))
-
-
 def precision_context(device: torch.device | str, precision: str):
     """bf16 autocast on CUDA ("auto" or "bf16"; the weights and optimizer stay fp32), or on CPU when asked;
     fp32 otherwise."""
@@ -298,16 +293,6 @@ def teacher_loss(logits, _x, y, _w, _step, _rows):
 def teacher_recipe(config: EvaluateConfig, seed: int = 0) -> Recipe:
     """The teacher's training: cross-entropy, AdamW and cosine of the crop protocol, crop/flip, no CutMix."""
     return Recipe(get_protocol("rded"), dataclasses.replace(config, cutmix=False), seed)
-
-
-def train_teacher(data: TrainSet, num_classes: int, arch: str, config: EvaluateConfig, seed: int,
-                  worker: Worker = Worker()) -> nn.Module:
-    """A teacher on a train split held in memory, for `teacher_epochs` (the Ray layer streams it: fit_stream)."""
-    torch.manual_seed(seed)
-    size = data.images.shape[1]
-    model = new_model(arch, num_classes, size, config.width, worker, teacher_norm(config, size))
-    steps = epochs_to_steps(len(data.labels), config.teacher_epochs, config.batch_size)
-    return fit(model, data, steps, teacher_recipe(config, seed), teacher_loss, worker)
 
 
 def student_loss(protocol: Protocol, teacher: nn.Module | None, config: EvaluateConfig,

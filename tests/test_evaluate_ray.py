@@ -216,7 +216,8 @@ def test_a_wrongly_scaled_teacher_stops_the_run_below_min_teacher_top1(ray_sessi
     from engine.checks import RunError
     from engine.config import DataConfig, EvaluateConfig
     from engine.ray.evaluate import prepare_teacher
-    from engine.train import TrainSet, train_teacher
+    from engine.train import TrainSet
+    from tests.training import train_teacher
 
     train = load_split(DataConfig(), "train")
     teacher = train_teacher(TrainSet(train.images, train.labels, np.ones(len(train))), 10, "convnet3",

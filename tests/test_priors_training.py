@@ -73,7 +73,8 @@ def test_train_prior_job_writes_the_folder_distill_loads(tmp_path):
 
     from engine.config import EvaluateConfig
     from engine.pipeline import teacher_cache_path
-    from engine.train import TrainSet, train_teacher
+    from engine.train import TrainSet
+    from tests.training import train_teacher
     from jobs.train_prior import main
 
     overrides = [f"cache_dir={tmp_path}", "prior.vae_steps=3", "prior.unet_steps=3", "prior.vae_channels=[8,16]",

@@ -11,7 +11,8 @@ from engine.protocols import (IMAGENET, SYMMETRIC, InputNorm, apply_plan, attach
                               input_norm_of, plan_batch, student_norm, teacher_norm, weighted_ce_loss,
                               weighted_kd_loss)
 from engine.students import create_student
-from engine.train import Targets, TrainSet, generate_soft_labels, student_recipe, to_float, train_student
+from engine.train import Targets, TrainSet, generate_soft_labels, student_recipe, train_student
+from tests.training import to_float
 
 
 @pytest.fixture(scope="module")

@@ -54,7 +54,8 @@ def test_knn_radii_exclude_the_point_itself_and_work_in_chunks():
 def test_set_quality_with_a_trained_teacher_tells_real_digits_from_noise():
     from engine.config import DataConfig, EvaluateConfig
     from engine.data import load_split
-    from engine.train import TrainSet, train_teacher
+    from engine.train import TrainSet
+    from tests.training import train_teacher
 
     data = DataConfig()
     train, val = load_split(data, "train"), load_split(data, "val")

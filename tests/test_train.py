@@ -10,7 +10,8 @@ from engine.data import load_split
 from engine.students import create_student
 from engine.protocols import get_protocol
 from engine.train import (Recipe, Reporting, Stream, Targets, TrainSet, Worker, evaluate_top1, fit, student_recipe,
-                          train_student, train_teacher)
+                          train_student)
+from tests.training import train_teacher
 
 FAST = EvaluateConfig(width=16, teacher_epochs=2, batch_size=64)
 

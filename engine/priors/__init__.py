@@ -6,6 +6,7 @@ each machine copies once to a local folder before loading it."""
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -13,6 +14,20 @@ from engine.config import DataConfig, PriorConfig, config_hash
 from engine.location import ObjectPath, local_copy, location
 from engine.priors.base import Prior
 from engine.priors.tiny import TinyPrior, load_tiny_prior
+
+
+@dataclass(frozen=True)
+class PriorSource:
+    """What an encode or decode actor needs to load the prior once: its kind, its folder (local or a URI), the
+    class names sd15/dit prompt with, and which weight files to read (prior.variant)."""
+
+    kind: str
+    folder: str
+    class_names: tuple[str, ...] = ()
+    variant: str = "auto"
+
+    def load(self) -> Prior:
+        return load_prior(self.kind, self.folder, self.class_names, self.variant)
 
 
 def prior_cache_folder(prior: PriorConfig, data: DataConfig, cache_root: Path) -> Path:

@@ -16,12 +16,13 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
+
 import ray
 import ray.data
-
 from engine.config import DecodeConfig, DistillConfig
 from engine.faults import crash_once_if_requested
 from engine.location import location
+from engine.priors import PriorSource
 from engine.ray.cluster import WRITE_TASK_CPUS, check_pool_fits, deterministic_order, wait_for_pool
 
 META_COLUMNS = ("label", "ipc", "index", "count", "weight_uniform", "weight_mass", "weight_sqrt")
@@ -30,15 +31,12 @@ META_COLUMNS = ("label", "ipc", "index", "count", "weight_uniform", "weight_mass
 class CentroidDecoder:
     """Ray Data callable class: loads the prior once; decodes every requested centroid of a batch of classes."""
 
-    def __init__(self, prior_kind: str, prior_folder: str, class_names: tuple, decode: DecodeConfig,
-                 ipcs: tuple[int, ...], device: str, image_size: int | None = None, dtype: str = "float32",
-                 threads: int = 1, fault_dir: str = "", variant: str = "auto"):
+    def __init__(self, prior: PriorSource, decode: DecodeConfig, ipcs: tuple[int, ...], device: str,
+                 image_size: int | None = None, dtype: str = "float32", threads: int = 1, fault_dir: str = ""):
         import torch
 
-        from engine.priors import load_prior
-
         torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS to the CPU reservation; the config decides
-        self.prior = load_prior(prior_kind, prior_folder, class_names, variant).to(device, dtype)
+        self.prior = prior.load().to(device, dtype)
         self.decode, self.ipcs = decode, tuple(ipcs)
         self.image_size = image_size  # the evaluation resolution images are resized to
         self.fault_dir = fault_dir  # test-only crash injection (engine/faults.py); empty in normal runs
@@ -126,9 +124,8 @@ def decode_centroids_to_sets(config: DistillConfig, prior_folder, class_files: d
     items = [{"files": files[start:start + group]} for start in range(0, len(files), group)]
     decoded = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
         CentroidDecoder,
-        fn_constructor_kwargs={"prior_kind": config.prior.kind, "prior_folder": str(prior_folder),
-                               "variant": config.prior.variant,
-                               "class_names": tuple(class_names), "decode": config.decode, "ipcs": ipcs,
+        fn_constructor_kwargs={"prior": PriorSource(config.prior.kind, str(prior_folder), tuple(class_names),
+                                                    config.prior.variant), "decode": config.decode, "ipcs": ipcs,
                                "device": "cuda" if use_gpu else "cpu", "image_size": config.data.image_size,
                                "dtype": runtime.prior_dtype, "threads": runtime.threads("decode"),
                                "fault_dir": str(config.run_dir)},

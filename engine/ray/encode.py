@@ -9,15 +9,15 @@ one file per class, never one per (block, class), and the row counts come from t
 from __future__ import annotations
 
 import pyarrow as pa
+
 import ray
 import ray.data
-
 from engine.config import DistillConfig
 from engine.data import check_skipped
 from engine.faults import crash_once_if_requested
 from engine.location import ObjectPath, location, remove_tree
-from engine.ray.cluster import (check_pool_fits, deterministic_order, node_id, saw_nodes, shuffle_on_disk,
-                                wait_for_pool)
+from engine.priors import PriorSource
+from engine.ray.cluster import check_pool_fits, deterministic_order, node_id, saw_nodes, shuffle_on_disk, wait_for_pool
 from engine.ray.source import gather_skipped, source_dataset
 from engine.sources import class_names as data_class_names
 
@@ -25,15 +25,13 @@ from engine.sources import class_names as data_class_names
 class VaeEncoder:
     """Ray Data callable class: loads the prior's VAE once per actor, encodes batches of images."""
 
-    def __init__(self, prior_kind: str, prior_folder: str, class_names: tuple, batch_size: int, device: str,
-                 dtype: str = "float32", threads: int = 1, fault_dir: str = "", variant: str = "auto"):
+    def __init__(self, prior: PriorSource, batch_size: int, device: str, dtype: str = "float32", threads: int = 1,
+                 fault_dir: str = ""):
         import torch
-
-        from engine.priors import load_prior
 
         # Ray sets OMP_NUM_THREADS to the actor's CPU reservation; the config says how many cores it may use.
         torch.set_num_threads(threads)
-        self.prior = load_prior(prior_kind, prior_folder, class_names, variant).to(device, dtype)
+        self.prior = prior.load().to(device, dtype)
         self.batch_size = batch_size
         self.fault_dir = fault_dir  # test-only crash injection (engine/faults.py); empty in normal runs
 
@@ -84,9 +82,8 @@ def encode_to_parquet(config: DistillConfig, prior_folder, out_dir, resolution: 
     read_cpus = None if use_gpu else runtime.encode_cpus_per_actor
     latents = source_dataset(config.data, resolution, skip_dir, task_cpus=read_cpus).map_batches(
         VaeEncoder,
-        fn_constructor_kwargs={"prior_kind": config.prior.kind, "prior_folder": str(prior_folder),
-                               "variant": config.prior.variant,
-                               "class_names": tuple(class_names), "batch_size": config.encode.batch_size,
+        fn_constructor_kwargs={"prior": PriorSource(config.prior.kind, str(prior_folder), tuple(class_names),
+                                                    config.prior.variant), "batch_size": config.encode.batch_size,
                                "device": "cuda" if use_gpu else "cpu", "dtype": runtime.prior_dtype,
                                "threads": runtime.threads("encode"), "fault_dir": str(config.run_dir)},
         batch_size=None,  # each block the reader yields; the VAE runs encode.batch_size images at a time
