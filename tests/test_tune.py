@@ -78,15 +78,14 @@ def test_concurrency_rule_never_starves_trainers():
     assert sweep.max_concurrent_trials(gpu, {"CPU": 64.0, "GPU": 8.0}) == 4  # 2 GPUs at the decode peak
     with pytest.raises(ConfigError, match="could never start"):
         sweep.max_concurrent_trials(runtime(train_cpus_per_worker=2), {"CPU": 2.0})
-    # A trainer reading a file source through Ray Data needs a whole CPU free for the stream (its ListFiles task):
-    # a 1-CPU trainer beside a 0.01-CPU trial leaves 0.99 on 2 CPUs and would wait forever; 0.75 leaves room.
+    # A trainer reading a file source through Ray Data needs its stream's tasks' CPU free beside it (0.5): a 1-CPU
+    # trainer beside a 0.01-CPU trial fits 2 CPUs; a 1.5-CPU one leaves the stream nothing and is refused.
     parquet = dataclasses.replace(one_cpu, data=dataclasses.replace(one_cpu.data, source="parquet"))
-    assert sweep.peak_trial_resources(parquet, streams=True)["CPU"] == pytest.approx(2.01)
+    assert sweep.peak_trial_resources(parquet, streams=True)["CPU"] == pytest.approx(1.51)
+    assert sweep.max_concurrent_trials(parquet, {"CPU": 2.0}, streams=True) == 1
+    greedy = dataclasses.replace(parquet, runtime=dataclasses.replace(parquet.runtime, train_cpus_per_worker=1.5))
     with pytest.raises(ConfigError, match="the stream feeding it"):
-        sweep.max_concurrent_trials(parquet, {"CPU": 2.0}, streams=True)
-    three_quarters = dataclasses.replace(parquet, runtime=dataclasses.replace(parquet.runtime,
-                                                                             train_cpus_per_worker=0.75))
-    assert sweep.max_concurrent_trials(three_quarters, {"CPU": 2.0}, streams=True) == 1
+        sweep.max_concurrent_trials(greedy, {"CPU": 2.0}, streams=True)
     assert sweep.max_concurrent_trials(parquet, {"CPU": 2.0}, streams=False) == 1  # nothing streamed: it fits
     for cpus in (2.0, 3.0, 8.0, 33.0):  # the rule itself: all running trials at their peak fit at once
         for config in (one_cpu, runtime(train_cpus_per_worker=2, decode_actors=3)):
@@ -109,7 +108,8 @@ def test_each_stage_declares_its_resources_once():
     assert sweep.peak_trial_resources(gpu, streams=True)["CPU"] == pytest.approx(
         sweep.TRIAL_CPU + stages.trainer_and_stream_cpus(streams=True))
     parquet = dataclasses.replace(gpu, data=dataclasses.replace(gpu.data, source="parquet"))
-    assert stage_resources(parquet).stream_cpus > stages.stream_cpus  # a file source keeps a whole CPU free
+    assert stage_resources(parquet).stream_cpus == stages.stream_cpus  # no source asks for more than its tasks
+
 
 def write_digits_parquet(root: Path, test_rows: int) -> Path:
     """The digits as Hugging-Face parquet shards (train, and a test split of `test_rows` rows, repeating the test
@@ -161,9 +161,9 @@ def test_a_trial_streams_the_test_split_only_when_it_is_larger_than_the_evaluati
 @pytest.mark.slow
 def test_a_sweep_over_a_file_source_streams_its_test_split_beside_the_trainer(ray_session, tmp_path):
     """A parquet source whose test split (1,100 rows) is larger than the evaluation takes into memory, so each
-    trial's trainer streams it for every job's final top-1. With the trainer at 1 CPU beside the trial's 0.01, the
-    stream's read never got a CPU and the sweep hung (Fashion-MNIST, 2 CPUs): the rule now refuses that, and the
-    0.75-CPU trainer it leaves room for finishes with a test top-1 over every test row."""
+    trial's trainer streams it for every job's final top-1. A 1-CPU trainer beside the trial's 0.01 leaves the
+    stream's 0.5-CPU tasks room on 2 CPUs and finishes with a test top-1 over every test row; a 1.5-CPU one would
+    leave them none and is refused in one sentence."""
     root = write_digits_parquet(tmp_path / "digits-parquet", test_rows=1100)
     space = write_space(tmp_path, "params:\n  decode.guidance_scale: {grid: [1.0, 3.0]}\nfixed:\n"
                                   "  quantize.ipc: [1]\n  evaluate.methods: [ddoq]\n  evaluate.ddoq_weights: [mass]\n"
@@ -171,15 +171,16 @@ def test_a_sweep_over_a_file_source_streams_its_test_split_beside_the_trainer(ra
     common = ["--smoke-test", "--search-space", str(space), f"runs_dir={tmp_path / 'runs'}",
               f"cache_dir={tmp_path / 'cache'}", "data.source=parquet", f"data.path={root}",
               "data.name=digits_parquet"]
-    with pytest.raises(ConfigError, match="the stream feeding it"):
-        sweep.main(common + ["runtime.train_cpus_per_worker=1"])
-    out = sweep.main(common + ["runtime.train_cpus_per_worker=0.75"])
+    with pytest.raises(SystemExit) as refused:
+        sweep.main(common + ["runtime.train_cpus_per_worker=1.5"])
+    assert refused.value.code == 2
+    out = sweep.main(common + ["runtime.train_cpus_per_worker=1"])
     table = pq.read_table(out["sweep_dir"] / "trials.parquet").to_pandas()
     assert len(table) == 2 and (table.error == "").all(), table.error.tolist()
     rows = [json.loads(p.read_text()) for p in out["sweep_dir"].glob("trials/t-*/results/*/ddoq-*-seed0.json")]
     assert len(rows) == 2 and all(0.0 <= r["top1"] <= 1.0 for r in rows)
     # Run again: every student is done, so the trials report nothing; they rank by their result rows.
-    again = sweep.main(common + ["runtime.train_cpus_per_worker=0.75"])["table"]
+    again = sweep.main(common + ["runtime.train_cpus_per_worker=1"])["table"]
     assert sorted(again.val_top1_mean) == pytest.approx(sorted(table.val_top1_mean))
 
 

@@ -82,18 +82,16 @@ class StageResources:
 
 
 def stage_resources(config: DistillConfig) -> StageResources:
-    """The resources each stage of `config` declares. A streamed file source takes a whole CPU beside its trainers
-    whatever its tasks are asked to reserve (STREAM_TASK_CPUS): Ray Data 2.60's read_parquet starts with a
-    ListFiles task of 1 CPU that takes no remote arguments (the v1 reader, a sampling task of 1 CPU), and with only
-    0.99 CPU free it waited forever ("Cluster resources are not enough to run any task"; seen in a sweep whose trial
-    held 0.01 CPU beside a 1-CPU trainer). The engine's readers (engine/ray/readers.py) start no such task now; the
-    whole CPU stays until a sweep with less beside its trainers is measured. The embedded digits only need the
-    stream's light in-memory tasks."""
+    """The resources each stage of `config` declares. A trainer's stream needs the CPU its read/decode tasks ask
+    for (STREAM_TASK_CPUS) free beside it, for every source: the engine's readers (engine/ray/readers.py) start no
+    1-CPU ListFiles task, as Ray Data's read_parquet did (with 0.99 CPU free it waited forever). Measured on 2 CPUs:
+    a parquet sweep whose trial holds 0.01 CPU beside a 1-CPU trainer streams its test split and finishes (2 trials,
+    133 s), where a whole CPU used to be reserved for the stream and the same sweep was refused."""
     runtime = config.runtime
     return StageResources(
         trainer_cpus=runtime.train_workers * runtime.train_cpus_per_worker,
         trainer_gpus=float(runtime.train_workers * int(runtime.train_use_gpu)),
-        stream_cpus=STREAM_TASK_CPUS if config.data.source == "digits" else TASK_CPUS,
+        stream_cpus=STREAM_TASK_CPUS,
         decode_cpus=runtime.decode_actors * runtime.decode_cpus_per_actor + WRITE_TASK_CPUS,
         decode_gpus=runtime.decode_actors * runtime.gpus_per_actor)
 
