@@ -296,11 +296,12 @@ def sample_key(seed: int, row_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}\0{row_id}".encode(), digest_size=8).digest(), "big")
 
 
-def sample_split(config: DataConfig, split: str, limit: int, seed: int) -> ImageSet:
+def sample_split(config: DataConfig, split: str, limit: int, seed: int, enforce_skip_limit: bool = True) -> ImageSet:
     """A seeded, class-stratified sample of at most `limit` images of a split, in one streamed pass: per class,
     the limit / classes rows of lowest sample_key are kept (encoded bytes only, a bounded heap per class) and
     decoded at the end. Memory is the sample, never the split. More than data.max_skip_fraction of bad rows in the
-    sample stops it (TooManyBadRows), as it stops load_split. limit=0 gives the whole split (load_split); the
+    sample stops it (TooManyBadRows), as it stops load_split, unless `enforce_skip_limit` is off (a few reference
+    images, where one bad row of three says nothing of the split). limit=0 gives the whole split (load_split); the
     embedded digits are always whole (1437 images)."""
     if limit == 0 or config.source == "digits":
         return load_split(config, split)  # asked for the whole split (small sets), or the 1437 digits
@@ -327,7 +328,8 @@ def sample_split(config: DataConfig, split: str, limit: int, seed: int) -> Image
              "skip": [e[4] for e in chosen]}
     decoded, skipped = decode_rows(batch, config.image_size, len(names), config.max_image_pixels,
                                    mode=resize_mode(config))
-    check_skipped(len(chosen), skipped, config.max_skip_fraction)
+    if enforce_skip_limit:
+        check_skipped(len(chosen), skipped, config.max_skip_fraction)
     return ImageSet(decoded["image"], decoded["label"], decoded["id"], names, count_skipped(skipped["reason"]))
 
 

@@ -240,3 +240,16 @@ def test_a_bounded_sample_is_stratified_seeded_and_order_free(tmp_path):
     assert again.ids.tolist() == sample.ids.tolist()
     assert sample_split(config, "train", 30, seed=4).ids.tolist() != sample.ids.tolist()
     assert len(sample_split(config, "train", 0, seed=3)) == len(labels)  # 0 = the whole split
+
+
+def test_a_reference_sample_may_leave_bad_rows_out_without_judging_the_split(tmp_path):
+    from engine.data import TooManyBadRows, sample_split
+
+    good = png_bytes(np.zeros((8, 8), np.uint8), "L")
+    write_shard(tmp_path / "train-00000-of-00001.parquet",
+                [{"bytes": good, "path": "a"}, {"bytes": good, "path": "b"}, {"bytes": b"junk", "path": "c"}], [0, 1, 0])
+    (tmp_path / "classes.txt").write_text("a\nb\n")
+    config = DataConfig(source="parquet", path=str(tmp_path), image_size=8, val_fraction=0, max_skip_fraction=0.3)
+    with pytest.raises(TooManyBadRows, match="1 of 3 rows"):
+        sample_split(config, "train", 10, seed=0)
+    assert len(sample_split(config, "train", 10, seed=0, enforce_skip_limit=False)) == 2

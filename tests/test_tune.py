@@ -310,11 +310,11 @@ def test_a_sweep_rerun_in_its_folder_succeeds_whatever_state_its_trials_were_lef
     first = sweep.main(args)
     trials = sorted((first["sweep_dir"] / "trials").glob("t-*"))
     assert len(trials) == 4
-    (trials[0] / "metrics.json").unlink()  # students done, no metrics.json: what an ASHA stop leaves
+    (trials[0] / "metrics.json").unlink(missing_ok=True)  # students done, no metrics.json: what an ASHA stop leaves
     shutil.rmtree(trials[1])  # never started
     for result in (trials[2] / "results").glob("*/*-seed0.json"):  # stopped before its student finished
         result.unlink()
-    (trials[2] / "metrics.json").unlink()
+    (trials[2] / "metrics.json").unlink(missing_ok=True)
     again = sweep.main(args)  # trials[3] finished: reported from its metrics.json
     table = pq.read_table(again["sweep_dir"] / "trials.parquet").to_pandas()
     assert (table.error == "").all() and (table.jobs_done >= 1).all()

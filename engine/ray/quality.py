@@ -29,7 +29,9 @@ def _measure(config: DistillConfig, folders: dict[str, str], teacher_path: str) 
     torch.set_num_threads(max(1, config.runtime.threads("train")))
     teacher = load_teacher(location(teacher_path), e.teacher, len(class_names(config.data)), config.data.image_size,
                            e.width, device, e)
-    reference = sample_split(config.data, "val", REFERENCE_IMAGES, seed=0)
+    # Reference images to measure against: rows that do not decode are left out; judging the split's share of bad
+    # rows is the encode stage's (a val split of a few rows would otherwise stop a finished run on one of them).
+    reference = sample_split(config.data, "val", REFERENCE_IMAGES, seed=0, enforce_skip_limit=False)
     features, predicted = teacher_outputs(teacher, reference.images)
     quality = {"reference": {"images": len(reference), "class_agreement": float((predicted == reference.labels).mean())}}
     for name, folder in folders.items():  # a set's images a chunk at a time; only its features are kept
