@@ -8,7 +8,7 @@
 (ConvNet-3) for `--epochs` epochs in a child process (jobs-free evaluate stage: engine.pipeline.prepare_teacher),
 the train split streamed from parquet through Ray Data into one Ray Train worker; every process it starts is
 sampled from /proc for its peak RSS (as benchmarks/scale.py does). The bare loop: the N split decoded into
-this process first, then the same model, batch, threads and epochs through the same loop (engine.train.fit_stream)
+this process first, then the same model, batch, threads and epochs through the same loop (engine.evaluate.train.fit_stream)
 over in-memory batches. (a) is read per epoch: the first (which also starts the stream's read and decode workers)
 apart from the steady state of the rest; `stream_vs_memory` is the steady-state ratio, the overall one beside it.
 (c): the student jobs of `make distill` itself (configs/digits.yaml: 6 sets x IPC 1 and 10 x 3 seeds, and `full` x 3
@@ -83,8 +83,8 @@ def bare_loop_images_per_s(classes: int, per_class: int, resolution: int, epochs
     import torch
 
     from engine.config import load_config
-    from engine.data import load_split
-    from engine.train import (Stream, Worker, fit_stream, new_model, steady_images_per_s, stream_steps, teacher_loss,
+    from engine.data.images import load_split
+    from engine.evaluate.train import (Stream, Worker, fit_stream, new_model, steady_images_per_s, stream_steps, teacher_loss,
                               teacher_recipe, timed_epochs)
 
     torch.set_num_threads(THREADS)
@@ -123,10 +123,10 @@ def students_per_hour(trainers: int) -> tuple[float, float, int]:
 def child_students(trainers: int) -> None:
     from engine import pipeline
     from engine.config import load_config
+    from engine.data.sources import count_rows
+    from engine.evaluate.sets import requested_sets, set_dir
     from engine.ray.cluster import init_ray
     from engine.ray.evaluate import evaluate_students
-    from engine.sets import requested_sets, set_dir
-    from engine.sources import count_rows
 
     shared = [f"runs_dir={WORK}", f"cache_dir={WORK / 'cache'}"]  # one prior and one teacher for both runs
     sets_run = load_config(None, [*shared, "name=students-sets"])

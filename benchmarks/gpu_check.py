@@ -18,10 +18,10 @@ budgeted to 360 s (--budget), which leaves 2 minutes of an 8-minute slot for imp
             device tensor; TFLOP/s counted by torch.utils.flop_counter.FlopCounterMode on one batch;
             encode_mfu = best prior.encode TFLOP/s / peak
   quantize  1000 synthetic classes (Gaussian mixtures) of 1300 x 4096 on the device, IPC 1/10/50 each, through
-            engine.quantize.quantize_class(device="cuda") (faiss-gpu if present, else engine/quantize_torch.py):
+            engine.quantize.quantizer.quantize_class(device="cuda") (faiss-gpu if present, else engine/quantize/lloyd_torch.py):
             classes/s, until the time reserved for the next check; then its objective against a CPU quantizer
             on a few classes, which must agree within 1 % (faiss-cpu when it imports, else the torch path)
-  train     ResNet-18 student, protocol rded, teacher LOADED FROM A SAFETENSORS FILE (engine.train.load_teacher),
+  train     ResNet-18 student, protocol rded, teacher LOADED FROM A SAFETENSORS FILE (engine.evaluate.train.load_teacher),
             50 steps at 224^2, images/s in fp32 (autocast asserted off) and in bf16 autocast; every parameter of
             teacher and student and every batch either sees is asserted to be on the device, and on CUDA the
             student's batches are asserted channels_last (the engine's training layout)
@@ -64,7 +64,7 @@ CLASS_NAMES = ("tench", "goldfish", "great white shark", "tiger shark", "hammerh
 # What the check imports, in dependency order: a machine with torch alone lacks several, and a bare traceback from
 # deep inside diffusers does not say which wheel to install. The engine modules come last to catch the rest.
 NEEDED = ("yaml", "safetensors", "huggingface_hub", "transformers", "diffusers", "timm", "engine.priors.sd15",
-          "engine.priors.dit", "engine.train", "engine.quantize_torch")
+          "engine.priors.dit", "engine.evaluate.train", "engine.quantize.lloyd_torch")
 WHEELS = {"yaml": "pyyaml", "PIL": "pillow", "sklearn": "scikit-learn", "cv2": "opencv-python"}
 
 
@@ -510,7 +510,7 @@ def section_quantize(ctx: Context) -> None:
 def _quantizers(ctx: Context) -> tuple:
     """(quantizer, its name, the CPU reference, its name): the engine's device route and what it must agree with."""
     from engine.config import QuantizeConfig
-    from engine.quantize import faiss_sees_gpu, quantize_class
+    from engine.quantize.quantizer import faiss_sees_gpu, quantize_class
 
     config = QuantizeConfig()
     assert (config.nredo, config.niter) == (3, 50), "the row's note quotes the defaults"
@@ -518,7 +518,7 @@ def _quantizers(ctx: Context) -> tuple:
         name = "faiss-gpu"
         quantizer = lambda x, k: quantize_class(x.cpu().numpy(), k, config, device="cuda")  # noqa: E731
     elif ctx.device.type == "cuda":  # the engine's route without faiss-gpu: the tensor stays on the device
-        name = "torch (engine/quantize_torch.py)"
+        name = "torch (engine/quantize/lloyd_torch.py)"
         quantizer = lambda x, k: quantize_class(x, k, config, device="cuda")  # noqa: E731
     else:  # the dry run: the torch path on the CPU, the one the GPU run takes without faiss-gpu
         name = "torch on the CPU (dry run)"
@@ -535,7 +535,7 @@ def _quantizers(ctx: Context) -> tuple:
 
 def section_train(ctx: Context) -> None:
     from engine.config import EvaluateConfig
-    from engine.train import TrainSet, Worker
+    from engine.evaluate.train import TrainSet, Worker
 
     sizes, device, classes = ctx.sizes, ctx.device, 1000
     config = EvaluateConfig(protocol="rded", teacher="resnet18", students=("resnet18",), batch_size=sizes.train_batch,
@@ -562,11 +562,11 @@ def section_train(ctx: Context) -> None:
 
 
 def _teacher(ctx: Context, classes: int, width: int) -> torch.nn.Module:
-    """A ResNet-18 teacher through engine.train.load_teacher from a safetensors file, asserted on the device."""
+    """A ResNet-18 teacher through engine.evaluate.train.load_teacher from a safetensors file, asserted on the device."""
     from safetensors.torch import save_file
 
-    from engine.students import create_student
-    from engine.train import load_teacher
+    from engine.evaluate.students import create_student
+    from engine.evaluate.train import load_teacher
 
     torch.manual_seed(0)
     teacher_file = ctx.tmp / "teacher.safetensors"
@@ -603,7 +603,7 @@ class BatchWatch:
 
 def _train_rate(ctx: Context, data, teacher, classes: int, config, worker, watch: BatchWatch) -> tuple:
     """(images/s after the first report, first and last timed step, steps) of one train_student run."""
-    from engine.train import Reporting, Targets, student_recipe, train_student
+    from engine.evaluate.train import Reporting, Targets, student_recipe, train_student
 
     marks: list[tuple[int, float]] = []
 

@@ -3,7 +3,7 @@
     python benchmarks/imagenet_like.py [--classes 1000] [--per-class N] [--test-per-class 50] [--resolution 32]
                                        [--seed 0] [--workers 2] [--root DIR]
 
-Contract. `generate(root, ...)` writes the engine's parquet layout (engine/data.py, ../shared/data/README.md):
+Contract. `generate(root, ...)` writes the engine's parquet layout (engine/data/images.py, ../shared/data/README.md):
     <root>/train-XXXXX-of-NNNNN.parquet  rows shuffled across classes (seeded), as ImageNet's shards mix classes
     <root>/test-XXXXX-of-NNNNN.parquet   test_per_class images of every class, shuffled the same way
     <root>/classes.txt                   class_0000_<shape>_<colour>, ... in label order

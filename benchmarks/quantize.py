@@ -8,7 +8,7 @@ d4m   sklearn MiniBatchKMeans(n_clusters=K, batch_size=K, n_init="auto") fed by 
       batches of K (D4M's ImageNet script uses batch = IPC).
 best  the lower-distortion of sklearn KMeans (Lloyd, k-means++) and MiniBatchKMeans(...).fit over many epochs;
       its time is the time of the one that won.
-engine  engine.quantize.quantize_class with the defaults of QuantizeConfig.
+engine  engine.quantize.quantizer.quantize_class with the defaults of QuantizeConfig.
 Distortion = mean squared distance of every point to its nearest centroid, computed the same way for all three.
 Prints medians over seeds and ends with one line of K = 10 ratios (engine / d4m, engine / best).
 """
@@ -27,8 +27,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.config import QuantizeConfig  # noqa: E402
-from engine.quantize import quantize_class  # noqa: E402
-from engine.transport import distortion  # noqa: E402
+from engine.quantize.quantizer import quantize_class  # noqa: E402
+from engine.quantize.transport import distortion  # noqa: E402
 
 
 def gaussian_mixture(n: int, dim: int, seed: int, components: int = 40) -> np.ndarray:

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quantize import gaussian_mixture  # noqa: E402
 
-from engine import store  # noqa: E402
 from engine.config import DistillConfig, QuantizeConfig, RuntimeConfig  # noqa: E402
+from engine.io import store  # noqa: E402
 
 
 def drop_page_cache() -> bool:

@@ -162,9 +162,9 @@ def bare_encode_images_per_s(classes: int, per_class: int | None, resolution: in
     import torch
 
     from engine.config import load_config
-    from engine.data import decode_rows, resize_mode
+    from engine.data.images import decode_rows, resize_mode
+    from engine.data.sources import iter_row_batches
     from engine.priors import load_prior, prior_folder
-    from engine.sources import iter_row_batches
 
     torch.set_num_threads(os.cpu_count() or 1)
     name = f"rehearsal-{classes}x{per_class or 'imagenet'}-r{resolution}"

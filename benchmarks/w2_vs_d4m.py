@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quantize import run_d4m  # noqa: E402
 
-from engine import store  # noqa: E402
-from engine.transport import w2_distance  # noqa: E402
+from engine.io import store  # noqa: E402
+from engine.quantize.transport import w2_distance  # noqa: E402
 
 
 def main() -> None:

@@ -12,22 +12,18 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from engine.config import DistillConfig
-
-
-class RunError(ValueError):
-    """A run that cannot start or go on, for a reason the user can fix; the job prints it without a traceback."""
+from engine.config import DistillConfig, RunError
 
 
 def check_run_inputs(config: DistillConfig, class_names: tuple[str, ...], until: str) -> None:
-    from engine.location import location
+    from engine.io.location import location
 
     prior_path = config.prior.path
     if prior_path and not location(prior_path).is_dir():
         raise RunError(f"prior.path={prior_path} does not exist (or is not a folder): point it at a saved prior, "
                        f"or leave it empty to train the tiny prior into the cache")
     if config.data.source != "digits":
-        from engine.sources import check_source
+        from engine.data.sources import check_source
 
         check_source(config.data)  # a damaged shard or a bad classes.txt is one sentence, before any stage
     if len(class_names) == 0:

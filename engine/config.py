@@ -24,9 +24,13 @@ class ConfigError(ValueError):
     """A configuration file or override that cannot be accepted, with the dotted key that caused it."""
 
 
+class RunError(ValueError):
+    """A run that cannot start or go on, for a reason the user can fix; the job prints it without a traceback."""
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    # "digits": scikit-learn's embedded digits. Files under `path` (a local folder or a URI), see engine/sources.py:
+    # "digits": scikit-learn's embedded digits. Files under `path` (a local folder or a URI), see engine/data/sources.py:
     # "parquet": Hugging-Face-style shards <split>-*.parquet; "imagefolder": torchvision's tree
     # <path>/<train|val>/<class folder>/<image>; "webdataset": [<prefix>-]<split>-<n>.tar shards of samples
     # <key>.<jpg|png|...> + <key>.cls. Split "test" reads val (else validation, else test) of the latter two.
@@ -36,7 +40,7 @@ class DataConfig:
     image_size: int = 16
     # digits only: held-out fraction of a seeded stratified split (file sources bring their own test split).
     test_fraction: float = 0.2
-    # The validation split every choice is scored on (engine/splits.py): this fraction of the train rows, by a
+    # The validation split every choice is scored on (engine/data/splits.py): this fraction of the train rows, by a
     # seeded coin per row id; never used to train the prior, the teacher or any student. split_seed seeds both.
     # 0: no validation split (reading and distilling only; the evaluation refuses to start without one).
     val_fraction: float = 0.1
@@ -46,7 +50,7 @@ class DataConfig:
     max_skip_fraction: float = 0.01
     # Images whose header claims more pixels are skipped before decompression (PIL's decompression-bomb limit).
     max_image_pixels: int = 89_478_485
-    # How a decoded image becomes image_size x image_size (engine.data.to_rgb_square): "squash" resizes it whole,
+    # How a decoded image becomes image_size x image_size (engine.data.images.to_rgb_square): "squash" resizes it whole,
     # without cropping (a non-square image is distorted); "center_crop" resizes its shorter side to
     # round(image_size * 256 / 224) and takes the centre square (the standard ImageNet evaluation transform,
     # "resize 256, center-crop 224" at 224 px); "auto" is center_crop at image_size >= 128, squash below (digits,
@@ -166,16 +170,16 @@ METHODS = ("random", "herding", "kcenter", "d4m", "ddoq", "full")
 @dataclass(frozen=True)
 class EvaluateConfig:
     # random / herding / kcenter: real images; d4m: centroids, uniform weights; ddoq: the same centroids with each
-    # weighting of `ddoq_weights`; full: the whole train split. See engine/baselines.py and engine/protocols.py.
+    # weighting of `ddoq_weights`; full: the whole train split. See engine/quantize/baselines.py and engine/evaluate/protocols.py.
     methods: tuple[str, ...] = METHODS
     ddoq_weights: tuple[str, ...] = ("mass", "sqrt")
-    # rded (online soft labels), fkd (stored soft labels) or hard (DC/DSA hard labels): engine/protocols.py.
+    # rded (online soft labels), fkd (stored soft labels) or hard (DC/DSA hard labels): engine/evaluate/protocols.py.
     protocol: Literal["rded", "fkd", "hard"] = "rded"
-    # Architectures: convnet3 or any timm model name (engine/students.py). Every student learns from the teacher.
+    # Architectures: convnet3 or any timm model name (engine/evaluate/students.py). Every student learns from the teacher.
     teacher: str = "convnet3"
     # A local safetensors state dict of `teacher` for this data; empty = train it on the full split (cached).
     teacher_path: str = ""
-    # The input scale of the students and of a teacher the engine trains (engine/protocols.py): "imagenet" = ImageNet
+    # The input scale of the students and of a teacher the engine trains (engine/evaluate/protocols.py): "imagenet" = ImageNet
     # mean/std, as SRe2L/RDED/D4M train at ImageNet scale; "symmetric" = x / 127.5 - 1, the small sets' scale;
     # "auto" = imagenet at data.image_size >= 64, symmetric below (digits, Fashion-MNIST as before).
     input_norm: Literal["auto", "imagenet", "symmetric"] = "auto"
@@ -204,7 +208,7 @@ class EvaluateConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     # auto = bf16 autocast on GPUs (weights and optimizer stay fp32), fp32 on CPUs; fp32 / bf16 force it.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    # Judge every distilled set with the teacher against real validation images (engine/quality.py: class
+    # Judge every distilled set with the teacher against real validation images (engine/evaluate/quality.py: class
     # agreement, Fréchet distance, precision / recall) into results/<key>/set_quality.json and the report. Trains
     # the teacher when the protocol has none (hard).
     set_quality: bool = True
@@ -285,7 +289,7 @@ class DistillConfig:
     def run_dir(self):
         """runs_dir/name: an absolute local Path (Ray workers run in other working directories), or an ObjectPath
         when runs_dir is an object-store URI (s3://bucket/runs, gs://bucket/runs) that every node reaches."""
-        from engine.location import location
+        from engine.io.location import location
 
         return (location(self.runs_dir) / self.name).resolve()
 
@@ -457,12 +461,6 @@ def _resolve_paths(config: DistillConfig) -> DistillConfig:
 def config_to_dict(config: Any) -> dict:
     """Plain nested dict with lists instead of tuples (YAML/JSON friendly)."""
     return json.loads(json.dumps(dataclasses.asdict(config)))
-
-
-def save_config(config: DistillConfig, path) -> None:
-    from engine.store import atomic_write_bytes
-
-    atomic_write_bytes(path, yaml.safe_dump(config_to_dict(config), sort_keys=False).encode())
 
 
 def config_hash(*parts: Any) -> str:

@@ -13,11 +13,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine import store
-from engine.config import DistillConfig, config_hash, save_config
-from engine.location import ObjectPath, is_shared_place, location, publish_folder
-from engine.manifest import record_stage
-from engine.protocols import get_protocol
+from engine.config import DistillConfig, config_hash
+from engine.evaluate.protocols import get_protocol
+from engine.io import store
+from engine.io.location import ObjectPath, is_shared_place, location, publish_folder
+from engine.io.manifest import record_stage
 
 # The stages a run can stop after (jobs/distill.py --until); the prior and encode stages always run.
 UNTIL_CHOICES = ("quantize", "decode", "baselines", "evaluate")
@@ -77,7 +77,7 @@ class StageSets:
 
 def job_name(method: str, weights: str, ipc: int, student: str, seed: int) -> str:
     """A student job's name (its result file's stem), e.g. ddoq-mass-ipc10-convnet3-seed0."""
-    from engine.sets import set_name
+    from engine.evaluate.sets import set_name
 
     return f"{set_name(method, weights)}-ipc{ipc}-{student}-seed{seed}"
 
@@ -85,8 +85,8 @@ def job_name(method: str, weights: str, ipc: int, student: str, seed: int) -> st
 def student_jobs(config: DistillConfig, set_dirs: dict[tuple[str, str, int], Path]) -> list:
     """One StudentJob (engine/ray/jobs.py) per (student architecture, set or `full`, seed); every row names all it
     was trained under."""
+    from engine.evaluate.sets import requested_sets, set_name
     from engine.ray.jobs import StudentJob
-    from engine.sets import requested_sets, set_name
 
     e = config.evaluate
     teacher = e.teacher if get_protocol(e.protocol).soft_labels else "none"
@@ -122,7 +122,7 @@ def check_cluster_places(config: DistillConfig, nodes: float, address: str = "")
     cluster through Ray Client, ray://, whose own disk no worker sees): each worker would read, or write, its own
     node's disk, and the driver would then miss what they wrote. `nodes`: the nodes the cluster has or may grow
     to (math.inf: no limit); `address`: the cluster address the job joined ("" for a Ray it started)."""
-    from engine.checks import RunError
+    from engine.config import RunError
 
     remote = address.startswith("ray://")
     if nodes <= 1 and not remote:
@@ -165,9 +165,9 @@ def prepare_teacher(config: DistillConfig, results_dir) -> float:
     """The driver's entry to the teacher, before anything that shares it runs (a sweep's trials): start Ray, count
     the train rows, and have engine.ray.evaluate.prepare_teacher train (or load) the teacher into its cache and
     score it -> its held-out top-1."""
+    from engine.data.sources import count_rows
     from engine.ray import evaluate as ray_evaluate
     from engine.ray.cluster import init_ray
-    from engine.sources import count_rows
 
     init_ray(config.runtime)
     rows = count_rows(config.data, "train")
@@ -185,9 +185,9 @@ def decode_identity(decode):
 def decode_stage(config: DistillConfig, run_dir, prior: PreparedPrior, quantized: Quantized) -> StageSets:
     """Decode once per (centroids, decode config): every d4m/ddoq set of an IPC gets the same images (written
     once), each its own weights -> the decode key and {(method, weights, ipc): set folder}."""
-    from engine.quantize_stage import class_result_paths
+    from engine.evaluate.sets import requested_sets, set_dir
+    from engine.quantize.class_task import class_result_paths
     from engine.ray.decode import decode_centroids_to_sets, denoiser_histogram
-    from engine.sets import requested_sets, set_dir
 
     latent_sets = [(m, w, k) for m, w, k in requested_sets(config) if m in ("d4m", "ddoq")]
     set_dirs = {key: set_dir(run_dir, *key) for key in latent_sets}
@@ -226,9 +226,9 @@ def baselines_stage(config: DistillConfig, run_dir, quantized: Quantized, names:
     `baselines`; an older run folder's `real_sets` marker of the same key counts as finished too."""
     import numpy as np
 
-    from engine.quantize_stage import gather_picks
+    from engine.evaluate.sets import REAL_METHODS, set_dir
+    from engine.quantize.class_task import gather_picks
     from engine.ray.baselines import write_real_sets
-    from engine.sets import REAL_METHODS, set_dir
 
     real = [m for m in config.evaluate.methods if m in REAL_METHODS]
     ipcs = tuple(config.quantize.ipc)
@@ -257,8 +257,8 @@ def evaluate_stage(config: DistillConfig, run_dir, set_dirs: dict, stage_keys: t
     """Every student through Ray Train; finished jobs of the same config are kept. `train_rows`: the train split's
     usable rows (the encode stage's count; counted from the source when not given). With evaluate.set_quality,
     each set is first judged by the teacher (engine/ray/quality.py) into measured["set_quality"]."""
+    from engine.data.sources import count_rows
     from engine.ray.evaluate import evaluate_students
-    from engine.sources import count_rows
 
     evaluate_key = config_hash(*stage_keys, config.data, config.evaluate)
     results_dir = run_dir / "results" / evaluate_key
@@ -304,9 +304,10 @@ def prepare_prior(config: DistillConfig) -> PreparedPrior:
     """Load (or train once and cache) the prior -> its folder, the class names, its latent shape and image size.
     A prior with NaN/Inf weights, or a tiny prior trained for other classes, stops the run here. With run folders
     on an object store, the folder returned is there too (the actors of every machine load it)."""
-    from engine.checks import RunError, check_finite_parameters
+    from engine.checks import check_finite_parameters
+    from engine.config import RunError
+    from engine.data.sources import class_names
     from engine.priors import load_or_train_prior, prior_folder
-    from engine.sources import class_names
 
     names = class_names(config.data)
     try:
@@ -332,7 +333,7 @@ def prepare_prior(config: DistillConfig) -> PreparedPrior:
 def encode_stage(config: DistillConfig, run_dir, prior: PreparedPrior) -> Encoded:
     """Encode once per (data, prior) into run_dir/latents -> its key and folder, the images encoded and the rows
     skipped per reason."""
-    from engine.data import count_skipped
+    from engine.data.images import count_skipped
     from engine.ray.cluster import take_nodes
     from engine.ray.encode import encode_to_parquet
 
@@ -366,7 +367,7 @@ def quantize_stage(config: DistillConfig, run_dir, encoded: Encoded) -> Quantize
     -> its key and that folder; the per-class statistics go to run_dir/quantization.parquet. centroids.parquet
     lists every centroid's weights and count, not its latent: the latents stay in the class files, which the
     decode stage reads class by class."""
-    from engine.quantize_stage import gather_centroid_weights
+    from engine.quantize.class_task import gather_centroid_weights
     from engine.ray.cluster import take_nodes
     from engine.ray.quantize import quantize_classes
 
@@ -388,8 +389,8 @@ def quantize_stage(config: DistillConfig, run_dir, encoded: Encoded) -> Quantize
 def finish_run_folder(config: DistillConfig, run_dir, quantize_key: str, results_folder: str | None) -> None:
     """Drop the engine's outputs of other configurations (left by --overwrite), so the folder's sets and its
     manifest are this run's alone."""
-    from engine.run_folder import Keep, prune_run_folder
-    from engine.sets import requested_sets, set_dir
+    from engine.evaluate.sets import requested_sets, set_dir
+    from engine.io.run_folder import Keep, prune_run_folder
 
     sets = frozenset(set_dir(run_dir, *key).name for key in requested_sets(config))
     results_key = results_folder.split("/", 1)[1] if results_folder else None
@@ -400,18 +401,19 @@ def finish_run_folder(config: DistillConfig, run_dir, quantize_key: str, results
 
 def run(config: DistillConfig, until: str = "evaluate", overwrite: bool = False) -> dict:
     """The whole run: every stage up to `until`, then metrics.json, report.html and manifest.json."""
-    from engine.checks import RunError, check_run_inputs
-    from engine.manifest import write_manifest
+    from engine.checks import check_run_inputs
+    from engine.config import RunError
+    from engine.data.sources import class_names
+    from engine.io.manifest import write_manifest
+    from engine.io.run_folder import check_run_folder, save_config
     from engine.ray.cluster import cluster_span, init_ray
-    from engine.report import write_report
-    from engine.run_folder import check_run_folder
-    from engine.sources import class_names
+    from engine.report.run_report import write_report
 
     span = cluster_span(config.runtime)  # joins the cluster the job was pointed at; starts nothing otherwise
     check_cluster_places(config, span.nodes, span.address)  # before anything is read, written or started
     check_run_inputs(config, class_names(config.data), until)
     check_run_folder(config, overwrite)  # another run's files, or foreign ones: refused (or cleared) up front
-    store.start_ledger()  # this process's writes are recorded for the manifest (engine/manifest.py)
+    store.start_ledger()  # this process's writes are recorded for the manifest (engine/io/manifest.py)
     try:  # an unreachable object store or a missing bucket is one sentence, before any work
         run_dir = config.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -45,10 +45,10 @@ def parse_args(argv=None) -> tuple[DistillConfig, argparse.Namespace]:
 
 def format_table(metrics: dict) -> str:
     """Top-1 mean ± std over seeds per protocol, student, set and IPC, with the difference to `random` (points),
-    Welch's p and DD-Ranking's LRS (engine/stats.py); then the latent W2 per IPC."""
+    Welch's p and DD-Ranking's LRS (engine/report/stats.py); then the latent W2 per IPC."""
     import pandas as pd
 
-    from engine.stats import compare_to_random, format_delta, format_lrs, format_p, format_std
+    from engine.report.stats import compare_to_random, format_delta, format_lrs, format_p, format_std
 
     keys = ["protocol", "teacher", "student", "method", "weights", "ipc"]
     summary = compare_to_random(pd.DataFrame(metrics["results"], columns=keys + ["top1"]))
@@ -72,8 +72,8 @@ def format_table(metrics: dict) -> str:
 
 def run_quietly(config: DistillConfig, until: str, overwrite: bool) -> dict:
     """The run with Ray's and the libraries' log lines in run.log, the console keeping the engine's own."""
+    from engine.io.run_folder import run_log_path
     from engine.ray.console import restore_console, send_library_logs_to
-    from engine.run_folder import run_log_path
 
     send_library_logs_to(run_log_path(config))
     try:
@@ -83,10 +83,10 @@ def run_quietly(config: DistillConfig, until: str, overwrite: bool) -> dict:
 
 
 def main(argv=None) -> None:
-    from engine.checks import RunError
+    from engine.config import RunError
     from engine.config import ConfigError
-    from engine.data import TooManyBadRows
-    from engine.rows import SourceError
+    from engine.data.images import TooManyBadRows
+    from engine.data.rows import SourceError
 
     start = time.perf_counter()
     try:  # problems the user can fix are one sentence, not a traceback
@@ -99,7 +99,7 @@ def main(argv=None) -> None:
     print(format_table(metrics))
     print(f"\nrun folder: {config.run_dir}  ({time.perf_counter() - start:.0f}s)")
     if not options.verbose:
-        from engine.run_folder import run_log_path
+        from engine.io.run_folder import run_log_path
 
         print(f"Ray's and the libraries' log lines: {run_log_path(config)} (--verbose prints them here)")
 

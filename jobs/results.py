@@ -1,7 +1,7 @@
 """Every student result of one or more run folders as Markdown tables: one table per (protocol, teacher,
 student), a row per set (method and weighting) and IPC: top-1 % as mean ± std over seeds (n seeds), the difference
 to `random` at that IPC in top-1 points, Welch's t-test p of the two sets of seeds, and DD-Ranking's label-robust
-score (engine/stats.py); then a teacher x student table for every set trained under more than one (teacher,
+score (engine/report/stats.py); then a teacher x student table for every set trained under more than one (teacher,
 student) pairing.
 
     python jobs/results.py runs/fashion_mnist [runs/other ...]
@@ -21,8 +21,8 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
-from engine.location import location
-from engine.stats import compare_to_random, format_delta, format_lrs, format_mean_std, format_p
+from engine.io.location import location
+from engine.report.stats import compare_to_random, format_delta, format_lrs, format_mean_std, format_p
 
 METHOD_ORDER = ["random", "herding", "kcenter", "d4m", "ddoq", "full"]
 GROUP = ["protocol", "teacher", "student"]

@@ -6,10 +6,10 @@ Writes the very folder `engine.priors.load_or_train_prior` reads (so jobs/distil
 prior.path when set. A folder that already holds a trained prior is only measured. Beside the prior it writes
 quality.json and samples.png (rows = classes: first column a real validation image, then its reconstruction, then
 samples generated from noise at the config's decode.guidance_scale / num_steps). quality.json, all on the
-validation split (engine/splits.py), never on test:
+validation split (engine/data/splits.py), never on test:
   val       VAE reconstruction MSE / PSNR;
   samples   --quality-samples per class generated from pure noise (strength 1, the config's guidance), judged by
-            the evaluation's teacher (engine/quality.py): the share it classifies as their class, the Fréchet
+            the evaluation's teacher (engine/evaluate/quality.py): the share it classifies as their class, the Fréchet
             distance of its features to real validation images', k-NN precision / recall;
   real      the same figures for as many real validation images against the rest: what a perfect prior scores
             at this sample size (the Fréchet distance is biased upwards for small samples);
@@ -95,9 +95,9 @@ def generate_samples(prior, decode, per_class: int, batch: int = 500) -> tuple[n
 def sample_quality(config, prior, val, per_class: int) -> dict:
     """quality.json's `samples` and `real` figures (see the module), with the evaluation's teacher."""
     from engine import pipeline
-    from engine.sources import class_names
-    from engine.quality import set_quality, teacher_outputs
-    from engine.train import load_teacher
+    from engine.data.sources import class_names
+    from engine.evaluate.quality import set_quality, teacher_outputs
+    from engine.evaluate.train import load_teacher
 
     teacher_path = pipeline.teacher_cache_path(config)
     if not teacher_path.exists():
@@ -130,12 +130,12 @@ def main(argv: list[str] | None = None) -> Path:
     if config.prior.kind != "tiny":
         raise SystemExit(f"prior.kind={config.prior.kind}: only the tiny prior is trained by the engine")
 
-    from engine.data import sample_split
+    from engine.data.images import sample_split
+    from engine.io.store import atomic_write_json, write_png
     from engine.priors import prior_folder, save_prior_atomically
     from engine.priors.checkpoint import Checkpointer
     from engine.priors.tiny import load_tiny_prior
     from engine.priors.train_tiny import train_tiny_prior
-    from engine.store import atomic_write_json, write_png
 
     folder = prior_folder(config.prior, config.data, config.cache_path)
     if not isinstance(folder, Path):
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> Path:
         log(f"saved {folder}")
 
     prior = load_tiny_prior(folder)
-    # Scored on the validation split (engine/splits.py), never on test: the quality figures choose priors.
+    # Scored on the validation split (engine/data/splits.py), never on test: the quality figures choose priors.
     val = sample_split(config.data, "val", QUALITY_IMAGES, 0)  # bounded
     quality = {"prior": str(folder), "data": config.data.name, "train_seconds_this_run": seconds,
                "val": reconstruction_quality(prior, val.images)}

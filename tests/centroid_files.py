@@ -3,8 +3,8 @@
 import numpy as np
 import pyarrow as pa
 
-from engine import store
-from engine.quantize_stage import class_result_paths
+from engine.io import store
+from engine.quantize.class_task import class_result_paths
 
 
 def write_centroid_files(folder, latents_by_class: dict[int, dict[int, np.ndarray]]) -> dict:

@@ -1,7 +1,8 @@
 import pytest
 import yaml
 
-from engine.config import ConfigError, DistillConfig, config_hash, load_config, save_config
+from engine.config import ConfigError, DistillConfig, config_hash, load_config
+from engine.io.run_folder import save_config
 
 DIGITS = "configs/digits.yaml"
 

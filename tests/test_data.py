@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from engine.config import DataConfig
-from engine.data import BadImage, count_skipped, decode_image_bytes, decode_rows, load_split
-from engine.rows import SourceError
+from engine.data.images import BadImage, count_skipped, decode_image_bytes, decode_rows, load_split
+from engine.data.rows import SourceError
 
 FASHION = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion_mnist"
 
@@ -64,7 +64,7 @@ def test_decode_batch_converts_rgba_and_resizes():
 def test_the_fast_jpeg_path_gives_pils_pixels(shape, quality, subsampling, size, mode):
     from PIL import ImageFilter
 
-    from engine.data import decode_jpeg_fast, to_rgb_square
+    from engine.data.images import decode_jpeg_fast, to_rgb_square
 
     smooth = Image.fromarray(np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)).filter(
         ImageFilter.GaussianBlur(2))
@@ -222,7 +222,7 @@ def test_a_file_that_is_not_parquet_is_named(tmp_path):
 def test_a_bounded_sample_is_stratified_seeded_and_order_free(tmp_path):
     """The tiny prior's training sample: at most `limit` images, the same number per class, the same rows whatever
     the shard order, streamed (never the split decoded whole)."""
-    from engine.data import sample_split
+    from engine.data.images import sample_split
 
     rng = np.random.default_rng(0)
     labels = np.repeat([0, 1, 2], [40, 25, 30])
@@ -243,7 +243,7 @@ def test_a_bounded_sample_is_stratified_seeded_and_order_free(tmp_path):
 
 
 def test_a_reference_sample_may_leave_bad_rows_out_without_judging_the_split(tmp_path):
-    from engine.data import TooManyBadRows, sample_split
+    from engine.data.images import TooManyBadRows, sample_split
 
     good = png_bytes(np.zeros((8, 8), np.uint8), "L")
     write_shard(tmp_path / "train-00000-of-00001.parquet",

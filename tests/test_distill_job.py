@@ -53,7 +53,7 @@ def test_smoke_run_writes_every_output_and_reruns_from_cache(ray_session, tmp_pa
 
     # The manifest came from the writers' records, not a re-read: it equals a re-read of the folder, and only the
     # files Ray Train's workers write (results/) had no record.
-    from engine.manifest import build_manifest
+    from engine.io.manifest import build_manifest
 
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["files"] == build_manifest(run_dir)
@@ -71,9 +71,9 @@ def test_smoke_run_on_an_object_store_run_folder(ray_session, s3_env, tmp_path):
     quantize actors, PNGs from the decoders, results and the teacher from Ray Train), nothing lands locally, and
     the same command again reuses every stage and every student."""
     import distill
-    from engine import store
-    from engine.location import ObjectPath, list_files, location
-    from engine.manifest import verify_manifest
+    from engine.io import store
+    from engine.io.location import ObjectPath, list_files, location
+    from engine.io.manifest import verify_manifest
 
     runs = f"s3://{s3_env['bucket']}/{tmp_path.name}/runs"
     config, _ = distill.parse_args(["--smoke-test", f"runs_dir={runs}", f"cache_dir={tmp_path / 'cache'}"])
@@ -106,7 +106,7 @@ def test_smoke_run_on_an_object_store_run_folder(ray_session, s3_env, tmp_path):
 def test_ray_job_submit_against_a_local_head(tmp_path, s3_env):
     """The cluster way: a job on a head whose processes share one run folder on an object store (the head and
     its workers get the endpoint from the environment, as nodes get credentials from their instance role)."""
-    from engine.location import location
+    from engine.io.location import location
 
     runs = f"s3://{s3_env['bucket']}/{tmp_path.name}/runs"
     out = submit_to_local_head(["python", "jobs/distill.py", "--smoke-test", f"runs_dir={runs}",

@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from engine import store
-from engine.baselines import select_random
 from engine.config import load_config
-from engine.data import load_split
+from engine.data.images import load_split
+from engine.io import store
+from engine.quantize.baselines import select_random
 
 pytestmark = pytest.mark.ray
 
@@ -23,9 +23,9 @@ def test_students_train_with_ddp_on_two_workers(ray_session, tmp_path, monkeypat
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import engine.ray.evaluate
+    from engine.evaluate.train import evaluate_top1, load_teacher
     from engine.pipeline import student_jobs
     from engine.ray.evaluate import evaluate_students
-    from engine.train import evaluate_top1, load_teacher
 
     # A validation slice smaller than the 360 test digits: the test split is streamed, half to each worker.
     monkeypatch.setattr(engine.ray.evaluate, "VAL_IMAGES", 100)
@@ -124,7 +124,7 @@ def test_jobs_on_two_trainers_side_by_side_resume_after_a_kill_with_the_same_res
 
 
 def test_trainers_that_cannot_fit_beside_the_stream_are_refused(ray_session, tmp_path):
-    from engine.checks import RunError
+    from engine.config import RunError
     from engine.ray.jobs import trainer_count
 
     config = load_config(None, ["runtime.concurrent_trainers=3", "runtime.train_cpus_per_worker=0.75"])
@@ -141,9 +141,9 @@ def test_reports_and_val_top1_score_validation_rows_never_test(ray_session, tmp_
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from engine.io.store import png_bytes
     from engine.pipeline import student_jobs
     from engine.ray.evaluate import evaluate_students
-    from engine.store import png_bytes
 
     digits = load_config(None, []).data
     root = tmp_path / "shifted"
@@ -182,8 +182,8 @@ def test_the_validation_slice_is_the_same_rows_whichever_read_task_finishes_firs
     import pyarrow.parquet as pq
 
     import engine.ray.evaluate
+    from engine.io.store import png_bytes
     from engine.ray.evaluate import _stream_inputs
-    from engine.store import png_bytes
 
     root = tmp_path / "two-shards"
     root.mkdir()
@@ -213,10 +213,10 @@ def test_a_wrongly_scaled_teacher_stops_the_run_below_min_teacher_top1(ray_sessi
     falls to chance under it, but trains too slowly for this test), so the wrong scale differs per channel."""
     from safetensors.torch import save_file
 
-    from engine.checks import RunError
+    from engine.config import RunError
     from engine.config import DataConfig, EvaluateConfig
+    from engine.evaluate.train import TrainSet
     from engine.ray.evaluate import prepare_teacher
-    from engine.train import TrainSet
     from tests.training import train_teacher
 
     train = load_split(DataConfig(), "train")
@@ -245,7 +245,7 @@ def test_trainers_are_counted_from_the_autoscalers_largest_cluster(ray_session):
     from ray.core.generated import autoscaler_pb2
     from ray.experimental import internal_kv
 
-    from engine.checks import RunError
+    from engine.config import RunError
     from engine.ray.cluster import Capacity, cluster_capacity
     from engine.ray.jobs import teacher_threads, trainer_count
 

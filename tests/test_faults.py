@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from engine import store
 from engine.config import load_config
-from engine.manifest import build_manifest
+from engine.io import store
+from engine.io.manifest import build_manifest
 from tests import faults
 
 pytestmark = pytest.mark.ray

@@ -66,7 +66,7 @@ def test_decode_is_deterministic_in_bf16(cuda_prior):
 def test_torch_quantizer_on_cuda_matches_the_cpu(k):
     from sklearn.datasets import make_blobs
 
-    from engine.quantize import quantize_class, quantize_device
+    from engine.quantize.quantizer import quantize_class, quantize_device
 
     points, _ = make_blobs(n_samples=1300, centers=12, n_features=256, cluster_std=6.0, random_state=0)
     points = points.astype(np.float32)
@@ -85,8 +85,8 @@ def test_soft_label_student_with_a_teacher_from_disk_trains_on_cuda(tmp_path):
     """The crash this tier exists for: a teacher read from a file must be on the worker's device."""
     from safetensors.torch import save_file
 
-    from engine.students import create_student
-    from engine.train import Targets, TrainSet, Worker, load_teacher, student_recipe, train_student
+    from engine.evaluate.students import create_student
+    from engine.evaluate.train import Targets, TrainSet, Worker, load_teacher, student_recipe, train_student
 
     torch.manual_seed(0)
     save_file(create_student("convnet3", 3, 16, 8).state_dict(), str(tmp_path / "teacher.safetensors"))

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from engine.config import ConfigError, DecodeConfig, load_config
-from engine.students import create_student
-from engine.train import load_teacher
+from engine.evaluate.students import create_student
+from engine.evaluate.train import load_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 LAST_LINE = re.compile(r"^encode_mfu=(\S+) decode_s_per_img=(\S+) quantize_classes_per_s=(\S+) "
@@ -71,7 +71,7 @@ def test_runs_where_ray_faiss_and_pot_are_missing():
     """A GPU machine with torch alone has none of the three: the check's modules import without them, and the quantize
     section compares against the torch path on the CPU instead of faiss."""
     code = ("import sys, runpy; sys.modules.update(ray=None, faiss=None, ot=None); "
-            "import engine.priors.sd15, engine.priors.dit, engine.train, engine.quantize, engine.quantize_torch; "
+            "import engine.priors.sd15, engine.priors.dit, engine.evaluate.train, engine.quantize.quantizer, engine.quantize.lloyd_torch; "
             "sys.argv = ['gpu_check.py', '--dry-run', '--sections', 'peak,quantize']; "
             "runpy.run_path('benchmarks/gpu_check.py', run_name='__main__')")
     out = run(["-c", code])
@@ -82,7 +82,7 @@ def test_runs_where_ray_faiss_and_pot_are_missing():
 
 def test_a_failing_section_is_reported_and_fails_the_run():
     code = ("import sys, runpy; sys.argv = ['gpu_check.py', '--dry-run', '--sections', 'peak,train']; "
-            "import engine.train; engine.train.load_teacher = lambda *a, **k: 1 / 0; "
+            "import engine.evaluate.train; engine.evaluate.train.load_teacher = lambda *a, **k: 1 / 0; "
             "runpy.run_path('benchmarks/gpu_check.py', run_name='__main__')")
     out = run(["-c", code])
     assert out.returncode == 1
@@ -105,7 +105,7 @@ def test_a_missing_wheel_is_named_before_anything_runs():
 def test_the_fp32_row_fails_if_autocast_comes_back_on():
     """The engine's "auto" precision turns bf16 autocast on inside each CUDA step: were the fp32 row to run under
     autocast again (as "auto" does on a GPU; here the step's context is forced on), its hooks stop it."""
-    code = ("import sys, runpy, torch, engine.train as t; "
+    code = ("import sys, runpy, torch, engine.evaluate.train as t; "
             "t.precision_context = lambda device, precision: torch.autocast('cpu', dtype=torch.bfloat16); "
             "sys.argv = ['gpu_check.py', '--dry-run', '--sections', 'peak,train']; "
             "runpy.run_path('benchmarks/gpu_check.py', run_name='__main__')")

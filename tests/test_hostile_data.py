@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from engine.config import DataConfig
-from engine.data import decode_rows
-from engine.readback import read_rows_by_id
-from engine.sources import iter_row_batches, scan_source
+from engine.data.images import decode_rows
+from engine.data.readback import read_rows_by_id
+from engine.data.sources import iter_row_batches, scan_source
 from tests.hostile_data import MAX_BYTES, ROW_BUILDERS, SIZE, SOURCE_CASES, Outcome, png
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,7 +144,7 @@ def test_mutated_images_of_every_format_are_decoded_or_skipped_never_raised(fmt)
 def test_the_priors_sample_takes_hostile_rows_and_counts_them(layout, tmp_path):
     """The tiny prior's training sample reads the same rows before any check runs (string and NaN labels used to
     raise there): bad rows are sampled in a bucket of their own and skipped with their reasons."""
-    from engine.data import sample_split
+    from engine.data.images import sample_split
 
     expect = ROW_BUILDERS[layout](tmp_path / layout)
     sample = sample_split(data_config(layout, tmp_path / layout), "train", limit=300, seed=0)
@@ -161,8 +161,8 @@ def test_a_run_on_hostile_data_files_every_real_image_under_its_own_class(tmp_pa
     import distill
     import pyarrow.parquet as pq
 
-    from engine.data import load_split
-    from engine.store import read_image
+    from engine.data.images import load_split
+    from engine.io.store import read_image
 
     ROW_BUILDERS["parquet"](tmp_path / "data")
     data = ["data.source=parquet", f"data.path={tmp_path / 'data'}", "data.name=hostile", "data.val_fraction=0.2",

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from engine.data import decode_rows
-from engine.sources import read_class_names, shard_paths
+from engine.data.images import decode_rows
+from engine.data.sources import read_class_names, shard_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -1,4 +1,4 @@
-"""engine/location.py and the run-folder store on an object store (a local S3 endpoint, tests/object_store.py):
+"""engine/io/location.py and the run-folder store on an object store (a local S3 endpoint, tests/object_store.py):
 the same calls as on a local folder, with the object store's own rules (no rename, no append, no folders)."""
 
 import pickle
@@ -8,9 +8,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from engine import store
-from engine.location import ObjectPath, list_files, location, ray_storage, remove_tree
-from engine.manifest import build_manifest, verify_manifest, write_manifest
+from engine.io import store
+from engine.io.location import ObjectPath, list_files, location, ray_storage, remove_tree
+from engine.io.manifest import build_manifest, verify_manifest, write_manifest
 
 
 @pytest.fixture
@@ -116,8 +116,8 @@ def test_a_missing_bucket_is_one_clear_sentence(s3_env, tmp_path, capsys):
 def test_parquet_shards_read_from_an_object_store(remote, tmp_path):
     """data.path=s3://...: shards and classes.txt are listed and read through pyarrow, as from a local folder."""
     from engine.config import DataConfig
-    from engine.data import load_split
-    from engine.sources import class_names, shard_paths
+    from engine.data.images import load_split
+    from engine.data.sources import class_names, shard_paths
     from tests.test_reliability import write_toy_dataset
 
     write_toy_dataset(tmp_path / "toy", "cat dog", {0: 3, 1: 2})
@@ -137,7 +137,7 @@ def test_a_prior_on_an_object_store_is_copied_once_per_machine_then_loaded(remot
     """prior.path=s3://...: every actor loads a local copy (diffusers loads local folders), made once per machine."""
     import torch
 
-    from engine.location import PUBLISHED, local_copy, publish_folder
+    from engine.io.location import PUBLISHED, local_copy, publish_folder
     from engine.priors import load_prior
     from tests.conftest import CLASS_NAMES
 
@@ -181,7 +181,7 @@ def test_fsspec_protocols_go_through_pyarrows_wrapper(request):
 
 
 def test_shared_places_are_uris_or_inside_a_declared_mount(tmp_path, monkeypatch):
-    from engine.location import is_shared_place
+    from engine.io.location import is_shared_place
 
     assert is_shared_place("s3://bucket/runs") and is_shared_place("gs://bucket/x", ("/mnt/efs",))
     assert not is_shared_place("runs") and not is_shared_place("/mnt/efs/runs")  # nothing declared
@@ -196,7 +196,7 @@ def test_shared_places_are_uris_or_inside_a_declared_mount(tmp_path, monkeypatch
 
 def test_a_prior_is_published_once_to_a_shared_mount(saved_prior, tmp_path):
     """With runs_dir on a mount every node sees, the prior the driver trained is copied there (marker last)."""
-    from engine.location import PUBLISHED, publish_folder
+    from engine.io.location import PUBLISHED, publish_folder
 
     place = publish_folder(saved_prior, tmp_path / "efs" / "priors" / "tiny")
     assert place == tmp_path / "efs" / "priors" / "tiny" and (place / PUBLISHED).read_text().strip() == str(saved_prior)

@@ -21,8 +21,8 @@ DECODED_MB = IMAGES * SIZE * SIZE * 3 / 2**20  # 215 MiB
 PROBE = """
 import json, resource, sys
 from engine.config import DataConfig
-from engine.data import decode_rows, sample_split
-from engine.readback import read_rows_by_id
+from engine.data.images import decode_rows, sample_split
+from engine.data.readback import read_rows_by_id
 
 def peak_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

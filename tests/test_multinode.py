@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from engine.checks import RunError
+from engine.config import RunError
 from engine.config import ConfigError, load_config
 from engine.pipeline import check_cluster_places, shared_cache, teacher_cache_path
 
@@ -93,7 +93,7 @@ def test_the_teacher_cache_goes_under_a_shared_runs_dir(tmp_path, s3_env):
 
 
 def test_stage_records_name_the_nodes_that_did_the_work_when_known(tmp_path):
-    from engine import store
+    from engine.io import store
 
     store.mark_stage_finished(tmp_path, "encode", "k1", ("b" * 56, "a" * 56), images=5)
     store.mark_stage_finished(tmp_path, "real_sets", "k2")  # a stage whose workers report no node
@@ -111,8 +111,8 @@ def write_digits_shards(root, bad_rows: int = 3) -> None:
     from PIL import Image
 
     from engine.config import DataConfig
-    from engine.data import load_split
-    from engine.store import atomic_write_bytes, table_bytes
+    from engine.data.images import load_split
+    from engine.io.store import atomic_write_bytes, table_bytes
 
     def png(image) -> bytes:
         buffer = io.BytesIO()
@@ -138,8 +138,8 @@ def write_digits_shards(root, bad_rows: int = 3) -> None:
 def deterministic_outputs(run_dir) -> dict[str, str]:
     """{file: sha256} of what a run must reproduce whatever the nodes: latents, skipped rows, the quantizer's
     centroid files and picks, the decoded sets with their images (the quantizer's timings left out of its stats)."""
-    from engine.location import list_files
-    from engine.store import read_table
+    from engine.io.location import list_files
+    from engine.io.store import read_table
 
     out = {}
     for name in list_files(run_dir):
@@ -153,7 +153,7 @@ def deterministic_outputs(run_dir) -> dict[str, str]:
 
 
 def computed_nodes(run_dir) -> dict[str, set[str]]:
-    from engine import store
+    from engine.io import store
 
     return {h["stage"]: set(h["node_ids"]) for h in store.stage_history(run_dir) if h.get("node_ids")}
 
@@ -216,7 +216,7 @@ def test_the_smoke_path_on_two_nodes_uses_both_and_equals_one_node(s3_env, tmp_p
     import ray
 
     from engine import pipeline
-    from engine.location import location
+    from engine.io.location import location
 
     root = location(f"s3://{s3_env['bucket']}/{tmp_path.name}")
     write_digits_shards(root / "digits")

@@ -23,7 +23,7 @@ from engine.priors import load_prior
 from engine.priors.base import Resolution, check_prior_folder, denoiser_resolution
 from engine.priors.dit import DIT_XL2_256, SD_VAE_FT_MSE, build_dit_prior, load_dit_prior
 from engine.priors.sd15 import SD15_UNET, SD15_VAE, build_sd15_prior, load_sd15_prior, write_byte_tokenizer
-from engine.quantize import quantize_class
+from engine.quantize.quantizer import quantize_class
 from jobs.convert_weights import convert_folder
 from tests.priors_small import (DIT_SMALL, LAYOUTS, SD15_SMALL, edit_config, save_dit_hub_layout, save_in_layout,
                                 weighted_modules)
@@ -435,9 +435,9 @@ def test_sd15_through_the_ray_encode_and_decode_stages(ray_session, tmp_path, sd
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from engine.ray.encode import encode_to_parquet
+    from engine.io import store
     from engine.ray.decode import decode_centroids_to_sets
-    from engine import store
+    from engine.ray.encode import encode_to_parquet
 
     rng = np.random.default_rng(0)
     rows = []

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine.config import DataConfig, DecodeConfig, load_config
-from engine.data import load_split
+from engine.data.images import load_split
 from engine.priors import load_or_train_prior, prior_cache_folder
 from engine.priors.checkpoint import Checkpointer
 from engine.priors.train_tiny import one_cycle, train_tiny_prior
@@ -72,8 +72,8 @@ def test_train_prior_job_writes_the_folder_distill_loads(tmp_path):
     from safetensors.torch import save_file
 
     from engine.config import EvaluateConfig
+    from engine.evaluate.train import TrainSet
     from engine.pipeline import teacher_cache_path
-    from engine.train import TrainSet
     from tests.training import train_teacher
     from jobs.train_prior import main
 

@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from engine import augment
 from engine.config import DataConfig, EvaluateConfig
-from engine.data import load_split
-from engine.protocols import (IMAGENET, SYMMETRIC, InputNorm, apply_plan, attach_input_norm, get_protocol,
+from engine.data.images import load_split
+from engine.evaluate import augment
+from engine.evaluate.protocols import (IMAGENET, SYMMETRIC, InputNorm, apply_plan, attach_input_norm, get_protocol,
                               input_norm_of, plan_batch, student_norm, teacher_norm, weighted_ce_loss,
                               weighted_kd_loss)
-from engine.students import create_student
-from engine.train import Targets, TrainSet, generate_soft_labels, student_recipe, train_student
+from engine.evaluate.students import create_student
+from engine.evaluate.train import Targets, TrainSet, generate_soft_labels, student_recipe, train_student
 from tests.training import to_float
 
 
@@ -57,9 +57,9 @@ def test_cutmix_mixes_pixels_and_weights_with_the_same_lambda():
 
 
 def test_fkd_replay_gives_the_generated_crops_and_logits(small_set, tmp_path, monkeypatch):
-    import engine.train
+    import engine.evaluate.train
 
-    monkeypatch.setattr(engine.train, "SOFT_LABEL_CHUNK_STEPS", 3)  # 4 steps: two chunk files, read one at a time
+    monkeypatch.setattr(engine.evaluate.train, "SOFT_LABEL_CHUNK_STEPS", 3)  # 4 steps: two chunk files, read one at a time
     config = EvaluateConfig(width=8, batch_size=16, protocol="fkd", flip=True)
     teacher = create_student("convnet3", 10, 16, 8).eval()
     stored = generate_soft_labels(small_set, teacher, 2, config, seed=5, folder=tmp_path / "labels")
@@ -74,7 +74,7 @@ def test_fkd_replay_gives_the_generated_crops_and_logits(small_set, tmp_path, mo
         seen.append((step, x.detach()))
         return weighted_kd_loss(logits, stored.logits(step)[mine].float(), w, config.temperature)
 
-    from engine.train import Recipe, fit
+    from engine.evaluate.train import Recipe, fit
 
     fit(create_student("convnet3", 10, 16, 8), small_set, stored.steps, Recipe(get_protocol("fkd"), config, 5),
         replayed_batches)
@@ -138,7 +138,7 @@ KNOWN = InputNorm((0.1, 0.3, 0.7), (0.2, 0.4, 0.3))  # no real model's: an input
 
 def _first_conv_input(model: torch.nn.Module, images: np.ndarray) -> torch.Tensor:
     """What the first convolution of `model` receives when it is fed `images` as every caller feeds it."""
-    from engine.train import model_input
+    from engine.evaluate.train import model_input
 
     seen = []
     conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
@@ -181,7 +181,7 @@ def test_load_teacher_scales_a_given_timm_teacher_as_its_weights_were_trained(tm
     teacher_mean/std those; trained by the engine (no teacher_path) the students' scale, here [-1, 1]."""
     from safetensors.torch import save_file
 
-    from engine.train import load_teacher
+    from engine.evaluate.train import load_teacher
 
     path = tmp_path / "resnet18.safetensors"
     save_file(create_student("resnet18", 10, 64).state_dict(), str(path))
@@ -198,7 +198,7 @@ def test_load_teacher_scales_a_given_timm_teacher_as_its_weights_were_trained(tm
 
 
 def test_students_take_imagenet_scale_at_imagenet_size_and_the_small_sets_keep_theirs(pictures):
-    from engine.train import Worker, new_model
+    from engine.evaluate.train import Worker, new_model
 
     auto = EvaluateConfig()
     assert student_norm(auto, 16) == SYMMETRIC and student_norm(auto, 28) == SYMMETRIC
@@ -214,7 +214,7 @@ def test_students_take_imagenet_scale_at_imagenet_size_and_the_small_sets_keep_t
 
 def test_one_augmented_batch_reaches_student_and_online_teacher_each_at_its_scale(small_set):
     """rded: the teacher labels the very batch the student trains on; each network rescales it itself."""
-    from engine.train import student_loss
+    from engine.evaluate.train import student_loss
 
     teacher = attach_input_norm(create_student("convnet3", 10, 16, 8), KNOWN).eval()
     seen = []

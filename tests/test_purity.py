@@ -10,12 +10,12 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PURE = ["engine.config", "engine.data", "engine.encode", "engine.decode", "engine.quantize", "engine.transport",
-        "engine.store", "engine.students", "engine.train", "engine.baselines", "engine.priors",
+PURE = ["engine.config", "engine.data.images", "engine.encode", "engine.decode", "engine.quantize.quantizer", "engine.quantize.transport",
+        "engine.io.store", "engine.evaluate.students", "engine.evaluate.train", "engine.quantize.baselines", "engine.priors",
         "engine.priors.tiny", "engine.priors.train_tiny", "engine.priors.base", "engine.priors.sd15",
-        "engine.priors.dit", "engine.priors.checkpoint", "engine.report", "engine.protocols", "engine.augment",
-        "engine.sets", "engine.manifest", "engine.checks", "engine.faults", "engine.pipeline", "engine.quantize_stage",
-        "engine.location", "engine.sources", "engine.readback", "engine.stats"]
+        "engine.priors.dit", "engine.priors.checkpoint", "engine.report.run_report", "engine.evaluate.protocols", "engine.evaluate.augment",
+        "engine.evaluate.sets", "engine.io.manifest", "engine.checks", "engine.faults", "engine.pipeline", "engine.quantize.class_task",
+        "engine.io.location", "engine.data.sources", "engine.data.readback", "engine.report.stats"]
 SCANNED = [p for d in ("engine", "jobs", "tune", "benchmarks") for p in sorted((ROOT / d).rglob("*.py"))]
 
 
@@ -142,7 +142,7 @@ ATOMIC_BY_CALLER = {
     "engine/priors/dit.py": "DiTPrior.save: same contract as TinyPrior.save (tests build folders with it)",
     "engine/priors/checkpoint.py": "a checkpoint folder counts only once its state pointer is os.replace'd after it",
     "engine/priors/train_tiny.py": "calls PriorCheckpoint.save (engine/priors/checkpoint.py), atomic by its pointer",
-    "engine/location.py": "ObjectPath writes one object store PUT, published whole when the stream closes",
+    "engine/io/location.py": "ObjectPath writes one object store PUT, published whole when the stream closes",
 }
 
 

@@ -1,10 +1,10 @@
-"""engine/quality.py on known cases: identical sets, shifted and disjoint clusters, and a real teacher."""
+"""engine/evaluate/quality.py on known cases: identical sets, shifted and disjoint clusters, and a real teacher."""
 
 import numpy as np
 import pytest
 import torch
 
-from engine.quality import frechet_distance, knn_radii, precision_recall, set_quality, teacher_outputs
+from engine.evaluate.quality import frechet_distance, knn_radii, precision_recall, set_quality, teacher_outputs
 
 
 def gaussian(n: int, d: int, seed: int, shift: float = 0.0) -> np.ndarray:
@@ -53,8 +53,8 @@ def test_knn_radii_exclude_the_point_itself_and_work_in_chunks():
 
 def test_set_quality_with_a_trained_teacher_tells_real_digits_from_noise():
     from engine.config import DataConfig, EvaluateConfig
-    from engine.data import load_split
-    from engine.train import TrainSet
+    from engine.data.images import load_split
+    from engine.evaluate.train import TrainSet
     from tests.training import train_teacher
 
     data = DataConfig()
@@ -73,7 +73,7 @@ def test_set_quality_with_a_trained_teacher_tells_real_digits_from_noise():
 
 
 def test_a_validation_split_of_one_image_gives_no_distances_instead_of_failing():
-    from engine.quality import quality_of_features
+    from engine.evaluate.quality import quality_of_features
 
     rng = np.random.default_rng(0)
     quality = quality_of_features(rng.normal(size=(6, 4)), np.zeros(6, int), np.zeros(6, int), rng.normal(size=(1, 4)))

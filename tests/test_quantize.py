@@ -4,9 +4,9 @@ from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 
 from engine.config import QuantizeConfig
-from engine.quantize import quantize_and_measure, quantize_class, weights_from_counts
-from engine.quantize_torch import kmeans_plus_plus
-from engine.transport import distortion, squared_distances
+from engine.quantize.lloyd_torch import kmeans_plus_plus
+from engine.quantize.quantizer import quantize_and_measure, quantize_class, weights_from_counts
+from engine.quantize.transport import distortion, squared_distances
 
 
 @pytest.fixture

@@ -2,10 +2,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from engine import store
 from engine.config import QuantizeConfig
-from engine.baselines import select_herding, select_kcenter
-from engine.quantize_stage import (class_picks_path, class_result_paths, gather_centroid_weights, gather_class_stats,
+from engine.io import store
+from engine.quantize.baselines import select_herding, select_kcenter
+from engine.quantize.class_task import (class_picks_path, class_result_paths, gather_centroid_weights, gather_class_stats,
                                   gather_picks, quantize_class_folder)
 
 

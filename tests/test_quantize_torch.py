@@ -1,4 +1,4 @@
-"""The torch quantizer (engine/quantize_torch.py), run on the CPU here: the same algorithm as the faiss path, so the
+"""The torch quantizer (engine/quantize/lloyd_torch.py), run on the CPU here: the same algorithm as the faiss path, so the
 same objective, and the device selection that keeps a quantize actor given a GPU off the CPU."""
 
 from functools import partial
@@ -9,11 +9,11 @@ import torch
 from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 
-import engine.quantize_torch
+import engine.quantize.lloyd_torch
 from engine.config import QuantizeConfig
-from engine.quantize import quantize_class, quantize_device
-from engine.quantize_torch import lloyd_torch
-from engine.transport import distortion, squared_distances
+from engine.quantize.lloyd_torch import lloyd_torch
+from engine.quantize.quantizer import quantize_class, quantize_device
+from engine.quantize.transport import distortion, squared_distances
 
 quantize_with_torch = partial(quantize_class, backend="torch")
 
@@ -131,9 +131,9 @@ def test_quantize_device(monkeypatch):
 
 def test_cuda_without_faiss_gpu_takes_the_torch_path(monkeypatch, blobs):
     calls = []
-    monkeypatch.setattr("engine.quantize.faiss_sees_gpu", lambda: False)
-    on_cpu = engine.quantize_torch.TorchLloyd
-    monkeypatch.setattr(engine.quantize_torch, "TorchLloyd",
+    monkeypatch.setattr("engine.quantize.quantizer.faiss_sees_gpu", lambda: False)
+    on_cpu = engine.quantize.lloyd_torch.TorchLloyd
+    monkeypatch.setattr(engine.quantize.lloyd_torch, "TorchLloyd",
                         lambda latents, k, config, device: calls.append((k, device)) or on_cpu(latents, k, config, "cpu"))
     assert quantize_class(blobs[0], 3, device="cuda").k == 3 and calls == [(3, "cuda")]
     with pytest.raises(ValueError, match="runs on the CPU only"):  # never a silent CPU run on a GPU actor

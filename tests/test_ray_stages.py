@@ -7,10 +7,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from engine import store
 from engine.config import load_config
-from engine.quantize import quantize_class
-from engine.quantize_stage import class_result_paths
+from engine.io import store
+from engine.quantize.class_task import class_result_paths
+from engine.quantize.quantizer import quantize_class
 from engine.ray.decode import decode_centroids_to_sets
 
 pytestmark = pytest.mark.ray
@@ -23,11 +23,11 @@ def config(tmp_path, saved_prior):
 
 
 def test_encode_quantize_decode_on_ray(ray_session, config, saved_prior, tmp_path):
-    from engine.ray.encode import encode_to_parquet
-    from engine.ray.quantize import quantize_classes
-    from engine.data import load_split
+    from engine.data.images import load_split
     from engine.encode import encode_images
     from engine.priors.tiny import load_tiny_prior
+    from engine.ray.encode import encode_to_parquet
+    from engine.ray.quantize import quantize_classes
 
     latents_dir = tmp_path / "latents"
     count, records = encode_to_parquet(config, saved_prior, latents_dir)

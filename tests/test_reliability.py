@@ -18,9 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
-from engine import store
-from engine.checks import RunError, check_finite_centroids, check_finite_parameters
-from engine.manifest import build_manifest, diff_manifests, read_manifest, verify_manifest, write_manifest
+from engine.checks import check_finite_centroids, check_finite_parameters
+from engine.config import RunError
+from engine.io import store
+from engine.io.manifest import build_manifest, diff_manifests, read_manifest, verify_manifest, write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "jobs"))

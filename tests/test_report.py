@@ -1,4 +1,4 @@
-"""engine/report.py on a small run folder written with the store's own writers (no Ray, ~5 s)."""
+"""engine/report/run_report.py on a small run folder written with the store's own writers (no Ray, ~5 s)."""
 
 import json
 import re
@@ -7,8 +7,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from engine import store
-from engine.report import flatten_counts, write_report
+from engine.io import store
+from engine.report.run_report import flatten_counts, write_report
 
 
 def make_run(run_dir, ipcs=(1, 3), classes=3, with_results=True, names=None):
@@ -95,7 +95,7 @@ def test_report_numbers_match_metrics(tmp_path):
     ddoq3 = [r["top1"] for r in metrics["results"] if r["method"] == "ddoq" and r["ipc"] == 3]
     assert f"{np.mean(ddoq3) * 100:.3f}" in text
     random3 = [r["top1"] for r in metrics["results"] if r["method"] == "random" and r["ipc"] == 3]
-    assert f"<td>{100 * (np.mean(ddoq3) - np.mean(random3)):+.1f}</td>" in text  # Δ random, from engine/stats.py
+    assert f"<td>{100 * (np.mean(ddoq3) - np.mean(random3)):+.1f}</td>" in text  # Δ random, from engine/report/stats.py
     assert "<th>p (Welch)</th>" in text and "<th>LRS</th>" in text and "label-robust score" in text
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics  # the report never rewrites metrics
 

@@ -56,7 +56,7 @@ def test_results_table_shows_the_difference_to_random_its_p_value_and_lrs(tmp_pa
     import results
     from scipy.stats import ttest_ind
 
-    from engine.stats import label_robust_score
+    from engine.report.stats import label_robust_score
 
     ddoq, random, full = [0.71, 0.73, 0.72], [0.65, 0.66, 0.70], [0.95, 0.97]
     rows = [dict(BASE, method="ddoq", weights="mass", ipc=10, seed=s, top1=t) for s, t in enumerate(ddoq)]

@@ -1,4 +1,4 @@
-"""Run folders contain their run (engine/run_folder.py): another configuration's run, or files the engine did not
+"""Run folders contain their run (engine/io/run_folder.py): another configuration's run, or files the engine did not
 write, are refused in one sentence or cleared with --overwrite; a re-used folder's sets hold this run's images only."""
 
 from __future__ import annotations
@@ -8,10 +8,11 @@ import dataclasses
 import numpy as np
 import pytest
 
-from engine import store
-from engine.checks import RunError
-from engine.config import ConfigError, load_config, save_config
-from engine.run_folder import Keep, check_run_folder, prune_run_folder
+from engine.config import RunError
+from engine.config import ConfigError, load_config
+from engine.io import store
+from engine.io.run_folder import save_config
+from engine.io.run_folder import Keep, check_run_folder, prune_run_folder
 
 
 @pytest.fixture

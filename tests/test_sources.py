@@ -1,4 +1,4 @@
-"""ImageFolder trees and WebDataset tars (engine/sources.py, engine/ray/readers.py): tiny generated sets with bad
+"""ImageFolder trees and WebDataset tars (engine/data/sources.py, engine/ray/readers.py): tiny generated sets with bad
 files; every row converted or skipped with its reason, counts exact, Ray Data rows equal to the in-process ones."""
 
 import hashlib
@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from engine.config import DataConfig
-from engine.data import count_skipped, decode_image_bytes, decode_rows, load_split
-from engine.rows import SourceError
-from engine.sources import TAR_DAMAGE, class_names, iter_row_batches, iter_tar_samples, scan_source
+from engine.data.images import count_skipped, decode_image_bytes, decode_rows, load_split
+from engine.data.rows import SourceError
+from engine.data.sources import TAR_DAMAGE, class_names, iter_row_batches, iter_tar_samples, scan_source
 
 SIZE = 8
 NOT_AN_IMAGE = b"not an image at all\n" * 20
@@ -258,7 +258,7 @@ def test_tar_keys_follow_webdataset_and_stay_unique():
 
 
 def test_sources_never_import_ray():
-    code = "import sys, engine.sources, engine.data; print('ray' in sys.modules)"
+    code = "import sys, engine.data.sources, engine.data.images; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -270,7 +270,7 @@ def copy_tree(local: Path, remote) -> None:
 
 
 def test_both_layouts_read_from_an_object_store(imagefolder, webdataset, s3_env):
-    from engine.location import location
+    from engine.io.location import location
 
     for local, config in ((imagefolder, folder_config), (webdataset, wds_config)):
         remote = location(f"s3://{s3_env['bucket']}/test_sources/{local.name}")
@@ -308,7 +308,7 @@ def digest(data: bytes | None) -> str | None:
 @pytest.mark.ray
 @pytest.mark.parametrize("kind", [*sorted(CONFIGS), "imagefolder@s3", "webdataset@s3"])
 def test_ray_readers_give_the_in_process_rows(kind, request, ray_session, s3_env):
-    from engine.location import location
+    from engine.io.location import location
     from engine.ray.readers import read_source_rows
 
     source, _, store = kind.partition("@")
@@ -376,7 +376,7 @@ def test_parquet_read_tasks_are_whole_row_groups_in_shard_order(tmp_path, ray_se
 
 
 def test_imagenet_class_names_ship_in_synset_order_and_are_unique():
-    from engine.sources import read_classes_file
+    from engine.data.sources import read_classes_file
 
     synsets, names = read_classes_file(Path(__file__).resolve().parents[1] / "configs" / "imagenet1k_classes.txt")
     assert len(synsets) == 1000 and list(synsets) == sorted(synsets) and len(set(names)) == 1000
@@ -393,7 +393,7 @@ def test_imagenet_class_names_ship_in_synset_order_and_are_unique():
 def test_class_lines_are_parsed_the_same_in_every_source(text, names, tmp_path):
     """One parser: the same classes.txt gives the same names (the prompts) from parquet, WebDataset and an
     ImageFolder whose folders are the lines' keys."""
-    from engine.sources import parse_class_lines
+    from engine.data.sources import parse_class_lines
 
     keys, _ = parse_class_lines(text)
     for source in ("parquet", "webdataset", "imagefolder"):

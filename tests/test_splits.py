@@ -1,4 +1,4 @@
-"""The validation split (engine/splits.py): carved from train by a seeded coin per row id, disjoint from train and
+"""The validation split (engine/data/splits.py): carved from train by a seeded coin per row id, disjoint from train and
 test, stratified, the same rows whoever reads it, and never what the students, teacher or prior train on."""
 
 import io
@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from engine.config import ConfigError, DataConfig, load_config
-from engine.data import load_split, sample_split
-from engine.sources import count_rows, iter_row_batches, parquet_table
-from engine.splits import in_split, rows_of_split, source_split, val_coin
+from engine.data.images import load_split, sample_split
+from engine.data.sources import count_rows, iter_row_batches, parquet_table
+from engine.data.splits import in_split, rows_of_split, source_split, val_coin
 
 CLASSES, PER_CLASS = 4, 300
 
@@ -94,7 +94,8 @@ def test_val_fraction_is_checked():
 
 
 def test_a_run_without_a_validation_split_stops_before_it_starts():
-    from engine.checks import RunError, check_run_inputs
+    from engine.checks import check_run_inputs
+    from engine.config import RunError
 
     config = load_config(None, ["data.val_fraction=0"])
     with pytest.raises(RunError, match="val_fraction=0 leaves no validation split"):

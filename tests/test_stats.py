@@ -1,4 +1,4 @@
-"""engine/stats.py: Welch's t-test and DD-Ranking's LRS on fixed numbers, and the comparison with `random` that
+"""engine/report/stats.py: Welch's t-test and DD-Ranking's LRS on fixed numbers, and the comparison with `random` that
 every results table shows (the end-of-run table, jobs/results.py, report.html)."""
 
 import math
@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from engine.stats import compare_to_random, format_p, label_robust_score, welch_t_test
+from engine.report.stats import compare_to_random, format_p, label_robust_score, welch_t_test
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
 
@@ -108,7 +108,7 @@ def test_end_of_run_table_shows_difference_p_and_lrs():
 
 
 def test_report_table_shows_difference_p_and_lrs():
-    from engine.report import results_table
+    from engine.report.run_report import results_table
 
     frame = pd.DataFrame(rows("ddoq", "mass", 10, A) + rows("random", "none", 10, B) + rows("full", "none", 0, [0.9]))
     table = results_table(frame).set_index(["method", "ipc"])

@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from engine import store
+from engine.io import store
 
 
 def test_atomic_write_leaves_no_temporary_files(tmp_path):

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine.baselines import select_herding, select_kcenter, select_random
 from engine.config import DataConfig, EvaluateConfig
-from engine.data import load_split
-from engine.students import create_student
-from engine.protocols import get_protocol
-from engine.train import (Recipe, Reporting, Stream, Targets, TrainSet, Worker, evaluate_top1, fit, student_recipe,
+from engine.data.images import load_split
+from engine.evaluate.protocols import get_protocol
+from engine.evaluate.students import create_student
+from engine.quantize.baselines import select_herding, select_kcenter, select_random
+from engine.evaluate.train import (Recipe, Reporting, Stream, Targets, TrainSet, Worker, evaluate_top1, fit, student_recipe,
                           train_student)
 from tests.training import train_teacher
 
@@ -134,7 +134,7 @@ def test_streamed_training_learns_as_well_as_in_memory_training():
     batches, so they are compared by what they learn: the same teacher recipe and steps, top-1 on the held-out
     digits within 8 points of each other. Measured over seeds 0-2: in memory 81.1-87.5 %, streamed 81.7-88.1 %,
     at most 2.8 points apart for a seed, while the seeds of one loop spread 6.4 points."""
-    from engine.train import fit_stream, new_model, stream_steps, teacher_loss, teacher_recipe
+    from engine.evaluate.train import fit_stream, new_model, stream_steps, teacher_loss, teacher_recipe
 
     train, test = load_split(DataConfig(val_fraction=0), "train"), load_split(DataConfig(val_fraction=0), "test")
     config = EvaluateConfig(width=16, teacher_epochs=4, batch_size=64)
@@ -154,7 +154,7 @@ def test_streamed_training_learns_as_well_as_in_memory_training():
 
 def test_streamed_training_resumes_from_its_last_epoch_checkpoint(tmp_path):
     """Killed after epoch 2 of 4, a streamed job resumes at epoch 2 and ends with the weights of an unbroken run."""
-    from engine.train import fit_stream, new_model, teacher_loss, teacher_recipe
+    from engine.evaluate.train import fit_stream, new_model, teacher_loss, teacher_recipe
 
     train = load_split(DataConfig(), "train")
     keep = np.arange(0, len(train), 4)
@@ -187,7 +187,7 @@ def test_every_module_and_batch_is_on_the_workers_device(device, tmp_path):
     and held-out scoring) are on the device the worker was given."""
     from safetensors.torch import save_file
 
-    from engine.train import count_correct, fit_stream, load_teacher, new_model, student_loss
+    from engine.evaluate.train import count_correct, fit_stream, load_teacher, new_model, student_loss
 
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
@@ -209,9 +209,9 @@ def test_every_module_and_batch_is_on_the_workers_device(device, tmp_path):
         handles.append(model.register_forward_pre_hook(record))
         return model
 
-    import engine.train
+    import engine.evaluate.train
 
-    engine.train.new_model = hooked_model
+    engine.evaluate.train.new_model = hooked_model
     try:
         student = train_student(data, Targets(teacher), 10, "convnet3", 2, student_recipe(config, seed=0),
                                 worker=worker)
@@ -222,7 +222,7 @@ def test_every_module_and_batch_is_on_the_workers_device(device, tmp_path):
         for model in (student, streamed, teacher):
             count_correct(model, [(torch.from_numpy(data.images), torch.from_numpy(data.labels))])
     finally:
-        engine.train.new_model = original
+        engine.evaluate.train.new_model = original
         for handle in handles:
             handle.remove()
     assert {name for name, _, _ in seen} == {"ConvNet"} and len(seen) > 10
@@ -230,7 +230,7 @@ def test_every_module_and_batch_is_on_the_workers_device(device, tmp_path):
 
 
 def test_timed_epochs_records_every_epoch_and_the_steady_rate_skips_the_first():
-    from engine.train import steady_images_per_s, timed_epochs
+    from engine.evaluate.train import steady_images_per_s, timed_epochs
 
     def batches(epoch):
         if epoch == 0:
@@ -250,8 +250,8 @@ def test_a_teacher_trained_here_is_loaded_back_at_the_scale_it_trained_at(tmp_pa
     without a config as the set-quality judge calls it, reads the saved weights at that same scale: same logits."""
     from safetensors.torch import save_file
 
-    from engine.protocols import IMAGENET, input_norm_of, teacher_norm
-    from engine.train import load_teacher, model_input, new_model
+    from engine.evaluate.protocols import IMAGENET, input_norm_of, teacher_norm
+    from engine.evaluate.train import load_teacher, model_input, new_model
 
     torch.manual_seed(0)
     trained = new_model("convnet3", 10, 64, 8, Worker(), teacher_norm(EvaluateConfig(), 64)).eval()

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from engine.config import ConfigError, DataConfig, load_config
-from engine.data import (
+from engine.data.images import (
     decode_image_bytes,
     decode_rows,
     load_split,

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from engine.config import QuantizeConfig
-from engine.quantize import quantize_class, weights_from_counts
-from engine.transport import distortion, squared_distances, w2_distance
+from engine.quantize.quantizer import quantize_class, weights_from_counts
+from engine.quantize.transport import distortion, squared_distances, w2_distance
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from engine import store
 from engine.config import ConfigError, load_config
-from engine.location import ObjectPath
+from engine.io import store
+from engine.io.location import ObjectPath
 from tests.local_head import submit_to_local_head
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,7 +120,7 @@ def write_digits_parquet(root: Path, test_rows: int) -> Path:
     import pyarrow as pa
     from PIL import Image
 
-    from engine.data import load_split
+    from engine.data.images import load_split
 
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
@@ -262,7 +262,7 @@ def test_smoke_sweep_runs_4_trials_and_shares_encode_and_quantize(ray_session, t
 def test_ray_job_submit_sweep_against_a_local_head(tmp_path, s3_env):
     """`ray job submit --working-dir . -- python tune/sweep.py --smoke-test` on a real `ray start --head`, the sweep
     folder (shared stages, trials, Tune's own files) on an object store."""
-    from engine.location import list_files, location
+    from engine.io.location import list_files, location
 
     runs = location(f"s3://{s3_env['bucket']}/{tmp_path.name}/runs")
     out = submit_to_local_head(["python", "tune/sweep.py", "--smoke-test", f"runs_dir={runs}",

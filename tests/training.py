@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from engine.config import EvaluateConfig
-from engine.protocols import standardize, teacher_norm
-from engine.train import TrainSet, Worker, epochs_to_steps, fit, image_tensor, new_model, teacher_loss, teacher_recipe
+from engine.evaluate.protocols import standardize, teacher_norm
+from engine.evaluate.train import TrainSet, Worker, epochs_to_steps, fit, image_tensor, new_model, teacher_loss, teacher_recipe
 
 
 def to_float(images: np.ndarray) -> torch.Tensor:

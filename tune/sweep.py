@@ -31,7 +31,7 @@ import yaml  # noqa: E402
 
 from engine import pipeline  # noqa: E402
 from engine.config import ConfigError, DistillConfig, config_hash, config_to_dict, load_config  # noqa: E402
-from engine.location import location, ray_storage  # noqa: E402
+from engine.io.location import location, ray_storage  # noqa: E402
 
 DEFAULT_SPACE = ROOT / "tune" / "spaces" / "digits.yaml"
 SMOKE_SPACE = ROOT / "tune" / "spaces" / "smoke.yaml"
@@ -153,8 +153,8 @@ def run_trial(params: dict, base: DistillConfig, space: SearchSpace, sweep_dir: 
     from ray.tune.integration.ray_train import TuneReportCallback
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from engine import store
-    from engine.config import save_config
+    from engine.io import store
+    from engine.io.run_folder import save_config
 
     config = trial_config(base, space, params, sweep_dir)
     finished = config.run_dir / "metrics.json"
@@ -252,7 +252,7 @@ def trials_table(grid, space: SearchSpace, jobs_per_trial: int, finished_rows=la
     metrics.json), or None."""
     rows = []
     for result in grid:
-        # A trial is ranked by validation top-1 (engine/splits.py), never by test: the mean over its jobs.
+        # A trial is ranked by validation top-1 (engine/data/splits.py), never by test: the mean over its jobs.
         top1 = trial_val_top1(result, finished_rows({k: result.config.get(k) for k in space.params}))
         rows.append({**{k: result.config.get(k) for k in space.params},
                      "val_top1_mean": float(top1.mean()) if len(top1) else float("nan"),
@@ -274,10 +274,10 @@ def run_sweep(base: DistillConfig, space: SearchSpace, max_concurrent: int | Non
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from engine import store
-    from engine.config import save_config
+    from engine.io import store
+    from engine.io.run_folder import save_config
     from engine.ray.cluster import cluster_span, init_ray
-    from engine.report import plot_sweep_accuracy
+    from engine.report.run_report import plot_sweep_accuracy
 
     # Absolute: Tune runs each trial in its own working directory.
     base = dataclasses.replace(base, runs_dir=str(location(base.runs_dir).resolve()),
@@ -365,9 +365,9 @@ def parse_args(argv=None) -> tuple[DistillConfig, SearchSpace, int | None]:
 
 
 def main(argv=None) -> dict:
-    from engine.checks import RunError
-    from engine.data import TooManyBadRows
-    from engine.rows import SourceError
+    from engine.config import RunError
+    from engine.data.images import TooManyBadRows
+    from engine.data.rows import SourceError
 
     start = time.perf_counter()
     try:  # problems the user can fix are one sentence, not a traceback

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from engine.config import DataConfig, PriorConfig, config_hash
-from engine.location import ObjectPath, local_copy, location
+from engine.io.location import ObjectPath, local_copy, location
 from engine.priors.base import Prior
 from engine.priors.tiny import TinyPrior, load_tiny_prior
 
@@ -63,12 +63,12 @@ def load_or_train_prior(prior: PriorConfig, data: DataConfig, cache_root: Path, 
     """Load the configured prior folder, or train the tiny prior on the train split and cache it atomically."""
     folder = prior_folder(prior, data, cache_root)
     if prior.kind != "tiny":
-        from engine.sources import class_names
+        from engine.data.sources import class_names
 
         return load_prior(prior.kind, folder, class_names(data), prior.variant)
     if prior.path or folder.exists():
         return load_prior("tiny", folder, ())
-    from engine.data import sample_split
+    from engine.data.images import sample_split
     from engine.priors.train_tiny import train_tiny_prior
 
     log(f"training the tiny prior for {data.name} (cached at {folder})")

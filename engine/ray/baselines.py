@@ -16,15 +16,15 @@ import ray
 import ray.data
 
 from engine.config import DataConfig, DistillConfig
-from engine.location import location
+from engine.io.location import location
 
 
 def fetch_and_write(batch: dict, data: DataConfig) -> dict:
     """Ray Data task over rows {source, ids, targets}: read the chosen rows of each source file, write each image
     once (at data.image_size) into its first target and share it with the rest."""
-    from engine.data import decode_rows, resize_mode
-    from engine.readback import read_rows_by_id
-    from engine.store import share_file, write_png
+    from engine.data.images import decode_rows, resize_mode
+    from engine.data.readback import read_rows_by_id
+    from engine.io.store import share_file, write_png
 
     written: list[tuple[str, str, int]] = []  # (file, sha256, bytes) of every file, shared copies included
     for source, ids, targets in zip(batch["source"], batch["ids"], batch["targets"]):
@@ -50,7 +50,7 @@ def fetch_and_write(batch: dict, data: DataConfig) -> dict:
 def write_real_sets(config: DistillConfig, picks: pa.Table, set_dirs: dict[tuple[str, int], str]) -> dict:
     """Write every (method, ipc) set of `set_dirs` from the picks {method, ipc, rank, label, id, source}; returns
     the records {file: {sha256, bytes}} of the images. Indexes are the caller's: they need no pixels."""
-    from engine.store import image_file_name
+    from engine.io.store import image_file_name
 
     targets: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for row in picks.to_pylist():

@@ -102,7 +102,7 @@ def check_pool_fits(stage: str, actors: int, cpus_per_actor: float, gpus_per_act
     written) by Ray Data tasks: those would never be scheduled and the stage would hang without a word (seen: two
     1-CPU encode actors on 2 CPUs, no progress for 13 minutes). Checked on a one-node Ray, whose size is known;
     GPU actors and multi-node clusters (where the autoscaler may add nodes) are left to Ray."""
-    from engine.checks import RunError
+    from engine.config import RunError
 
     alive = [node for node in ray.nodes() if node.get("Alive")]
     if gpus_per_actor > 0 or len(alive) != 1:

@@ -21,7 +21,7 @@ import ray
 import ray.data
 from engine.config import DecodeConfig, DistillConfig
 from engine.faults import crash_once_if_requested
-from engine.location import location
+from engine.io.location import location
 from engine.priors import PriorSource
 from engine.ray.cluster import WRITE_TASK_CPUS, check_pool_fits, deterministic_order, wait_for_pool
 
@@ -48,7 +48,7 @@ class CentroidDecoder:
 
         from engine.checks import check_finite_centroids
         from engine.decode import decode_by_ipc
-        from engine.store import read_table, table_latents
+        from engine.io.store import read_table, table_latents
 
         crash_once_if_requested(self.fault_dir, "decode")
         tables = [read_table(file) for files in batch["files"] for file in files]
@@ -69,7 +69,7 @@ class CentroidDecoder:
 
 def write_images(batch: dict, set_dirs: dict[int, list[str]]) -> dict:
     """Ray Data task: each decoded image -> one PNG in the first set folder of its IPC, shared with the others."""
-    from engine.store import image_file_name, share_file, write_png
+    from engine.io.store import image_file_name, share_file, write_png
 
     paths, files, digests, sizes = [], [], [], []
     for image, label, index, ipc in zip(batch["image"], batch["label"], batch["index"], batch["ipc"]):

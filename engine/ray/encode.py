@@ -13,13 +13,13 @@ import pyarrow as pa
 import ray
 import ray.data
 from engine.config import DistillConfig
-from engine.data import check_skipped
+from engine.data.images import check_skipped
+from engine.data.sources import class_names as data_class_names
 from engine.faults import crash_once_if_requested
-from engine.location import ObjectPath, location, remove_tree
+from engine.io.location import ObjectPath, location, remove_tree
 from engine.priors import PriorSource
 from engine.ray.cluster import check_pool_fits, deterministic_order, node_id, saw_nodes, shuffle_on_disk, wait_for_pool
 from engine.ray.source import gather_skipped, source_dataset
-from engine.sources import class_names as data_class_names
 
 
 class VaeEncoder:
@@ -36,7 +36,7 @@ class VaeEncoder:
         self.fault_dir = fault_dir  # test-only crash injection (engine/faults.py); empty in normal runs
 
     def __call__(self, batch: dict) -> pa.Table:
-        from engine.store import latents_to_table
+        from engine.io.store import latents_to_table
 
         crash_once_if_requested(self.fault_dir, "encode")
         latents = self.prior.encode(batch["image"], self.batch_size)  # (B, C, h, w)
@@ -47,7 +47,7 @@ class VaeEncoder:
 
 def write_class_group(group: pa.Table, out_dir: str) -> pa.Table:
     """Ray Data map_groups body: every latent row of one class -> its file; returns the writer's record."""
-    from engine.store import write_class_latents
+    from engine.io.store import write_class_latents
 
     label = int(group.column("label")[0].as_py())
     nodes = sorted(set(group.column("node").to_pylist()) | {node_id()})  # the encoders' and this writer's
@@ -61,7 +61,7 @@ def encode_to_parquet(config: DistillConfig, prior_folder, out_dir, resolution: 
     encoded, records {file at its final path: {sha256, bytes}} of the latents). Locally the latents go to a
     staging folder renamed into place. Object stores cannot rename a folder: there they are written in place, and
     the caller's stage marker (removed before, written after) says they are whole."""
-    from engine.store import atomic_write_table
+    from engine.io.store import atomic_write_table
 
     runtime = config.runtime
     out_dir = location(out_dir)

@@ -6,7 +6,7 @@ source through Ray Data into the trainers (`datasets=`, uint8 on the wire, decod
 each worker's device): no process holds a split. A distilled set (IPC x classes images) is read by the worker that
 trains on it, once per run of consecutive jobs on that set, and stays uint8. Intermediate reports (progress,
 Tune's early stopping and best config) score a bounded slice of the validation split (VAL_IMAGES rows of val,
-carved from train: engine/splits.py; taken once by the driver), as does each result row's `val_top1`; the test
+carved from train: engine/data/splits.py; taken once by the driver), as does each result row's `val_top1`; the test
 split is read only for each row's final `top1`. Every job writes one result file; checkpoints at its reports let
 a killed or restarted trainer resume mid-job, and finished jobs are never redone.
 
@@ -24,7 +24,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from engine.config import DistillConfig, EvaluateConfig
-from engine.location import location, ray_storage
+from engine.io.location import location, ray_storage
 from engine.ray.jobs import StudentJob
 from engine.ray.train_loop import LoopConfig, norm_record
 
@@ -33,7 +33,7 @@ VAL_IMAGES = 1000  # validation images scored at each report and for each row's 
 
 def held_out_streams(config: DistillConfig) -> bool:
     """Whether the test split is streamed to the trainers (larger than VAL_IMAGES) rather than taken into memory."""
-    from engine.sources import count_rows
+    from engine.data.sources import count_rows
 
     return count_rows(config.data, "test") > VAL_IMAGES  # footers or a listing: no test row is read here
 
@@ -95,7 +95,7 @@ def _stream_inputs(config: DistillConfig, results_dir, teacher_path, train_rows:
     replaces fields; {"test": the test stream} or {} when the whole test split is no larger than VAL_IMAGES: then it
     is taken into memory, for the final rows only). The validation slice is the first VAL_IMAGES rows of val in the
     source's order: the same rows every time."""
-    from engine.sources import class_names
+    from engine.data.sources import class_names
 
     skip_dir = stream_skip_dir(results_dir)
     val = split_stream(config, "val", skip_dir, ordered=True).limit(VAL_IMAGES).take_batch(VAL_IMAGES,
@@ -135,9 +135,9 @@ def prepare_teacher(config: DistillConfig, teacher_path, results_dir, train_rows
     a sweep's trial copies it instead of starting a trainer to score it again. A figure scored at another input
     scale (evaluate.teacher_mean/std changed) is scored again. Stops the run when the validation top-1 is below
     evaluate.min_teacher_top1 (`check_teacher`)."""
-    from engine.protocols import teacher_norm
+    from engine.evaluate.protocols import teacher_norm
+    from engine.io.store import atomic_write_bytes
     from engine.ray.jobs import teacher_threads
-    from engine.store import atomic_write_bytes
 
     results_dir = location(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -177,7 +177,7 @@ def scores(record, teacher_path, norm=None) -> bool:
 def check_teacher(evaluate: EvaluateConfig, record: dict, log=print) -> None:
     """Log the teacher's validation top-1 before any student learns from it, and stop the run when it is below
     evaluate.min_teacher_top1: a teacher fed inputs at the wrong scale labels every batch badly without an error."""
-    from engine.checks import RunError
+    from engine.config import RunError
 
     val_top1, scale = record["teacher_val_top1"], record.get("input_norm", {})
     log(f"teacher {evaluate.teacher} ({record['teacher']}): validation top-1 {val_top1:.4f}, test top-1 "
@@ -197,7 +197,7 @@ def evaluate_students(config: DistillConfig, jobs: list[StudentJob], teacher_pat
     `ray.train.report` (one trainer, so Tune sees one stream of reports). Without a consumer the reports are
     progress lines only: a `ray.train.report` blocks until the controller's next poll (2 s), which made every
     digits student take 10 s whatever its size."""
-    from engine.protocols import get_protocol
+    from engine.evaluate.protocols import get_protocol
     from engine.ray.jobs import capacity_words, share_jobs, trainer_count
 
     results_dir = location(results_dir)

@@ -34,8 +34,8 @@ class StudentJob:
 
 def job_cost(config: DistillConfig, job: StudentJob, train_rows: int) -> int:
     """Training steps of a job (its relative cost): the set's size x epochs in batches."""
-    from engine.sources import class_names
-    from engine.train import epochs_to_steps, student_epochs
+    from engine.data.sources import class_names
+    from engine.evaluate.train import epochs_to_steps, student_epochs
 
     e = config.evaluate
     if job.method == "full":
@@ -66,7 +66,7 @@ def trainer_count(config: DistillConfig, jobs: int, streams: bool) -> int:
     CPUs and the stream's tasks would never run."""
     import ray
 
-    from engine.checks import RunError
+    from engine.config import RunError
     from engine.ray.cluster import cluster_capacity, stage_resources
 
     runtime = config.runtime

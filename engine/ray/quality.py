@@ -1,4 +1,4 @@
-"""How realistic each distilled set is (engine/quality.py's figures), judged by the evaluation's teacher against a
+"""How realistic each distilled set is (engine/evaluate/quality.py's figures), judged by the evaluation's teacher against a
 bounded sample of real validation images: one Ray task per results folder, on a GPU when the trainers have one,
 cached in results_dir/set_quality.json. Never on test."""
 
@@ -10,7 +10,7 @@ import numpy as np
 import ray
 
 from engine.config import DistillConfig
-from engine.location import location
+from engine.io.location import location
 
 REFERENCE_IMAGES = 5000  # real validation images the sets are compared with (a seeded stratified sample)
 
@@ -18,11 +18,11 @@ REFERENCE_IMAGES = 5000  # real validation images the sets are compared with (a 
 def _measure(config: DistillConfig, folders: dict[str, str], teacher_path: str) -> dict:
     import torch
 
-    from engine.data import sample_split
-    from engine.sources import class_names
-    from engine.quality import quality_of_features, teacher_outputs
-    from engine.store import iter_distilled_set
-    from engine.train import load_teacher
+    from engine.data.images import sample_split
+    from engine.data.sources import class_names
+    from engine.evaluate.quality import quality_of_features, teacher_outputs
+    from engine.evaluate.train import load_teacher
+    from engine.io.store import iter_distilled_set
 
     e = config.evaluate
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -43,7 +43,7 @@ def _measure(config: DistillConfig, folders: dict[str, str], teacher_path: str) 
 def measure_sets(config: DistillConfig, set_dirs: dict, teacher_path, results_dir) -> dict:
     """{set folder's name (`ddoq-mass-ipc10`): {images, class_agreement, frechet_distance, precision, recall},
     "reference": ...} of every set in `set_dirs` ({(method, weights, ipc): folder}); once per results folder."""
-    from engine.store import atomic_write_json
+    from engine.io.store import atomic_write_json
 
     out = location(results_dir) / "set_quality.json"
     if out.exists():

@@ -9,7 +9,7 @@ import pyarrow as pa
 import ray
 
 from engine.config import DistillConfig, QuantizeConfig
-from engine.location import location
+from engine.io.location import location
 from engine.ray.cluster import saw_nodes
 
 
@@ -19,11 +19,11 @@ class QuantizeWorker:
     """Quantizes whole classes, one task per class, writing each class's results atomically."""
 
     def __init__(self, config: QuantizeConfig, out_dir: str, gpus: float = 0.0):
-        from engine.quantize import quantize_device
+        from engine.quantize.quantizer import quantize_device
 
         try:
             import faiss
-        except ImportError:  # a GPU node without faiss: the torch quantizer runs (engine/quantize_torch.py)
+        except ImportError:  # a GPU node without faiss: the torch quantizer runs (engine/quantize/lloyd_torch.py)
             faiss = None
         if faiss is not None:
             faiss.omp_set_num_threads(1)  # one CPU per actor; parallelism comes from the pool
@@ -31,15 +31,15 @@ class QuantizeWorker:
         self.device = quantize_device(gpus)  # an actor given a GPU fails rather than quantize on the CPU
 
     def quantize(self, label: int, class_dir: str) -> dict:
-        from engine.quantize_stage import quantize_class_folder
+        from engine.quantize.class_task import quantize_class_folder
 
         summary = quantize_class_folder(label, class_dir, self.config, self.out_dir, self.device)
         return {**summary, "node": ray.get_runtime_context().get_node_id()}  # for the stage's record
 
     def read(self, label: int, class_dir: str) -> dict:
         """Only read the class (the I/O floor the stage is measured against in benchmarks/)."""
-        from engine.quantize_stage import peak_rss_mb
-        from engine.store import read_class_latents
+        from engine.io.store import read_class_latents
+        from engine.quantize.class_task import peak_rss_mb
 
         start = time.perf_counter()
         _, latents = read_class_latents(class_dir)
@@ -78,9 +78,9 @@ def run_class_pool(config: DistillConfig, class_dirs: dict[int, Path], out_dir: 
 
 def quantize_classes(config: DistillConfig, class_dirs: dict[int, Path], out_dir: Path,
                      log=None) -> tuple[pa.Table, dict]:
-    """All classes through the actor pool into out_dir (class files: engine/quantize_stage.py) -> (the per-class
+    """All classes through the actor pool into out_dir (class files: engine/quantize/class_task.py) -> (the per-class
     statistics table, the records of the files written). The centroids stay in their class files."""
-    from engine.quantize_stage import gather_class_stats
+    from engine.quantize.class_task import gather_class_stats
 
     summaries = run_class_pool(config, class_dirs, out_dir, "quantize", log)
     saw_nodes("quantize", (summary["node"] for summary in summaries))

@@ -1,12 +1,12 @@
 """Ray Data readers of the file sources: raw rows {image: {bytes, path}, label, path}, the parquet row form, for
-decode_rows to be mapped over. The row functions are engine/sources.py's, so Ray and `load_split` see the same rows.
+decode_rows to be mapped over. The row functions are engine/data/sources.py's, so Ray and `load_split` see the same rows.
 
 parquet      ParquetShardsDatasource: read tasks of whole row groups, about IMAGES_PER_READ_TASK rows each, from the
              footers (read once, on a thread pool). Not read_parquet: Ray Data 2.60 starts every execution of it
              with a ListFiles task of 1 CPU (1.4-5 s measured, once per epoch of a streamed teacher, and a whole
              CPU that must be free), and gives a shard one read task, so a 6,000-row shard decodes serially and
              reaches the trainer as one block when it is all done.
-imagefolder  ImageFilesDatasource: the files of one listing (engine.sources.scan_source: one scandir per folder
+imagefolder  ImageFilesDatasource: the files of one listing (engine.data.sources.scan_source: one scandir per folder
              locally, one recursive listing on an object store), IMAGES_PER_READ_TASK files per read task.
              Not read_binary_files: given 1.28M file paths it resolves each (~40 us) and, on an object store,
              requests each file's size (a HEAD per object); given the folders it lists them again and drops
@@ -28,9 +28,9 @@ import pyarrow.parquet as pq
 
 import ray.data
 from engine.config import DataConfig
-from engine.location import filesystem_and_path, location
-from engine.rows import ROW_SCHEMA, rows_to_table
-from engine.sources import SourceListing, iter_image_rows, iter_tar_rows, parquet_table, scan_source
+from engine.data.rows import ROW_SCHEMA, rows_to_table
+from engine.data.sources import SourceListing, iter_image_rows, iter_tar_rows, parquet_table, scan_source
+from engine.io.location import filesystem_and_path, location
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 from ray.data.datasource import FileBasedDatasource

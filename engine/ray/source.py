@@ -11,11 +11,11 @@ import ray.data
 from ray.data.extensions import ArrowTensorArray
 
 from engine.config import DataConfig
-from engine.data import decode_rows, load_split, resize_mode
-from engine.location import filesystem_and_path, location
+from engine.data.images import decode_rows, load_split, resize_mode
+from engine.data.sources import class_names, scan_source
+from engine.data.splits import rows_of_split
+from engine.io.location import filesystem_and_path, location
 from engine.ray.readers import ROWS_PER_BLOCK, read_source_rows
-from engine.splits import rows_of_split
-from engine.sources import class_names, scan_source
 
 
 SKIPPED_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
@@ -26,7 +26,7 @@ def write_skipped(skip_dir: str | Path, skipped: dict, tag: str) -> None:
     rows are never counted twice, and no driver-side re-read of the data is needed to count them."""
     import hashlib
 
-    from engine.store import atomic_write_table
+    from engine.io.store import atomic_write_table
 
     if not skipped["id"]:
         return
@@ -38,7 +38,7 @@ def write_skipped(skip_dir: str | Path, skipped: dict, tag: str) -> None:
 def decode_and_record_skips(batch: dict, size: int, num_classes: int, max_pixels: int, skip_dir: str,
                             root: str = "", mode: str = "squash", split: tuple = ("test", 0.0, 0)) -> dict:
     """Ray Data map over raw source rows: the rows of `split` ((name, data.val_fraction, data.split_seed):
-    engine/splits.py carves val out of the train rows before anything is decoded), decoded (resized by `mode`,
+    engine/data/splits.py carves val out of the train rows before anything is decoded), decoded (resized by `mode`,
     data.resize resolved), go on to the encoder, each with the `source` file it came from (relative to the data's
     root, so the baselines stage can read the row back); skipped rows to `skip_dir`."""
     batch = rows_of_split(batch, *split)
@@ -62,7 +62,7 @@ def source_dataset(data: DataConfig, size: int | None = None, skip_dir=None, spl
     """Rows {id, label, image (H, W, 3) uint8, source} of a split, decoded straight to `size` (the prior's
     resolution, e.g. 512 for sd15; default the data's), resized as data.resize says (resolved from data.image_size,
     whatever `size` is: at 512 the same centre fraction as at 224). Rows that cannot be used are recorded as
-    {id, reason, detail} files under `skip_dir` (file sources: engine/sources.py; the digits are known good).
+    {id, reason, detail} files under `skip_dir` (file sources: engine/data/sources.py; the digits are known good).
     `task_cpus`: the CPU each read/decode task reserves (None: Ray Data's 1); `columns`: keep only these."""
     if data.source == "digits":
         images = load_split(data, split)  # the embedded digits: 1437 train / 360 test images
@@ -97,7 +97,7 @@ def source_dataset(data: DataConfig, size: int | None = None, skip_dir=None, spl
 
 def gather_skipped(skip_dir) -> pa.Table:
     """Every skipped-row record of a stage, sorted by id (order-independent, so re-runs compare equal)."""
-    from engine.store import read_table
+    from engine.io.store import read_table
 
     files = sorted(location(skip_dir).glob("*.parquet"))  # none when the folder does not exist
     if not files:

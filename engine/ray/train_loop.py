@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from engine.config import DistillConfig
-from engine.location import ObjectPath, location
+from engine.io.location import ObjectPath, location
 from engine.ray.jobs import StudentJob
 
 
@@ -50,7 +50,7 @@ def run_worker(train_loop_config: dict) -> None:
     import torch
     from ray.train.v2._internal.execution import context as train_context
 
-    from engine.train import Worker
+    from engine.evaluate.train import Worker
 
     loop: LoopConfig = train_loop_config["loop"]
     # One progress line per report is printed below; Ray Train's own log line for every report is noise.
@@ -79,7 +79,7 @@ def held_out_top1(model, worker, loop: LoopConfig) -> float:
     import ray.train
     import torch
 
-    from engine.train import count_correct
+    from engine.evaluate.train import count_correct
 
     precision = loop.config.evaluate.precision
     if loop.test_set is not None:
@@ -98,7 +98,7 @@ def held_out_top1(model, worker, loop: LoopConfig) -> float:
 
 def val_top1(model, loop: LoopConfig) -> float:
     """Top-1 on the validation slice every report scores (each rank holds it; no reduction needed)."""
-    from engine.train import evaluate_top1
+    from engine.evaluate.train import evaluate_top1
 
     return evaluate_top1(model, *loop.val_set)
 
@@ -122,9 +122,9 @@ def norm_record(norm) -> dict:
 
 
 def _teacher_phase(loop: LoopConfig, worker) -> None:
-    from engine.protocols import input_norm_of
-    from engine.store import atomic_write_json
-    from engine.train import load_teacher
+    from engine.evaluate.protocols import input_norm_of
+    from engine.evaluate.train import load_teacher
+    from engine.io.store import atomic_write_json
 
     e = loop.config.evaluate
     teacher_path = location(loop.teacher_path)
@@ -148,9 +148,9 @@ def _train_teacher(loop: LoopConfig, worker, teacher_path) -> tuple:
     import torch
     from safetensors.torch import save as to_safetensors_bytes
 
-    from engine.protocols import teacher_norm
-    from engine.store import atomic_write_bytes
-    from engine.train import (Reporting, Stream, fit_stream, new_model, steady_images_per_s, stream_steps,
+    from engine.evaluate.protocols import teacher_norm
+    from engine.io.store import atomic_write_bytes
+    from engine.evaluate.train import (Reporting, Stream, fit_stream, new_model, steady_images_per_s, stream_steps,
                               teacher_loss, teacher_recipe, timed_epochs)
 
     e, size = loop.config.evaluate, loop.config.data.image_size
@@ -202,8 +202,8 @@ class StudentTrainer:
     distilled set read once per run of its jobs (a set's seeds run back to back), one result row per job."""
 
     def __init__(self, loop: LoopConfig, worker):
-        from engine.protocols import get_protocol
-        from engine.train import load_teacher
+        from engine.evaluate.protocols import get_protocol
+        from engine.evaluate.train import load_teacher
 
         self.loop, self.worker = loop, worker
         self.evaluate = loop.config.evaluate
@@ -219,7 +219,7 @@ class StudentTrainer:
 
     def run(self) -> None:
         """Every job of the share not finished in an earlier (killed) run of the same config."""
-        from engine.store import atomic_write_json
+        from engine.io.store import atomic_write_json
 
         for job in self.loop.jobs:
             files = JobFiles.of(self.results_dir, job)
@@ -256,9 +256,9 @@ class StudentTrainer:
         validation split, never on test: every choice is made on val. The row's final top1 uses all of test."""
         import ray.train
 
+        from engine.evaluate.train import Reporting
         from engine.faults import crash_once_if_requested
-        from engine.store import atomic_write_json
-        from engine.train import Reporting
+        from engine.io.store import atomic_write_json
 
         def report(step: int, model) -> None:
             val = val_top1(model, self.loop)
@@ -274,8 +274,8 @@ class StudentTrainer:
 
     def _train_full(self, job: StudentJob, reporting) -> tuple:
         """`full`: the whole train split, streamed -> (student, images, epochs)."""
-        from engine.protocols import student_norm
-        from engine.train import Recipe, Stream, fit_stream, new_model, stream_steps, student_loss
+        from engine.evaluate.protocols import student_norm
+        from engine.evaluate.train import Recipe, Stream, fit_stream, new_model, stream_steps, student_loss
 
         e, size = self.evaluate, self.loop.config.data.image_size
         rows = self.loop.train_rows // self.worker.world
@@ -291,8 +291,8 @@ class StudentTrainer:
 
     def _train_on_set(self, job: StudentJob, reporting) -> tuple:
         """A distilled set, read once per run of its jobs -> (student, images, epochs)."""
-        from engine.store import read_distilled_set
-        from engine.train import Targets, TrainSet, student_epochs, student_recipe, train_student
+        from engine.evaluate.train import Targets, TrainSet, student_epochs, student_recipe, train_student
+        from engine.io.store import read_distilled_set
 
         if self._loaded is None or self._loaded[0] != job.set_dir:
             self._loaded = (job.set_dir, TrainSet(*read_distilled_set(job.set_dir)))
@@ -307,7 +307,7 @@ class StudentTrainer:
         """FKD labels of one (set, seed): generated once by rank 0, stored in chunks, replayed by every student."""
         import torch
 
-        from engine.train import SoftLabels, generate_soft_labels
+        from engine.evaluate.train import SoftLabels, generate_soft_labels
 
         folder = self.results_dir / "soft_labels" / f"{job.set_name}-seed{job.seed}"
         if not SoftLabels.complete(folder) and self.worker.rank == 0:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.train import model_input
+from engine.evaluate.train import model_input
 
 NEIGHBOURS = 3  # k of the k-NN manifolds (the paper's default)
 
@@ -37,7 +37,7 @@ def teacher_outputs(model: nn.Module, images: np.ndarray, batch_size: int = 500)
 
 def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The features the classifier's last linear layer reads: ConvNet's flattened blocks, timm's pre-logits."""
-    if hasattr(model, "features") and hasattr(model, "classifier"):  # engine.students.ConvNet
+    if hasattr(model, "features") and hasattr(model, "classifier"):  # engine.evaluate.students.ConvNet
         return model.features(x).flatten(1)
     return model.forward_head(model.forward_features(x), pre_logits=True)
 

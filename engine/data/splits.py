@@ -18,7 +18,7 @@ import hashlib
 import numpy as np
 
 SPLITS = ("train", "val", "test")
-# The salt keeps the val coin independent of engine.data.sample_key's order (the prior's training sample).
+# The salt keeps the val coin independent of engine.data.images.sample_key's order (the prior's training sample).
 VAL_SALT = "val"
 
 
@@ -51,7 +51,7 @@ def in_split(ids, split: str, fraction: float, seed: int) -> np.ndarray:
 
 
 def row_ids(rows: dict) -> list:
-    """The id of each raw source row ({image: [{bytes, path}], ...}, engine/sources.py's row form)."""
+    """The id of each raw source row ({image: [{bytes, path}], ...}, engine/data/sources.py's row form)."""
     return [(image or {}).get("path") for image in rows.get("image", ())]
 
 

@@ -8,7 +8,7 @@ A raw row is {image: {bytes, path}, label, skip, path}:
     skip         "reason: detail" when the reader already knows the row is unusable (a label that is not a
                  decimal integer, a file over data.max_image_bytes, a dangling link), else None
     path         the file the row was read from (for reading a chosen row back)
-`engine.data.decode_rows` turns such rows into images or skip records; nothing else interprets a label.
+`engine.data.images.decode_rows` turns such rows into images or skip records; nothing else interprets a label.
 This module never imports ray.
 """
 

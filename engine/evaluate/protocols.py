@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import augment
 from engine.config import EvaluateConfig
-from engine.students import SMALL_IMAGE, create_student
+from engine.evaluate import augment
+from engine.evaluate.students import SMALL_IMAGE, create_student
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.config import DataConfig
-from engine.location import filesystem_and_path, location
+from engine.io.location import filesystem_and_path, location
 
 
 def read_parquet_rows_by_id(file, ids: list[str]) -> dict:
     """Rows of one parquet shard by their ids (`<shard>#<row>`), in the order of `ids`, in the row form; ids of
     another shard, or past its end, raise."""
-    from engine.sources import parquet_table
+    from engine.data.sources import parquet_table
 
     fs, inner = filesystem_and_path(location(file))
     shard = pq.ParquetFile(fs.open_input_file(inner))
@@ -46,9 +46,9 @@ def read_parquet_rows_by_id(file, ids: list[str]) -> dict:
 
 def read_rows_by_id(data: DataConfig, source: str, ids: list[str]) -> dict:
     """The chosen rows of one source file, in the parquet row form {image: [{bytes, path}], label: [...]} that
-    engine.data.decode_rows reads; for the digits, already decoded rows {id, label, image}."""
+    engine.data.images.decode_rows reads; for the digits, already decoded rows {id, label, image}."""
     if data.source == "digits":
-        from engine.data import load_split
+        from engine.data.images import load_split
 
         train = load_split(data, "train")  # the embedded digits: 1437 images, never a large split
         position = {str(i): row for row, i in enumerate(train.ids)}
@@ -58,13 +58,13 @@ def read_rows_by_id(data: DataConfig, source: str, ids: list[str]) -> dict:
     if data.source == "parquet":
         return read_parquet_rows_by_id(place, ids)
     if data.source == "imagefolder":  # the source is the image file itself: its one id
-        from engine.sources import read_file_bytes
+        from engine.data.sources import read_file_bytes
 
         if len(set(ids)) != 1:
             raise ValueError(f"{place}: an image file holds one image, asked for {len(set(ids))} ids")
         images = [{"bytes": read_file_bytes(place, data.max_image_bytes)[0], "path": ids[0]}]
     else:  # webdataset: stream the shard and keep the chosen samples
-        from engine.sources import iter_tar_samples
+        from engine.data.sources import iter_tar_samples
 
         wanted, found = set(ids), {}
         with place.open("rb") as stream:

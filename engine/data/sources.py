@@ -1,14 +1,14 @@
 """File sources as parquet rows: Hugging-Face parquet shards, ImageFolder trees and WebDataset tar shards.
 
-Every file source is read as batches of rows in one row form (engine/rows.py: image {bytes, path = the row's
-unique id}, label, skip, path), so `engine.data.decode_rows` (decoding, resizing, every skip reason) applies unchanged, in-process (`load_split`,
+Every file source is read as batches of rows in one row form (engine/data/rows.py: image {bytes, path = the row's
+unique id}, label, skip, path), so `engine.data.images.decode_rows` (decoding, resizing, every skip reason) applies unchanged, in-process (`load_split`,
 through `iter_row_batches`) and in Ray Data (`engine/ray/readers.py`, same row functions). Reading is done in two
 steps: `scan_source` lists the split once (no image bytes read) into a `SourceListing` whose `skipped` records
 ({id, reason, detail}) are the rows already known unusable; then the rows of `listing.names` are streamed.
 
 ImageFolder (torchvision's layout): <path>/<split>/<class folder>/<image>, images at any depth below their class
 folder. Split "train" reads train/; split "test" reads val/, else validation/, else test/ (ImageNet's held-out split
-is val/); the engine's "val" split is carved from train/ (engine/splits.py), whatever the source.
+is val/); the engine's "val" split is carved from train/ (engine/data/splits.py), whatever the source.
 Classes: <path>/classes.txt if present (`parse_class_lines`: line i is label i, as "<folder><TAB><name>",
 "<WordNet synset> <name>" or a bare name that is its own folder); else the sorted folder names of train/
 (torchvision's rule), shown as is. `class_names` gives the display names (data.classes_file overrides them).
@@ -27,7 +27,7 @@ timm's imagenet1k-train-0000.tar / imagenet1k-validation-00.tar work as they are
 (required, one name per line, as for parquet). A tar is streamed member by member (`r|*`), never held.
 Members are grouped into samples by key: the member name up to the first dot of its base name (webdataset's rule;
 members without a dot, directories and links are not part of any sample). A sample's image is its first member with
-suffix jpg/jpeg/png/webp (any case), its label the decimal integer of `.cls` (engine.rows.parse_label); anything
+suffix jpg/jpeg/png/webp (any case), its label the decimal integer of `.cls` (engine.data.rows.parse_label); anything
 else (.txt, .json) is ignored, as are macOS's `._*` members. No image -> a row without bytes (`missing_image`); no
 .cls -> a null label, an unparsable one a skip (`missing_label`; the label is checked first, so a sample with
 neither is `missing_label`); an image member over data.max_image_bytes is not read (`too_large`). Ids: `<shard name>/<key>`; a key met again later in
@@ -40,10 +40,10 @@ start>: <error>>`, label 0 and the bytes TAR_DAMAGE, which are no image, so deco
 
 Parquet: `<path>/<split>-*.parquet` (`shard_paths` / `inspect_shards`), the image column HF's struct
 {bytes, path} or plain binary. Ids: `<shard name>#<row>` (the `image.path` a dataset stores can repeat across
-classes, so it is never the id); labels of any column type go through engine.rows.parse_label.
+classes, so it is never the id); labels of any column type go through engine.data.rows.parse_label.
 
 Digits: scikit-learn's embedded 8x8 digits (`read_digits`), split train/test by a seeded stratified draw; classes
-"0".."9". engine/data.py turns them into images. This module never imports engine/data.py nor ray.
+"0".."9". engine/data/images.py turns them into images. This module never imports engine/data/images.py nor ray.
 """
 
 from __future__ import annotations
@@ -65,9 +65,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from engine.config import DataConfig
-from engine.location import ObjectPath, filesystem_and_path, location
-from engine.location import list_files as list_object_files
-from engine.rows import (
+from engine.io.location import ObjectPath, filesystem_and_path, location
+from engine.io.location import list_files as list_object_files
+from engine.data.rows import (
     ROW_SCHEMA,
     SkipRecords,
     SourceError,
@@ -80,7 +80,7 @@ from engine.rows import (
     parse_labels,
     safe_text,
 )
-from engine.splits import in_split, rows_of_split, skipped_of_split, source_split
+from engine.data.splits import in_split, rows_of_split, skipped_of_split, source_split
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TAR_IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
@@ -421,7 +421,7 @@ def read_class_names(root: str | Path) -> tuple[str, ...]:
 
 def read_digits(config: DataConfig, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """scikit-learn's digits (1797 images, 8x8, values 0..16) with a seeded stratified train/test split (sklearn);
-    val is carved from train by the same per-id coin as every source's (engine/splits.py), so its rows keep
+    val is carved from train by the same per-id coin as every source's (engine/data/splits.py), so its rows keep
     their train ids. -> (pixels (N, 8, 8) uint8 scaled to 0..255, labels (N,) int64, ids (N,) str)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split

@@ -19,8 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 
-from engine.location import list_files, location
-from engine.store import atomic_write_json, take_ledger
+from engine.io.location import list_files, location
+from engine.io.store import atomic_write_json, take_ledger
 
 MANIFEST = "manifest.json"
 RECORDS = "_manifest"  # <run>/_manifest/<stage>.json: {relative path: {sha256, bytes}} from the writers

@@ -12,7 +12,7 @@ runs/<name>/
                               {path, label, class_name, weight, count} + metadata.jsonl (the same, for HF datasets)
   results/<job>.json          one evaluation result per trained student
   metrics.json                results rows + per-stage timings
-The folder may be local or on an object store (runs_dir=s3://bucket/runs: engine/location.py): every file is
+The folder may be local or on an object store (runs_dir=s3://bucket/runs: engine/io/location.py): every file is
 written whole or not at all (a local temporary name renamed, or one object PUT), so a killed run never leaves a
 half-written file, and nothing is ever appended to.
 """
@@ -32,11 +32,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from engine.location import ObjectPath, filesystem_and_path, list_files, location
+from engine.io.location import ObjectPath, filesystem_and_path, list_files, location
 
 
 # What this process wrote, {path: {sha256, bytes}}, while a run's driver keeps the ledger (start_ledger): the
-# manifest is merged from such records (engine/manifest.py), never by reading the run folder back.
+# manifest is merged from such records (engine/io/manifest.py), never by reading the run folder back.
 _LEDGER: dict[str, dict] | None = None
 
 

@@ -44,7 +44,7 @@ def _small_image_stem(model: nn.Module, name: str) -> nn.Module:
         model.conv_stem.stride = (1, 1)
     elif "swin" not in name:
         raise ValueError(f"student {name!r}: no small-image stem rule for this timm family; use images >= "
-                         f"{SMALL_IMAGE} px or add a rule in engine/students.py")
+                         f"{SMALL_IMAGE} px or add a rule in engine/evaluate/students.py")
     return model
 
 

@@ -3,6 +3,7 @@
     check_run_folder(config, overwrite)   before anything is written: refuse (one sentence) a folder that holds
                                           another configuration's run or files the engine did not write, or, with
                                           --overwrite, clear them
+    save_config(config, path)             the run's config.yaml, written atomically
     prune_run_folder(run_dir, keep)       after the stages: drop the engine's own outputs of earlier configurations
                                           (sets, quantizations, results this run did not ask for)
 
@@ -19,9 +20,10 @@ from pathlib import Path
 
 import yaml
 
-from engine.checks import RunError
+from engine.config import RunError
 from engine.config import DistillConfig, config_to_dict
-from engine.location import list_files, location, remove_tree
+from engine.io.location import list_files, location, remove_tree
+from engine.io.store import atomic_write_bytes
 
 # Everything the engine writes at the top of a run folder (files and folders).
 LAYOUT = frozenset({
@@ -32,6 +34,10 @@ LAYOUT = frozenset({
 RUN_LOG = "run.log"
 # What does not change the outputs: where they go and how fast they are made.
 NOT_IDENTITY = ("runtime", "runs_dir", "cache_dir")
+
+
+def save_config(config: DistillConfig, path) -> None:
+    atomic_write_bytes(path, yaml.safe_dump(config_to_dict(config), sort_keys=False).encode())
 
 
 @dataclass(frozen=True)
@@ -70,7 +76,7 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
 def foreign_files(run_dir, files: dict[str, int]) -> list[str]:
     """Files of the folder the engine's layout has no place for, and files in a set folder its index does not
     list (a torchvision ImageFolder would load them as part of the set)."""
-    from engine.store import read_table
+    from engine.io.store import read_table
 
     # Hidden files are an interrupted atomic write's staging copies (or a desktop's .DS_Store): never part of a set.
     foreign = sorted(f for f in files if f.split("/", 1)[0] not in LAYOUT and not f.startswith("."))

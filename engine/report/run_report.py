@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from engine.location import location
-from engine.stats import CONTEXT, DASH, compare_to_random, format_delta, format_lrs, format_p
-from engine.store import atomic_write_bytes, read_image, read_table
+from engine.io.location import location
+from engine.io.store import atomic_write_bytes, read_image, read_table
+from engine.report.stats import CONTEXT, DASH, compare_to_random, format_delta, format_lrs, format_p
 
 MAX_CLASSES_IN_GRID = 10  # rows of an image grid; ImageNet has 1000 classes, a page shows the first ten
 MAX_IMAGES_PER_CELL = 10  # images per (class, method) cell of a grid, highest weight first
@@ -216,7 +216,7 @@ def _table(frame: pd.DataFrame) -> str:
 def results_table(results: pd.DataFrame) -> pd.DataFrame:
     """Per set and IPC (and protocol, teacher, student where the rows differ in them): top-1 mean and population
     std over seeds, the difference to `random` at the same IPC under the same protocol, teacher and student, Welch's
-    p of the two sets of seeds and DD-Ranking's LRS (engine/stats.py); '–' where not available."""
+    p of the two sets of seeds and DD-Ranking's LRS (engine/report/stats.py); '–' where not available."""
     summary = compare_to_random(results)
     varying = [c for c in CONTEXT if c in summary and summary[c].nunique(dropna=False) > 1]
     return pd.DataFrame({
@@ -248,7 +248,7 @@ def quality_table(quality: dict) -> pd.DataFrame:
 
 
 QUALITY_LEGEND = (
-    "<p>Each set judged by the evaluation's teacher against real <b>validation</b> images (engine/quality.py). "
+    "<p>Each set judged by the evaluation's teacher against real <b>validation</b> images (engine/evaluate/quality.py). "
     "<b>teacher agrees</b>: the share of the set's images the teacher classifies as their class. <b>Fréchet "
     "distance</b>: between the teacher's penultimate features of the set and of the real images (FID's formula with "
     "the task's own classifier; lower is closer; biased upwards for small sets, so compare sets of one IPC). "

@@ -3,7 +3,7 @@ needing hundreds of MB of CUDA 12 libraries; the pinned torch is a CUDA 13 build
 no POT, so it also runs on a machine that has neither. It also holds the one k-means++ seeding, which the faiss
 path runs on the CPU through the same code.
 
-A backend of engine.quantize.quantize_class (the entry point that validates the latents and keeps the best of
+A backend of engine.quantize.quantizer.quantize_class (the entry point that validates the latents and keeps the best of
 `nredo` seeded runs): `TorchLloyd(latents, k, config, device)` gives, per seed, the start and the centroids, and
 assigns every point to a set of centroids. The algorithm of the faiss `lloyd` path, step for step:
 - greedy k-means++ seeding (`kmeans_plus_plus`, shared by both paths) from the numpy generator of the seed;
@@ -71,7 +71,7 @@ def kmeans_plus_plus(points: torch.Tensor | np.ndarray, k: int, rng: np.random.G
 
 def lloyd_torch(points: torch.Tensor, start: torch.Tensor, niter: int, tol: float) -> torch.Tensor:
     """Lloyd iterations on every point from `start` (k, d); the objective is checked (one host sync) every 5
-    iterations, and iteration stops once those 5 improved it by at most `tol` (relative), as engine.quantize."""
+    iterations, and iteration stops once those 5 improved it by at most `tol` (relative), as engine.quantize.quantizer."""
     norms = (points * points).sum(1)
     centroids, previous = start.clone(), float("inf")
     k = len(centroids)
@@ -105,7 +105,7 @@ def initial_centroids(points: torch.Tensor | np.ndarray, k: int, init: str, rng:
 
 
 class TorchLloyd:
-    """The torch backend of engine.quantize.quantize_class: Lloyd on `device`, one seeded run per `run` call.
+    """The torch backend of engine.quantize.quantizer.quantize_class: Lloyd on `device`, one seeded run per `run` call.
     `latents` (n, ...) may already be a tensor on the device (no copy then)."""
 
     def __init__(self, latents: np.ndarray | torch.Tensor, k: int, config: QuantizeConfig,

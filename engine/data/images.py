@@ -4,7 +4,7 @@ Every source yields the same in-memory form, `ImageSet`: uint8 RGB images (N, H,
 size, int64 labels (N,), a unique string id per image (the parquet `image.path`, the ImageFolder file below
 data.path, `<shard>/<key>` of a tar, or `digits/<split>/<index>`), and the class names. Parquet shards hold rows
 `{image: {bytes, path}, label}` (the layout of ImageNet-1K and ../shared/data/fashion_mnist); ImageFolder trees and
-WebDataset tars are read as the same rows (engine/sources.py, which lists and reads every source; this module
+WebDataset tars are read as the same rows (engine/data/sources.py, which lists and reads every source; this module
 only imports it inside the functions that load a whole split); `decode_rows` turns such rows into images and is
 what the Ray Data read stage maps over them. Every row is either converted (any PIL mode, any size) or skipped with one
 of SKIP_REASONS, so a web-scraped shard never stops a run for one bad image and never loses a row without a trace.
@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from engine.config import ConfigError, DataConfig
-from engine.rows import SKIP_REASONS, SkipRecords, add_skip, image_struct, no_skips, parse_label
+from engine.data.rows import SKIP_REASONS, SkipRecords, add_skip, image_struct, no_skips, parse_label
 
 
 @dataclass(frozen=True)
@@ -180,14 +180,14 @@ def decode_image_bytes(data: bytes | None, size: int, max_pixels: int = Image.MA
 
 def decode_rows(batch: dict, size: int, num_classes: int | None = None,
                 max_pixels: int = Image.MAX_IMAGE_PIXELS, *, mode: str = "squash") -> tuple[dict, SkipRecords]:
-    """Raw rows (engine/rows.py: {image: {bytes, path = id}, label, skip}) -> (decoded, skipped); images resized
+    """Raw rows (engine/data/rows.py: {image: {bytes, path = id}, label, skip}) -> (decoded, skipped); images resized
     by `mode` ("squash" or "center_crop", see `to_rgb_square`; a caller with a DataConfig passes
     `resize_mode(config)`).
 
     decoded: {id, label, image (B, size, size, 3) uint8} for the rows that are images with a valid label.
-    skipped: skip records (engine.rows.SkipRecords) for every other row, so none is lost without a trace: a row
+    skipped: skip records (engine.data.rows.SkipRecords) for every other row, so none is lost without a trace: a row
     the reader marked (`skip`), a missing `label` column, a null label, one that is not a decimal integer
-    (engine.rows.parse_label) or one outside [0, num_classes) (`num_classes=None` skips no label as out of range),
+    (engine.data.rows.parse_label) or one outside [0, num_classes) (`num_classes=None` skips no label as out of range),
     then the image's own faults. Never raises for a row's content.
     """
     check_mode(mode)
@@ -236,8 +236,8 @@ def count_skipped(reasons) -> dict[str, int]:
 
 
 def load_digits_split(config: DataConfig, split: str) -> ImageSet:
-    """scikit-learn's digits split (engine.sources.read_digits) as images of data.image_size."""
-    from engine.sources import DIGIT_NAMES, read_digits
+    """scikit-learn's digits split (engine.data.sources.read_digits) as images of data.image_size."""
+    from engine.data.sources import DIGIT_NAMES, read_digits
 
     pixels, labels, ids = read_digits(config, split)
     mode = resize_mode(config)  # squash at the default 16 px: the 8x8 digits are square
@@ -262,10 +262,10 @@ def check_skipped(rows_read: int, skipped: SkipRecords, max_fraction: float) -> 
 
 
 def load_file_split(config: DataConfig, split: str) -> ImageSet:
-    """Read and decode a whole split of a file source (parquet, imagefolder, webdataset; engine/sources.py) in this
+    """Read and decode a whole split of a file source (parquet, imagefolder, webdataset; engine/data/sources.py) in this
     process (small sets and evaluation; encoding streams through Ray). Bad rows are left out and counted in
     `skipped`, exactly as the encode stage leaves them out: the listing's skips, then decode_rows' per batch."""
-    from engine.sources import class_names, iter_row_batches, scan_source
+    from engine.data.sources import class_names, iter_row_batches, scan_source
 
     listing = scan_source(config, split)
     names = class_names(config)
@@ -305,7 +305,7 @@ def sample_split(config: DataConfig, split: str, limit: int, seed: int, enforce_
     embedded digits are always whole (1437 images)."""
     if limit == 0 or config.source == "digits":
         return load_split(config, split)  # asked for the whole split (small sets), or the 1437 digits
-    from engine.sources import class_names, iter_row_batches
+    from engine.data.sources import class_names, iter_row_batches
 
     names = class_names(config)
     quota = max(1, limit // len(names))
@@ -334,9 +334,9 @@ def sample_split(config: DataConfig, split: str, limit: int, seed: int, enforce_
 
 
 def load_split(config: DataConfig, split: str) -> ImageSet:
-    """A whole split ("train", "val" carved from train, or "test"; engine/splits.py) in this process: small
+    """A whole split ("train", "val" carved from train, or "test"; engine/data/splits.py) in this process: small
     sets, tests and evaluation only; the stages stream."""
-    from engine.splits import check_split
+    from engine.data.splits import check_split
 
     check_split(split)
     if config.source == "digits":

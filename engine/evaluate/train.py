@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import EvaluateConfig
-from engine.protocols import (InputNorm, Protocol, apply_plan, attach_input_norm, get_protocol, make_optimizer,
+from engine.evaluate.protocols import (InputNorm, Protocol, apply_plan, attach_input_norm, get_protocol, make_optimizer,
                               plan_batch, standardize, student_norm, teacher_norm, weighted_ce_loss, weighted_kd_loss)
-from engine.store import atomic_write_bytes
-from engine.students import create_student
+from engine.evaluate.students import create_student
+from engine.io.store import atomic_write_bytes
 
 
 @dataclass(frozen=True)
@@ -338,7 +338,7 @@ def load_teacher(path_or_bytes: str | Path | bytes, architecture: str, num_class
     """A teacher from a safetensors state dict (a local path, anything with `read_bytes()` such as an object-store
     path, or the bytes themselves), in eval mode and ON `device`: the student's batches live on the worker's
     device, and a teacher left on the CPU crashes the first soft-label batch on a GPU. It reads [-1, 1] batches at
-    its own input scale (engine.protocols.teacher_norm of `config`; None: a teacher this engine trained under the
+    its own input scale (engine.evaluate.protocols.teacher_norm of `config`; None: a teacher this engine trained under the
     default evaluate.input_norm)."""
     from safetensors.torch import load
 
@@ -366,7 +366,7 @@ class SoftLabels:
     def __init__(self, folder):
         import json
 
-        from engine.location import location
+        from engine.io.location import location
 
         self.folder = location(folder)
         meta = json.loads((self.folder / "steps.json").read_text())
@@ -375,7 +375,7 @@ class SoftLabels:
 
     @staticmethod
     def complete(folder) -> bool:
-        from engine.location import location
+        from engine.io.location import location
 
         return (location(folder) / "steps.json").exists()
 
@@ -404,7 +404,7 @@ def generate_soft_labels(data: TrainSet, teacher: nn.Module, epochs: int, config
 
     from safetensors.torch import save as to_safetensors_bytes
 
-    from engine.location import location
+    from engine.io.location import location
 
     folder = location(folder)
     protocol = get_protocol(config.protocol)

@@ -1,9 +1,9 @@
 """Quantize one class: latents (n, d) float32 -> K centroids (K, d), cell counts (K,), weights, distortion.
 
 Centroids: faiss Lloyd iterations (default) or CLVQ, the competitive-learning algorithm of optimal quantization,
-from a greedy k-means++ (engine.quantize_torch.kmeans_plus_plus, the one implementation), random or faiss
+from a greedy k-means++ (engine.quantize.lloyd_torch.kmeans_plus_plus, the one implementation), random or faiss
 seeding; the best of `nredo` seeded runs. `quantize_class` is the one entry point: it checks the latents, picks a
-backend (`FaissQuantizer` here, `TorchLloyd` in engine/quantize_torch.py), which gives the centroids of each seed
+backend (`FaissQuantizer` here, `TorchLloyd` in engine/quantize/lloyd_torch.py), which gives the centroids of each seed
 and assigns points, and keeps the best run. Lloyd trains on all of the
 class's points, and cell counts always come from assigning ALL points afterwards. Weights per centroid are scaled
 to average 1.0 within the class (so `uniform` is all ones and the weighted loss of `uniform` is the plain loss):
@@ -12,7 +12,7 @@ to average 1.0 within the class (so `uniform` is all ones and the weighted loss 
   sqrt     proportional to sqrt(count_k)   the variance-reduction reading of DDOQ's heuristic
 
 Devices: "cpu" (faiss-cpu), or "cuda": faiss-gpu when it imports and sees a GPU, else the same algorithm in torch
-(engine/quantize_torch.py: faiss-gpu's wheels are CUDA 12 builds, the pinned torch is CUDA 13); backend="torch"
+(engine/quantize/lloyd_torch.py: faiss-gpu's wheels are CUDA 12 builds, the pinned torch is CUDA 13); backend="torch"
 runs that path on any device. A quantize actor
 given a GPU gets its device from `quantize_device`, which fails rather than quietly quantizing on the CPU.
 faiss and POT are imported where they are used, so the torch path runs on a machine with neither.
@@ -150,7 +150,7 @@ class FaissQuantizer:
 
     def run(self, seed: int) -> tuple[np.ndarray | None, np.ndarray]:
         """One seeded run -> (its start, None where faiss seeds itself; its centroids (k, d) float32)."""
-        from engine.quantize_torch import initial_centroids
+        from engine.quantize.lloyd_torch import initial_centroids
 
         config, rng = self.config, np.random.default_rng(seed)
         start = None if config.init == "faiss" else initial_centroids(self.points, self.k, config.init, rng).numpy()
@@ -181,7 +181,7 @@ def choose_backend(config: QuantizeConfig, device: str) -> str:
 
 def make_quantizer(latents, k: int, config: QuantizeConfig, device: str, backend: str):
     if backend == "torch":
-        from engine.quantize_torch import TorchLloyd
+        from engine.quantize.lloyd_torch import TorchLloyd
 
         return TorchLloyd(latents, k, config, device)
     if backend == "faiss":
@@ -230,7 +230,7 @@ class ClassReport:
 def quantize_and_measure(latents: np.ndarray, k: int, config: QuantizeConfig = QuantizeConfig(),
                          device: str = "cpu") -> ClassReport:
     """quantize_class (on `device`), then every weighting and its exact W2 to the class's empirical measure."""
-    from engine.transport import squared_distances, w2_distance
+    from engine.quantize.transport import squared_distances, w2_distance
 
     points = np.asarray(latents, dtype=np.float32).reshape(len(latents), -1)
     with warnings.catch_warnings():

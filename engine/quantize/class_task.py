@@ -19,10 +19,10 @@ import numpy as np
 import pyarrow as pa
 
 from engine.config import QuantizeConfig
-from engine.location import location
-from engine.quantize import WEIGHT_MODES, quantize_and_measure
-from engine.baselines import select_herding, select_kcenter, select_random_in_class
-from engine.store import atomic_write_table, float32_rows, read_class_table, read_table, table_latents
+from engine.io.location import location
+from engine.io.store import atomic_write_table, float32_rows, read_class_table, read_table, table_latents
+from engine.quantize.baselines import select_herding, select_kcenter, select_random_in_class
+from engine.quantize.quantizer import WEIGHT_MODES, quantize_and_measure
 
 
 def class_result_paths(out_dir, label: int) -> tuple:

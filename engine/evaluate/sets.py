@@ -2,7 +2,7 @@
 
 A set is keyed by (method, weights, ipc) and lives in runs/<name>/distilled/<set name>-ipc<k>/ (PNGs +
 index.parquet). d4m and ddoq sets hold the decoded centroids (engine/ray/decode.py); random, herding and kcenter
-sets hold real training images, picked beside the k-means in the quantize stage (engine/quantize_stage.py) and read
+sets hold real training images, picked beside the k-means in the quantize stage (engine/quantize/class_task.py) and read
 back by engine/ray/baselines.py.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine import store
 from engine.config import DistillConfig
+from engine.io import store
 
 REAL_METHODS = ("random", "herding", "kcenter")
 
