@@ -179,10 +179,12 @@ class EvaluateConfig:
     teacher: str = "convnet3"
     # A local safetensors state dict of `teacher` for this data; empty = train it on the full split (cached).
     teacher_path: str = ""
-    # The input scale of the students and of a teacher the engine trains (engine/evaluate/protocols.py): "imagenet" = ImageNet
-    # mean/std, as SRe2L/RDED/D4M train at ImageNet scale; "symmetric" = x / 127.5 - 1, the small sets' scale;
-    # "auto" = imagenet at data.image_size >= 64, symmetric below (digits, Fashion-MNIST as before).
-    input_norm: Literal["auto", "imagenet", "symmetric"] = "auto"
+    # The students' input scale (engine/evaluate/protocols.py): "imagenet" = ImageNet mean/std (RDED and SRe2L use
+    # it for every dataset); "dataset" = the data's own per-channel mean/std, measured on real validation images
+    # (DC/DSA's); "symmetric" = x / 127.5 - 1; "auto" = the protocol's reference: dataset for hard, imagenet for
+    # rded and fkd. A teacher the engine trains reads imagenet at data.image_size >= 64 and symmetric below,
+    # unless this says imagenet or symmetric.
+    input_norm: Literal["auto", "imagenet", "symmetric", "dataset"] = "auto"
     # The per-channel mean/std (of pixels in [0, 1]) a given teacher_path was trained with; empty = the timm
     # architecture's pretrained_cfg (its weights' own normalization) at >= 64 px, else input_norm.
     teacher_mean: tuple[float, ...] = ()
@@ -196,15 +198,20 @@ class EvaluateConfig:
     # Epochs over the distilled set; 0 = the protocol's own (rded/fkd 300, hard 1000).
     student_epochs: int = 100
     full_epochs: int = 15
-    batch_size: int = 64
-    # A student batch size for some IPCs ({ipc: batch}; the others use batch_size): RDED scales its batch with the
-    # set (ImageNet-1K: 20 / 100 / 200 at IPC 1 / 10 / 50). The teacher and `full` use batch_size.
+    batch_size: int = 64  # the teacher's and `full`'s batch
+    # The students' batch; 0 = the protocol's reference: hard 256, fkd 1024, rded 10 / 50 / 100 from IPC 1 / 10 /
+    # 50 (twice that from 100 classes). Never more than the set.
+    student_batch_size: int = 0
+    # A student batch size for some IPCs ({ipc: batch}), over student_batch_size.
     batch_size_by_ipc: dict[int, int] = field(default_factory=dict)
     temperature: float = 20.0  # RDED's T with CutMix
     cutmix: bool = True  # rded / fkd only
     flip: bool = False  # off for digits and other orientation-bearing data
     # Validation top-1 is measured and reported (ray.train.report, checkpoint saved) this many times per student.
     reports: int = 5
+    # Which weights a student's top-1 is measured with: "last" (the end of training, as DC/DSA report) or
+    # "best_val" (those of its best validation report). Rows carry both (top1_last, top1_best_val).
+    select: Literal["last", "best_val"] = "last"
     seeds: tuple[int, ...] = (0, 1, 2)
     # auto = bf16 autocast on GPUs (weights and optimizer stay fp32), fp32 on CPUs; fp32 / bf16 force it.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -217,9 +224,6 @@ class EvaluateConfig:
         if bool(self.teacher_mean) != bool(self.teacher_std):
             raise ConfigError("evaluate.teacher_mean and evaluate.teacher_std go together: give both or neither")
 
-    def batch_size_at(self, ipc: int) -> int:
-        """The batch size a student trains with on a set of this IPC."""
-        return self.batch_size_by_ipc.get(ipc, self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -334,6 +338,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "evaluate.student_epochs": (lambda v: v >= 0, "must be >= 0 (0 = the protocol's default)"),
     "evaluate.reports": (lambda v: v >= 1, "must be >= 1"),
     "evaluate.batch_size": (lambda v: v >= 1, "must be >= 1"),
+    "evaluate.student_batch_size": (lambda v: v >= 0, "must be >= 0 (0 = the protocol's reference batch)"),
     "evaluate.batch_size_by_ipc": (lambda v: all(k >= 1 and b >= 1 for k, b in v.items()),
                                    "must map IPCs >= 1 to batch sizes >= 1"),
     "evaluate.teacher_mean": (lambda v: len(v) in (0, 3), "must be empty or 3 channel means"),

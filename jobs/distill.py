@@ -52,7 +52,8 @@ def format_table(metrics: dict) -> str:
 
     keys = ["protocol", "teacher", "student", "method", "weights", "ipc"]
     summary = compare_to_random(pd.DataFrame(metrics["results"], columns=keys + ["top1"]))
-    lines = [(f"{'protocol':<8} {'student':<10} {'method':<8} {'weights':<8} {'ipc':>4} {'top1 (mean ± std)':>20} "
+    select = next((row.get("select", "last") for row in metrics["results"]), "last")
+    lines = [(f"{'protocol':<8} {'student':<10} {'method':<8} {'weights':<8} {'ipc':>4} {f'top1 {select} (mean ± std)':>20} "
               f"{'seeds':>5} {'Δ random':>9} {'p':>7} {'LRS':>6}")]
     for row in summary.itertuples():
         lines.append(f"{row.protocol:<8} {row.student:<10} {row.method:<8} {row.weights:<8} "

@@ -4,7 +4,10 @@ to `random` at that IPC in top-1 points, Welch's t-test p of the two sets of see
 score (engine/report/stats.py); then a teacher x student table for every set trained under more than one (teacher,
 student) pairing.
 
-    python jobs/results.py runs/fashion_mnist [runs/other ...]
+    python jobs/results.py runs/fashion_mnist [runs/other ...] [--select last|best_val]
+
+--select picks which top-1 of each student the tables show: after its last step, or with its weights at its
+best validation report (rows since the evaluation kept both; validation alone chose the weights).
 
 Reads runs/<name>/results/<key>/*.json, the rows the evaluation writes (each names its method, weights, IPC,
 protocol, student, teacher and seed), so runs of the same folder under different protocols or students land in
@@ -146,8 +149,17 @@ def main(argv=None) -> None:
     parser.add_argument("run_dirs", nargs="+", help="run folders: local paths or URIs (s3://bucket/runs/digits)")
     parser.add_argument("--curves", action="store_true",
                         help="also print each set's validation curve (rows written since the rows kept one)")
+    parser.add_argument("--select", choices=["last", "best_val"],
+                        help="which top-1 of each student to show (default: what each run chose, evaluate.select)")
     args = parser.parse_args(argv)
     frame = load_rows(args.run_dirs)
+    if args.select:
+        column = f"top1_{args.select}"
+        if column not in frame or frame[column].isna().any():
+            raise SystemExit(f"--select {args.select}: some rows have no {column} (written before the evaluation "
+                             f"kept it); leave --select out for them")
+        frame = frame.assign(top1=frame[column])
+    print(f"top-1 measured with each student's {args.select or 'configured (evaluate.select)'} weights\n")
     print(tables(frame))
     print(cross_architecture(frame))
     if args.curves:

@@ -7,9 +7,9 @@ import torch
 from engine.config import DataConfig, EvaluateConfig
 from engine.data.images import load_split
 from engine.evaluate import augment
-from engine.evaluate.protocols import (IMAGENET, SYMMETRIC, InputNorm, apply_plan, attach_input_norm, get_protocol,
-                              input_norm_of, plan_batch, student_norm, teacher_norm, weighted_ce_loss,
-                              weighted_kd_loss)
+from engine.evaluate.protocols import (IMAGENET, SYMMETRIC, EpochOrder, InputNorm, apply_plan, attach_input_norm,
+                                       dataset_norm, get_protocol, input_norm_of, network_norm, plan_batch,
+                                       student_norm, teacher_norm, weighted_ce_loss, weighted_kd_loss)
 from engine.evaluate.students import create_student
 from engine.evaluate.train import Targets, TrainSet, generate_soft_labels, student_recipe, train_student
 from tests.training import to_float
@@ -44,7 +44,7 @@ def test_cutmix_mixes_pixels_and_weights_with_the_same_lambda():
     x = torch.stack([torch.full((3, 8, 8), float(i)) for i in range(4)])
     weights = torch.tensor([1.0, 2.0, 3.0, 4.0])
     generator = torch.Generator().manual_seed(3)
-    plan = plan_batch(get_protocol("rded"), generator, 4, 4, 8, flip=False, cutmix=True)
+    plan = plan_batch(get_protocol("rded"), generator, torch.tensor([2, 0, 3, 1]), 8, flip=False, cutmix=True)
     plan["affine"] = torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0]]).repeat(4, 1)  # identity crop: isolate CutMix
     mixed, w = apply_plan(x, weights, plan)
     lam = augment.cutmix_lambda(plan["box"], 8)
@@ -79,8 +79,9 @@ def test_fkd_replay_gives_the_generated_crops_and_logits(small_set, tmp_path, mo
     fit(create_student("convnet3", 10, 16, 8), small_set, stored.steps, Recipe(get_protocol("fkd"), config, 5),
         replayed_batches)
     generator = torch.Generator().manual_seed(5)  # the student redraws the plans the labels were made on
+    order = EpochOrder(5, len(images), 16)
     for step, x in seen:
-        plan = plan_batch(get_protocol("fkd"), generator, len(images), 16, 16, True, True)
+        plan = plan_batch(get_protocol("fkd"), generator, order.rows(step), 16, True, True)
         torch.testing.assert_close(plan["index"], stored.index(step))
         crops, _ = apply_plan(images, weights, plan)
         torch.testing.assert_close(x, crops)  # the student trained on exactly the labelled crops ...
@@ -98,16 +99,18 @@ def test_a_workers_own_rows_augment_as_the_whole_batch_does():
     torch.manual_seed(0)
     images = torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8)
     weights = torch.linspace(0.5, 1.5, 12)
-    for name in ("rded", "hard"):
-        plan = plan_batch(get_protocol(name), torch.Generator().manual_seed(1), 12, 8, 8, True, True)
-        whole, w_whole = apply_plan(images, weights, plan)
-        as_float, _ = apply_plan(images.float() / 127.5 - 1.0, weights, plan)
-        torch.testing.assert_close(whole, as_float)
-        for rank in range(3):
-            mine = slice(rank, None, 3)
-            part, w_part = apply_plan(images, weights, plan, rows=mine)
-            torch.testing.assert_close(part, whole[mine])
-            torch.testing.assert_close(w_part, w_whole[mine])
+    index = torch.tensor([3, 11, 0, 7, 7, 5, 2, 9])
+    for name, norm in (("rded", None), ("hard", None), ("hard", KNOWN)):
+        for seed in range(8):  # hard: several of DSA's groups
+            plan = plan_batch(get_protocol(name), torch.Generator().manual_seed(seed), index, 8, True, True)
+            whole, w_whole = apply_plan(images, weights, plan, norm=norm)
+            as_float, _ = apply_plan(images.float() / 127.5 - 1.0, weights, plan, norm=norm)
+            torch.testing.assert_close(whole, as_float)
+            for rank in range(3):
+                mine = slice(rank, None, 3)
+                part, w_part = apply_plan(images, weights, plan, rows=mine, norm=norm)
+                torch.testing.assert_close(part, whole[mine])
+                torch.testing.assert_close(w_part, w_whole[mine])
 
 
 def test_hard_label_protocol_ignores_the_teacher(small_set):
@@ -125,7 +128,7 @@ def test_hard_label_protocol_ignores_the_teacher(small_set):
 def test_dsa_and_crop_plans_are_seeded_and_change_images():
     x = torch.randn(6, 3, 16, 16)
     for name in ("rded", "hard"):
-        plans = [plan_batch(get_protocol(name), torch.Generator().manual_seed(0), 6, 6, 16, True, True)
+        plans = [plan_batch(get_protocol(name), torch.Generator().manual_seed(0), torch.arange(6), 16, True, True)
                  for _ in range(2)]
         a, _ = apply_plan(x, torch.ones(6), plans[0])
         b, _ = apply_plan(x, torch.ones(6), plans[1])
@@ -197,19 +200,28 @@ def test_load_teacher_scales_a_given_timm_teacher_as_its_weights_were_trained(tm
                                    atol=1e-5, rtol=0, msg=name)
 
 
-def test_students_take_imagenet_scale_at_imagenet_size_and_the_small_sets_keep_theirs(pictures):
+def test_students_take_their_protocols_reference_scale_and_a_trained_teacher_keeps_the_small_sets(pictures):
+    """auto: hard students read the data's own mean/std (DC/DSA), rded and fkd students ImageNet's at every size
+    (RDED, SRe2L); a teacher the engine trains keeps [-1, 1] below 64 px and ImageNet's above."""
     from engine.evaluate.train import Worker, new_model
 
+    data = dataset_norm(pictures)
+    for protocol in ("rded", "fkd"):
+        assert student_norm(EvaluateConfig(protocol=protocol), 16) == IMAGENET
+    assert student_norm(EvaluateConfig(protocol="hard"), 16, data) == data
+    with pytest.raises(ValueError, match="data's mean/std"):
+        student_norm(EvaluateConfig(protocol="hard"), 16)
+    assert student_norm(EvaluateConfig(input_norm="symmetric", protocol="hard"), 224, data) == SYMMETRIC
+    assert student_norm(EvaluateConfig(input_norm="dataset"), 224, data) == data
     auto = EvaluateConfig()
-    assert student_norm(auto, 16) == SYMMETRIC and student_norm(auto, 28) == SYMMETRIC
-    assert student_norm(auto, 224) == IMAGENET and student_norm(auto, 64) == IMAGENET
-    assert student_norm(EvaluateConfig(input_norm="imagenet"), 16) == IMAGENET
-    assert student_norm(EvaluateConfig(input_norm="symmetric"), 224) == SYMMETRIC
-    small = new_model("convnet3", 10, 16, 8, Worker(), student_norm(auto, 16))
-    assert not hasattr(small, "input_rescale")  # the digits' networks are exactly as before: nothing added
-    student = new_model("convnet3", 10, 64, 8, Worker(), student_norm(auto, 64))
-    torch.testing.assert_close(_first_conv_input(student, pictures), _normalized(pictures, IMAGENET),
-                               atol=1e-5, rtol=0)
+    assert network_norm(auto, 16) == SYMMETRIC and network_norm(auto, 28) == SYMMETRIC
+    assert network_norm(auto, 224) == IMAGENET and network_norm(auto, 64) == IMAGENET
+    small = new_model("convnet3", 10, 16, 8, Worker(), network_norm(auto, 16))
+    assert not hasattr(small, "input_rescale")  # a small teacher is exactly as before: nothing added
+    student = new_model("convnet3", 10, 64, 8, Worker(), student_norm(EvaluateConfig(protocol="hard"), 64, data))
+    torch.testing.assert_close(_first_conv_input(student, pictures), _normalized(pictures, data), atol=1e-4, rtol=0)
+    pixels = pictures.reshape(-1, 3) / 255.0
+    np.testing.assert_allclose(data.mean, pixels.mean(0)) and np.testing.assert_allclose(data.std, pixels.std(0))
 
 
 def test_one_augmented_batch_reaches_student_and_online_teacher_each_at_its_scale(small_set):
@@ -224,3 +236,73 @@ def test_one_augmented_batch_reaches_student_and_online_teacher_each_at_its_scal
     x = to_float(small_set.images[:4])  # [-1, 1], as apply_plan gives it
     loss_fn(torch.zeros(4, 10), x, torch.zeros(4, dtype=torch.int64), torch.ones(4), 0, slice(None))
     torch.testing.assert_close(seen[0], _normalized(small_set.images[:4], KNOWN), atol=1e-5, rtol=0)
+
+
+def test_epochs_are_passes_over_a_fresh_permutation_with_the_remainder_last():
+    from engine.evaluate.protocols import LAST_BATCH_MIN, pass_bounds
+
+    order = EpochOrder(seed=3, n=30, batch=16)
+    assert order.steps_per_epoch == 2
+    for epoch in range(3):
+        rows = [order.rows(epoch * 2 + position) for position in range(2)]
+        assert [len(r) for r in rows] == [16, 14]
+        assert sorted(torch.cat(rows).tolist()) == list(range(30))  # each row once per epoch
+    assert not torch.equal(order.rows(0), EpochOrder(seed=3, n=30, batch=16).rows(2))  # a new order each epoch
+    assert torch.equal(order.rows(5), EpochOrder(seed=3, n=30, batch=16).rows(5))  # stateless: a resume agrees
+    assert pass_bounds(100, 256) == [0, 100]  # DC's IPC 10 x 10 classes: the whole set, one batch per epoch
+    assert pass_bounds(20 + LAST_BATCH_MIN - 1, 10) == [0, 10, 20 + LAST_BATCH_MIN - 1]  # a tiny tail joins
+    assert pass_bounds(20 + LAST_BATCH_MIN, 10) == [0, 10, 20, 20 + LAST_BATCH_MIN]
+
+
+def test_student_batches_are_the_references_unless_the_config_says_otherwise():
+    from engine.evaluate.protocols import student_batch_size
+
+    rded = EvaluateConfig(protocol="rded")
+    assert [student_batch_size(rded, ipc, 10) for ipc in (1, 10, 50)] == [10, 50, 100]
+    assert [student_batch_size(rded, ipc, 1000) for ipc in (1, 10, 50)] == [20, 100, 200]
+    assert student_batch_size(EvaluateConfig(protocol="hard"), 10, 10) == 256
+    assert student_batch_size(EvaluateConfig(protocol="fkd"), 10, 1000) == 1024
+    assert student_batch_size(EvaluateConfig(protocol="hard", student_batch_size=64), 10, 10) == 64
+    assert student_batch_size(EvaluateConfig(student_batch_size=64, batch_size_by_ipc={10: 7}), 10, 10) == 7
+
+
+def test_optimizers_and_schedules_are_the_references():
+    from engine.evaluate.protocols import make_optimizer
+
+    model = create_student("convnet3", 10, 16, 8)
+    optimizer, schedule = make_optimizer(get_protocol("rded"), model, steps=100)
+    decayed, plain = optimizer.param_groups
+    assert all(p.ndim > 1 for p in decayed["params"]) and decayed["weight_decay"] == 0.01
+    assert all(p.ndim <= 1 for p in plain["params"]) and plain["weight_decay"] == 0.0 and plain["params"]
+    rates = []
+    for _ in range(100):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates[0] == 1e-3 and abs(optimizer.param_groups[0]["lr"] - 0.5e-3) < 1e-9  # RDED's ends at half
+    optimizer, schedule = make_optimizer(get_protocol("fkd"), model, steps=10)
+    for _ in range(10):
+        optimizer.step()
+        schedule.step()
+    assert optimizer.param_groups[0]["lr"] < 1e-9  # SRe2L's cosine ends at 0
+    sgd, _ = make_optimizer(get_protocol("hard"), model, steps=10)
+    assert sgd.param_groups[0]["weight_decay"] == 5e-4 and sgd.param_groups[0]["momentum"] == 0.9
+
+
+def test_the_kd_loss_is_the_batch_mean_kl_without_a_t_squared_factor():
+    torch.manual_seed(1)
+    student, teacher, temperature = torch.randn(5, 7), torch.randn(5, 7), 20.0
+    expected = torch.nn.KLDivLoss(reduction="batchmean")(torch.log_softmax(student / temperature, 1),
+                                                         torch.softmax(teacher / temperature, 1))
+    torch.testing.assert_close(weighted_kd_loss(student, teacher, torch.ones(5), temperature), expected)
+
+
+def test_rded_crops_the_whole_image_below_128_px_and_half_its_area_above_as_rded_does():
+    from engine.evaluate.protocols import crop_min_area
+
+    rded, fkd = get_protocol("rded"), get_protocol("fkd")
+    assert crop_min_area(rded, 32) == 1.0 and crop_min_area(rded, 224) == 0.5 and crop_min_area(fkd, 32) == 0.08
+    plan = plan_batch(rded, torch.Generator().manual_seed(0), torch.arange(64), 32, flip=True, cutmix=False)
+    affine = plan["affine"]
+    assert torch.equal(affine[:, 0].abs(), torch.ones(64)) and torch.equal(affine[:, 1:], torch.zeros(64, 4) + torch.tensor([1.0, 0, 0, 0]))
+    assert (affine[:, 0] < 0).any()  # flips stay

@@ -96,7 +96,7 @@ def test_end_of_run_table_shows_difference_p_and_lrs():
                + rows("d4m", "uniform", 1, [0.4, 0.5]))
     text = distill.format_table({"results": results, "quantization": {}, "timings_s": {}})
     header, *lines = text.splitlines()
-    assert "top1 (mean ± std)" in header and "Δ random" in header and "LRS" in header
+    assert "top1 last (mean ± std)" in header and "Δ random" in header and "LRS" in header
     ddoq = next(line for line in lines if line.split()[:2] == ["rded", "convnet3"] and "ddoq" in line)
     p, lrs = welch_t_test(A, B)[2], label_robust_score(0.72, 0.67, 0.9)
     assert ddoq.split()[-4:] == ["3", "+5.0", f"{p:.3f}", f"{lrs:.3f}"]

@@ -3,15 +3,24 @@
 Published distillation numbers differ more by protocol than by method, so each protocol is fixed here with its
 source, and a method is always compared under one of them:
 
-rded  RDED (Sun et al., CVPR 2024), after SRe2L: the teacher runs online on every augmented batch
-      (RandomResizedCrop, flip, CutMix); loss = T^2 KL(teacher_T || student_T); AdamW lr 1e-3 wd 0.01, cosine
-      schedule; 300 epochs at ImageNet scale (`evaluate.student_epochs` scales it down).
-fkd   SRe2L / FKD (Shen & Xing 2022) stored soft labels: the crops, flips, CutMix boxes and the teacher's logits
-      of every batch of every epoch are generated once (`generate_soft_labels`) and replayed while the student
-      trains, so the teacher is not needed at train time. Same optimizer and schedule as rded.
-hard  DC / DSA / MTT (Zhao et al. 2021, Cazenavette et al. 2022): hard labels, cross-entropy, SGD lr 0.01
-      momentum 0.9 wd 5e-4, lr x0.1 at half time, DSA augmentation (colour, crop, cutout, flip, scale, rotate),
-      1000 epochs; the teacher is ignored. ConvNet-3 width 128 with instance norm is the classic student.
+rded  RDED (Sun et al., CVPR 2024), its validation code: the teacher runs online on every augmented batch
+      (RandomResizedCrop, flip, CutMix); loss = KL(teacher_T || student_T), T = 20; AdamW lr 1e-3, weight decay
+      0.01 on weight matrices only; RDED's quarter cosine (the rate ends at half its start); batch 10 / 50 / 100
+      at IPC 1 / 10 / 50, twice that from 100 classes; 300 epochs. Crops: the whole image below 128 px (RDED's
+      factor 1 for CIFAR and Tiny-ImageNet), area in [0.5, 1] above (factor 2).
+fkd   SRe2L / FKD (Shen & Xing 2022) stored soft labels: the crops (area in [0.08, 1]), flips, CutMix boxes and
+      the teacher's logits of every batch of every epoch are generated once (`generate_soft_labels`) and replayed
+      while the student trains, so the teacher is not needed at train time. AdamW as rded, cosine to 0, batch
+      1024, 300 epochs.
+hard  DC / DSA / MTT's `evaluate_synset` (Zhao et al. 2021, Cazenavette et al. 2022): hard labels, cross-entropy,
+      SGD lr 0.01 momentum 0.9 wd 5e-4, lr x0.1 at half time, batch 256; DSA with ONE of its six groups (colour,
+      crop, cutout, flip, scale, rotate) per batch (`ParamDiffAug.aug_mode = "S"`), in the student's input space
+      normalized by the data's mean and std, where DSA's zero fills are the mean; 1000 epochs; the teacher is
+      ignored. ConvNet-3 width 128 with instance norm is the classic student.
+
+Every protocol trains in epochs that are passes over a fresh permutation of the set (the shuffled DataLoader of
+all three reference codes), the last batch of a pass the remainder (`EpochOrder`). docs/protocols.md lists every
+knob beside its reference and the deviations that remain.
 
 Weighted loss in every protocol: loss = mean_i w_i * l_i (weights average 1 per class, so uniform weights give
 the plain loss). With CutMix, a mixed sample's weight is mixed with the same lambda as its pixels:
@@ -25,6 +34,7 @@ One augmented batch then feeds the student and the online teacher at once, each 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,16 +55,21 @@ class Protocol:
     optimizer: str  # "adamw" | "sgd"
     learning_rate: float
     weight_decay: float
-    schedule: str  # "cosine" | "step" (x0.1 at half time)
+    schedule: str  # "cosine" (to 0) | "half_cosine" (RDED: to half the rate) | "step" (x0.1 at half time)
     augmentation: str  # "crop" (RandomResizedCrop + flip [+ CutMix]) | "dsa"
     default_epochs: int
+    batch_size: int  # the reference's student batch; 0 = RDED's rule by IPC and class count (`student_batch_size`)
+    crop_min_area: float  # RandomResizedCrop's smallest area at >= LARGE_CROP_IMAGE px (1 below for rded)
 
 
 PROTOCOLS = {
-    "rded": Protocol("rded", True, False, "adamw", 1e-3, 0.01, "cosine", "crop", 300),
-    "fkd": Protocol("fkd", True, True, "adamw", 1e-3, 0.01, "cosine", "crop", 300),
-    "hard": Protocol("hard", False, False, "sgd", 0.01, 5e-4, "step", "dsa", 1000),
+    "rded": Protocol("rded", True, False, "adamw", 1e-3, 0.01, "half_cosine", "crop", 300, 0, 0.5),
+    "fkd": Protocol("fkd", True, True, "adamw", 1e-3, 0.01, "cosine", "crop", 300, 1024, 0.08),
+    "hard": Protocol("hard", False, False, "sgd", 0.01, 5e-4, "step", "dsa", 1000, 256, 1.0),
 }
+LARGE_CROP_IMAGE = 128  # RDED crops images of this side and more (ImageNet's subsets), never CIFAR's or Tiny's
+LAST_BATCH_MIN = 8  # a pass's remainder smaller than this joins the batch before it (a data-parallel group of up
+                    # to 8 workers then always has a row for each)
 
 
 def get_protocol(name: str) -> Protocol:
@@ -67,25 +82,84 @@ def make_optimizer(protocol: Protocol, model: nn.Module, steps: int):
     if protocol.optimizer == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=protocol.learning_rate, momentum=0.9,
                                     weight_decay=protocol.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=protocol.learning_rate,
-                                      weight_decay=protocol.weight_decay)
+    else:  # RDED's and SRe2L's get_parameters: no decay on biases and norm scales
+        matrices = [p for p in model.parameters() if p.ndim > 1]
+        others = [p for p in model.parameters() if p.ndim <= 1]
+        optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": protocol.weight_decay},
+                                       {"params": others, "weight_decay": 0.0}], lr=protocol.learning_rate)
+    steps = max(1, steps)
     if protocol.schedule == "step":
         schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, steps // 2), gamma=0.1)
+    elif protocol.schedule == "half_cosine":
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps / 2)))
     else:
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     return optimizer, schedule
 
 
-def plan_batch(protocol: Protocol, generator: torch.Generator, n: int, batch: int, image_size: int, flip: bool,
+def student_batch_size(config: EvaluateConfig, ipc: int, num_classes: int) -> int:
+    """A student's batch on a set of `ipc` images per class: evaluate.batch_size_by_ipc, else
+    evaluate.student_batch_size, else the protocol's reference (RDED: 10 / 50 / 100 from IPC 1 / 10 / 50, twice
+    that from 100 classes)."""
+    if ipc in config.batch_size_by_ipc:
+        return config.batch_size_by_ipc[ipc]
+    if config.student_batch_size:
+        return config.student_batch_size
+    protocol = get_protocol(config.protocol)
+    if protocol.batch_size:
+        return protocol.batch_size
+    return (100 if ipc >= 50 else 50 if ipc >= 10 else 10) * (2 if num_classes >= 100 else 1)
+
+
+def pass_bounds(n: int, batch: int) -> list[int]:
+    """Where each batch of a pass over n rows starts, then n: full batches, then the remainder (under
+    LAST_BATCH_MIN rows it joins the batch before it)."""
+    batch = max(1, min(batch, n))
+    full, remainder = divmod(n, batch)
+    starts = list(range(0, full * batch, batch))
+    if remainder >= LAST_BATCH_MIN or not starts:
+        starts.append(full * batch)
+    return starts + [n]
+
+
+def steps_per_pass(n: int, batch: int) -> int:
+    return len(pass_bounds(n, batch)) - 1
+
+
+class EpochOrder:
+    """Which rows each step trains on: epochs are passes over a permutation of the n rows drawn afresh from
+    (seed, epoch), in batches of `batch`, the last one the remainder (a remainder under LAST_BATCH_MIN joins the
+    batch before it). Stateless in the step, so a resumed run and FKD's label generation see the same batches."""
+
+    def __init__(self, seed: int, n: int, batch: int):
+        self.seed, self.n = seed, n
+        self.bounds = pass_bounds(n, batch)
+        self.steps_per_epoch = len(self.bounds) - 1
+        self._epoch: tuple[int, torch.Tensor] | None = None
+
+    def rows(self, step: int) -> torch.Tensor:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if self._epoch is None or self._epoch[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch = (epoch, torch.randperm(self.n, generator=generator))
+        return self._epoch[1][self.bounds[position]:self.bounds[position + 1]]
+
+
+def crop_min_area(protocol: Protocol, image_size: int) -> float:
+    return protocol.crop_min_area if image_size >= LARGE_CROP_IMAGE or protocol.name != "rded" else 1.0
+
+
+def plan_batch(protocol: Protocol, generator: torch.Generator, index: torch.Tensor, image_size: int, flip: bool,
                cutmix: bool) -> dict[str, torch.Tensor]:
-    """Everything random about one global batch: sample indices and augmentation parameters. Drawn in a fixed
-    order from one generator, so a seed fixes every batch of a run (and FKD can store and replay them)."""
-    index = torch.randint(0, n, (batch,), generator=generator)
+    """Everything random about one global batch of the rows `index` (`EpochOrder`): its augmentation
+    parameters, drawn in a fixed order from one generator, so a seed fixes every batch of a run (and FKD can store
+    and replay them)."""
+    batch = len(index)
     if protocol.augmentation == "dsa":
-        return {"index": index, "affine": augment.sample_dsa(batch, generator, flip),
-                "color": augment.sample_dsa_color_cutout(batch, generator)}
-    plan = {"index": index, "affine": augment.sample_crop_flip(batch, generator, flip)}
+        group, params = augment.sample_dsa(batch, generator, flip, image_size)
+        return {"index": index, "dsa_group": torch.tensor([group]), "dsa": params}
+    area = crop_min_area(protocol, image_size)
+    plan = {"index": index, "affine": augment.sample_crop_flip(batch, generator, flip, area)}
     if cutmix:
         plan["perm"], plan["box"] = augment.sample_cutmix(batch, generator, image_size)
     return plan
@@ -109,12 +183,32 @@ SYMMETRIC = InputNorm((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # x / 127.5 - 1: what `
 IMAGENET = InputNorm((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
-def student_norm(config: EvaluateConfig, image_size: int) -> InputNorm:
-    """The students' input scale (and that of a teacher this engine trains): evaluate.input_norm; "auto" keeps
-    the small sets' scale below SMALL_IMAGE px, where the students' stems are made CIFAR-style too."""
-    if config.input_norm == "imagenet" or (config.input_norm == "auto" and image_size >= SMALL_IMAGE):
+def network_norm(config: EvaluateConfig, image_size: int) -> InputNorm:
+    """The input scale of a teacher this engine trains: evaluate.input_norm; "auto" (and "dataset", which needs
+    the data) keep the small sets' scale below SMALL_IMAGE px, where the stems are made CIFAR-style too."""
+    if config.input_norm == "imagenet" or (config.input_norm != "symmetric" and image_size >= SMALL_IMAGE):
         return IMAGENET
     return SYMMETRIC
+
+
+def student_norm(config: EvaluateConfig, image_size: int, data_norm: InputNorm | None = None) -> InputNorm:
+    """The students' input scale: evaluate.input_norm; "auto" is the protocol's reference: the data's own
+    mean/std for hard (DC/DSA normalize each dataset by its statistics; `data_norm`, measured on real
+    validation images), ImageNet's for rded and fkd (RDED and SRe2L use it for every dataset)."""
+    choice = config.input_norm
+    if choice == "auto":
+        choice = "dataset" if config.protocol == "hard" else "imagenet"
+    if choice == "dataset":
+        if data_norm is None:
+            raise ValueError("evaluate.input_norm=dataset (hard's default) needs the data's mean/std (data_norm)")
+        return data_norm
+    return IMAGENET if choice == "imagenet" else SYMMETRIC
+
+
+def dataset_norm(images: np.ndarray) -> InputNorm:
+    """Per-channel mean and std of uint8 images (N, H, W, 3), pixels in [0, 1]: a dataset's normalization."""
+    pixels = np.asarray(images, dtype=np.float64).reshape(-1, images.shape[-1]) / 255.0
+    return InputNorm(tuple(float(v) for v in pixels.mean(0)), tuple(float(max(v, 1e-3)) for v in pixels.std(0)))
 
 
 def pretrained_norm(model: nn.Module) -> InputNorm | None:
@@ -139,7 +233,7 @@ def teacher_norm(config: EvaluateConfig, image_size: int, model: nn.Module | Non
         pretrained = pretrained_norm(model)
         if pretrained is not None:
             return pretrained
-    return student_norm(config, image_size)
+    return network_norm(config, image_size)
 
 
 class InputRescale(nn.Module):
@@ -157,6 +251,9 @@ class InputRescale(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) in [-1, 1]
         return x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:  # back to [-1, 1]
+        return (x - self.shift.to(x.dtype)) / self.scale.to(x.dtype)
 
 
 def _rescale_input(model: nn.Module, args: tuple) -> tuple:
@@ -185,19 +282,25 @@ def input_norm_of(model: nn.Module) -> InputNorm:
 
 
 def apply_plan(images: torch.Tensor, weights: torch.Tensor, plan: dict[str, torch.Tensor],
-               rows: torch.Tensor | slice | None = None, device: torch.device | str | None = None):
+               rows: torch.Tensor | slice | None = None, device: torch.device | str | None = None,
+               norm: InputNorm | None = None):
     """(augmented batch (b, 3, H, W) float, per-sample weights (b,)) for the `rows` of a global batch planned by
     `plan_batch` (all of them by default), computed on `device`. `images` (N, 3, H, W) may be uint8.
 
+    DSA runs in the input scale `norm` of the network the batch is for (its zero fills are that scale's zero).
     A data-parallel worker passes its own rows: only they (and, with CutMix, the rows they paste from) are read
     and augmented, on its device, and the result equals those rows of the whole batch augmented at once."""
+    norm = norm or SYMMETRIC
     every = torch.arange(len(plan["index"]))
     rows = every if rows is None else every[rows]
 
     def augmented(selected: torch.Tensor) -> torch.Tensor:
         x = standardize(images[plan["index"][selected]].to(device))
-        x = augment.apply_affine(x, plan["affine"][selected])
-        return augment.apply_color_cutout(x, plan["color"][selected]) if "color" in plan else x
+        if "dsa" in plan:  # in the network's own scale, where DSA's zeros are the data's mean
+            rescale = InputRescale(norm).to(x.device)
+            x = augment.apply_dsa(rescale(x), int(plan["dsa_group"]), plan["dsa"][selected])
+            return rescale.inverse(x)
+        return augment.apply_affine(x, plan["affine"][selected])
 
     x = augmented(rows)
     w = weights[plan["index"][rows]].to(x.device)
@@ -213,10 +316,11 @@ def apply_plan(images: torch.Tensor, weights: torch.Tensor, plan: dict[str, torc
 
 
 def weighted_kd_loss(student_logits, teacher_logits, weights, temperature: float) -> torch.Tensor:
-    """mean_i w_i * T^2 * KL(softmax(t_i / T) || softmax(s_i / T))."""
+    """mean_i w_i * KL(softmax(t_i / T) || softmax(s_i / T)): RDED's and SRe2L's KLDivLoss("batchmean"), with no
+    T^2 factor (both leave it out)."""
     log_p_student = F.log_softmax(student_logits / temperature, dim=1)
     log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
-    per_sample = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(1) * temperature**2  # (B,)
+    per_sample = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(1)  # (B,)
     return (weights * per_sample).mean()
 
 

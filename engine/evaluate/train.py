@@ -28,8 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import EvaluateConfig
-from engine.evaluate.protocols import (InputNorm, Protocol, apply_plan, attach_input_norm, get_protocol, make_optimizer,
-                              plan_batch, standardize, student_norm, teacher_norm, weighted_ce_loss, weighted_kd_loss)
+from engine.evaluate.protocols import (EpochOrder, InputNorm, Protocol, apply_plan, attach_input_norm, dataset_norm,
+                                       get_protocol, input_norm_of, make_optimizer, network_norm, plan_batch,
+                                       standardize, steps_per_pass, student_norm, teacher_norm, weighted_ce_loss,
+                                       weighted_kd_loss)
 from engine.evaluate.students import create_student
 from engine.io.store import atomic_write_bytes
 
@@ -85,7 +87,7 @@ def new_model(arch: str, num_classes: int, image_size: int, width: int, worker: 
               norm: InputNorm | None = None) -> nn.Module:
     """A network for this worker reading [-1, 1] batches at its input scale `norm` (None: the default
     evaluate.input_norm's at this size): on its device (channels_last on CUDA), wrapped (DDP under Ray Train)."""
-    norm = norm or student_norm(EvaluateConfig(), image_size)
+    norm = norm or network_norm(EvaluateConfig(), image_size)
     model = attach_input_norm(create_student(arch, num_classes, image_size, width), norm).to(worker.device)
     if torch.device(worker.device).type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -93,7 +95,8 @@ def new_model(arch: str, num_classes: int, image_size: int, width: int, worker: 
 
 
 def epochs_to_steps(n: int, epochs: int, batch_size: int) -> int:
-    return max(1, epochs * -(-n // batch_size))
+    """Steps of `epochs` passes over n rows (`EpochOrder`'s batches)."""
+    return max(1, epochs * steps_per_pass(n, batch_size))
 
 
 def student_epochs(config: EvaluateConfig) -> int:
@@ -107,15 +110,17 @@ def _unwrap(model: nn.Module) -> nn.Module:
 @dataclass(frozen=True)
 class Recipe:
     """How a loop trains: the protocol (optimizer, schedule, augmentation), the evaluate settings it reads (batch
-    size, flip, CutMix, precision) and the seed of its draws."""
+    size, flip, CutMix, precision), the seed of its draws and the data's mean/std (hard's input scale; None:
+    measured on the set itself)."""
     protocol: Protocol
     config: EvaluateConfig
     seed: int
+    data_norm: InputNorm | None = None
 
 
-def student_recipe(config: EvaluateConfig, seed: int) -> Recipe:
+def student_recipe(config: EvaluateConfig, seed: int, data_norm: InputNorm | None = None) -> Recipe:
     """A student's training under `config.protocol`."""
-    return Recipe(get_protocol(config.protocol), config, seed)
+    return Recipe(get_protocol(config.protocol), config, seed, data_norm)
 
 
 @dataclass(frozen=True)
@@ -213,17 +218,17 @@ def fit(model: nn.Module, data: TrainSet, steps: int, recipe: Recipe, loss_fn: C
     images, labels = image_tensor(data.images), torch.as_tensor(data.labels)
     weights = torch.as_tensor(data.weights, dtype=torch.float32)
     run = _Run(model, *make_optimizer(recipe.protocol, model, steps), torch.Generator().manual_seed(recipe.seed))
-    device = next(model.parameters()).device
-    batch = min(config.batch_size, len(images))
-    if batch < worker.world:
-        raise ValueError(f"batch of {batch} images cannot be split over {worker.world} workers")
+    device, norm = next(model.parameters()).device, input_norm_of(model)
+    order = EpochOrder(recipe.seed, len(images), config.batch_size)
+    if min(config.batch_size, len(images)) < worker.world:
+        raise ValueError(f"batch of {config.batch_size} images cannot be split over {worker.world} workers")
     start = int(run.resume(reporting.checkpoint).get("step", 0))
     model.train()
     mine = slice(worker.rank, None, worker.world)
     for step in range(start, steps):
-        plan = plan_batch(recipe.protocol, run.generator, len(images), batch, images.shape[-1], config.flip,
+        plan = plan_batch(recipe.protocol, run.generator, order.rows(step), images.shape[-1], config.flip,
                           config.cutmix)
-        x, w = apply_plan(images, weights, plan, rows=mine, device=device)  # this worker's rows, on its device
+        x, w = apply_plan(images, weights, plan, rows=mine, device=device, norm=norm)  # this worker's rows
         y = labels[plan["index"][mine]].to(device)
         run.step(Batch(on_device_layout(x), y, w), loss_fn, step, mine, config.precision)
         run.finished(reporting, worker.rank, ("step", step + 1, steps), step + 1)
@@ -275,9 +280,10 @@ def fit_stream(model: nn.Module, stream: Stream, recipe: Recipe, loss_fn: Callab
         for batch in stream.epoch_batches(epoch):
             images = batch_tensor(batch["image"]).permute(0, 3, 1, 2)  # (b, 3, H, W) uint8, the wire's dtype
             b = len(images)
-            plan = plan_batch(recipe.protocol, run.generator, b, b, images.shape[-1], config.flip, config.cutmix)
-            plan["index"] = torch.arange(b)  # a stream is read once per epoch, not sampled
-            x, w = apply_plan(images, torch.ones(b), plan, device=device)
+            # a stream is read once per epoch in its own order: the batch is its rows as they come
+            plan = plan_batch(recipe.protocol, run.generator, torch.arange(b), images.shape[-1], config.flip,
+                              config.cutmix)
+            x, w = apply_plan(images, torch.ones(b), plan, device=device, norm=input_norm_of(model))
             y = torch.as_tensor(np.asarray(batch["label"]), dtype=torch.int64).to(device)
             run.step(Batch(on_device_layout(x), y, w), loss_fn, step, slice(None), config.precision)
             step += 1
@@ -320,7 +326,8 @@ def train_student(data: TrainSet, targets: Targets, num_classes: int, arch: str,
     protocol, config = recipe.protocol, recipe.config
     torch.manual_seed(recipe.seed)
     size = data.images.shape[1]
-    model = new_model(arch, num_classes, size, config.width, worker, student_norm(config, size))
+    data_norm = recipe.data_norm or dataset_norm(data.images)
+    model = new_model(arch, num_classes, size, config.width, worker, student_norm(config, size, data_norm))
     steps = epochs_to_steps(len(data.labels), epochs, config.batch_size)
     teacher, soft_labels = targets.teacher, targets.soft_labels
     if protocol.stored_labels and (soft_labels is None or soft_labels.steps != steps):
@@ -387,11 +394,24 @@ class SoftLabels:
             self._loaded = (number, load((self.folder / f"chunk-{number:05d}.safetensors").read_bytes()))
         return self._loaded[1]
 
+    def _rows(self, name: str, step: int) -> torch.Tensor:
+        chunk, at = self.chunk(step), step % self.chunk_steps
+        return chunk[name][at][: int(chunk["rows"][at])]
+
     def logits(self, step: int) -> torch.Tensor:
-        return self.chunk(step)["logits"][step % self.chunk_steps]
+        return self._rows("logits", step)
 
     def index(self, step: int) -> torch.Tensor:
-        return self.chunk(step)["index"][step % self.chunk_steps]
+        return self._rows("index", step)
+
+
+def padded(tensors: list[torch.Tensor], fill: float) -> torch.Tensor:
+    """Tensors of up to B rows stacked as (len, B, ...), short ones filled with `fill`."""
+    rows = max(len(x) for x in tensors)
+    out = torch.full((len(tensors), rows, *tensors[0].shape[1:]), fill, dtype=tensors[0].dtype)
+    for i, x in enumerate(tensors):
+        out[i, : len(x)] = x
+    return out
 
 
 @torch.no_grad()
@@ -411,18 +431,19 @@ def generate_soft_labels(data: TrainSet, teacher: nn.Module, epochs: int, config
     generator = torch.Generator().manual_seed(seed)
     images, weights = image_tensor(data.images), torch.as_tensor(data.weights, dtype=torch.float32)
     steps = epochs_to_steps(len(data.labels), epochs, config.batch_size)
-    batch = min(config.batch_size, len(images))
+    order = EpochOrder(seed, len(images), config.batch_size)
     device = next(teacher.parameters()).device
     teacher.eval()
     for first in range(0, steps, SOFT_LABEL_CHUNK_STEPS):
         logits, indices = [], []
-        for _ in range(first, min(steps, first + SOFT_LABEL_CHUNK_STEPS)):
-            plan = plan_batch(protocol, generator, len(images), batch, images.shape[-1], config.flip, config.cutmix)
+        for step in range(first, min(steps, first + SOFT_LABEL_CHUNK_STEPS)):
+            plan = plan_batch(protocol, generator, order.rows(step), images.shape[-1], config.flip, config.cutmix)
             x, _ = apply_plan(images, weights, plan, device=device)
             with precision_context(device, config.precision):
                 logits.append(teacher(on_device_layout(x)).to(torch.float16).cpu())
             indices.append(plan["index"])
-        chunk = {"logits": torch.stack(logits), "index": torch.stack(indices)}
+        chunk = {"logits": padded(logits, 0.0), "index": padded(indices, -1),
+                 "rows": torch.tensor([len(i) for i in indices])}  # a pass's last batch may be shorter
         atomic_write_bytes(folder / f"chunk-{first // SOFT_LABEL_CHUNK_STEPS:05d}.safetensors",
                            to_safetensors_bytes(chunk))
     atomic_write_bytes(folder / "steps.json",

@@ -35,13 +35,14 @@ class StudentJob:
 def job_cost(config: DistillConfig, job: StudentJob, train_rows: int) -> int:
     """Training steps of a job (its relative cost): the set's size x epochs in batches."""
     from engine.data.sources import class_names
+    from engine.evaluate.protocols import student_batch_size
     from engine.evaluate.train import epochs_to_steps, student_epochs
 
     e = config.evaluate
     if job.method == "full":
         return epochs_to_steps(train_rows, e.full_epochs, e.batch_size)
-    images = job.ipc * len(class_names(config.data))
-    return epochs_to_steps(images, student_epochs(e), e.batch_size_at(job.ipc))
+    classes = len(class_names(config.data))
+    return epochs_to_steps(job.ipc * classes, student_epochs(e), student_batch_size(e, job.ipc, classes))
 
 
 def share_jobs(config: DistillConfig, jobs: list[StudentJob], trainers: int,

@@ -189,12 +189,53 @@ class JobFiles:
     result: Path | ObjectPath
     checkpoint: Path | ObjectPath
     curve: Path | ObjectPath
+    best: Path | ObjectPath  # the weights at the best validation report so far (evaluate.select=best_val)
 
     @staticmethod
     def of(results_dir, job: StudentJob) -> JobFiles:
         checkpoints = results_dir / "checkpoints"
         return JobFiles(results_dir / f"{job.name}.json", checkpoints / f"{job.name}.pt",
-                        checkpoints / f"{job.name}.curve.json")
+                        checkpoints / f"{job.name}.curve.json", checkpoints / f"{job.name}.best.pt")
+
+    def remove_temporary(self) -> None:
+        for place in (self.checkpoint, self.curve, self.best):
+            place.unlink(missing_ok=True)
+
+
+class BestOnValidation:
+    """A student's weights at its best validation report: kept in memory by every rank (each scores the same
+    validation slice, so all agree on the step), and written by rank 0 so a job resumed after a kill still has
+    them. Chosen on validation alone; test is read once, for the chosen weights."""
+
+    def __init__(self, place, rank: int):
+        self.place, self.rank = place, rank
+        self.step, self.weights = None, None
+
+    def keep(self, step: int, model) -> None:
+        import io
+
+        import torch
+
+        from engine.io.store import atomic_write_bytes
+
+        self.step, self.weights = step, {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if self.rank == 0:
+            buffer = io.BytesIO()
+            torch.save({"step": step, "weights": self.weights}, buffer)
+            atomic_write_bytes(self.place, buffer.getvalue())
+
+    def state(self, step: int) -> dict:
+        """The weights of report `step`: this run's, or those saved before a kill."""
+        import io
+
+        import torch
+
+        if self.step == step:
+            return self.weights
+        saved = torch.load(io.BytesIO(self.place.read_bytes()), weights_only=True)
+        if saved["step"] != step:
+            raise RuntimeError(f"{self.place} holds step {saved['step']}, the curve's best is step {step}")
+        return saved["weights"]
 
 
 class StudentTrainer:
@@ -202,12 +243,13 @@ class StudentTrainer:
     distilled set read once per run of its jobs (a set's seeds run back to back), one result row per job."""
 
     def __init__(self, loop: LoopConfig, worker):
-        from engine.evaluate.protocols import get_protocol
+        from engine.evaluate.protocols import dataset_norm, get_protocol
         from engine.evaluate.train import load_teacher
 
         self.loop, self.worker = loop, worker
         self.evaluate = loop.config.evaluate
         self.protocol = get_protocol(self.evaluate.protocol)
+        self.data_norm = dataset_norm(loop.val_set[0])  # the data's mean/std, from real validation images
         self.results_dir = location(loop.results_dir)
         self.teacher, self.teacher_top1 = None, None
         if self.protocol.soft_labels:  # on the worker's device: a CPU teacher crashed every GPU soft-label batch
@@ -228,8 +270,7 @@ class StudentTrainer:
             row = self.train_job(job)
             if self.worker.rank == 0:
                 atomic_write_json(files.result, row)
-                files.checkpoint.unlink(missing_ok=True)
-                files.curve.unlink(missing_ok=True)
+                files.remove_temporary()
             self._progress(job, f"done, validation top-1 {row['val_top1']:.4f}, test top-1 {row['top1']:.4f} "
                                 f"({row['seconds']:.0f} s)")
 
@@ -243,15 +284,24 @@ class StudentTrainer:
         curve = json.loads(files.curve.read_text()) if files.curve.exists() else {}
         torch.manual_seed(job.seed)
         train = self._train_full if job.method == "full" else self._train_on_set
-        student, images, epochs = train(job, self._reporting(job, files, curve))
+        best = BestOnValidation(files.best, self.worker.rank)
+        student, images, epochs = train(job, self._reporting(job, files, curve, best))
         trained = getattr(student, "module", student)
         top1, val = held_out_top1(trained, self.worker, self.loop), val_top1(trained, self.loop)
-        return {**job.identity(), "top1": top1, "val_top1": val, "teacher_top1": self.teacher_top1,
-                "images": int(images), "epochs": epochs,
-                "val_curve": [[int(step), curve[step]] for step in sorted(curve, key=int)],
+        steps = sorted(curve, key=int)
+        best_step = max(steps, key=lambda s: curve[s]) if steps else None  # the first of equal maxima
+        top1_best = top1
+        if best_step is not None and best_step != steps[-1]:
+            trained.load_state_dict(best.state(int(best_step)))
+            top1_best = held_out_top1(trained, self.worker, self.loop)
+        chosen = top1_best if self.evaluate.select == "best_val" else top1
+        return {**job.identity(), "top1": chosen, "select": self.evaluate.select, "top1_last": top1,
+                "top1_best_val": top1_best, "best_val_step": int(best_step) if best_step else None,
+                "val_top1": val, "teacher_top1": self.teacher_top1, "images": int(images), "epochs": epochs,
+                "val_curve": [[int(step), curve[step]] for step in steps],
                 "workers": self.worker.world, "seconds": round(time.perf_counter() - start, 2)}
 
-    def _reporting(self, job: StudentJob, files: JobFiles, curve: dict):
+    def _reporting(self, job: StudentJob, files: JobFiles, curve: dict, best: BestOnValidation):
         """Each report: progress and Tune's metric (early stopping, the best config) on a fixed slice of the
         validation split, never on test: every choice is made on val. The row's final top1 uses all of test."""
         import ray.train
@@ -262,6 +312,8 @@ class StudentTrainer:
 
         def report(step: int, model) -> None:
             val = val_top1(model, self.loop)
+            if not curve or val > max(curve.values()):
+                best.keep(step, model)  # before the curve names it: a resumed job finds the weights it names
             curve[str(step)] = val
             if self.worker.rank == 0:
                 atomic_write_json(files.curve, curve)
@@ -280,27 +332,31 @@ class StudentTrainer:
         e, size = self.evaluate, self.loop.config.data.image_size
         rows = self.loop.train_rows // self.worker.world
         _, local = stream_steps(rows, e.batch_size, self.worker.world)
-        model = new_model(job.student, self.loop.num_classes, size, e.width, self.worker, student_norm(e, size))
+        model = new_model(job.student, self.loop.num_classes, size, e.width, self.worker,
+                          student_norm(e, size, self.data_norm))
         # fkd's stored logits are the teacher's on each planned batch; a stream has no plan to store, so `full`
         # takes the same targets online (rded's way), the same numbers without a split's worth of logits.
         online = dataclasses.replace(self.protocol, stored_labels=False)
         student = fit_stream(model, Stream(stream_epochs(job.seed, local), rows, e.full_epochs),
-                             Recipe(self.protocol, e, job.seed), student_loss(online, self.teacher, e), self.worker,
+                             Recipe(self.protocol, e, job.seed, self.data_norm), student_loss(online, self.teacher, e),
+                             self.worker,
                              reporting)
         return student, self.loop.train_rows, e.full_epochs
 
     def _train_on_set(self, job: StudentJob, reporting) -> tuple:
         """A distilled set, read once per run of its jobs -> (student, images, epochs)."""
+        from engine.evaluate.protocols import student_batch_size
         from engine.evaluate.train import Targets, TrainSet, student_epochs, student_recipe, train_student
         from engine.io.store import read_distilled_set
 
         if self._loaded is None or self._loaded[0] != job.set_dir:
             self._loaded = (job.set_dir, TrainSet(*read_distilled_set(job.set_dir)))
         data, epochs = self._loaded[1], student_epochs(self.evaluate)
-        at_ipc = dataclasses.replace(self.evaluate, batch_size=self.evaluate.batch_size_at(job.ipc))  # RDED's batch
+        batch = student_batch_size(self.evaluate, job.ipc, self.loop.num_classes)
+        at_ipc = dataclasses.replace(self.evaluate, batch_size=batch)
         soft_labels = self._soft_labels(job, data, epochs, at_ipc) if self.protocol.stored_labels else None
         student = train_student(data, Targets(self.teacher, soft_labels), self.loop.num_classes, job.student, epochs,
-                                student_recipe(at_ipc, job.seed), self.worker, reporting)
+                                student_recipe(at_ipc, job.seed, self.data_norm), self.worker, reporting)
         return student, len(data.labels), epochs
 
     def _soft_labels(self, job: StudentJob, data, epochs: int, evaluate):
