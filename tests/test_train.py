@@ -265,3 +265,11 @@ def test_a_teacher_trained_here_is_loaded_back_at_the_scale_it_trained_at(tmp_pa
         bare = create_student("convnet3", 10, 64, 8).eval()
         bare.load_state_dict(trained.state_dict())
         assert not torch.allclose(bare(model_input(images, "cpu")), trained(model_input(images, "cpu")), atol=1e-3)
+
+
+def test_a_pass_whose_smallest_batch_cannot_feed_every_worker_is_refused():
+    data = _digits_set()  # 30 images: with batch 16 a pass is 16 + 14 rows
+    config = EvaluateConfig(width=8, batch_size=16, protocol="hard")
+    with pytest.raises(ValueError, match="a batch of 14 .* over 15 workers"):
+        fit(create_student("convnet3", 10, 16, 8), data, 1, Recipe(get_protocol("hard"), config, seed=0),
+            loss_fn=lambda *a: None, worker=Worker(0, 15))

@@ -220,8 +220,10 @@ def fit(model: nn.Module, data: TrainSet, steps: int, recipe: Recipe, loss_fn: C
     run = _Run(model, *make_optimizer(recipe.protocol, model, steps), torch.Generator().manual_seed(recipe.seed))
     device, norm = next(model.parameters()).device, input_norm_of(model)
     order = EpochOrder(recipe.seed, len(images), config.batch_size)
-    if min(config.batch_size, len(images)) < worker.world:
-        raise ValueError(f"batch of {config.batch_size} images cannot be split over {worker.world} workers")
+    smallest = min(b - a for a, b in zip(order.bounds, order.bounds[1:]))
+    if smallest < worker.world:
+        raise ValueError(f"a batch of {smallest} of the set's {len(images)} images (batch size {config.batch_size}) "
+                         f"cannot be split over {worker.world} workers")
     start = int(run.resume(reporting.checkpoint).get("step", 0))
     model.train()
     mine = slice(worker.rank, None, worker.world)
