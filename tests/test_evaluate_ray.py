@@ -14,7 +14,8 @@ from engine.quantize.baselines import select_random
 pytestmark = pytest.mark.ray
 
 FIELDS = {"method", "weights", "ipc", "protocol", "student", "teacher", "seed", "top1", "val_top1", "teacher_top1",
-          "images", "epochs", "val_curve", "workers", "seconds"}
+          "images", "epochs", "val_curve", "workers", "seconds", "select", "top1_last", "top1_best_val",
+          "best_val_step"}
 
 
 def test_students_train_with_ddp_on_two_workers(ray_session, tmp_path, monkeypatch):
@@ -53,6 +54,9 @@ def test_students_train_with_ddp_on_two_workers(ray_session, tmp_path, monkeypat
     assert set(row) == FIELDS
     assert row["workers"] == 2 and row["protocol"] == "fkd" and row["teacher"] == "convnet3"
     assert row["images"] == 20 and 0.0 <= row["top1"] <= 1.0 and 0.0 <= row["val_top1"] <= 1.0
+    assert row["select"] == "last" and row["top1"] == row["top1_last"] and 0.0 <= row["top1_best_val"] <= 1.0
+    curve = dict(row["val_curve"])
+    assert row["best_val_step"] == max(curve, key=curve.get)  # the first of equal maxima
     assert (results_dir / "soft_labels" / "random-ipc2-seed0" / "steps.json").exists()
     assert not list((results_dir / "checkpoints").glob("*.pt"))  # removed once the job finished
     assert (tmp_path / "cache" / "teacher.safetensors").exists()
