@@ -30,7 +30,7 @@ class RunError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    # "digits": scikit-learn's embedded digits. Files under `path` (a local folder or a URI), see engine/data/sources.py:
+    # "digits": scikit-learn's embedded digits. Files under `path` (a local folder or a URI), see engine/data/formats/:
     # "parquet": Hugging-Face-style shards <split>-*.parquet; "imagefolder": torchvision's tree
     # <path>/<train|val>/<class folder>/<image>; "webdataset": [<prefix>-]<split>-<n>.tar shards of samples
     # <key>.<jpg|png|...> + <key>.cls. Split "test" reads val (else validation, else test) of the latter two.

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from engine.data.images import decode_rows
-from engine.data.sources import read_class_names, shard_paths
+from engine.data.classes import read_class_names
+from engine.data.formats.parquet import shard_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -117,7 +117,8 @@ def test_parquet_shards_read_from_an_object_store(remote, tmp_path):
     """data.path=s3://...: shards and classes.txt are listed and read through pyarrow, as from a local folder."""
     from engine.config import DataConfig
     from engine.data.images import load_split
-    from engine.data.sources import class_names, shard_paths
+    from engine.data.formats.parquet import shard_paths
+    from engine.data.sources import class_names
     from tests.test_reliability import write_toy_dataset
 
     write_toy_dataset(tmp_path / "toy", "cat dog", {0: 3, 1: 2})

@@ -15,7 +15,8 @@ PURE = ["engine.config", "engine.data.images", "engine.encode", "engine.decode",
         "engine.priors.tiny", "engine.priors.train_tiny", "engine.priors.base", "engine.priors.sd15",
         "engine.priors.dit", "engine.priors.checkpoint", "engine.report.run_report", "engine.evaluate.protocols", "engine.evaluate.augment",
         "engine.evaluate.sets", "engine.io.manifest", "engine.checks", "engine.faults", "engine.pipeline", "engine.quantize.class_task",
-        "engine.io.location", "engine.data.sources", "engine.data.readback", "engine.report.stats"]
+        "engine.io.location", "engine.data.sources", "engine.data.readback", "engine.report.stats",
+        "engine.data.formats", "engine.data.classes"]
 SCANNED = [p for d in ("engine", "jobs", "tune", "benchmarks") for p in sorted((ROOT / d).rglob("*.py"))]
 
 

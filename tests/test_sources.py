@@ -1,4 +1,4 @@
-"""ImageFolder trees and WebDataset tars (engine/data/sources.py, engine/ray/readers.py): tiny generated sets with bad
+"""ImageFolder trees and WebDataset tars (engine/data/formats/, engine/ray/readers.py): tiny generated sets with bad
 files; every row converted or skipped with its reason, counts exact, Ray Data rows equal to the in-process ones."""
 
 import hashlib
@@ -15,7 +15,8 @@ from PIL import Image
 from engine.config import DataConfig
 from engine.data.images import count_skipped, decode_image_bytes, decode_rows, load_split
 from engine.data.rows import SourceError
-from engine.data.sources import TAR_DAMAGE, class_names, iter_row_batches, iter_tar_samples, scan_source
+from engine.data.formats.webdataset import TAR_DAMAGE, iter_tar_samples
+from engine.data.sources import class_names, iter_row_batches, scan_source
 
 SIZE = 8
 NOT_AN_IMAGE = b"not an image at all\n" * 20
@@ -263,6 +264,18 @@ def test_sources_never_import_ray():
     assert out.stdout.strip() == "False"
 
 
+def test_every_data_source_has_one_format_and_every_file_format_a_ray_reader():
+    """The registry holds each value data.source takes; the Ray layer, which the formats cannot name, reads each
+    file format."""
+    import typing
+
+    from engine.data.formats import FILE_SOURCES, FORMATS
+    from engine.ray import readers
+
+    assert tuple(FORMATS) == typing.get_args(typing.get_type_hints(DataConfig)["source"])
+    assert sorted(readers.READERS) == sorted(FILE_SOURCES)
+
+
 def copy_tree(local: Path, remote) -> None:
     for path in sorted(local.rglob("*")):
         if path.is_file():
@@ -376,7 +389,7 @@ def test_parquet_read_tasks_are_whole_row_groups_in_shard_order(tmp_path, ray_se
 
 
 def test_imagenet_class_names_ship_in_synset_order_and_are_unique():
-    from engine.data.sources import read_classes_file
+    from engine.data.classes import read_classes_file
 
     synsets, names = read_classes_file(Path(__file__).resolve().parents[1] / "configs" / "imagenet1k_classes.txt")
     assert len(synsets) == 1000 and list(synsets) == sorted(synsets) and len(set(names)) == 1000
@@ -393,7 +406,7 @@ def test_imagenet_class_names_ship_in_synset_order_and_are_unique():
 def test_class_lines_are_parsed_the_same_in_every_source(text, names, tmp_path):
     """One parser: the same classes.txt gives the same names (the prompts) from parquet, WebDataset and an
     ImageFolder whose folders are the lines' keys."""
-    from engine.data.sources import parse_class_lines
+    from engine.data.classes import parse_class_lines
 
     keys, _ = parse_class_lines(text)
     for source in ("parquet", "webdataset", "imagefolder"):

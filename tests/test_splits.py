@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from engine.config import ConfigError, DataConfig, load_config
+from engine.data.formats.parquet import parquet_table
 from engine.data.images import load_split, sample_split
-from engine.data.sources import count_rows, iter_row_batches, parquet_table
+from engine.data.sources import count_rows, iter_row_batches
 from engine.data.splits import in_split, rows_of_split, source_split, val_coin
 
 CLASSES, PER_CLASS = 4, 300

@@ -4,10 +4,11 @@ Every source yields the same in-memory form, `ImageSet`: uint8 RGB images (N, H,
 size, int64 labels (N,), a unique string id per image (the parquet `image.path`, the ImageFolder file below
 data.path, `<shard>/<key>` of a tar, or `digits/<split>/<index>`), and the class names. Parquet shards hold rows
 `{image: {bytes, path}, label}` (the layout of ImageNet-1K and ../shared/data/fashion_mnist); ImageFolder trees and
-WebDataset tars are read as the same rows (engine/data/sources.py, which lists and reads every source; this module
-only imports it inside the functions that load a whole split); `decode_rows` turns such rows into images and is
-what the Ray Data read stage maps over them. Every row is either converted (any PIL mode, any size) or skipped with one
-of SKIP_REASONS, so a web-scraped shard never stops a run for one bad image and never loses a row without a trace.
+WebDataset tars are read as the same rows (engine/data/sources.py, which lists and reads every source through
+engine/data/formats/; this module only imports them inside the functions that load a whole split); `decode_rows`
+turns such rows into images and is what the Ray Data read stage maps over them. Every row is either converted (any
+PIL mode, any size) or skipped with one of SKIP_REASONS, so a web-scraped shard never stops a run for one bad image
+and never loses a row without a trace.
 """
 
 from __future__ import annotations
@@ -236,8 +237,8 @@ def count_skipped(reasons) -> dict[str, int]:
 
 
 def load_digits_split(config: DataConfig, split: str) -> ImageSet:
-    """scikit-learn's digits split (engine.data.sources.read_digits) as images of data.image_size."""
-    from engine.data.sources import DIGIT_NAMES, read_digits
+    """scikit-learn's digits split (engine.data.formats.digits.read_digits) as images of data.image_size."""
+    from engine.data.formats.digits import DIGIT_NAMES, read_digits
 
     pixels, labels, ids = read_digits(config, split)
     mode = resize_mode(config)  # squash at the default 16 px: the 8x8 digits are square

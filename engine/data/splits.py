@@ -51,7 +51,7 @@ def in_split(ids, split: str, fraction: float, seed: int) -> np.ndarray:
 
 
 def row_ids(rows: dict) -> list:
-    """The id of each raw source row ({image: [{bytes, path}], ...}, engine/data/sources.py's row form)."""
+    """The id of each raw source row ({image: [{bytes, path}], ...}, engine/data/rows.py's row form)."""
     return [(image or {}).get("path") for image in rows.get("image", ())]
 
 

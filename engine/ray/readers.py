@@ -1,12 +1,14 @@
 """Ray Data readers of the file sources: raw rows {image: {bytes, path}, label, path}, the parquet row form, for
-decode_rows to be mapped over. The row functions are engine/data/sources.py's, so Ray and `load_split` see the same rows.
+decode_rows to be mapped over. The row functions are those of the format modules (engine/data/formats/), so Ray and
+`load_split` see the same rows; READERS holds one reader per file format, under the registry's names (the data
+package never imports ray, so its format records cannot hold these).
 
 parquet      ParquetShardsDatasource: read tasks of whole row groups, about IMAGES_PER_READ_TASK rows each, from the
              footers (read once, on a thread pool). Not read_parquet: Ray Data 2.60 starts every execution of it
              with a ListFiles task of 1 CPU (1.4-5 s measured, once per epoch of a streamed teacher, and a whole
              CPU that must be free), and gives a shard one read task, so a 6,000-row shard decodes serially and
              reaches the trainer as one block when it is all done.
-imagefolder  ImageFilesDatasource: the files of one listing (engine.data.sources.scan_source: one scandir per folder
+imagefolder  ImageFilesDatasource: the files of one listing (engine/data/formats/imagefolder.py: one scandir per folder
              locally, one recursive listing on an object store), IMAGES_PER_READ_TASK files per read task.
              Not read_binary_files: given 1.28M file paths it resolves each (~40 us) and, on an object store,
              requests each file's size (a HEAD per object); given the folders it lists them again and drops
@@ -20,6 +22,7 @@ Rows known unusable without reading (listing.skipped) are not in the dataset: th
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -28,8 +31,12 @@ import pyarrow.parquet as pq
 
 import ray.data
 from engine.config import DataConfig
+from engine.data.formats.base import SourceListing
+from engine.data.formats.imagefolder import iter_image_rows
+from engine.data.formats.parquet import parquet_table
+from engine.data.formats.webdataset import iter_tar_rows
 from engine.data.rows import ROW_SCHEMA, rows_to_table
-from engine.data.sources import SourceListing, iter_image_rows, iter_tar_rows, parquet_table, scan_source
+from engine.data.sources import scan_source
 from engine.io.location import filesystem_and_path, location
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
@@ -133,6 +140,29 @@ class TarShardsDatasource(FileBasedDatasource):
             yield rows_to_table(rows)
 
 
+def read_parquet_shards(listing: SourceListing, max_bytes: int, remote: dict) -> ray.data.Dataset:
+    datasource = ParquetShardsDatasource(listing.paths(), max_bytes)
+    return ray.data.read_datasource(datasource, override_num_blocks=len(datasource.pieces), **remote)
+
+
+def read_image_files(listing: SourceListing, max_bytes: int, remote: dict) -> ray.data.Dataset:
+    return ray.data.read_datasource(ImageFilesDatasource(listing, max_bytes),
+                                    override_num_blocks=math.ceil(len(listing.names) / IMAGES_PER_READ_TASK), **remote)
+
+
+def read_tar_shards(listing: SourceListing, max_bytes: int, remote: dict) -> ray.data.Dataset:
+    root = location(listing.root)
+    filesystem, _ = filesystem_and_path(root)
+    shards = [filesystem_and_path(root / name)[1] for name in listing.names]
+    return ray.data.read_datasource(TarShardsDatasource(shards, max_bytes, filesystem=filesystem),
+                                    override_num_blocks=len(shards), **remote)
+
+
+# (listing, data.max_image_bytes, Ray remote args) -> the raw rows, per file format of engine/data/formats/.
+READERS: dict[str, Callable[[SourceListing, int, dict], ray.data.Dataset]] = {
+    "parquet": read_parquet_shards, "imagefolder": read_image_files, "webdataset": read_tar_shards}
+
+
 def read_source_rows(data: DataConfig, split: str, listing: SourceListing | None = None,
                      task_cpus: float | None = None) -> ray.data.Dataset:
     """The raw rows of a file source's split, streamed. Pass the listing when its `skipped` rows are also needed
@@ -143,14 +173,4 @@ def read_source_rows(data: DataConfig, split: str, listing: SourceListing | None
     if not listing.names:
         raise ValueError(f"nothing readable in the {split} split under {data.path} "
                          f"({len(listing.skipped['id'])} rows skipped while listing it)")
-    if listing.source == "parquet":
-        datasource = ParquetShardsDatasource(listing.paths(), data.max_image_bytes)
-        return ray.data.read_datasource(datasource, override_num_blocks=len(datasource.pieces), **remote)
-    if listing.source == "imagefolder":
-        return ray.data.read_datasource(ImageFilesDatasource(listing, data.max_image_bytes),
-                                        override_num_blocks=math.ceil(len(listing.names) / IMAGES_PER_READ_TASK), **remote)
-    root = location(listing.root)
-    filesystem, _ = filesystem_and_path(root)
-    shards = [filesystem_and_path(root / name)[1] for name in listing.names]
-    return ray.data.read_datasource(TarShardsDatasource(shards, data.max_image_bytes, filesystem=filesystem),
-                                    override_num_blocks=len(shards), **remote)
+    return READERS[listing.source](listing, data.max_image_bytes, remote)
