@@ -55,8 +55,9 @@ def reference_scale(x, sx, sy):
 
 
 def reference_rotate(x, theta):
-    theta = torch.tensor([[[torch.cos(theta[i]), torch.sin(-theta[i]), 0], [torch.sin(theta[i]), torch.cos(theta[i]), 0]]
-                          for i in range(x.shape[0])], dtype=torch.float)
+    theta = torch.tensor([[[torch.cos(theta[i]), torch.sin(-theta[i]), 0],
+                           [torch.sin(theta[i]), torch.cos(theta[i]), 0]] for i in range(x.shape[0])],
+                         dtype=torch.float)
     grid = F.affine_grid(theta, x.shape, align_corners=False)
     return F.grid_sample(x, grid, align_corners=False)
 

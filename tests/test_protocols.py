@@ -59,7 +59,8 @@ def test_cutmix_mixes_pixels_and_weights_with_the_same_lambda():
 def test_fkd_replay_gives_the_generated_crops_and_logits(small_set, tmp_path, monkeypatch):
     import engine.evaluate.train
 
-    monkeypatch.setattr(engine.evaluate.train, "SOFT_LABEL_CHUNK_STEPS", 3)  # 4 steps: two chunk files, read one at a time
+    # 4 steps: two chunk files, read one at a time
+    monkeypatch.setattr(engine.evaluate.train, "SOFT_LABEL_CHUNK_STEPS", 3)
     config = EvaluateConfig(width=8, batch_size=16, protocol="fkd", flip=True)
     teacher = create_student("convnet3", 10, 16, 8).eval()
     stored = generate_soft_labels(small_set, teacher, 2, config, seed=5, folder=tmp_path / "labels")
@@ -304,5 +305,6 @@ def test_rded_crops_the_whole_image_below_128_px_and_half_its_area_above_as_rded
     assert crop_min_area(rded, 32) == 1.0 and crop_min_area(rded, 224) == 0.5 and crop_min_area(fkd, 32) == 0.08
     plan = plan_batch(rded, torch.Generator().manual_seed(0), torch.arange(64), 32, flip=True, cutmix=False)
     affine = plan["affine"]
-    assert torch.equal(affine[:, 0].abs(), torch.ones(64)) and torch.equal(affine[:, 1:], torch.zeros(64, 4) + torch.tensor([1.0, 0, 0, 0]))
+    assert torch.equal(affine[:, 0].abs(), torch.ones(64))  # whole image: scale 1, no shift, no rotation
+    assert torch.equal(affine[:, 1:], torch.tensor([[1.0, 0, 0, 0]]).repeat(64, 1))
     assert (affine[:, 0] < 0).any()  # flips stay

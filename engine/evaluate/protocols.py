@@ -59,13 +59,13 @@ class Protocol:
     augmentation: str  # "crop" (RandomResizedCrop + flip [+ CutMix]) | "dsa"
     default_epochs: int
     batch_size: int  # the reference's student batch; 0 = RDED's rule by IPC and class count (`student_batch_size`)
-    crop_min_area: float  # RandomResizedCrop's smallest area at >= LARGE_CROP_IMAGE px (1 below for rded)
+    crop_min_area: tuple[float, float]  # RandomResizedCrop's smallest area below and from LARGE_CROP_IMAGE px
 
 
 PROTOCOLS = {
-    "rded": Protocol("rded", True, False, "adamw", 1e-3, 0.01, "half_cosine", "crop", 300, 0, 0.5),
-    "fkd": Protocol("fkd", True, True, "adamw", 1e-3, 0.01, "cosine", "crop", 300, 1024, 0.08),
-    "hard": Protocol("hard", False, False, "sgd", 0.01, 5e-4, "step", "dsa", 1000, 256, 1.0),
+    "rded": Protocol("rded", True, False, "adamw", 1e-3, 0.01, "half_cosine", "crop", 300, 0, (1.0, 0.5)),
+    "fkd": Protocol("fkd", True, True, "adamw", 1e-3, 0.01, "cosine", "crop", 300, 1024, (0.08, 0.08)),
+    "hard": Protocol("hard", False, False, "sgd", 0.01, 5e-4, "step", "dsa", 1000, 256, (1.0, 1.0)),
 }
 LARGE_CROP_IMAGE = 128  # RDED crops images of this side and more (ImageNet's subsets), never CIFAR's or Tiny's
 LAST_BATCH_MIN = 8  # a pass's remainder smaller than this joins the batch before it (a data-parallel group of up
@@ -91,7 +91,8 @@ def make_optimizer(protocol: Protocol, model: nn.Module, steps: int):
     if protocol.schedule == "step":
         schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, steps // 2), gamma=0.1)
     elif protocol.schedule == "half_cosine":
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps / 2)))
+        quarter_cosine = lambda s: 0.5 * (1 + math.cos(math.pi * s / steps / 2))  # noqa: E731
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, quarter_cosine)
     else:
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     return optimizer, schedule
@@ -146,7 +147,7 @@ class EpochOrder:
 
 
 def crop_min_area(protocol: Protocol, image_size: int) -> float:
-    return protocol.crop_min_area if image_size >= LARGE_CROP_IMAGE or protocol.name != "rded" else 1.0
+    return protocol.crop_min_area[image_size >= LARGE_CROP_IMAGE]
 
 
 def plan_batch(protocol: Protocol, generator: torch.Generator, index: torch.Tensor, image_size: int, flip: bool,

@@ -74,7 +74,8 @@ def knn_radii(points: torch.Tensor, k: int = NEIGHBOURS, chunk: int = 2048) -> t
     return torch.cat(radii)
 
 
-def inside_manifold(queries: torch.Tensor, points: torch.Tensor, radii: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+def inside_manifold(queries: torch.Tensor, points: torch.Tensor, radii: torch.Tensor,
+                    chunk: int = 2048) -> torch.Tensor:
     """For each query, whether it lies in some ball (point, radius)."""
     inside = []
     for start in range(0, len(queries), chunk):

@@ -347,8 +347,8 @@ def load_teacher(path_or_bytes: str | Path | bytes, architecture: str, num_class
     """A teacher from a safetensors state dict (a local path, anything with `read_bytes()` such as an object-store
     path, or the bytes themselves), in eval mode and ON `device`: the student's batches live on the worker's
     device, and a teacher left on the CPU crashes the first soft-label batch on a GPU. It reads [-1, 1] batches at
-    its own input scale (engine.evaluate.protocols.teacher_norm of `config`; None: a teacher this engine trained under the
-    default evaluate.input_norm)."""
+    its own input scale (engine.evaluate.protocols.teacher_norm of `config`; None: a teacher this engine trained
+    under the default evaluate.input_norm)."""
     from safetensors.torch import load
 
     if isinstance(path_or_bytes, (bytes, bytearray)):
