@@ -41,6 +41,21 @@ def empty_rows() -> dict:
     return {"image": [], "label": [], "skip": [], "path": []}
 
 
+def batched_rows(rows, batch_size: int):
+    """(image bytes | None, id, label, skip | None, path) tuples -> row batches of at most batch_size."""
+    batch = empty_rows()
+    for data, row_id, label, skip, path in rows:
+        batch["image"].append({"bytes": data, "path": row_id})
+        batch["label"].append(label)
+        batch["skip"].append(skip)
+        batch["path"].append(path)
+        if len(batch["label"]) == batch_size:
+            yield batch
+            batch = empty_rows()
+    if batch["label"]:
+        yield batch
+
+
 def rows_to_table(rows: dict) -> pa.Table:
     """A row batch as the Arrow table Ray Data carries (parquet's image struct, nullable int64 label)."""
     count = len(rows["label"])

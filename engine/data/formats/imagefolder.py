@@ -31,7 +31,7 @@ import pyarrow.fs as pafs
 from engine.config import DataConfig
 from engine.data.classes import ClassList, display_names, read_classes_file
 from engine.data.formats.base import SourceFormat, SourceListing, find_split, read_file_bytes, source_root
-from engine.data.rows import SourceError, add_skip, empty_rows, is_utf8, no_skips, safe_text
+from engine.data.rows import SourceError, add_skip, batched_rows, is_utf8, no_skips, safe_text
 from engine.data.splits import in_split, source_split
 from engine.io.location import ObjectPath, filesystem_and_path, location
 from engine.io.location import list_files as list_object_files
@@ -182,19 +182,13 @@ def iter_image_rows(root: str, names, labels, batch_size: int = 256, max_bytes: 
                     sizes=None) -> Iterator[dict]:
     """ImageFolder files (ids relative to root, with their labels) -> row batches of at most batch_size."""
     base = location(root)
-    rows = empty_rows()
-    for name, label, size in zip(names, labels, sizes or [None] * len(names)):
-        place = base / name
-        data, skip = read_file_bytes(place, max_bytes, size)
-        rows["image"].append({"bytes": data, "path": name})
-        rows["label"].append(int(label))
-        rows["skip"].append(skip)
-        rows["path"].append(filesystem_and_path(place)[1])
-        if len(rows["label"]) == batch_size:
-            yield rows
-            rows = empty_rows()
-    if rows["label"]:
-        yield rows
+    def rows():
+        for name, label, size in zip(names, labels, sizes or [None] * len(names)):
+            place = base / name
+            data, skip = read_file_bytes(place, max_bytes, size)
+            yield data, name, int(label), skip, filesystem_and_path(place)[1]
+
+    yield from batched_rows(rows(), batch_size)
 
 
 def iter_rows(listing: SourceListing, batch_size: int, max_bytes: int | None) -> Iterator[dict]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from engine.config import DataConfig
 from engine.data.classes import listed_class_names
 from engine.data.formats.base import SourceFormat, SourceListing, find_split, source_root
-from engine.data.rows import empty_rows, parse_label, safe_text
+from engine.data.rows import batched_rows, parse_label, safe_text
 from engine.data.splits import source_split
 from engine.io.location import filesystem_and_path, location
 
@@ -143,17 +143,8 @@ def iter_tar_samples(stream, shard: str, max_bytes: int | None = None) -> Iterat
 def iter_tar_rows(stream, shard: str, path: str, batch_size: int = 256,
                   max_bytes: int | None = None) -> Iterator[dict]:
     """One tar stream -> row batches of at most batch_size (shard: its name, for ids; path: the `path` column)."""
-    rows = empty_rows()
-    for sample in iter_tar_samples(stream, shard, max_bytes):
-        rows["image"].append({"bytes": sample.image, "path": sample.id})
-        rows["label"].append(sample.label)
-        rows["skip"].append(sample.skip)
-        rows["path"].append(path)
-        if len(rows["label"]) == batch_size:
-            yield rows
-            rows = empty_rows()
-    if rows["label"]:
-        yield rows
+    samples = iter_tar_samples(stream, shard, max_bytes)
+    yield from batched_rows(((s.image, s.id, s.label, s.skip, path) for s in samples), batch_size)
 
 
 def iter_rows(listing: SourceListing, batch_size: int, max_bytes: int | None) -> Iterator[dict]:
