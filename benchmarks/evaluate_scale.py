@@ -130,7 +130,7 @@ def child_students(trainers: int) -> None:
 
     shared = [f"runs_dir={WORK}", f"cache_dir={WORK / 'cache'}"]  # one prior and one teacher for both runs
     sets_run = load_config(None, [*shared, "name=students-sets"])
-    set_dirs = {key: set_dir(sets_run.run_dir, *key) for key in requested_sets(sets_run)}
+    set_dirs = {key: set_dir(sets_run.run_dir, key) for key in requested_sets(sets_run)}
     if not all((folder / "index.parquet").exists() for folder in set_dirs.values()):
         pipeline.run(sets_run, until="baselines")  # not timed: the sets every run of (c) trains on
     threads = 2 // trainers

@@ -121,6 +121,10 @@ class EncodeConfig:
 @dataclass(frozen=True)
 class QuantizeConfig:
     ipc: tuple[int, ...] = (1, 10)
+    # Where classes are quantized (engine/invert.py): "latent", the VAE's latents, decoded by img2img from the
+    # noised centroid; "noise", each latent's DDIM-inverted state at the timestep decode.strength starts from,
+    # sampled back deterministically from the centroid (rescaled to its cell's norm), the paper's DDOQ-DiT variant.
+    space: Literal["latent", "noise"] = "latent"
     # "lloyd": faiss k-means; "clvq": competitive learning (online, mini-batch), the paper's analysed algorithm.
     algorithm: Literal["lloyd", "clvq"] = "lloyd"
     # "kmeans++": greedy D^2 seeding; "random": K distinct points; "faiss": faiss's own seeded sampling.
@@ -133,6 +137,13 @@ class QuantizeConfig:
     clvq_epochs: int = 10
     clvq_batch_size: int = 64
     seed: int = 0
+    # D4M's quantizer (engine/quantize/d4m.py, the `d4m` sets): partial_fit batches of d4m_km_expand x IPC latents,
+    # one pass; 1 is D4M's published ImageNet command.
+    d4m_km_expand: int = 1
+    # The `random` baseline's subsets per IPC: the student of the i-th evaluate seed trains on draw i mod
+    # random_draws, so random's spread and every p-value against it include which images were drawn, as the other
+    # sets' spread includes their seeds. 1 = one subset for every seed.
+    random_draws: int = 3
 
 
 @dataclass(frozen=True)
@@ -144,6 +155,9 @@ class DecodeConfig:
     # IPC 1 the one centroid of a class is its mean, which a light pass leaves a blurred mean (docs/results.md, "Fashion-MNIST").
     strength_by_ipc: dict[int, float] = field(default_factory=dict)
     num_steps: int = 50
+    # quantize.space=noise: the guidance of the DDIM inversion (1 = the class-conditional model alone, the most
+    # faithful round trip); decoding from the states uses guidance_scale.
+    inversion_guidance: float = 1.0
     batch_size: int = 64
     seed: int = 0
     # sd15: the text classifier-free guidance pushes away from (D4M: "cartoon, anime, painting"); "" = unconditional.
@@ -321,10 +335,13 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "quantize.tol": (lambda v: v >= 0, "must be >= 0"),
     "quantize.clvq_epochs": (lambda v: v >= 1, "must be >= 1"),
     "quantize.clvq_batch_size": (lambda v: v >= 1, "must be >= 1"),
+    "quantize.random_draws": (lambda v: v >= 1, "must be >= 1"),
+    "quantize.d4m_km_expand": (lambda v: v >= 1, "must be >= 1"),
     "decode.strength": (lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
     "decode.strength_by_ipc": (lambda v: all(k >= 1 and 0.0 < s <= 1.0 for k, s in v.items()),
                                "must map IPCs >= 1 to strengths in (0, 1]"),
     "decode.guidance_scale": (lambda v: v >= 0.0, "must be >= 0"),
+    "decode.inversion_guidance": (lambda v: v >= 0.0, "must be >= 0"),
     "decode.num_steps": (lambda v: v >= 1, "must be >= 1"),
     "prior.class_dropout": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
     "prior.min_snr_gamma": (lambda v: v >= 0.0, "must be >= 0 (0 = uniform weighting)"),

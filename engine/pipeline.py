@@ -72,34 +72,34 @@ class StageSets:
     """What the decode or the baselines stage made: its key and its distilled sets' folders."""
 
     key: str
-    set_dirs: dict[tuple[str, str, int], Path | ObjectPath]  # (method, weights, ipc) -> set folder
+    set_dirs: dict  # SetKey (engine/evaluate/sets.py) -> set folder
 
 
-def job_name(method: str, weights: str, ipc: int, student: str, seed: int) -> str:
-    """A student job's name (its result file's stem), e.g. ddoq-mass-ipc10-convnet3-seed0."""
-    from engine.evaluate.sets import set_name
+def job_name(key, student: str, seed: int) -> str:
+    """A student job's name (its result file's stem), e.g. ddoq-mass-ipc10-convnet3-seed0; a random draw's
+    students keep the plain `random` name (their row's `draw` says which subset)."""
+    return f"{key._replace(draw=0).name}-ipc{key.ipc}-{student}-seed{seed}"
 
-    return f"{set_name(method, weights)}-ipc{ipc}-{student}-seed{seed}"
 
-
-def student_jobs(config: DistillConfig, set_dirs: dict[tuple[str, str, int], Path]) -> list:
+def student_jobs(config: DistillConfig, set_dirs: dict) -> list:
     """One StudentJob (engine/ray/jobs.py) per (student architecture, set or `full`, seed); every row names all it
-    was trained under."""
-    from engine.evaluate.sets import requested_sets, set_name
+    was trained under. `random`'s seeds each train on their own draw (engine/evaluate/sets.py random_draw)."""
+    from engine.evaluate.sets import SetKey, random_draw, requested_sets
     from engine.ray.jobs import StudentJob
 
     e = config.evaluate
     teacher = e.teacher if get_protocol(e.protocol).soft_labels else "none"
-    sets = requested_sets(config) + ([("full", "none", 0)] if "full" in e.methods else [])
+    sets = [key for key in requested_sets(config) if key.draw == 0]
+    sets += [SetKey("full", "none", 0)] if "full" in e.methods else []
     jobs = []
     for student in e.students:
-        for method, weights, ipc in sets:
-            name = set_name(method, weights)
+        for key in sets:
             for seed in e.seeds:
-                jobs.append(StudentJob(name=job_name(method, weights, ipc, student, seed), set_name=f"{name}-ipc{ipc}",
-                                       method=method, weights=weights, ipc=ipc, seed=seed, student=student,
-                                       teacher=teacher, protocol=e.protocol,
-                                       set_dir=str(set_dirs.get((method, weights, ipc), ""))))
+                drawn = key._replace(draw=random_draw(config, seed)) if key.method == "random" else key
+                jobs.append(StudentJob(name=job_name(key, student, seed), set_name=f"{drawn.name}-ipc{key.ipc}",
+                                       method=key.method, weights=key.weights, ipc=key.ipc, draw=drawn.draw,
+                                       seed=seed, student=student, teacher=teacher, protocol=e.protocol,
+                                       set_dir=str(set_dirs.get(drawn, ""))))
     return jobs
 
 
@@ -183,32 +183,34 @@ def decode_identity(decode):
 
 
 def decode_stage(config: DistillConfig, run_dir, prior: PreparedPrior, quantized: Quantized) -> StageSets:
-    """Decode once per (centroids, decode config): every d4m/ddoq set of an IPC gets the same images (written
-    once), each its own weights -> the decode key and {(method, weights, ipc): set folder}."""
+    """Decode once per (centroids, decode config): every ddoq set of an IPC gets the same images (written once),
+    each its own weights; d4m its own centroids' images -> the decode key and {SetKey: set folder}."""
     from engine.evaluate.sets import requested_sets, set_dir
     from engine.quantize.class_task import class_result_paths
     from engine.ray.decode import decode_centroids_to_sets, denoiser_histogram
 
-    latent_sets = [(m, w, k) for m, w, k in requested_sets(config) if m in ("d4m", "ddoq")]
-    set_dirs = {key: set_dir(run_dir, *key) for key in latent_sets}
+    latent_sets = [key for key in requested_sets(config) if key.method in ("d4m", "ddoq")]
+    set_dirs = {key: set_dir(run_dir, key) for key in latent_sets}
     names, quantized_dir = prior.class_names, quantized.folder
-    decode_key = config_hash(quantized.key, decode_identity(config.decode), sorted(latent_sets))
+    decode_key = config_hash(quantized.key, decode_identity(config.decode), sorted(key[:3] for key in latent_sets))
     if latent_sets and store.finished_stage(run_dir, "decode", decode_key) is None:
-        ipcs = sorted({k for _, _, k in latent_sets})
+        ipcs = sorted({key.ipc for key in latent_sets})
         labels = store.quantized_labels(quantized_dir)
         files = {label: class_result_paths(quantized_dir, label)[0] for label in labels}
         strengths = ", ".join(f"{config.decode.strength_at(ipc):g} at IPC {ipc}" for ipc in ipcs)
         log(f"decoding the centroids of {len(files)} classes at IPC {ipcs} (strength {strengths}, "
             f"guidance {config.decode.guidance_scale}, {config.decode.num_steps} steps, "
             f"{config.runtime.decode_actors} actor(s))")
-        targets = {ipc: [str(set_dirs[key]) for key in latent_sets if key[2] == ipc] for ipc in ipcs}
+        targets: dict[tuple[int, str], list[str]] = {}
+        for key in latent_sets:  # the quantizer of a set is its method's: d4m's own, or the engine's for ddoq
+            targets.setdefault((key.ipc, key.method), []).append(str(set_dirs[key]))
         decoded = decode_centroids_to_sets(config, prior.folder, files, targets, names).to_pandas()
         images = {file: {"sha256": sha, "bytes": size}
                   for copies, sha, size in zip(decoded.files, decoded.sha256, decoded["bytes"]) for file in copies}
-        for method, weights, ipc in latent_sets:
-            part = decoded[decoded.ipc == ipc]
-            store.write_set_index(set_dirs[(method, weights, ipc)], part.path.tolist(), part.label.to_numpy(), names,
-                                  part[f"weight_{weights}"].to_numpy(), part["count"].to_numpy())
+        for key in latent_sets:
+            part = decoded[(decoded.ipc == key.ipc) & (decoded.quantizer == key.method)]
+            store.write_set_index(set_dirs[key], part.path.tolist(), part.label.to_numpy(), names,
+                                  part[f"weight_{key.weights}"].to_numpy(), part["count"].to_numpy())
         share = decoded.groupby("actor").size()
         batches = denoiser_histogram(decoded.denoiser_batch)  # full batches of decode.batch_size but the last
         log(f"decode: {len(decoded)} images, per actor {sorted(int(v) for v in share)}; the denoiser ran batches of "
@@ -222,27 +224,30 @@ def decode_stage(config: DistillConfig, run_dir, prior: PreparedPrior, quantized
 
 def baselines_stage(config: DistillConfig, run_dir, quantized: Quantized, names: tuple[str, ...]) -> StageSets:
     """Real-image baselines (random, herding, k-center) from the ids the quantize actors picked: only the chosen
-    rows are read back from the source -> the baselines key and {(method, "none", ipc): set folder}. Its marker is
+    rows are read back from the source -> the baselines key and {SetKey: set folder}. Its marker is
     `baselines`; an older run folder's `real_sets` marker of the same key counts as finished too."""
     import numpy as np
 
-    from engine.evaluate.sets import REAL_METHODS, set_dir
+    from engine.evaluate.sets import REAL_METHODS, requested_sets, set_dir
     from engine.quantize.class_task import gather_picks
     from engine.ray.baselines import write_real_sets
 
     real = [m for m in config.evaluate.methods if m in REAL_METHODS]
     ipcs = tuple(config.quantize.ipc)
     quantized_dir = quantized.folder
-    real_key = config_hash(config.data, quantized.key, real, ipcs)
-    real_dirs = {(m, "none", k): set_dir(run_dir, m, "none", k) for m in real for k in ipcs}
+    real_sets = [key for key in requested_sets(config) if key.method in REAL_METHODS]
+    draws = sorted({key.draw for key in real_sets})
+    # Single-draw keys hash as before, so a finished run's baselines stay finished.
+    real_key = config_hash(config.data, quantized.key, real, ipcs, *([draws] if draws != [0] else []))
+    real_dirs = {key: set_dir(run_dir, key) for key in real_sets}
     finished = any(store.finished_stage(run_dir, marker, real_key) for marker in BASELINES_MARKERS)
     if real and not finished:
         log(f"real-image baselines: {', '.join(real)} at IPC {list(ipcs)}, reading only the chosen rows back")
         picks = gather_picks(quantized_dir, store.quantized_labels(quantized_dir), ipcs, tuple(real))
-        files = write_real_sets(config, picks, {(m, k): str(d) for (m, _, k), d in real_dirs.items()})
+        files = write_real_sets(config, picks, {(key.method, key.ipc, key.draw): str(d) for key, d in real_dirs.items()})
         frame = picks.to_pandas().sort_values(["label", "rank"])
-        for (method, _, ipc), folder in real_dirs.items():
-            part = frame[(frame.method == method) & (frame.ipc == ipc)]
+        for key, folder in real_dirs.items():
+            part = frame[(frame.method == key.method) & (frame.ipc == key.ipc) & (frame.draw == key.draw)]
             paths = [store.image_file_name(int(c), int(r)) for c, r in zip(part.label, part["rank"])]
             ones = np.ones(len(part))
             store.write_set_index(folder, paths, part.label.to_numpy(), names, ones, ones.astype(int))
@@ -392,7 +397,7 @@ def finish_run_folder(config: DistillConfig, run_dir, quantize_key: str, results
     from engine.evaluate.sets import requested_sets, set_dir
     from engine.io.run_folder import Keep, prune_run_folder
 
-    sets = frozenset(set_dir(run_dir, *key).name for key in requested_sets(config))
+    sets = frozenset(set_dir(run_dir, key).name for key in requested_sets(config))
     results_key = results_folder.split("/", 1)[1] if results_folder else None
     removed = prune_run_folder(run_dir, Keep(sets, quantize_key, results_key))
     if removed:
@@ -449,6 +454,9 @@ def run(config: DistillConfig, until: str = "evaluate", overwrite: bool = False)
             **{f"w2_{m}": float(part[f"w2_{m}"].mean()) for m in ("uniform", "mass", "sqrt")},
             "w2_reduction_mass": float((1 - part.w2_mass / part.w2_uniform).mean()),
             "w2_reduction_sqrt": float((1 - part.w2_sqrt / part.w2_uniform).mean()),
+            # DDOQ (the engine's centroids, mass weights) against D4M as its code runs (MiniBatchKMeans, uniform).
+            "d4m_distortion": float(part.d4m_distortion.mean()), "w2_d4m": float(part.w2_d4m.mean()),
+            "w2_reduction_mass_vs_d4m": float((1 - part.w2_mass / part.w2_d4m).mean()),
         }
         for ipc, part in stats.groupby("ipc")
     }

@@ -62,10 +62,12 @@ def format_table(metrics: dict) -> str:
     lines.append("(Δ random: top-1 points against `random` at the same IPC, protocol and student; p: Welch's t-test of "
                  "the seeds; LRS: DD-Ranking's label-robust score, 0..1; –: not available)")
     lines.append("")
-    lines.append(f"{'ipc':>4} {'distortion':>11} {'W2 uniform':>11} {'W2 mass':>9} {'W2 sqrt':>9} {'mass vs uniform':>16}")
+    lines.append(f"{'ipc':>4} {'distortion':>11} {'W2 uniform':>11} {'W2 mass':>9} {'W2 sqrt':>9} {'mass vs uniform':>16} "
+                 f"{'W2 D4M':>8} {'mass vs D4M':>12}")
     for name, q in metrics["quantization"].items():
         lines.append(f"{name[3:]:>4} {q['distortion']:>11.3f} {q['w2_uniform']:>11.3f} {q['w2_mass']:>9.3f} "
-                     f"{q['w2_sqrt']:>9.3f} {-100 * q['w2_reduction_mass']:>15.1f}%")
+                     f"{q['w2_sqrt']:>9.3f} {-100 * q['w2_reduction_mass']:>15.1f}% {q['w2_d4m']:>8.3f} "
+                     f"{-100 * q['w2_reduction_mass_vs_d4m']:>11.1f}%")
     lines.append("")
     lines.append("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in metrics["timings_s"].items()))
     return "\n".join(lines)

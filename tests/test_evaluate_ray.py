@@ -9,12 +9,13 @@ import pytest
 from engine.config import load_config
 from engine.data.images import load_split
 from engine.io import store
+from engine.evaluate.sets import SetKey
 from engine.quantize.baselines import select_random
 
 pytestmark = pytest.mark.ray
 
-FIELDS = {"method", "weights", "ipc", "protocol", "student", "teacher", "seed", "top1", "val_top1", "teacher_top1",
-          "images", "epochs", "val_curve", "workers", "seconds", "select", "top1_last", "top1_best_val",
+FIELDS = {"method", "weights", "ipc", "protocol", "student", "teacher", "seed", "draw", "top1", "val_top1",
+          "teacher_top1", "images", "epochs", "val_curve", "workers", "seconds", "select", "top1_last", "top1_best_val",
           "best_val_step"}
 
 
@@ -45,7 +46,7 @@ def test_students_train_with_ddp_on_two_workers(ray_session, tmp_path, monkeypat
     store.write_set_index(folder, files, train.labels[chosen], train.class_names, np.ones(len(chosen)),
                           np.ones(len(chosen), int))
 
-    jobs = student_jobs(config, {("random", "none", 2): folder})
+    jobs = student_jobs(config, {SetKey("random", "none", 2): folder})
     assert [j.name for j in jobs] == ["random-ipc2-convnet3-seed0"]
     results_dir = tmp_path / "results"
     rows = evaluate_students(config, jobs, tmp_path / "cache" / "teacher.safetensors", results_dir,
@@ -107,13 +108,14 @@ def test_jobs_on_two_trainers_side_by_side_resume_after_a_kill_with_the_same_res
     for name in ("clean", "killed"):
         config = load_config(None, [f"runs_dir={tmp_path}", f"name={name}", f"cache_dir={tmp_path}/cache",
                                     "evaluate.methods=[random,full]", "quantize.ipc=[2]", "evaluate.seeds=[0,1]",
+                                    "quantize.random_draws=1",
                                     "evaluate.width=8", "evaluate.teacher_epochs=2", "evaluate.student_epochs=6",
                                     "evaluate.full_epochs=2", "evaluate.reports=2", "evaluate.batch_size=16"])
         train = load_split(config.data, "train")
         _write_set(train, tmp_path / "set", 2)
         if name == "killed":
             faults.request_crash(config.run_dir, "evaluate")
-        jobs = student_jobs(config, {("random", "none", 2): tmp_path / "set"})
+        jobs = student_jobs(config, {SetKey("random", "none", 2): tmp_path / "set"})
         rows = evaluate_students(config, jobs, tmp_path / "cache" / "teacher.safetensors",
                                  config.run_dir / "results", train_rows=len(train))
         results[name] = {(r["method"], r["seed"]): (r["top1"], r["val_curve"]) for r in rows}
@@ -171,7 +173,7 @@ def test_reports_and_val_top1_score_validation_rows_never_test(ray_session, tmp_
     # takes other rows than the digits' own), never from the shifted test split.
     assert len(train) + len(load_split(config.data, "val")) == sum(len(load_split(digits, s)) for s in ("train", "val"))
     _write_set(train, tmp_path / "set", 10)
-    jobs = student_jobs(config, {("random", "none", 10): tmp_path / "set"})
+    jobs = student_jobs(config, {SetKey("random", "none", 10): tmp_path / "set"})
     (row,) = evaluate_students(config, jobs, tmp_path / "cache" / "teacher.safetensors", tmp_path / "results",
                                train_rows=len(train))
     assert row["val_top1"] > 0.6 and row["top1"] < 0.2, row

@@ -92,7 +92,7 @@ def test_decode_actor_killed_mid_stage_loses_nothing(ray_session, tmp_path, save
                                     "decode.batch_size=2"])
         if name == "killed":
             faults.request_crash(config.run_dir, "decode")
-        targets = {k: [str(config.run_dir / "distilled" / f"set-ipc{k}")] for k in (1, 3)}
+        targets = {(k, "ddoq"): [str(config.run_dir / "distilled" / f"set-ipc{k}")] for k in (1, 3)}
         decoded = decode_centroids_to_sets(config, saved_prior, files, targets)
         assert decoded.num_rows == len(rows)
         manifests[name] = build_manifest(config.run_dir / "distilled")

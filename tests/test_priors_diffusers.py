@@ -459,7 +459,7 @@ def test_sd15_through_the_ray_encode_and_decode_stages(ray_session, tmp_path, sd
     from tests.centroid_files import write_centroid_files
 
     files = write_centroid_files(tmp_path / "quantized", {1: {2: latents[:2]}})
-    decoded = decode_centroids_to_sets(config, sd15_folder, files, {2: [str(tmp_path / "set")]}, names)
+    decoded = decode_centroids_to_sets(config, sd15_folder, files, {(2, "ddoq"): [str(tmp_path / "set")]}, names)
     assert decoded.num_rows == 2
     pngs = sorted((tmp_path / "set").glob("*/*.png"))
     assert len(pngs) == 2 and all(Image.open(p).size == (20, 20) for p in pngs)

@@ -4,7 +4,7 @@ import pytest
 
 from engine.config import QuantizeConfig
 from engine.io import store
-from engine.quantize.baselines import select_herding, select_kcenter
+from engine.quantize.baselines import select_herding, select_kcenter, select_random_in_class
 from engine.quantize.class_task import (class_picks_path, class_result_paths, gather_centroid_weights, gather_class_stats,
                                   gather_picks, quantize_class_folder)
 
@@ -27,7 +27,8 @@ def test_class_results_are_written_once_and_skipped_on_retry(tmp_path):
     again = quantize_class_folder(0, str(folders[0]), config, str(out))
     assert again["skipped"] and class_result_paths(out, 0)[1].stat().st_mtime_ns == before
     centroids, stats = gather_centroid_weights(out, [0, 1]), gather_class_stats(out, [0, 1])
-    assert centroids.num_rows == 2 * (1 + 3) and stats.num_rows == 4
+    assert centroids.num_rows == 2 * 2 * (1 + 3) and stats.num_rows == 4  # the engine's and D4M's centroids
+    assert centroids.column("quantizer").to_pylist() == ["ddoq"] * 8 + ["d4m"] * 8
     assert stats.column("ipc").to_pylist() == [1, 1, 3, 3]  # sorted by (ipc, label)
     # Centroid latents are float32 rows, not lists of doubles.
     latent_type = pq.read_schema(class_result_paths(out, 0)[0]).field("latent").type
@@ -51,7 +52,12 @@ def test_real_image_picks_are_made_beside_the_kmeans(tmp_path):
         first = picks[(picks.method == method) & (picks.ipc == 1)].id.tolist()
         assert first == chosen.id.tolist()[:1]  # greedy: IPC 1 is the first pick of IPC 4
     random4 = picks[(picks.method == "random") & (picks.ipc == 4)]
-    assert len(set(random4.id)) == 4 and set(random4.label) == {2}
+    assert sorted(set(random4.draw)) == [0, 1, 2]  # quantize.random_draws subsets, each of 4 distinct images
+    draws = [frozenset(random4[random4.draw == d].id) for d in range(3)]
+    assert all(len(d) == 4 for d in draws) and len(set(draws)) == 3 and set(random4.label) == {2}
+    # Draw 0 is the subset single-draw runs chose: (seed, label) seeding, unchanged.
+    assert draws[0] == frozenset(ids[select_random_in_class(30, 4, 5, 2)])
+    assert set(picks[picks.method != "random"].draw) == {0}
     again = gather_picks(out, [2], (4,), ("random",)).to_pandas()
     assert again.id.tolist() == random4.id.tolist()  # seeded
     assert set(picks.source) == {""}  # latents written without a source column read back with an empty one

@@ -55,23 +55,23 @@ def test_encode_quantize_decode_on_ray(ray_session, config, saved_prior, tmp_pat
     assert sorted(set(stats.column("label").to_pylist())) == [0, 1, 2]
     assert store.quantized_labels(quantized) == [0, 1, 2]
     centroids = pa.concat_tables([store.read_table(class_result_paths(quantized, c)[0]) for c in (0, 1, 2)])
-    assert centroids.num_rows == 3 * (1 + 3)
+    assert centroids.num_rows == 2 * 3 * (1 + 3)  # the engine's and D4M's centroids
     direct = quantize_class(got, 3, config.quantize)
-    rows = centroids.to_pandas().query("label == 2 and ipc == 3")
+    rows = centroids.to_pandas().query("label == 2 and ipc == 3 and quantizer == 'ddoq'")
     np.testing.assert_allclose(np.stack(rows.latent), direct.centroids, atol=1e-5)
     assert rows["count"].tolist() == direct.counts.tolist()
     for mode in ("uniform", "mass", "sqrt"):
         assert rows[f"weight_{mode}"].mean() == pytest.approx(1.0)
 
     # Decode through Ray Data: one PNG per centroid in every target folder (written once, shared by the second).
-    targets = {ipc: [str(tmp_path / f"a{ipc}"), str(tmp_path / f"b{ipc}")] for ipc in (1, 3)}
+    targets = {(ipc, "ddoq"): [str(tmp_path / f"a{ipc}"), str(tmp_path / f"b{ipc}")] for ipc in (1, 3)}
     files = {c: class_result_paths(quantized, c)[0] for c in (0, 1, 2)}
     decoded = decode_centroids_to_sets(config, saved_prior, files, targets)
-    assert decoded.num_rows == centroids.num_rows
+    assert decoded.num_rows == centroids.num_rows // 2  # only the pairs asked for: D4M's centroids stay undecoded
     for ipc in (1, 3):
-        for folder in targets[ipc]:
+        for folder in targets[ipc, "ddoq"]:
             assert len(list(Path(folder).glob("*/*.png"))) == 3 * ipc
-        first, second = (Path(f) / "00002" / "c00002_0000.png" for f in targets[ipc])
+        first, second = (Path(f) / "00002" / "c00002_0000.png" for f in targets[ipc, "ddoq"])
         assert first.read_bytes() == second.read_bytes() and first.stat().st_ino == second.stat().st_ino
 
 
@@ -83,7 +83,8 @@ def test_decode_gives_every_actor_of_the_pool_work(ray_session, config, saved_pr
     quantized = tmp_path / "quantized"
     for label in range(3):
         latents = rng.standard_normal((4, 4 * 8 * 8)).astype(np.float32)
-        rows = pa.table({"label": [label] * 4, "ipc": [4] * 4, "index": list(range(4)), "count": [1] * 4,
+        rows = pa.table({"label": [label] * 4, "ipc": [4] * 4, "quantizer": ["ddoq"] * 4, "index": list(range(4)),
+                         "count": [1] * 4,
                          **{f"weight_{m}": [1.0] * 4 for m in ("uniform", "mass", "sqrt")}})
         store.atomic_write_table(class_result_paths(quantized, label)[0],
                                  rows.append_column("latent", store.float32_rows(latents)))
@@ -91,7 +92,7 @@ def test_decode_gives_every_actor_of_the_pool_work(ray_session, config, saved_pr
     config = dataclasses.replace(config, runtime=runtime,
                                  decode=dataclasses.replace(config.decode, batch_size=4))  # one class per batch
     files = {c: class_result_paths(quantized, c)[0] for c in range(3)}
-    decoded = decode_centroids_to_sets(config, saved_prior, files, {4: [str(tmp_path / "set")]}).to_pandas()
+    decoded = decode_centroids_to_sets(config, saved_prior, files, {(4, "ddoq"): [str(tmp_path / "set")]}).to_pandas()
     assert len(decoded) == 12 and decoded.actor.nunique() == 2
 
 

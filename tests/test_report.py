@@ -21,11 +21,11 @@ def make_run(run_dir, ipcs=(1, 3), classes=3, with_results=True, names=None):
             mass = counts * ipc / counts.sum()
             sqrt = np.sqrt(counts) * ipc / np.sqrt(counts).sum()
             for i in range(ipc):
-                centroid_rows.append({"label": label, "ipc": ipc, "index": i, "count": int(counts[i]),
+                centroid_rows.append({"label": label, "ipc": ipc, "quantizer": "ddoq", "index": i, "count": int(counts[i]),
                                       "weight_uniform": 1.0, "weight_mass": mass[i], "weight_sqrt": sqrt[i]})
             w2u = 5.0 + rng.random()
             stat_rows.append({"label": label, "ipc": ipc, "distortion": (0.9 * w2u) ** 2, "w2_uniform": w2u,
-                              "w2_mass": 0.9 * w2u, "w2_sqrt": 0.95 * w2u})
+                              "w2_mass": 0.9 * w2u, "w2_sqrt": 0.95 * w2u, "w2_d4m": 1.05 * w2u})
             for method, weights in (("random", np.ones(ipc)), ("d4m", np.ones(ipc)), ("ddoq", mass)):
                 folder = store.distilled_dir(run_dir, method, ipc)
                 files = [store.image_file_name(label, i) for i in range(ipc)]

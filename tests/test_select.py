@@ -81,3 +81,26 @@ def test_best_val_weights_are_the_curves_argmax_and_test_is_read_after_training(
         assert evaluate_top1(model, test.images, test.labels) == pytest.approx(row["top1_best_val"])
     else:
         assert row["top1_best_val"] == row["top1_last"] and len(test_reads) == 1
+
+
+def test_random_is_drawn_anew_for_every_seed(tmp_path):
+    """Each evaluate seed's `random` student trains on its own subset (draw i mod quantize.random_draws); the other
+    sets keep one folder for every seed; every job's row names its draw."""
+    from engine.config import load_config
+    from engine.evaluate.sets import SetKey, requested_sets, set_dir
+    from engine.pipeline import student_jobs
+
+    config = load_config(None, [f"runs_dir={tmp_path}", "name=draws", "evaluate.methods=[random,herding,ddoq]",
+                                "evaluate.ddoq_weights=[mass]", "quantize.ipc=[1]", "evaluate.seeds=[4,5,6,7]"])
+    keys = requested_sets(config)
+    assert [k for k in keys if k.method == "random"] == [SetKey("random", "none", 1, d) for d in range(3)]
+    dirs = {key: set_dir(config.run_dir, key) for key in keys}
+    assert len({folder.name for folder in dirs.values()}) == len(keys)  # one folder per draw
+    assert dirs[SetKey("random", "none", 1)].name == "random-ipc1"  # draw 0: the single-draw runs' folder
+    jobs = {(j.method, j.seed): j for j in student_jobs(config, dirs)}
+    assert [jobs["random", s].draw for s in (4, 5, 6, 7)] == [0, 1, 2, 0]  # 4 seeds, 3 draws: seed 7 reuses draw 0
+    assert [jobs["random", s].set_dir for s in (4, 5, 6)] == [str(dirs[SetKey("random", "none", 1, d)]) for d in range(3)]
+    assert jobs["random", 5].name == "random-ipc1-convnet3-seed5" and jobs["random", 5].identity()["draw"] == 1
+    assert {jobs["herding", s].set_dir for s in (4, 5, 6, 7)} == {str(dirs[SetKey("herding", "none", 1)])}
+    one = load_config(None, ["evaluate.methods=[random]", "quantize.random_draws=1", "evaluate.seeds=[0,1,2]"])
+    assert [k.draw for k in requested_sets(one)] == [0] * len(one.quantize.ipc)

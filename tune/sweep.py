@@ -185,8 +185,11 @@ def report_rows(rows: list[dict]) -> None:
     """Each result row's validation top-1 to Tune (the last report of its job)."""
     from ray import tune
 
+    from engine.evaluate.sets import SetKey
+
     for row in rows:
-        job = pipeline.job_name(row["method"], row["weights"], row["ipc"], row["student"], row["seed"])
+        key = SetKey(row["method"], row["weights"], row["ipc"])
+        job = pipeline.job_name(key, row["student"], row["seed"])
         tune.report({"job": job, "step": 0, "val_top1": row["val_top1"]})
 
 

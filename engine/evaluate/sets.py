@@ -1,14 +1,16 @@
 """The image sets students train on: which sets a config asks for, and the real-image baselines' sets.
 
-A set is keyed by (method, weights, ipc) and lives in runs/<name>/distilled/<set name>-ipc<k>/ (PNGs +
+A set is keyed by SetKey(method, weights, ipc, draw) and lives in runs/<name>/distilled/<set name>-ipc<k>/ (PNGs +
 index.parquet). d4m and ddoq sets hold the decoded centroids (engine/ray/decode.py); random, herding and kcenter
-sets hold real training images, picked beside the k-means in the quantize stage (engine/quantize/class_task.py) and read
-back by engine/ray/baselines.py.
+sets hold real training images, picked beside the k-means in the quantize stage (engine/quantize/class_task.py) and
+read back by engine/ray/baselines.py. `random` has one set per draw (quantize.random_draws): the i-th evaluate seed
+trains on draw i mod random_draws, so its spread over seeds includes which images were drawn.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 from engine.config import DistillConfig
 from engine.io import store
@@ -16,20 +18,37 @@ from engine.io import store
 REAL_METHODS = ("random", "herding", "kcenter")
 
 
-def set_name(method: str, weights: str) -> str:
-    return f"ddoq-{weights}" if method == "ddoq" else method
+class SetKey(NamedTuple):
+    method: str
+    weights: str  # ddoq's weights mode; d4m "uniform"; real sets "none"
+    ipc: int
+    draw: int = 0  # which random subset; 0 for every other method
+
+    @property
+    def name(self) -> str:
+        """The set's name without its IPC: ddoq-mass, d4m, random, random-draw1 (draw 0 keeps the plain name of
+        single-draw runs, so their folders stay valid)."""
+        if self.method == "ddoq":
+            return f"ddoq-{self.weights}"
+        return f"{self.method}-draw{self.draw}" if self.draw else self.method
 
 
-def requested_sets(config: DistillConfig) -> list[tuple[str, str, int]]:
-    """(method, weights, ipc) of every set the evaluation needs; `full` needs none."""
+def random_draw(config: DistillConfig, seed: int) -> int:
+    """The random subset the student of evaluate seed `seed` trains on."""
+    return config.evaluate.seeds.index(seed) % config.quantize.random_draws
+
+
+def requested_sets(config: DistillConfig) -> list[SetKey]:
+    """Every set the evaluation needs; `full` needs none. random: one per draw the seeds use."""
     sets = []
     for method in config.evaluate.methods:
         if method == "full":
             continue
         modes = config.evaluate.ddoq_weights if method == "ddoq" else ("uniform",) if method == "d4m" else ("none",)
-        sets += [(method, mode, ipc) for mode in modes for ipc in config.quantize.ipc]
+        draws = sorted({random_draw(config, seed) for seed in config.evaluate.seeds}) if method == "random" else [0]
+        sets += [SetKey(method, mode, ipc, draw) for mode in modes for ipc in config.quantize.ipc for draw in draws]
     return sets
 
 
-def set_dir(run_dir: Path, method: str, weights: str, ipc: int) -> Path:
-    return store.distilled_dir(run_dir, set_name(method, weights), ipc)
+def set_dir(run_dir: Path, key: SetKey) -> Path:
+    return store.distilled_dir(run_dir, key.name, key.ipc)

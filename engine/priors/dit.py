@@ -81,6 +81,26 @@ class DiTPrior:
     def encode(self, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
         return encode_images(self.vae, images, batch_size, size=self.image_size)
 
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.transformer
+
+    def condition(self, labels: np.ndarray, config: DecodeConfig) -> torch.Tensor:
+        """The model's class ids of a batch, then its null class for each (engine/invert.py)."""
+        ids = torch.tensor(self.model_class_ids(np.asarray(labels), config.class_ids), device=self.transformer.device)
+        return torch.cat([ids, torch.full_like(ids, self.num_model_classes)])
+
+    def guided_eps(self, x: torch.Tensor, t: int, condition: torch.Tensor, guidance_scale: float,
+                   config: DecodeConfig) -> torch.Tensor:
+        from engine.invert import epsilon_of
+
+        transformer = self.tuning.denoiser(self.transformer, self.vae, config)
+        model_input = self.scheduler.scale_model_input(torch.cat([x, x]), t)
+        timestep = torch.full((len(model_input),), int(t), device=model_input.device)
+        out = transformer(model_input, timestep=timestep, class_labels=condition).sample  # eps and learned sigma
+        out_cond, out_null = out[:, :self.latent_shape[0]].chunk(2)
+        return epsilon_of(self.scheduler, guided(out_cond, out_null, guidance_scale), x, t)
+
     def model_class_ids(self, labels: np.ndarray, class_ids: tuple[int, ...]) -> np.ndarray:
         if class_ids and len(class_ids) != len(self.class_names):
             raise ValueError(f"decode.class_ids has {len(class_ids)} entries for {len(self.class_names)} data classes")

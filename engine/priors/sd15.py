@@ -118,6 +118,29 @@ class StableDiffusionPrior:
     def encode(self, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
         return encode_images(self.vae, images, batch_size, size=self.image_size)
 
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.unet
+
+    @torch.no_grad()
+    def condition(self, labels: np.ndarray, config: DecodeConfig) -> torch.Tensor:
+        """The prompts' embeddings of a batch, then the negative prompt's for each (engine/invert.py): one text
+        encoder pass for the distinct classes of the batch, prepared once for every step."""
+        names = [self.class_names[int(label)] for label in labels]
+        unique = sorted(set(names))
+        embedded = self.embed_prompts(unique + [config.negative_prompt])  # (U + 1, 77, D)
+        cond = embedded[[unique.index(name) for name in names]]
+        return torch.cat([cond, embedded[-1:].expand_as(cond)])
+
+    def guided_eps(self, x: torch.Tensor, t: int, condition: torch.Tensor, guidance_scale: float,
+                   config: DecodeConfig) -> torch.Tensor:
+        from engine.invert import epsilon_of
+
+        unet = self.tuning.denoiser(self.unet, self.vae, config)
+        model_input = self.scheduler.scale_model_input(torch.cat([x, x]), t)
+        out_cond, out_null = unet(model_input, t, encoder_hidden_states=condition).sample.chunk(2)
+        return epsilon_of(self.scheduler, guided(out_cond, out_null, guidance_scale), x, t)
+
     def embed_prompts(self, prompts: list[str]) -> torch.Tensor:
         """(P,) strings -> CLIP last hidden states (P, 77, 768), padded to the tokenizer's max length as SD does."""
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,

@@ -19,6 +19,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
 from engine.config import DecodeConfig, PriorConfig
 from engine.decode import check_decode_inputs, img2img_timesteps, pixels_to_images, row_noise
 from engine.encode import images_to_tensor, tensor_to_images
+from engine.priors.base import guided
 
 PRIOR_FILE = "prior.json"
 SUBFOLDERS = ("vae", "unet", "scheduler")
@@ -79,6 +80,22 @@ class TinyPrior:
         self.vae.eval()
         self.unet.eval()
         return self
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.unet
+
+    def condition(self, labels: np.ndarray, config: DecodeConfig) -> torch.Tensor:
+        """The class ids of a batch, then the null class for each: one UNet call guides (engine/invert.py)."""
+        cond = torch.tensor(np.asarray(labels), dtype=torch.long, device=self.unet.device)
+        return torch.cat([cond, torch.full_like(cond, self.null_class)])
+
+    def guided_eps(self, x: torch.Tensor, t: int, condition: torch.Tensor, guidance_scale: float,
+                   config: DecodeConfig) -> torch.Tensor:
+        from engine.invert import epsilon_of
+
+        out_cond, out_null = self.unet(torch.cat([x, x]), t, class_labels=condition).sample.chunk(2)
+        return epsilon_of(self.scheduler, guided(out_cond, out_null, guidance_scale), x, t)
 
 
 @torch.no_grad()

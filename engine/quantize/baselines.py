@@ -1,6 +1,6 @@
 """Real-image baselines: which training images represent a class. Pure numpy.
 
-random   `ipc` images per class, uniformly without replacement (seeded per class: select_random_in_class).
+random   `ipc` images per class, uniformly without replacement (seeded per class and draw: select_random_in_class).
 herding  Welling (2009), as in iCaRL / the DC benchmark: greedily add the image that brings the running mean of
          the chosen latents closest to the class's mean latent.
 kcenter  greedy k-center (Sener & Savarese 2018): start from the image nearest the class mean, then repeatedly
@@ -24,11 +24,12 @@ def select_random(labels: np.ndarray, ipc: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(chosen))
 
 
-def select_random_in_class(n: int, ipc: int, seed: int, label: int) -> np.ndarray:
-    """`ipc` of a class's `n` rows, uniformly without replacement (all if it has fewer), sorted. Each class draws
-    from its own generator, seeded by (seed, label), so classes are chosen in parallel and independently of
-    which other classes exist (select_random's one generator for all classes cannot be split that way)."""
-    rng = np.random.default_rng([seed, label])
+def select_random_in_class(n: int, ipc: int, seed: int, label: int, draw: int = 0) -> np.ndarray:
+    """`ipc` of a class's `n` rows, uniformly without replacement (all if it has fewer), sorted. Each class and
+    draw has its own generator, seeded by (seed, label[, draw]), so classes are chosen in parallel and independently
+    of which other classes exist (select_random's one generator for all classes cannot be split that way). Draw 0
+    keeps the (seed, label) seeding of single-draw runs, so their random sets stay the same images."""
+    rng = np.random.default_rng([seed, label] if draw == 0 else [seed, label, draw])
     return np.sort(rng.choice(n, size=min(ipc, n), replace=False))
 
 

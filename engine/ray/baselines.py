@@ -47,14 +47,15 @@ def fetch_and_write(batch: dict, data: DataConfig) -> dict:
             "bytes": np.array([w[2] for w in written], dtype=np.int64)}
 
 
-def write_real_sets(config: DistillConfig, picks: pa.Table, set_dirs: dict[tuple[str, int], str]) -> dict:
-    """Write every (method, ipc) set of `set_dirs` from the picks {method, ipc, rank, label, id, source}; returns
+def write_real_sets(config: DistillConfig, picks: pa.Table, set_dirs: dict[tuple[str, int, int], str]) -> dict:
+    """Write every (method, ipc, draw) set of `set_dirs` from the picks {method, ipc, draw, rank, label, id,
+    source}; returns
     the records {file: {sha256, bytes}} of the images. Indexes are the caller's: they need no pixels."""
     from engine.io.store import image_file_name
 
     targets: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for row in picks.to_pylist():
-        key = (row["method"], int(row["ipc"]))
+        key = (row["method"], int(row["ipc"]), int(row["draw"]))
         if key in set_dirs:
             path = str(location(set_dirs[key]) / image_file_name(int(row["label"]), int(row["rank"])))
             targets[row["source"]][row["id"]].append(path)

@@ -25,11 +25,12 @@ class StudentJob:
     teacher: str  # the teacher's architecture, "none" when the protocol uses no teacher
     protocol: str
     set_dir: str  # the distilled set's folder; "" for `full`, which streams the train split
+    draw: int = 0  # which random subset `random` trains on (engine/evaluate/sets.py); 0 for every other set
 
     def identity(self) -> dict:
         """The fields a result row carries, in the row's order."""
         return {"method": self.method, "weights": self.weights, "ipc": self.ipc, "protocol": self.protocol,
-                "student": self.student, "teacher": self.teacher, "seed": self.seed}
+                "student": self.student, "teacher": self.teacher, "seed": self.seed, "draw": self.draw}
 
 
 def job_cost(config: DistillConfig, job: StudentJob, train_rows: int) -> int:

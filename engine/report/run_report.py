@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -54,11 +55,13 @@ def _save(fig, path) -> str:
 
 
 def distilled_sets(run_dir) -> dict[int, dict[str, Path]]:
-    """ipc -> {method: folder} for every distilled/<method>-ipc<k>/ with an index.parquet."""
+    """ipc -> {method: folder} for every distilled/<method>-ipc<k>/ with an index.parquet; of `random`'s draws only
+    the first (random-ipc<k>), which is enough to show what real images look like beside the others."""
     sets: dict[int, dict[str, Path]] = {}
     for index in sorted(location(run_dir).glob("distilled/*-ipc*/index.parquet")):
         method, ipc = index.parent.name.rsplit("-ipc", 1)
-        sets.setdefault(int(ipc), {})[method] = index.parent
+        if not re.fullmatch(r"random-draw\d+", method):
+            sets.setdefault(int(ipc), {})[method] = index.parent
     return sets
 
 
@@ -133,7 +136,7 @@ def plot_weight_histograms(centroids: pd.DataFrame, path: Path) -> str:
         bins = np.linspace(0, high, 30)
         ax.hist(part.weight_mass, bins=bins, alpha=0.6, label="mass (DDOQ)")
         ax.hist(part.weight_sqrt, bins=bins, alpha=0.6, label="sqrt")
-        ax.axvline(1.0, color="k", linestyle="--", linewidth=1, label="uniform (D4M)")
+        ax.axvline(1.0, color="k", linestyle="--", linewidth=1, label="uniform")
         ax.set_title(f"IPC {ipc}: {len(part)} centroids, weight std {part.weight_mass.std():.2f} (mass)", fontsize=9)
         ax.set_xlabel("weight (mean 1 per class)")
         ax.set_ylabel("centroids")
@@ -142,8 +145,8 @@ def plot_weight_histograms(centroids: pd.DataFrame, path: Path) -> str:
 
 
 def plot_w2_per_class(stats: pd.DataFrame, path: Path) -> str:
-    """Per IPC: each class's W2 with uniform weights (x) against weighted (y); points below the diagonal are
-    classes the weights bring closer to the data. A scatter stays readable at 1000 classes, bars would not."""
+    """Per IPC: each class's W2 with the engine's centroids and uniform weights (x) against weighted, and against
+    D4M's own quantizer (y); points below the diagonal are classes brought closer to the data. A scatter stays readable at 1000 classes, bars would not."""
     plt = _pyplot()
     ipcs = sorted(stats.ipc.unique())
     fig, axes = plt.subplots(1, len(ipcs), figsize=(4 * len(ipcs), 3.8), squeeze=False)
@@ -151,12 +154,17 @@ def plot_w2_per_class(stats: pd.DataFrame, path: Path) -> str:
         part = stats[stats.ipc == ipc]
         ax.scatter(part.w2_uniform, part.w2_mass, s=16, label="mass (DDOQ)")
         ax.scatter(part.w2_uniform, part.w2_sqrt, s=16, marker="x", label="sqrt")
-        low, high = part[["w2_uniform", "w2_mass", "w2_sqrt"]].min().min(), part.w2_uniform.max()
-        ax.plot([low, high], [low, high], "k--", linewidth=1, label="= uniform (D4M)")
-        reduction = 100 * (1 - part.w2_mass / part.w2_uniform).mean()
-        ax.set_title(f"IPC {ipc}: mass lowers W2 by {reduction:.1f} % (mean)", fontsize=9)
-        ax.set_xlabel("W2, uniform weights")
-        ax.set_ylabel("W2, weighted")
+        columns = ["w2_uniform", "w2_mass", "w2_sqrt"]
+        title = f"IPC {ipc}: mass lowers W2 by {100 * (1 - part.w2_mass / part.w2_uniform).mean():.1f} % (mean)"
+        if "w2_d4m" in part:  # run folders from before D4M's own quantizer was measured have no such column
+            ax.scatter(part.w2_uniform, part.w2_d4m, s=16, marker="+", label="D4M's MiniBatchKMeans, uniform")
+            columns.append("w2_d4m")
+            title += f", {100 * (1 - part.w2_mass / part.w2_d4m).mean():.1f} % vs D4M"
+        low, high = part[columns].min().min(), part[columns].max().max()
+        ax.plot([low, high], [low, high], "k--", linewidth=1, label="= engine centroids, uniform")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("W2, engine centroids, uniform weights")
+        ax.set_ylabel("W2")
         ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -255,7 +263,7 @@ QUALITY_LEGEND = (
     "<b>precision</b> / <b>recall</b>: k-NN manifolds (Kynkäänniemi et al. 2019, k = 3): the share of the set "
     "inside the real images' manifold (realism), and of the real images inside the set's (coverage). A set of few "
     "images has large k-NN balls, which inflates its recall (10 images cover nearly everything): compare sets of "
-    "one IPC. d4m and ddoq share their decoded images: their figures are equal.</p>")
+    "one IPC. The ddoq weightings share their decoded images: their figures are equal.</p>")
 
 
 def write_report(run_dir) -> Path:
@@ -294,13 +302,14 @@ def write_report(run_dir) -> Path:
     section("Distilled images per class", "\n".join(grids) + note if grids else "<p>No distilled sets.</p>")
 
     if (run_dir / "centroids.parquet").exists():
-        centroids = read_table(run_dir / "centroids.parquet", ["ipc", "label"] + [
-            f"weight_{m}" for m in WEIGHT_MODES]).to_pandas()
+        centroids = read_table(run_dir / "centroids.parquet").to_pandas()
+        if "quantizer" in centroids:
+            centroids = centroids[centroids.quantizer == "ddoq"]  # the weighted sets' centroids, not D4M's
         section("Weights per IPC", image(plot_weight_histograms(centroids, figures / "weights.png"), "weights"))
     if (run_dir / "quantization.parquet").exists():
         stats = read_table(run_dir / "quantization.parquet").to_pandas()
         summary = pd.DataFrame([{"ipc": k[3:], **v} for k, v in (metrics.get("quantization") or {}).items()])
-        section("Latent W2 per class: uniform vs weighted",
+        section("Latent W2 per class: uniform vs weighted, and against D4M's quantizer",
                 image(plot_w2_per_class(stats, figures / "w2_per_class.png"), "W2 per class")
                 + (_table(summary) if len(summary) else ""))
 
@@ -319,7 +328,8 @@ table.t td, table.t th {{ padding: 0.2em 0.8em; border-bottom: 1px solid #ddd; t
 </style></head><body>
 <h1>DDOQ run <code>{html.escape(run_dir.name)}</code></h1>
 <p>Folder <code>{html.escape(str(run_dir))}</code>; config in <code>config.yaml</code>, numbers in
-<code>metrics.json</code>. d4m and ddoq use the same decoded images and differ only in the weights of the loss.</p>
+<code>metrics.json</code>. d4m holds D4M's own centroids (its MiniBatchKMeans) with uniform weights; every ddoq
+weighting holds the engine's centroids, the same decoded images with different weights in the loss.</p>
 {chr(10).join(sections)}
 </body></html>
 """
