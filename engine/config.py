@@ -36,6 +36,9 @@ class DataConfig:
     # <key>.<jpg|png|...> + <key>.cls. Split "test" reads val (else validation, else test) of the latter two.
     source: Literal["digits", "parquet", "imagefolder", "webdataset"] = "digits"
     path: str = ""
+    # The colour of the distilled images: "auto" writes decoded images grey when every encoded image was grey
+    # (R = G = B: the VAE's decoder still adds colour noise such sources never have), "grey" and "rgb" force it.
+    color_mode: Literal["auto", "grey", "rgb"] = "auto"
     name: str = "digits"
     image_size: int = 16
     # digits only: held-out fraction of a seeded stratified split (file sources bring their own test split).
@@ -302,6 +305,12 @@ class DistillConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self):
+        if self.quantize.space == "noise" and self.decode.strength_by_ipc:
+            raise ConfigError("quantize.space=noise inverts every latent once, to the timestep decode.strength names, "
+                              "so one strength serves every IPC: set decode.strength_by_ipc={} (and decode.strength "
+                              "to the t wanted)")
 
     @property
     def run_dir(self):

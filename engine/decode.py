@@ -55,8 +55,13 @@ def pixels_to_images(pixels: torch.Tensor, size: int | None) -> np.ndarray:
 
 
 def decode_latents(prior, latents: np.ndarray, labels: np.ndarray, config: DecodeConfig,
-                   keys: np.ndarray | None = None, size: int | None = None) -> np.ndarray:
-    """Any prior (engine.priors.base.Prior): centroids -> uint8 images at `size` (None = the prior's own)."""
+                   keys: np.ndarray | None = None, size: int | None = None, space: str = "latent") -> np.ndarray:
+    """Any prior (engine.priors.base.Prior): centroids -> uint8 images at `size` (None = the prior's own). In the
+    noise space (quantize.space) the centroids are diffusion states, sampled back without noise (engine/invert.py)."""
+    if space == "noise":
+        from engine.invert import states_to_images
+
+        return states_to_images(prior, np.asarray(latents), np.asarray(labels), config, size)
     keys = np.arange(len(latents)) if keys is None else np.asarray(keys)
     return prior.decode(np.asarray(latents), np.asarray(labels), config, keys, size)
 
@@ -96,7 +101,7 @@ def denoiser_batch_size(prior, decode: DecodeConfig) -> int:
 
 
 def decode_by_ipc(prior, latents: np.ndarray, labels: np.ndarray, ipcs: np.ndarray, keys: np.ndarray,
-                  decode: DecodeConfig, size: int | None) -> DecodedRows:
+                  decode: DecodeConfig, size: int | None, space: str = "latent") -> DecodedRows:
     """Decode rows of several IPCs, each IPC at its own strength (decode.strength_at), into uint8 images in the
     rows' order: the rows of one strength in full batches of `denoiser_batch_size` (the last one partial).
     Noise is keyed per row, so packing changes no image beyond float rounding."""
@@ -108,7 +113,7 @@ def decode_by_ipc(prior, latents: np.ndarray, labels: np.ndarray, ipcs: np.ndarr
         config = dataclasses.replace(decode, strength=strength)
         for start in range(0, len(rows), batch):
             part = rows[start:start + batch]
-            decoded = decode_latents(prior, latents[part], labels[part], config, keys[part], size)
+            decoded = decode_latents(prior, latents[part], labels[part], config, keys[part], size, space)
             if images is None:
                 images = np.zeros((len(latents), *decoded.shape[1:]), decoded.dtype)
             images[part] = decoded

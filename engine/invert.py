@@ -110,3 +110,14 @@ def match_norms(centroids: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, 
         if len(members) and length > 0:
             factors[k] = members.mean() / length
     return (centroids * factors[:, None]).astype(np.float32), factors
+
+
+@torch.no_grad()
+def states_to_images(prior, states: np.ndarray, labels: np.ndarray, config, size: int | None = None) -> np.ndarray:
+    """Centroid states at t -> uint8 images (N, size, size, 3): the reverse process, then the prior's VAE decoder."""
+    from engine.decode import check_decode_inputs, pixels_to_images
+
+    check_decode_inputs(states, labels, config.strength, len(prior.class_names))
+    x = sample_from_states(prior, states, labels, config)
+    pixels = prior.vae.decode(x / prior.vae.config.scaling_factor).sample  # (N, 3, H, W) in [-1, 1]
+    return pixels_to_images(pixels, None if size == prior.image_size else size)

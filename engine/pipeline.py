@@ -59,12 +59,14 @@ class Encoded:
     latents_dir: Path | ObjectPath  # run_dir/latents, one folder per class
     images: int  # rows encoded
     skipped: dict[str, int]  # rows left out, per reason
+    grey: bool = False  # every encoded image was grey (or data.color_mode=grey): decoded images are written grey
 
 
 @dataclass(frozen=True)
 class Quantized:
     key: str
     folder: Path | ObjectPath  # run_dir/quantized/<key>: one set of files per class
+    grey: bool = False  # decode the centroids into grey images (Encoded.grey)
 
 
 @dataclass(frozen=True)
@@ -192,7 +194,8 @@ def decode_stage(config: DistillConfig, run_dir, prior: PreparedPrior, quantized
     latent_sets = [key for key in requested_sets(config) if key.method in ("d4m", "ddoq")]
     set_dirs = {key: set_dir(run_dir, key) for key in latent_sets}
     names, quantized_dir = prior.class_names, quantized.folder
-    decode_key = config_hash(quantized.key, decode_identity(config.decode), sorted(key[:3] for key in latent_sets))
+    decode_key = config_hash(quantized.key, decode_identity(config.decode), sorted(key[:3] for key in latent_sets),
+                             *(["grey"] if quantized.grey else []))  # colour keys hash as before
     if latent_sets and store.finished_stage(run_dir, "decode", decode_key) is None:
         ipcs = sorted({key.ipc for key in latent_sets})
         labels = store.quantized_labels(quantized_dir)
@@ -204,7 +207,7 @@ def decode_stage(config: DistillConfig, run_dir, prior: PreparedPrior, quantized
         targets: dict[tuple[int, str], list[str]] = {}
         for key in latent_sets:  # the quantizer of a set is its method's: d4m's own, or the engine's for ddoq
             targets.setdefault((key.ipc, key.method), []).append(str(set_dirs[key]))
-        decoded = decode_centroids_to_sets(config, prior.folder, files, targets, names).to_pandas()
+        decoded = decode_centroids_to_sets(config, prior.folder, files, targets, names, quantized.grey).to_pandas()
         images = {file: {"sha256": sha, "bytes": size}
                   for copies, sha, size in zip(decoded.files, decoded.sha256, decoded["bytes"]) for file in copies}
         for key in latent_sets:
@@ -349,7 +352,8 @@ def encode_stage(config: DistillConfig, run_dir, prior: PreparedPrior) -> Encode
     if marker is None:
         log(f"encoding the train split with the prior's VAE (latent shape {latent_shape})")
         store.invalidate_stage(run_dir, "encode")  # the old latents are about to be replaced
-        encoded, files = encode_to_parquet(config, folder, latents_dir, prior.image_size, prior.class_names)
+        result = encode_to_parquet(config, folder, latents_dir, prior.image_size, prior.class_names)
+        encoded, files, colour = result.images, result.files, result.colour_images
         records = store.read_table(run_dir / "skipped.parquet", ["id", "reason"]).to_pydict()
         skipped = count_skipped(records["reason"])
         if skipped:
@@ -359,12 +363,46 @@ def encode_stage(config: DistillConfig, run_dir, prior: PreparedPrior) -> Encode
             log(f"warning: {len(damaged)} tar shard(s) are damaged; each counts as one skipped row, and the samples "
                 f"after the damage are lost uncounted (e.g. {damaged[0]})")
         store.mark_stage_finished(run_dir, "encode", encode_key, take_nodes("encode"), images=encoded,
-                                  latent_shape=latent_shape, skipped=skipped)
+                                  latent_shape=latent_shape, skipped=skipped, colour_images=colour)
         record_stage(run_dir, "encode", files)
     else:
         encoded, skipped = marker["images"], marker.get("skipped", {})
+        colour = marker.get("colour_images", encoded)  # latents encoded before colour was counted: as colour
         log(f"encode: reusing {encoded} latents from an earlier run")
-    return Encoded(encode_key, latents_dir, int(encoded), skipped)
+    mode = config.data.color_mode
+    grey = mode == "grey" or (mode == "auto" and colour == 0)
+    if grey and mode == "auto":
+        log("encode: every image is grey, so the decoded images are written grey (data.color_mode=rgb keeps colour)")
+    return Encoded(encode_key, latents_dir, int(encoded), skipped, grey)
+
+
+def invert_stage(config: DistillConfig, run_dir, prior: PreparedPrior, encoded: Encoded) -> Encoded:
+    """quantize.space=noise: every latent DDIM-inverted to the decode strength's timestep (engine/invert.py), once
+    per (latents, prior, decode schedule), into run_dir/inverted/<key>/ in the latents' layout -> the Encoded the
+    quantize stage reads in place of the latents. In the latent space, `encoded` itself."""
+    import dataclasses
+
+    from engine.ray.cluster import saw_nodes, take_nodes
+    from engine.ray.invert import invert_classes
+
+    if config.quantize.space == "latent":
+        return encoded
+    d = config.decode
+    invert_key = config_hash(encoded.key, d.strength, d.num_steps, d.inversion_guidance, d.negative_prompt,
+                             d.class_ids)
+    inverted_dir = location(run_dir) / "inverted" / invert_key
+    if store.finished_stage(run_dir, "invert", invert_key) is None:
+        class_dirs = store.class_latent_dirs(encoded.latents_dir)
+        steps = max(1, round(d.num_steps * d.strength))
+        log(f"inverting {encoded.images} latents of {len(class_dirs)} classes to the state at strength {d.strength:g} "
+            f"({steps} denoiser steps each, inversion guidance {d.inversion_guidance:g}, "
+            f"{config.runtime.decode_actors} actor(s))")
+        records = invert_classes(config, prior.folder, class_dirs, inverted_dir, prior.class_names)
+        saw_nodes("invert", (r["node"] for r in records))
+        files = {r["file"]: {"sha256": r["sha256"], "bytes": int(r["bytes"])} for r in records}
+        store.mark_stage_finished(run_dir, "invert", invert_key, take_nodes("invert"), classes=len(records))
+        record_stage(run_dir, "invert", files)
+    return dataclasses.replace(encoded, key=invert_key, latents_dir=inverted_dir)
 
 
 def quantize_stage(config: DistillConfig, run_dir, encoded: Encoded) -> Quantized:
@@ -388,10 +426,11 @@ def quantize_stage(config: DistillConfig, run_dir, encoded: Encoded) -> Quantize
         store.atomic_write_table(run_dir / "quantization.parquet", stats)
         store.mark_stage_finished(run_dir, "quantize", quantize_key, take_nodes("quantize"), classes=len(class_dirs))
         record_stage(run_dir, "quantize", files)
-    return Quantized(quantize_key, quantized_dir)
+    return Quantized(quantize_key, quantized_dir, encoded.grey)
 
 
-def finish_run_folder(config: DistillConfig, run_dir, quantize_key: str, results_folder: str | None) -> None:
+def finish_run_folder(config: DistillConfig, run_dir, quantize_key: str, results_folder: str | None,
+                      invert_key: str | None = None) -> None:
     """Drop the engine's outputs of other configurations (left by --overwrite), so the folder's sets and its
     manifest are this run's alone."""
     from engine.evaluate.sets import requested_sets, set_dir
@@ -399,7 +438,7 @@ def finish_run_folder(config: DistillConfig, run_dir, quantize_key: str, results
 
     sets = frozenset(set_dir(run_dir, key).name for key in requested_sets(config))
     results_key = results_folder.split("/", 1)[1] if results_folder else None
-    removed = prune_run_folder(run_dir, Keep(sets, quantize_key, results_key))
+    removed = prune_run_folder(run_dir, Keep(sets, quantize_key, results_key, invert_key))
     if removed:
         log(f"removed {len(removed)} output folder(s) of the configuration this run replaced: {removed[:5]}")
 
@@ -431,6 +470,9 @@ def run(config: DistillConfig, until: str = "evaluate", overwrite: bool = False)
     init_ray(config.runtime)
     with timed(timings, "encode"):
         encoded = encode_stage(config, run_dir, prior)
+    if config.quantize.space == "noise":
+        with timed(timings, "invert"):
+            encoded = invert_stage(config, run_dir, prior, encoded)
     with timed(timings, "quantize"):
         quantized = quantize_stage(config, run_dir, encoded)
         stats = store.read_table(run_dir / "quantization.parquet").to_pandas()
@@ -465,7 +507,8 @@ def run(config: DistillConfig, until: str = "evaluate", overwrite: bool = False)
     metrics = {"results": results, **measured, "quantization": quantization,
                "timings_s": {k: round(v, 2) for k, v in timings.items()}, "counts": counts}
     store.atomic_write_json(run_dir / "metrics.json", metrics)
-    finish_run_folder(config, run_dir, quantized.key, measured.get("results_folder"))
+    invert_key = encoded.key if config.quantize.space == "noise" else None
+    finish_run_folder(config, run_dir, quantized.key, measured.get("results_folder"), invert_key)
     try:
         log(f"report: {write_report(run_dir)}")
     except Exception as error:  # noqa: BLE001 - a figure must never take a finished run down; the numbers are written

@@ -44,6 +44,10 @@ def test_smoke_run_writes_every_output_and_reruns_from_cache(ray_session, tmp_pa
         assert list(index.columns) == ["path", "label", "class_name", "weight", "count"]
         assert len(index) == 20 and all((run_dir / "distilled" / f"{method}-ipc2" / p).exists() for p in index.path)
         np.testing.assert_allclose(index.groupby("label").weight.mean(), 1.0)
+    # The digits are grey, so the decoded images are written grey: no colour noise the source never had.
+    from PIL import Image
+
+    assert {Image.open(p).mode for p in (run_dir / "distilled" / "ddoq-mass-ipc2").glob("*/*.png")} == {"L"}
     ddoq = pq.read_table(run_dir / "distilled" / "ddoq-mass-ipc2" / "index.parquet").to_pandas()
     np.testing.assert_allclose(ddoq.weight, ddoq["count"] * 2 / ddoq.groupby("label")["count"].transform("sum"))
 
@@ -115,3 +119,32 @@ def test_ray_job_submit_against_a_local_head(tmp_path, s3_env):
     assert "succeeded" in out.stdout
     metrics = json.loads((location(runs) / "smoke" / "metrics.json").read_text())
     assert len(metrics["results"]) == 9
+
+
+def test_noise_space_run_inverts_quantizes_the_states_and_samples_them_back(ray_session, tmp_path):
+    """quantize.space=noise end to end as far as the decoded sets: the invert stage writes every class's states in
+    the latents' layout (same ids), the quantizer works on them (centroids rescaled to their cells' norm), both
+    quantizers' centroids are sampled back into their sets, and a re-run inverts nothing again."""
+    import distill
+
+    from engine import pipeline
+    from engine.io import store
+
+    config, _ = distill.parse_args(["--smoke-test", f"runs_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}",
+                                    "quantize.space=noise", "decode.strength=0.5", "name=noise"])
+    pipeline.run(config, until="decode")
+    run_dir = config.run_dir
+    (inverted,) = list((run_dir / "inverted").iterdir())
+    latents, states = store.class_latent_dirs(run_dir / "latents"), store.class_latent_dirs(inverted)
+    assert sorted(states) == sorted(latents) == list(range(10))
+    ids, before = store.read_class_latents(latents[3])
+    state_ids, after = store.read_class_latents(states[3])
+    assert list(state_ids) == list(ids) and after.shape == before.shape and not np.allclose(after, before)
+    stats = pq.read_table(run_dir / "quantization.parquet").to_pandas()
+    assert (stats[stats.ipc == 2].norm_scale > 1.0).all()  # the averages of noisy states were scaled back up
+    for name in ("d4m-ipc2", "ddoq-mass-ipc2"):
+        assert len(list((run_dir / "distilled" / name).glob("*/*.png"))) == 20
+    marker = store.finished_stage(run_dir, "invert", inverted.name)
+    assert marker is not None and marker["classes"] == 10
+    again = pipeline.run(config, until="decode")
+    assert "invert" not in again["timings_s"] or again["timings_s"]["invert"] < 5

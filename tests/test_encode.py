@@ -77,3 +77,13 @@ def test_an_encode_batch_at_the_limit_is_split_and_gives_the_same_latents(tiny_p
     hook.remove()
     assert seen == [3, 3]  # 4 images' worth would reach the limit: at most 3 a batch
     np.testing.assert_allclose(split, whole, atol=1e-5)
+
+
+def test_colour_is_any_difference_between_channels():
+    """What decides a grey source (data.color_mode=auto): an image is in colour when any pixel's channels differ."""
+    from engine.ray.encode import has_colour
+
+    grey = np.repeat(np.arange(16, dtype=np.uint8).reshape(1, 4, 4, 1), 3, axis=3)
+    one_pixel = grey.copy()
+    one_pixel[0, 2, 3, 1] += 1
+    assert has_colour(np.concatenate([grey, one_pixel])).tolist() == [False, True]

@@ -65,7 +65,7 @@ def test_encode_actor_killed_mid_stage_loses_nothing(ray_session, tmp_path, save
         if name == "killed":
             faults.request_crash(config.run_dir, "encode")
         latents_dir = config.run_dir / "latents"
-        assert encode_to_parquet(config, saved_prior, latents_dir)[0] == good
+        assert encode_to_parquet(config, saved_prior, latents_dir).images == good
         digests[name] = (latents_digest(latents_dir), build_manifest(config.run_dir)["skipped.parquet"])
     assert faults.crash_fired(tmp_path / "killed", "encode")  # an actor really died mid-stage
     assert digests["killed"] == digests["clean"]

@@ -453,7 +453,7 @@ def test_sd15_through_the_ray_encode_and_decode_stages(ray_session, tmp_path, sd
                                 "decode.num_steps=3", "decode.negative_prompt=cartoon",
                                 "data.val_fraction=0"])  # all 8 rows are train rows
     names = ("tench", "goldfish")
-    assert encode_to_parquet(config, sd15_folder, tmp_path / "latents", sd15.image_size, names)[0] == 8
+    assert encode_to_parquet(config, sd15_folder, tmp_path / "latents", sd15.image_size, names).images == 8
     ids, latents = store.read_class_latents(store.class_latent_dirs(tmp_path / "latents")[1])
     assert latents.shape == (4, 4 * 16 * 16)
     from tests.centroid_files import write_centroid_files
@@ -490,3 +490,23 @@ def test_full_size_prior_saves_loads_encodes_quantizes_decodes(tmp_path, kind):
     config = DecodeConfig(guidance_scale=4.0, strength=0.5, num_steps=2, negative_prompt="cartoon")
     out = decode_latents(prior, centroids, np.array([0, 2]), config, size=32)
     assert out.shape == (2, 32, 32, 3) and out.dtype == np.uint8
+
+
+@pytest.mark.parametrize("kind", ["sd15", "dit"])
+def test_noise_space_round_trip_through_each_prior(kind, request):
+    """quantize.space=noise needs every prior's condition/guided_eps (engine/invert.py): invert then sample back at
+    the same t with guidance 1 returns the latents; with guidance 3 both branches run and the states decode."""
+    from engine.invert import invert_latents, sample_from_states, states_to_images
+
+    prior = request.getfixturevalue(kind)
+    latents = np.random.default_rng(0).standard_normal((3, *prior.latent_shape)).astype(np.float32)
+    labels = np.array([0, 1, 0])
+    errors = []
+    for steps in (10, 40):  # the inversion's local approximation: its error shrinks as the steps get finer
+        config = DecodeConfig(num_steps=steps, strength=0.3, guidance_scale=1.0, negative_prompt="cartoon")
+        states = invert_latents(prior, latents, labels, config)
+        back = sample_from_states(prior, states, labels, config).float().numpy()
+        errors.append(np.linalg.norm(back - latents) / np.linalg.norm(latents))
+    assert errors[1] < 0.5 * errors[0] and errors[1] < 0.05
+    images = states_to_images(prior, states, labels, dataclasses.replace(config, guidance_scale=3.0), 16)
+    assert images.shape == (3, 16, 16, 3)

@@ -30,7 +30,8 @@ def test_encode_quantize_decode_on_ray(ray_session, config, saved_prior, tmp_pat
     from engine.ray.quantize import quantize_classes
 
     latents_dir = tmp_path / "latents"
-    count, records = encode_to_parquet(config, saved_prior, latents_dir)
+    encoded = encode_to_parquet(config, saved_prior, latents_dir)
+    count, records = encoded.images, encoded.files
     train = load_split(config.data, "train")
     assert count == len(train)
     class_dirs = store.class_latent_dirs(latents_dir)
@@ -118,7 +119,7 @@ def test_parquet_shards_stream_through_ray_data(ray_session, tmp_path, saved_pri
     (tmp_path / "classes.txt").write_text("even\nodd\n")
     config = load_config(None, [f"runs_dir={tmp_path}", "data.source=parquet", f"data.path={tmp_path}",
                                 "data.name=toy", f"prior.path={saved_prior}", "data.val_fraction=0"])
-    assert encode_to_parquet(config, saved_prior, tmp_path / "latents")[0] == 12
+    assert encode_to_parquet(config, saved_prior, tmp_path / "latents").images == 12
     class_dirs = store.class_latent_dirs(tmp_path / "latents")
     ids, latents = store.read_class_latents(class_dirs[1])
     assert list(ids) == [f"train-0000{shard}-of-00002.parquet#{i}" for shard in range(2) for i in (1, 3, 5)]

@@ -111,3 +111,25 @@ def test_report_shows_how_realistic_each_set_is(tmp_path):
     assert "40 real validation images" in section and "97.5 %" in section
     assert section.index("random-ipc3") < section.index("d4m-uniform-ipc3")  # real images first
     assert "12.250" in section and "0.125" in section
+
+
+def test_sets_of_two_runs_are_drawn_side_by_side(tmp_path):
+    """jobs/compare_images.py: the named sets of each run in one grid, written inside the first run folder; a set
+    a run lacks is one sentence naming it and what the run has."""
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+    import compare_images
+
+    for name in ("latent", "noise"):
+        make_run(tmp_path / name)
+    sets = compare_images.gather([tmp_path / "latent", tmp_path / "noise"], 3, ["random", "ddoq"])
+    assert list(sets) == ["latent/random", "latent/ddoq", "noise/random", "noise/ddoq"]
+    compare_images.main([str(tmp_path / "latent"), str(tmp_path / "noise"), "--ipc", "3", "--sets", "random", "ddoq"])
+    image = Image.open(tmp_path / "latent" / "report" / "compare-ipc3.png")
+    assert image.size[0] > 200 and image.size[1] > 200
+    with pytest.raises(SystemExit, match="no set 'ddoq-sqrt' at IPC 3; it has"):
+        compare_images.gather([tmp_path / "latent"], 3, ["ddoq-sqrt"])

@@ -28,7 +28,7 @@ from engine.io.store import atomic_write_bytes
 # Everything the engine writes at the top of a run folder (files and folders).
 LAYOUT = frozenset({
     "config.yaml", "metrics.json", "report.html", "manifest.json", "skipped.parquet", "centroids.parquet",
-    "quantization.parquet", "run.log", "latents", "latents.partial", "latents.skipped.partial", "quantized",
+    "quantization.parquet", "run.log", "latents", "latents.partial", "latents.skipped.partial", "inverted", "quantized",
     "distilled", "results", "report", "ray_train", "_stages", "_manifest", "_faults", "_cache",
 })
 RUN_LOG = "run.log"
@@ -43,11 +43,12 @@ def save_config(config: DistillConfig, path) -> None:
 @dataclass(frozen=True)
 class Keep:
     """The engine outputs of this run, by folder: set folder names under distilled/, the quantization key under
-    quantized/, the evaluation key under results/ (None: keep what is there)."""
+    quantized/, the evaluation key under results/, the inversion key under inverted/ (None: keep what is there)."""
 
     sets: frozenset[str]
     quantize_key: str | None = None
     evaluate_key: str | None = None
+    invert_key: str | None = None
 
 
 def run_log_path(config: DistillConfig) -> Path:
@@ -142,7 +143,7 @@ def prune_run_folder(run_dir, keep: Keep) -> list[str]:
     root = location(run_dir)
     removed = []
     for folder, kept in (("distilled", keep.sets), ("quantized", {keep.quantize_key}),
-                         ("results", {keep.evaluate_key})):
+                         ("results", {keep.evaluate_key}), ("inverted", {keep.invert_key})):
         if None in kept or not (root / folder).exists():
             continue
         for name in sorted({relative.split("/", 1)[0] for relative in list_files(root / folder)}):

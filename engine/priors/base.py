@@ -53,6 +53,16 @@ class Prior(Protocol):
     def decode(self, latents: np.ndarray, labels: np.ndarray, config: DecodeConfig, keys: np.ndarray,
                size: int | None = None) -> np.ndarray: ...
 
+    # The noise space (engine/invert.py): the denoiser, a batch's class condition prepared once, and the guided
+    # noise prediction in epsilon units at timestep t.
+    @property
+    def denoiser(self) -> torch.nn.Module: ...
+
+    def condition(self, labels: np.ndarray, config: DecodeConfig) -> torch.Tensor: ...
+
+    def guided_eps(self, x: torch.Tensor, t: int, condition: torch.Tensor, guidance_scale: float,
+                   config: DecodeConfig) -> torch.Tensor: ...
+
 
 # The weight file stem of each weighted component: diffusers models, then transformers' text encoder.
 WEIGHT_STEMS = {"vae": "diffusion_pytorch_model", "unet": "diffusion_pytorch_model",

@@ -95,11 +95,14 @@ class DiTPrior:
         from engine.invert import epsilon_of
 
         transformer = self.tuning.denoiser(self.transformer, self.vae, config)
-        model_input = self.scheduler.scale_model_input(torch.cat([x, x]), t)
+        alone = guidance_scale == 1.0  # the class's branch alone: half the work
+        model_input = self.scheduler.scale_model_input(x if alone else torch.cat([x, x]), t)
         timestep = torch.full((len(model_input),), int(t), device=model_input.device)
-        out = transformer(model_input, timestep=timestep, class_labels=condition).sample  # eps and learned sigma
-        out_cond, out_null = out[:, :self.latent_shape[0]].chunk(2)
-        return epsilon_of(self.scheduler, guided(out_cond, out_null, guidance_scale), x, t)
+        out = transformer(model_input, timestep=timestep, class_labels=condition[:len(model_input)]).sample
+        eps = out[:, :self.latent_shape[0]]  # the transformer also predicts its sigma
+        if not alone:
+            eps = guided(*eps.chunk(2), guidance_scale)
+        return epsilon_of(self.scheduler, eps, x, t)
 
     def model_class_ids(self, labels: np.ndarray, class_ids: tuple[int, ...]) -> np.ndarray:
         if class_ids and len(class_ids) != len(self.class_names):

@@ -137,6 +137,9 @@ class StableDiffusionPrior:
         from engine.invert import epsilon_of
 
         unet = self.tuning.denoiser(self.unet, self.vae, config)
+        if guidance_scale == 1.0:  # the prompt's branch alone: half the work
+            out = unet(self.scheduler.scale_model_input(x, t), t, encoder_hidden_states=condition[:len(x)]).sample
+            return epsilon_of(self.scheduler, out, x, t)
         model_input = self.scheduler.scale_model_input(torch.cat([x, x]), t)
         out_cond, out_null = unet(model_input, t, encoder_hidden_states=condition).sample.chunk(2)
         return epsilon_of(self.scheduler, guided(out_cond, out_null, guidance_scale), x, t)

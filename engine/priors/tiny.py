@@ -94,6 +94,8 @@ class TinyPrior:
                    config: DecodeConfig) -> torch.Tensor:
         from engine.invert import epsilon_of
 
+        if guidance_scale == 1.0:  # the conditional branch alone: half the work
+            return epsilon_of(self.scheduler, self.unet(x, t, class_labels=condition[:len(x)]).sample, x, t)
         out_cond, out_null = self.unet(torch.cat([x, x]), t, class_labels=condition).sample.chunk(2)
         return epsilon_of(self.scheduler, guided(out_cond, out_null, guidance_scale), x, t)
 

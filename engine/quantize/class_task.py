@@ -24,6 +24,7 @@ from engine.config import QuantizeConfig
 from engine.io.location import location
 from engine.io.store import atomic_write_table, float32_rows, read_class_table, read_table, table_latents
 from engine.quantize.baselines import select_herding, select_kcenter, select_random_in_class
+from engine.invert import match_norms
 from engine.quantize.d4m import d4m_quantize
 from engine.quantize.quantizer import WEIGHT_MODES, quantize_and_measure, weights_from_counts
 from engine.quantize.transport import w2_distance
@@ -85,12 +86,17 @@ def quantize_class_folder(label: int, class_dir: str, config: QuantizeConfig, ou
         q = report.quantization
         d4m = d4m_quantize(latents, ipc, config.d4m_km_expand, config.seed)
         d4m_weights = {m: weights_from_counts(d4m.counts, m) for m in WEIGHT_MODES}
+        norm_scale = {}
         for quantizer, result, weights in (("ddoq", q, report.weights), ("d4m", d4m, d4m_weights)):
+            centroids = np.asarray(result.centroids, dtype=np.float32).reshape(result.k, -1)
+            if config.space == "noise":  # the sampler expects states of its members' norm (engine/invert.py)
+                centroids, factors = match_norms(centroids, latents)
+                norm_scale[quantizer] = float(factors.mean())
             centroid_rows += [{
                 "label": label, "ipc": ipc, "quantizer": quantizer, "index": index, "count": int(result.counts[index]),
                 **{f"weight_{m}": float(weights[m][index]) for m in WEIGHT_MODES},
             } for index in range(result.k)]
-            centroid_latents.append(np.asarray(result.centroids, dtype=np.float32).reshape(result.k, -1))
+            centroid_latents.append(centroids)
         stat_rows.append({
             "label": label, "ipc": ipc, "n": report.n, "k": q.k, "requested_k": q.requested_k,
             # K > n: the class keeps every point as a centroid; the run records it here.
@@ -99,6 +105,8 @@ def quantize_class_folder(label: int, class_dir: str, config: QuantizeConfig, ou
             **{f"w2_{m}": report.w2[m] for m in WEIGHT_MODES},
             # D4M's own quantizer (engine/quantize/d4m.py) on the same latents, trained on with uniform weights.
             "d4m_distortion": d4m.distortion, "w2_d4m": w2_distance(latents, d4m.centroids, d4m_weights["uniform"]),
+            # noise space: the mean factor centroids were scaled by to their members' norm (1 in latent space)
+            "norm_scale": norm_scale.get("ddoq", 1.0), "d4m_norm_scale": norm_scale.get("d4m", 1.0),
             "seconds": time.perf_counter() - ipc_start,
         })
     centroids = pa.Table.from_pylist(centroid_rows).append_column(

@@ -33,13 +33,15 @@ class CentroidDecoder:
     """Ray Data callable class: loads the prior once; decodes every requested centroid of a batch of classes."""
 
     def __init__(self, prior: PriorSource, decode: DecodeConfig, wanted: tuple[tuple[int, str], ...], device: str,
-                 image_size: int | None = None, dtype: str = "float32", threads: int = 1, fault_dir: str = ""):
+                 image_size: int | None = None, dtype: str = "float32", threads: int = 1, fault_dir: str = "",
+                 space: str = "latent"):
         import torch
 
         torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS to the CPU reservation; the config decides
         self.prior = prior.load().to(device, dtype)
         self.decode, self.wanted = decode, frozenset(wanted)  # (ipc, quantizer) pairs to decode
         self.image_size = image_size  # the evaluation resolution images are resized to
+        self.space = space  # quantize.space: centroids are latents (img2img) or diffusion states (engine/invert.py)
         self.fault_dir = fault_dir  # test-only crash injection (engine/faults.py); empty in normal runs
         self.actor = ray.get_runtime_context().get_actor_id() or "driver"
         self.node = ray.get_runtime_context().get_node_id()  # into the stage's record: which nodes did the work
@@ -63,16 +65,18 @@ class CentroidDecoder:
         # Noise key per centroid: unique within an (IPC, quantizer), independent of batching; the two quantizers'
         # centroids of the same index share their noise, so their images differ by the centroid alone.
         keys = ipcs * 1_000_000 + labels * 1_000 + indices
-        decoded = decode_by_ipc(self.prior, latents, labels, ipcs, keys, self.decode, self.image_size)
+        decoded = decode_by_ipc(self.prior, latents, labels, ipcs, keys, self.decode, self.image_size, self.space)
         return {**{k: np.asarray(v) for k, v in meta.items()}, "image": decoded.images,
                 "denoiser_batch": decoded.batch_size_of_rows(),
                 "actor": np.array([self.actor] * len(labels), dtype=object),
                 "node": np.array([self.node] * len(labels), dtype=object)}
 
 
-def write_images(batch: dict, set_dirs: dict[tuple[int, str], list[str]]) -> dict:
+def write_images(batch: dict, set_dirs: dict[tuple[int, str], list[str]], grey: bool = False) -> dict:
     """Ray Data task: each decoded image -> one PNG in the first set folder of its (IPC, quantizer), shared with the
-    others."""
+    others; `grey`: as a one-channel PNG of its luma (a grey source's sets carry no colour)."""
+    from PIL import Image
+
     from engine.io.store import image_file_name, share_file, write_png
 
     paths, files, digests, sizes = [], [], [], []
@@ -80,7 +84,10 @@ def write_images(batch: dict, set_dirs: dict[tuple[int, str], list[str]]) -> dic
                                                    batch["quantizer"]):
         name = image_file_name(int(label), int(index))
         targets = [location(folder) / name for folder in set_dirs[int(ipc), str(quantizer)]]
-        record = write_png(targets[0], np.asarray(image))
+        pixels = np.asarray(image)
+        if grey:
+            pixels = np.asarray(Image.fromarray(pixels).convert("L"))  # ITU-R 601 luma
+        record = write_png(targets[0], pixels)
         for target in targets[1:]:
             share_file(targets[0], target)
         paths.append(name)
@@ -113,10 +120,11 @@ def denoiser_histogram(sizes) -> dict[int, int]:
 
 
 def decode_centroids_to_sets(config: DistillConfig, prior_folder, class_files: dict[int, str],
-                             set_dirs: dict[tuple[int, str], list[str]], class_names: tuple = ()) -> pa.Table:
+                             set_dirs: dict[tuple[int, str], list[str]], class_names: tuple = (),
+                             grey: bool = False) -> pa.Table:
     """Decode every centroid of `set_dirs`' (IPC, quantizer) pairs from the class files {label: centroids file};
     returns one row per image {label, ipc, quantizer, index, count, weight_<mode>..., actor, path, files (every
-    set's copy), sha256, bytes} (no pixels, no latents)."""
+    set's copy), sha256, bytes} (no pixels, no latents). `grey`: the images are written as one-channel PNGs."""
     runtime = config.runtime
     use_gpu = runtime.gpus_per_actor > 0
     check_pool_fits("decode", runtime.decode_actors, runtime.decode_cpus_per_actor, runtime.gpus_per_actor,
@@ -134,14 +142,15 @@ def decode_centroids_to_sets(config: DistillConfig, prior_folder, class_files: d
                                                     config.prior.variant), "decode": config.decode, "wanted": wanted,
                                "device": "cuda" if use_gpu else "cpu", "image_size": config.data.image_size,
                                "dtype": runtime.prior_dtype, "threads": runtime.threads("decode"),
-                               "fault_dir": str(config.run_dir)},
+                               "fault_dir": str(config.run_dir), "space": config.quantize.space},
         batch_size=1,
         # One batch of classes in flight per actor, and the whole pool up before the first batch: otherwise the
         # first actor to load its prior takes every batch while the others are still starting.
         compute=ray.data.ActorPoolStrategy(size=runtime.decode_actors, max_tasks_in_flight_per_actor=1),
         num_gpus=runtime.gpus_per_actor,
         num_cpus=runtime.decode_cpus_per_actor,
-    ).map_batches(write_images, fn_kwargs={"set_dirs": set_dirs}, batch_size=None, num_cpus=WRITE_TASK_CPUS)
+    ).map_batches(write_images, fn_kwargs={"set_dirs": set_dirs, "grey": grey}, batch_size=None,
+                  num_cpus=WRITE_TASK_CPUS)
     # One small row per decoded image (classes x IPC; the pixels stayed in the write tasks).
     rows = pa.Table.from_pylist(decoded.take_all()).sort_by([("quantizer", "descending"), ("ipc", "ascending"),
                                                              ("label", "ascending"), ("index", "ascending")])

@@ -8,6 +8,9 @@ one file per class, never one per (block, class), and the row counts come from t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import pyarrow as pa
 
 import ray
@@ -41,6 +44,7 @@ class VaeEncoder:
         crash_once_if_requested(self.fault_dir, "encode")
         latents = self.prior.encode(batch["image"], self.batch_size)  # (B, C, h, w)
         table = latents_to_table(batch["id"], batch["label"], latents)
+        table = table.append_column("colour", pa.array(has_colour(batch["image"])))  # counted, not written
         table = table.append_column("source", pa.array(list(map(str, batch["source"])), pa.string()))
         return table.append_column("node", pa.array([node_id()] * table.num_rows, pa.string()))  # for the record
 
@@ -49,16 +53,33 @@ def write_class_group(group: pa.Table, out_dir: str) -> pa.Table:
     """Ray Data map_groups body: every latent row of one class -> its file; returns the writer's record."""
     from engine.io.store import write_class_latents
 
+    import pyarrow.compute as pc
+
     label = int(group.column("label")[0].as_py())
     nodes = sorted(set(group.column("node").to_pylist()) | {node_id()})  # the encoders' and this writer's
-    return pa.Table.from_pylist([{**write_class_latents(out_dir, label, group), "nodes": nodes}])
+    colour = int(pc.sum(group.column("colour")).as_py() or 0)
+    return pa.Table.from_pylist([{**write_class_latents(out_dir, label, group), "nodes": nodes,
+                                  "colour_rows": colour}])
+
+
+def has_colour(images) -> np.ndarray:
+    """(B,) bool: which uint8 images (B, H, W, 3) differ between their channels anywhere."""
+    images = np.asarray(images)
+    return ((images[..., 0] != images[..., 1]) | (images[..., 1] != images[..., 2])).reshape(len(images), -1).any(1)
+
+
+@dataclass(frozen=True)
+class EncodedLatents:
+    images: int  # rows encoded
+    files: dict  # {latent file at its final path: {sha256, bytes}}
+    colour_images: int  # encoded images whose channels differ somewhere (0: a grey source)
 
 
 def encode_to_parquet(config: DistillConfig, prior_folder, out_dir, resolution: int | None = None,
-                      class_names: tuple = ()) -> tuple[int, dict]:
+                      class_names: tuple = ()) -> EncodedLatents:
     """Encode the train split at the prior's `resolution` into out_dir (see the module docstring). Fails, before
-    anything is published, when more than `data.max_skip_fraction` of the rows read were skipped. Returns (images
-    encoded, records {file at its final path: {sha256, bytes}} of the latents). Locally the latents go to a
+    anything is published, when more than `data.max_skip_fraction` of the rows read were skipped. Returns the
+    images encoded, the records of the latent files and how many images were in colour. Locally the latents go to a
     staging folder renamed into place. Object stores cannot rename a folder: there they are written in place, and
     the caller's stage marker (removed before, written after) says they are whole."""
     from engine.io.store import atomic_write_table
@@ -94,7 +115,7 @@ def encode_to_parquet(config: DistillConfig, prior_folder, out_dir, resolution: 
     classes = len(class_names) or len(data_class_names(config.data))
     written = latents.groupby("label", num_partitions=min(classes, runtime.shuffle_partitions)).map_groups(
         write_class_group, fn_kwargs={"out_dir": str(staging)}, batch_format="pyarrow")
-    records = written.take_all()  # one small row per class: {label, rows, path, file, sha256, bytes}
+    records = written.take_all()  # one small row per class: {label, rows, path, file, sha256, bytes, colour_rows}
     count = sum(int(r["rows"]) for r in records)
     saw_nodes("encode", (node for r in records for node in r["nodes"]))
     skipped = gather_skipped(skip_dir)
@@ -105,4 +126,4 @@ def encode_to_parquet(config: DistillConfig, prior_folder, out_dir, resolution: 
         staging.rename(out_dir)  # the stage's output appears whole or not at all
     remove_tree(skip_dir)
     files = {str(out_dir / r["path"]): {"sha256": r["sha256"], "bytes": int(r["bytes"])} for r in records}
-    return count, files
+    return EncodedLatents(count, files, sum(int(r["colour_rows"]) for r in records))

@@ -24,6 +24,11 @@ MAX_CLASSES_IN_GRID = 10  # rows of an image grid; ImageNet has 1000 classes, a 
 MAX_IMAGES_PER_CELL = 10  # images per (class, method) cell of a grid, highest weight first
 MAX_CLASSES_DETAILED = 3  # classes shown set by set, all their images, when a grid has more than 3 per class
 REAL_SETS = ("random", "herding", "kcenter")  # sets of real images: no weights under them
+
+
+def is_real_set(name: str) -> bool:
+    """A set of real images, named plainly (`random`) or after its run (`runs-a/random`, jobs/compare_images.py)."""
+    return name.rsplit("/", 1)[-1] in REAL_SETS
 WEIGHT_MODES = ("uniform", "mass", "sqrt")
 
 
@@ -72,7 +77,7 @@ def plot_image_grid(sets: dict[str, Path], ipc: int, path, quality: dict | None 
     decoded image its weight in the loss (d4m: uniform, ddoq: Voronoi mass), highest weight first; beside each set
     its quality figures (`quality`, metrics.json's set_quality) when measured."""
     plt = _pyplot()
-    order = sorted(sets, key=lambda m: (m not in REAL_SETS, m != "random", m))
+    order = sorted(sets, key=lambda m: (not is_real_set(m), m.rsplit("/", 1)[-1] != "random", m))
     indexes = {m: read_table(sets[m] / "index.parquet").to_pandas() for m in order}
     labels = sorted(set().union(*(set(ix.label) for ix in indexes.values())))
     names = {int(r.label): plot_text(str(r.class_name)) for ix in indexes.values() for r in ix.itertuples()}
@@ -98,7 +103,7 @@ def plot_image_grid(sets: dict[str, Path], ipc: int, path, quality: dict | None 
                 if j < len(cell):
                     item = cell.iloc[j]
                     ax.imshow(read_image(sets[method] / item.path), interpolation="nearest")
-                    if method not in REAL_SETS:
+                    if not is_real_set(method):
                         ax.set_xlabel(f"w={item.weight:.2f}", fontsize=8, labelpad=1)
                 if not only and row == 0 and j == 0:
                     ax.set_title(_set_label(method, ipc, quality), fontsize=7, loc="left")
