@@ -376,6 +376,16 @@ def encode_stage(config: DistillConfig, run_dir, prior: PreparedPrior) -> Encode
     return Encoded(encode_key, latents_dir, int(encoded), skipped, grey)
 
 
+# The decode settings the invert stage depends on (quantize.space=noise): they name t and condition the climb.
+INVERT_KEYS = ("decode.strength", "decode.num_steps", "decode.inversion_guidance", "decode.negative_prompt",
+               "decode.class_ids")
+
+
+def invert_identity(config: DistillConfig) -> tuple:
+    """The values of INVERT_KEYS: what makes one inversion differ from another."""
+    return tuple(getattr(config.decode, key.split(".", 1)[1]) for key in INVERT_KEYS)
+
+
 def invert_stage(config: DistillConfig, run_dir, prior: PreparedPrior, encoded: Encoded) -> Encoded:
     """quantize.space=noise: every latent DDIM-inverted to the decode strength's timestep (engine/invert.py), once
     per (latents, prior, decode schedule), into run_dir/inverted/<key>/ in the latents' layout -> the Encoded the
@@ -388,8 +398,7 @@ def invert_stage(config: DistillConfig, run_dir, prior: PreparedPrior, encoded: 
     if config.quantize.space == "latent":
         return encoded
     d = config.decode
-    invert_key = config_hash(encoded.key, d.strength, d.num_steps, d.inversion_guidance, d.negative_prompt,
-                             d.class_ids)
+    invert_key = config_hash(encoded.key, *invert_identity(config))
     inverted_dir = location(run_dir) / "inverted" / invert_key
     if store.finished_stage(run_dir, "invert", invert_key) is None:
         class_dirs = store.class_latent_dirs(encoded.latents_dir)
@@ -424,7 +433,8 @@ def quantize_stage(config: DistillConfig, run_dir, encoded: Encoded) -> Quantize
         weights = gather_centroid_weights(quantized_dir, sorted(class_dirs))
         store.atomic_write_table(run_dir / "centroids.parquet", weights)
         store.atomic_write_table(run_dir / "quantization.parquet", stats)
-        store.mark_stage_finished(run_dir, "quantize", quantize_key, take_nodes("quantize"), classes=len(class_dirs))
+        store.mark_stage_finished(run_dir, "quantize", quantize_key, take_nodes("quantize"), classes=len(class_dirs),
+                                  grey=encoded.grey)
         record_stage(run_dir, "quantize", files)
     return Quantized(quantize_key, quantized_dir, encoded.grey)
 

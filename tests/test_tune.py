@@ -68,6 +68,27 @@ def runtime(**changes):
     return dataclasses.replace(BASE, runtime=dataclasses.replace(BASE.runtime, **changes))
 
 
+def test_a_noise_space_sweep_shares_the_inversion_per_t(tmp_path):
+    """quantize.space=noise: the decode keys the inversion depends on are shared stages (grid or choice), each t
+    its own inverted and quantized folder; the guidance of the reverse process stays free per trial."""
+    with pytest.raises(ConfigError, match="params.decode.strength: stages shared"):
+        sweep.load_search_space(write_space(tmp_path, "params:\n  decode.strength: {uniform: [0.3, 0.9]}\n"
+                                            "fixed:\n  quantize.space: noise\n"), BASE)
+    space = sweep.load_search_space(write_space(tmp_path, """
+params:
+  decode.strength: {grid: [0.4, 0.6]}
+  decode.guidance_scale: {uniform: [1.0, 3.0]}
+fixed:
+  quantize.space: noise
+"""), BASE)
+    assert sweep.shared_combinations(space) == [{"decode.strength": 0.4}, {"decode.strength": 0.6}]
+    folder = lambda **p: sweep.shared_folder(sweep.trial_config(BASE, space, p, tmp_path), tmp_path)  # noqa: E731
+    assert folder(**{"decode.strength": 0.4, "decode.guidance_scale": 1.0}) == \
+        folder(**{"decode.strength": 0.4, "decode.guidance_scale": 2.5}) != folder(**{"decode.strength": 0.6})
+    latent = sweep.load_search_space(write_space(tmp_path, "params:\n  decode.strength: {grid: [0.4, 0.6]}\n"), BASE)
+    assert sweep.shared_combinations(latent) == [{}]  # in the latent space t is a decode setting like any other
+
+
 def test_concurrency_rule_never_starves_trainers():
     one_cpu = runtime(train_cpus_per_worker=1, decode_actors=1)
     # Each trial holds 0.01 CPU for its whole life: on 2 CPUs, two trials could not both start a 1-CPU trainer.

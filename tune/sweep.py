@@ -56,6 +56,7 @@ class SearchSpace:
     scheduler: str = "asha"  # "asha" or "none"
     grace_period: int = 1  # ASHA: reports a trial always gets before it can be stopped
     reduction_factor: int = 2
+    noise: bool = False  # a trial may quantize in the noise space: the inversion's keys are shared (noise_sweep)
 
 
 def load_search_space(path: str | Path, base: DistillConfig) -> SearchSpace:
@@ -71,14 +72,15 @@ def load_search_space(path: str | Path, base: DistillConfig) -> SearchSpace:
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
             raise ConfigError(f"{path}: params.{key} must be one of {{{', '.join(DISTRIBUTIONS)}: ...}}")
         kind = next(iter(spec))
-        if key.startswith(SHARED_PREFIXES) and key not in PER_TRIAL_QUANTIZE_KEYS and kind not in ("grid", "choice"):
+        if is_shared(key, noise_sweep(params, raw.get("fixed") or {})) and kind not in ("grid", "choice"):
             raise ConfigError(f"params.{key}: stages shared by trials need known values; use grid or choice")
         if key == "quantize.ipc" and kind not in ("grid", "choice"):
             raise ConfigError("params.quantize.ipc: use grid or choice (the driver quantizes every IPC once)")
     fixed = tuple(f"{k}={json.dumps(v)}" for k, v in (raw.get("fixed") or {}).items())
     asha = raw.get("asha") or {}
     space = SearchSpace(params, fixed, int(raw.get("num_samples", 1)), raw.get("scheduler", "asha"),
-                        int(asha.get("grace_period", 1)), int(asha.get("reduction_factor", 2)))
+                        int(asha.get("grace_period", 1)), int(asha.get("reduction_factor", 2)),
+                        noise_sweep(params, raw.get("fixed") or {}))
     if space.scheduler not in ("asha", "none"):
         raise ConfigError(f"{path}: scheduler must be asha or none")
     for combo in shared_combinations(space):  # every key and value must build a valid config
@@ -99,9 +101,22 @@ def tune_domain(spec: dict):
         else getattr(tune, kind)(*values)
 
 
+def noise_sweep(params: dict, fixed: dict) -> bool:
+    """Whether a trial may quantize in the noise space (its `quantize.space` drawn, or fixed to noise)."""
+    return "quantize.space" in params or fixed.get("quantize.space") == "noise"
+
+
+def is_shared(key: str, noise: bool) -> bool:
+    """A key whose stage the driver runs once per value before the trials: data, prior, encode and quantize keys
+    (but the IPC), and in a noise-space sweep the decode keys the inversion depends on (pipeline.INVERT_KEYS)."""
+    if key in PER_TRIAL_QUANTIZE_KEYS:
+        return False
+    return key.startswith(SHARED_PREFIXES) or (noise and key in pipeline.INVERT_KEYS)
+
+
 def shared_combinations(space: SearchSpace) -> list[dict]:
     """Every combination of the shared-stage keys the space can draw (IPC excluded)."""
-    keys = [k for k in space.params if k.startswith(SHARED_PREFIXES) and k not in PER_TRIAL_QUANTIZE_KEYS]
+    keys = [k for k in space.params if is_shared(k, space.noise)]
     values = [next(iter(space.params[k].values())) for k in keys]
     return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
 
@@ -126,9 +141,10 @@ def trial_config(base: DistillConfig, space: SearchSpace, params: dict, sweep_di
 
 
 def shared_folder(config: DistillConfig, sweep_dir):
-    """Where the quantized centroids for this trial's (data, prior, quantizer) live: IPC excluded."""
+    """Where the quantized centroids for this trial's (data, prior, quantizer[, inversion]) live: IPC excluded."""
     quantizer = dataclasses.replace(config.quantize, ipc=(1,))
-    return location(sweep_dir) / "shared" / f"quantize-{config_hash(config.data, config.prior, quantizer)}"
+    inversion = pipeline.invert_identity(config) if quantizer.space == "noise" else ()
+    return location(sweep_dir) / "shared" / f"quantize-{config_hash(config.data, config.prior, quantizer, *inversion)}"
 
 
 def prepare_shared_stages(base: DistillConfig, space: SearchSpace, sweep_dir) -> list:
@@ -142,6 +158,7 @@ def prepare_shared_stages(base: DistillConfig, space: SearchSpace, sweep_dir) ->
         encode_dir = location(sweep_dir) / "shared" / f"encode-{config_hash(config.data, config.prior)}"
         encoded = pipeline.encode_stage(config, encode_dir, prior)
         target = shared_folder(config, sweep_dir)
+        encoded = pipeline.invert_stage(config, target, prior, encoded)  # the latents themselves in the latent space
         pipeline.quantize_stage(config, target, encoded)
         folders.append(target)
     return folders
@@ -163,7 +180,8 @@ def run_trial(params: dict, base: DistillConfig, space: SearchSpace, sweep_dir: 
         return
     shared = shared_folder(config, sweep_dir)
     marker = json.loads(store.stage_marker(shared, "quantize").read_text())
-    quantized = pipeline.Quantized(marker["key"], shared / "quantized" / marker["key"])  # every IPC of the sweep
+    quantized = pipeline.Quantized(marker["key"], shared / "quantized" / marker["key"],  # every IPC of the sweep
+                                   marker.get("grey", False))
     prior = pipeline.prepare_prior(config)  # cached by the driver: a load, not a training
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
