@@ -23,6 +23,16 @@ def test_quantizer_benchmark_prints_the_ratio_line():
 
 
 @pytest.mark.slow
+def test_inversion_flops_are_counted_on_the_real_architectures():
+    """Meta tensors, so the real SD v1.5 and DiT-XL/2 sizes in seconds: DiT-XL/2's pass is its published 118.6
+    GMACs (237 GFLOPs), and the inversion at 35 passes costs 35 of them."""
+    lines = run("benchmarks/invert_flops.py").splitlines()
+    sd15, dit = (line.split() for line in lines[1:3])
+    assert sd15[0] == "sd15" and dit[0] == "dit"
+    assert 230 <= float(dit[2]) <= 245 and float(dit[3]) == pytest.approx(35 * float(dit[2]), rel=0.01)
+    assert float(sd15[5]) > 10  # inverting costs far more than encoding
+
+
 def test_stage_benchmark_runs():
     out = run("benchmarks/quantize_stage.py", "--classes", "3", "--n", "100", "--shape", "4", "4", "4")
     assert "speedup 1 -> 2 actors" in out
