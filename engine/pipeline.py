@@ -194,8 +194,7 @@ def decode_stage(config: DistillConfig, run_dir, prior: PreparedPrior, quantized
     latent_sets = [key for key in requested_sets(config) if key.method in ("d4m", "ddoq")]
     set_dirs = {key: set_dir(run_dir, key) for key in latent_sets}
     names, quantized_dir = prior.class_names, quantized.folder
-    decode_key = config_hash(quantized.key, decode_identity(config.decode), sorted(key[:3] for key in latent_sets),
-                             *(["grey"] if quantized.grey else []))  # colour keys hash as before
+    decode_key = config_hash(quantized.key, decode_identity(config.decode), sorted(latent_sets), quantized.grey)
     if latent_sets and store.finished_stage(run_dir, "decode", decode_key) is None:
         ipcs = sorted({key.ipc for key in latent_sets})
         labels = store.quantized_labels(quantized_dir)
@@ -239,9 +238,7 @@ def baselines_stage(config: DistillConfig, run_dir, quantized: Quantized, names:
     ipcs = tuple(config.quantize.ipc)
     quantized_dir = quantized.folder
     real_sets = [key for key in requested_sets(config) if key.method in REAL_METHODS]
-    draws = sorted({key.draw for key in real_sets})
-    # Single-draw keys hash as before, so a finished run's baselines stay finished.
-    real_key = config_hash(config.data, quantized.key, real, ipcs, *([draws] if draws != [0] else []))
+    real_key = config_hash(config.data, quantized.key, real, ipcs, sorted({key.draw for key in real_sets}))
     real_dirs = {key: set_dir(run_dir, key) for key in real_sets}
     finished = any(store.finished_stage(run_dir, marker, real_key) for marker in BASELINES_MARKERS)
     if real and not finished:
