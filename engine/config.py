@@ -214,6 +214,10 @@ class EvaluateConfig:
     teacher_epochs: int = 30
     # Epochs over the distilled set; 0 = the protocol's own (rded/fkd 300, hard 1000).
     student_epochs: int = 100
+    # A grid of student learning rates (e.g. [0.003, 0.01, 0.03]): every set, `full` included, trains each seed at
+    # each; jobs/results.py and the report show the protocol's own rate (fixed) beside, per set, the rate with the
+    # best mean validation top-1 (selected; test never chooses). Empty: the protocol's rate alone.
+    learning_rates: tuple[float, ...] = ()
     full_epochs: int = 15
     batch_size: int = 64  # the teacher's and `full`'s batch
     # The students' batch; 0 = the protocol's reference: hard 256, fkd 1024, rded 10 / 50 / 100 from IPC 1 / 10 /
@@ -351,6 +355,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
                                "must map IPCs >= 1 to strengths in (0, 1]"),
     "decode.guidance_scale": (lambda v: v >= 0.0, "must be >= 0"),
     "decode.inversion_guidance": (lambda v: v >= 0.0, "must be >= 0"),
+    "evaluate.learning_rates": (lambda v: all(r > 0 for r in v), "must be learning rates > 0"),
     "decode.num_steps": (lambda v: v >= 1, "must be >= 1"),
     "prior.class_dropout": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
     "prior.min_snr_gamma": (lambda v: v >= 0.0, "must be >= 0 (0 = uniform weighting)"),

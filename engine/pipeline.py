@@ -7,6 +7,7 @@ Each stage function returns a small record (PreparedPrior, Encoded, Quantized, S
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -77,15 +78,17 @@ class StageSets:
     set_dirs: dict  # SetKey (engine/evaluate/sets.py) -> set folder
 
 
-def job_name(key, student: str, seed: int) -> str:
-    """A student job's name (its result file's stem), e.g. ddoq-mass-ipc10-convnet3-seed0; a random draw's
-    students keep the plain `random` name (their row's `draw` says which subset)."""
-    return f"{key._replace(draw=0).name}-ipc{key.ipc}-{student}-seed{seed}"
+def job_name(key, student: str, seed: int, learning_rate: float = 0.0) -> str:
+    """A student job's name (its result file's stem), e.g. ddoq-mass-ipc10-convnet3-seed0 (-lr0.03 in a grid of
+    rates); a random draw's students keep the plain `random` name (their row's `draw` says which subset)."""
+    rate = f"-lr{learning_rate:g}" if learning_rate else ""
+    return f"{key._replace(draw=0).name}-ipc{key.ipc}-{student}-seed{seed}{rate}"
 
 
 def student_jobs(config: DistillConfig, set_dirs: dict) -> list:
     """One StudentJob (engine/ray/jobs.py) per (student architecture, set or `full`, seed); every row names all it
-    was trained under. `random`'s seeds each train on their own draw (engine/evaluate/sets.py random_draw)."""
+    was trained under. `random`'s seeds each train on their own draw (engine/evaluate/sets.py random_draw); with
+    evaluate.learning_rates, every (set, seed) at each rate."""
     from engine.evaluate.sets import SetKey, random_draw, requested_sets
     from engine.ray.jobs import StudentJob
 
@@ -95,13 +98,12 @@ def student_jobs(config: DistillConfig, set_dirs: dict) -> list:
     sets += [SetKey("full", "none", 0)] if "full" in e.methods else []
     jobs = []
     for student in e.students:
-        for key in sets:
-            for seed in e.seeds:
-                drawn = key._replace(draw=random_draw(config, seed)) if key.method == "random" else key
-                jobs.append(StudentJob(name=job_name(key, student, seed), set_name=f"{drawn.name}-ipc{key.ipc}",
-                                       method=key.method, weights=key.weights, ipc=key.ipc, draw=drawn.draw,
-                                       seed=seed, student=student, teacher=teacher, protocol=e.protocol,
-                                       set_dir=str(set_dirs.get(drawn, ""))))
+        for key, seed, rate in itertools.product(sets, e.seeds, e.learning_rates or (0.0,)):
+            drawn = key._replace(draw=random_draw(config, seed)) if key.method == "random" else key
+            jobs.append(StudentJob(name=job_name(key, student, seed, rate), set_name=f"{drawn.name}-ipc{key.ipc}",
+                                   method=key.method, weights=key.weights, ipc=key.ipc, draw=drawn.draw,
+                                   seed=seed, student=student, teacher=teacher, protocol=e.protocol,
+                                   set_dir=str(set_dirs.get(drawn, "")), learning_rate=rate))
     return jobs
 
 

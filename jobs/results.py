@@ -7,7 +7,9 @@ student) pairing.
     python jobs/results.py runs/fashion_mnist [runs/other ...] [--select last|best_val]
 
 --select picks which top-1 of each student the tables show: after its last step, or with its weights at its
-best validation report (rows since the evaluation kept both; validation alone chose the weights).
+best validation report (rows since the evaluation kept both; validation alone chose the weights). Runs with a
+grid of learning rates (evaluate.learning_rates) get two tables: every set at its protocol's rate (fixed), and at
+the rate its students scored best on validation (selected).
 
 Reads runs/<name>/results/<key>/*.json, the rows the evaluation writes (each names its method, weights, IPC,
 protocol, student, teacher and seed), so runs of the same folder under different protocols or students land in
@@ -25,7 +27,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
 from engine.io.location import location
-from engine.report.stats import compare_to_random, format_delta, format_lrs, format_mean_std, format_p
+from engine.report.stats import (compare_to_random, format_delta, format_lrs, format_mean_std, format_p,
+                                 rows_at_learning_rate)
 
 METHOD_ORDER = ["random", "herding", "kcenter", "d4m", "ddoq", "full"]
 GROUP = ["protocol", "teacher", "student"]
@@ -160,7 +163,16 @@ def main(argv=None) -> None:
                              f"kept it); leave --select out for them")
         frame = frame.assign(top1=frame[column])
     print(f"top-1 measured with each student's {args.select or 'configured (evaluate.select)'} weights\n")
-    print(tables(frame))
+    if "learning_rate" in frame and frame.learning_rate.nunique() > 1:  # a grid (evaluate.learning_rates)
+        print("## Fixed: every set at its protocol's learning rate\n")
+        print(tables(rows_at_learning_rate(frame, "protocol", ["run"] + GROUP)))
+        chosen = rows_at_learning_rate(frame, "selected", ["run"] + GROUP)
+        print("## Selected: every set at the learning rate of its best mean validation top-1\n")
+        print(tables(chosen))
+        rates = chosen.groupby(["run"] + GROUP + ["method", "weights", "ipc"]).learning_rate.first()
+        print("chosen rates: " + ", ".join(f"{m}/{w}/IPC {k}: {r:g}" for (*_, m, w, k), r in rates.items()) + "\n")
+    else:
+        print(tables(frame))
     print(cross_architecture(frame))
     if args.curves:
         print(validation_curves(frame))

@@ -117,3 +117,23 @@ def test_validation_curves_average_the_seeds_report_by_report_and_name_the_peak(
     assert "| random | – | 10 | 1 | 10.0 (10) → 20.0 (20) → 30.0 (30) | report 3 of 3 |" in text
     assert "| random | – | 1 |" not in text  # no curve, no row
     assert text.index("| random |") < text.index("| ddoq |")
+
+
+def test_a_learning_rate_grid_prints_the_fixed_and_the_selected_tables(tmp_path, capsys):
+    import results
+
+    folder = tmp_path / "run" / "results" / "k1"
+    folder.mkdir(parents=True)
+    base = {"protocol": "hard", "teacher": "none", "student": "convnet3", "teacher_top1": None, "epochs": 300,
+            "ipc": 10}
+    rows = [dict(base, method=m, weights=w, seed=s, learning_rate=r, val_top1=v, top1=t)
+            for m, w in (("random", "none"), ("ddoq", "mass")) for s in (0, 1)
+            for r, v, t in ((0.01, 0.6, 0.61), (0.03, 0.7 if m == "ddoq" else 0.5, 0.75))]
+    for i, row in enumerate(rows):
+        (folder / f"{i}.json").write_text(json.dumps(row))
+    results.main([str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    fixed, selected = out.split("## Selected")
+    assert "## Fixed" in fixed and "| ddoq | mass | 10 | 61.0 ± 0.0 (2) | +0.0 |" in fixed
+    assert "| ddoq | mass | 10 | 75.0 ± 0.0 (2) | +14.0 |" in selected  # ddoq at 0.03, random at 0.01
+    assert "ddoq/mass/IPC 10: 0.03" in selected and "random/none/IPC 10: 0.01" in selected

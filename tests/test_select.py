@@ -104,3 +104,19 @@ def test_random_is_drawn_anew_for_every_seed(tmp_path):
     assert {jobs["herding", s].set_dir for s in (4, 5, 6, 7)} == {str(dirs[SetKey("herding", "none", 1)])}
     one = load_config(None, ["evaluate.methods=[random]", "quantize.random_draws=1", "evaluate.seeds=[0,1,2]"])
     assert [k.draw for k in requested_sets(one)] == [0] * len(one.quantize.ipc)
+
+
+def test_a_grid_of_learning_rates_trains_every_set_and_seed_at_each(tmp_path):
+    from engine.config import load_config
+    from engine.evaluate.sets import requested_sets, set_dir
+    from engine.pipeline import student_jobs
+
+    config = load_config(None, [f"runs_dir={tmp_path}", "evaluate.methods=[ddoq,full]", "evaluate.ddoq_weights=[mass]",
+                                "quantize.ipc=[1]", "evaluate.seeds=[0,1]", "evaluate.protocol=hard",
+                                "evaluate.learning_rates=[0.003,0.03]"])
+    jobs = student_jobs(config, {key: set_dir(config.run_dir, key) for key in requested_sets(config)})
+    assert len(jobs) == 2 * 2 * 2 and len({j.name for j in jobs}) == 8  # (ddoq, full) x seeds x rates
+    assert {j.identity()["learning_rate"] for j in jobs} == {0.003, 0.03}
+    assert "ddoq-mass-ipc1-convnet3-seed1-lr0.03" in {j.name for j in jobs}
+    plain = student_jobs(load_config(None, ["evaluate.protocol=hard", "evaluate.methods=[full]"]), {})
+    assert plain[0].name.endswith("-seed0") and plain[0].identity()["learning_rate"] == 0.01  # the protocol's

@@ -121,3 +121,28 @@ def test_report_table_shows_difference_p_and_lrs():
     assert "student" in two and len(two) == 6
     no_random = results_table(frame[frame.method != "random"]).set_index("method")
     assert (no_random.loc["ddoq", ["Δ random (points)", "p (Welch)", "LRS"]] == "–").all()
+
+
+def test_a_grid_of_learning_rates_is_chosen_on_validation_never_on_test():
+    """Per set, the rate with the best mean val_top1 wins even where another rate scores higher on test; the fixed
+    view keeps the protocol's own rate (hard: 0.01); summaries compare at the selected rate."""
+    import pandas as pd
+
+    from engine.report.stats import compare_to_random, rows_at_learning_rate
+
+    rows = []
+    for method, rates in (("random", {0.01: (0.70, 0.60), 0.1: (0.60, 0.65)}),
+                          ("ddoq", {0.01: (0.72, 0.75), 0.1: (0.80, 0.70)})):
+        for rate, (val, test) in rates.items():
+            for seed in (0, 1):
+                rows.append({"protocol": "hard", "teacher": "none", "student": "convnet3", "method": method,
+                             "weights": "mass" if method == "ddoq" else "none", "ipc": 10, "seed": seed,
+                             "learning_rate": rate, "val_top1": val + 0.001 * seed, "top1": test + 0.001 * seed})
+    frame = pd.DataFrame(rows)
+    chosen = rows_at_learning_rate(frame, "selected")
+    assert dict(chosen.groupby("method").learning_rate.first()) == {"ddoq": 0.1, "random": 0.01}
+    fixed = rows_at_learning_rate(frame, "protocol")
+    assert set(fixed.learning_rate) == {0.01} and len(fixed) == 4
+    summary = compare_to_random(frame).set_index("method")
+    assert summary.loc["ddoq", "mean"] == pytest.approx(70.05) and summary.loc["random", "mean"] == pytest.approx(60.05)
+    assert rows_at_learning_rate(frame.drop(columns="learning_rate"), "selected").equals(frame.drop(columns="learning_rate"))

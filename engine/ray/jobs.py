@@ -26,11 +26,19 @@ class StudentJob:
     protocol: str
     set_dir: str  # the distilled set's folder; "" for `full`, which streams the train split
     draw: int = 0  # which random subset `random` trains on (engine/evaluate/sets.py); 0 for every other set
+    learning_rate: float = 0.0  # 0: the protocol's; else a rate of evaluate.learning_rates
+
+    def protocol_rate(self) -> float:
+        """The learning rate this job trains at."""
+        from engine.evaluate.protocols import get_protocol
+
+        return self.learning_rate or get_protocol(self.protocol).learning_rate
 
     def identity(self) -> dict:
         """The fields a result row carries, in the row's order."""
         return {"method": self.method, "weights": self.weights, "ipc": self.ipc, "protocol": self.protocol,
-                "student": self.student, "teacher": self.teacher, "seed": self.seed, "draw": self.draw}
+                "student": self.student, "teacher": self.teacher, "seed": self.seed, "draw": self.draw,
+                "learning_rate": self.protocol_rate()}
 
 
 def job_cost(config: DistillConfig, job: StudentJob, train_rows: int) -> int:

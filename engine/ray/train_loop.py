@@ -336,9 +336,10 @@ class StudentTrainer:
                           student_norm(e, size, self.data_norm))
         # fkd's stored logits are the teacher's on each planned batch; a stream has no plan to store, so `full`
         # takes the same targets online (rded's way), the same numbers without a split's worth of logits.
-        online = dataclasses.replace(self.protocol, stored_labels=False)
+        protocol = self._protocol_of(job)
+        online = dataclasses.replace(protocol, stored_labels=False)
         student = fit_stream(model, Stream(stream_epochs(job.seed, local), rows, e.full_epochs),
-                             Recipe(self.protocol, e, job.seed, self.data_norm), student_loss(online, self.teacher, e),
+                             Recipe(protocol, e, job.seed, self.data_norm), student_loss(online, self.teacher, e),
                              self.worker,
                              reporting)
         return student, self.loop.train_rows, e.full_epochs
@@ -346,7 +347,7 @@ class StudentTrainer:
     def _train_on_set(self, job: StudentJob, reporting) -> tuple:
         """A distilled set, read once per run of its jobs -> (student, images, epochs)."""
         from engine.evaluate.protocols import student_batch_size
-        from engine.evaluate.train import Targets, TrainSet, student_epochs, student_recipe, train_student
+        from engine.evaluate.train import Recipe, Targets, TrainSet, student_epochs, train_student
         from engine.io.store import read_distilled_set
 
         if self._loaded is None or self._loaded[0] != job.set_dir:
@@ -356,8 +357,13 @@ class StudentTrainer:
         at_ipc = dataclasses.replace(self.evaluate, batch_size=batch)
         soft_labels = self._soft_labels(job, data, epochs, at_ipc) if self.protocol.stored_labels else None
         student = train_student(data, Targets(self.teacher, soft_labels), self.loop.num_classes, job.student, epochs,
-                                student_recipe(at_ipc, job.seed, self.data_norm), self.worker, reporting)
+                                Recipe(self._protocol_of(job), at_ipc, job.seed, self.data_norm), self.worker,
+                                reporting)
         return student, len(data.labels), epochs
+
+    def _protocol_of(self, job: StudentJob):
+        """The protocol at the job's learning rate (evaluate.learning_rates; the protocol's own otherwise)."""
+        return dataclasses.replace(self.protocol, learning_rate=job.protocol_rate())
 
     def _soft_labels(self, job: StudentJob, data, epochs: int, evaluate):
         """FKD labels of one (set, seed): generated once by rank 0, stored in chunks, replayed by every student."""

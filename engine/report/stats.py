@@ -63,12 +63,37 @@ def label_robust_score(syn: float | None, random: float | None, full: float | No
     return (math.exp(alpha) - math.exp(-1.0)) / (math.e - math.exp(-1.0))
 
 
+def rows_at_learning_rate(results: pd.DataFrame, choice: str, context: Sequence[str] = CONTEXT) -> pd.DataFrame:
+    """Sets trained at a grid of learning rates (evaluate.learning_rates) have rows at each: `choice` "protocol"
+    keeps the rows at their protocol's own rate (the fixed protocol; none for a set whose grid lacks it),
+    "selected" those at the rate with the highest mean validation top-1 (`val_top1`) per (context, method,
+    weights, ipc): chosen on validation, never on test. Rows without rates come back as they are."""
+    from engine.evaluate.protocols import get_protocol
+
+    if "learning_rate" not in results.columns or results.empty:
+        return results
+    if choice == "protocol":
+        own = results.protocol.map(lambda name: get_protocol(name).learning_rate)
+        return results[np.isclose(results.learning_rate, own)]
+    if choice != "selected":
+        raise ValueError(f"learning-rate choice {choice!r} is not protocol or selected")
+    keys = [c for c in context if c in results.columns] + ["method", "weights", "ipc"]
+    means = results.groupby(keys + ["learning_rate"], dropna=False).val_top1.mean().reset_index()
+    best = means.loc[means.groupby(keys, dropna=False).val_top1.idxmax(), keys + ["learning_rate"]]
+    return results.merge(best, on=keys + ["learning_rate"])
+
+
 def compare_to_random(results: pd.DataFrame, context: Sequence[str] = CONTEXT) -> pd.DataFrame:
     """One row per (context..., method, weights, ipc) of result rows {method, weights, ipc, top1 (0..1), ...}, in
     the order they first appear: `seeds`, `mean` and `std` (top-1 points, population std; NaN with one seed),
     `delta` (mean minus random's, points), `p` (Welch, set vs random), `lrs`. Context columns the rows lack are
     ignored; rows are only compared with `random` and `full` of the same context. `random` itself gets no delta or
-    p (it is the reference) but its LRS; `full` (no IPC) gets neither."""
+    p (it is the reference) but its LRS; `full` (no IPC) gets neither. Sets with rows at several learning rates
+    are compared at their validation-selected rate (`rows_at_learning_rate`)."""
+    if "learning_rate" in results.columns and results.groupby(
+            [c for c in context if c in results.columns] + ["method", "weights", "ipc"],
+            dropna=False).learning_rate.nunique().max() > 1:
+        results = rows_at_learning_rate(results, "selected", context)
     keys = [c for c in context if c in results.columns]
     columns = keys + ["method", "weights", "ipc", "seeds", "mean", "std", "delta", "p", "lrs"]
     if results.empty:
