@@ -36,9 +36,6 @@ class DataConfig:
     # <key>.<jpg|png|...> + <key>.cls. Split "test" reads val (else validation, else test) of the latter two.
     source: Literal["digits", "parquet", "imagefolder", "webdataset"] = "digits"
     path: str = ""
-    # The colour of the distilled images: "auto" writes decoded images grey when every encoded image was grey
-    # (R = G = B: the VAE's decoder still adds colour noise such sources never have), "grey" and "rgb" force it.
-    color_mode: Literal["auto", "grey", "rgb"] = "auto"
     name: str = "digits"
     image_size: int = 16
     # digits only: held-out fraction of a seeded stratified split (file sources bring their own test split).
@@ -161,6 +158,9 @@ class DecodeConfig:
     # quantize.space=noise: the guidance of the DDIM inversion (1 = the class-conditional model alone, the most
     # faithful round trip); decoding from the states uses guidance_scale.
     inversion_guidance: float = 1.0
+    # The colour of the decoded images: "auto" writes them grey when every encoded image was grey (R = G = B: the
+    # VAE's decoder still adds colour noise such sources never have), "grey" and "rgb" force it.
+    color_mode: Literal["auto", "grey", "rgb"] = "auto"
     batch_size: int = 64
     seed: int = 0
     # sd15: the text classifier-free guidance pushes away from (D4M: "cartoon, anime, painting"); "" = unconditional.
@@ -202,6 +202,10 @@ class EvaluateConfig:
     # rded and fkd. A teacher the engine trains reads imagenet at data.image_size >= 64 and symmetric below,
     # unless this says imagenet or symmetric.
     input_norm: Literal["auto", "imagenet", "symmetric", "dataset"] = "auto"
+    # Input channels of the students and of a teacher the engine trains: 1 reads a grey source as DC/DSA do (the
+    # first of the three equal channels), 3 reads RGB; 0 = 1 when every encoded image was grey, else 3. A given
+    # teacher_path is read with 3.
+    channels: int = 0
     # The per-channel mean/std (of pixels in [0, 1]) a given teacher_path was trained with; empty = the timm
     # architecture's pretrained_cfg (its weights' own normalization) at >= 64 px, else input_norm.
     teacher_mean: tuple[float, ...] = ()
@@ -356,6 +360,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "decode.guidance_scale": (lambda v: v >= 0.0, "must be >= 0"),
     "decode.inversion_guidance": (lambda v: v >= 0.0, "must be >= 0"),
     "evaluate.learning_rates": (lambda v: all(r > 0 for r in v), "must be learning rates > 0"),
+    "evaluate.channels": (lambda v: v in (0, 1, 3), "must be 0 (auto), 1 or 3"),
     "decode.num_steps": (lambda v: v >= 1, "must be >= 1"),
     "prior.class_dropout": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
     "prior.min_snr_gamma": (lambda v: v >= 0.0, "must be >= 0 (0 = uniform weighting)"),

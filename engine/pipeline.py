@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.config import DistillConfig, config_hash
-from engine.evaluate.protocols import get_protocol
+from engine.evaluate.protocols import get_protocol, teacher_channels
 from engine.io import store
 from engine.io.location import ObjectPath, is_shared_place, location, publish_folder
 from engine.io.manifest import record_stage
@@ -60,7 +60,7 @@ class Encoded:
     latents_dir: Path | ObjectPath  # run_dir/latents, one folder per class
     images: int  # rows encoded
     skipped: dict[str, int]  # rows left out, per reason
-    grey: bool = False  # every encoded image was grey (or data.color_mode=grey): decoded images are written grey
+    grey: bool = False  # every encoded image was grey (or decode.color_mode=grey): decoded images are written grey
 
 
 @dataclass(frozen=True)
@@ -155,9 +155,20 @@ def teacher_cache_path(config: DistillConfig) -> Path | ObjectPath:
             raise FileNotFoundError(f"evaluate.teacher_path {e.teacher_path} is not a file")
         return location(e.teacher_path)
     # The input scale it is trained at is part of what it is (a cached teacher read at another scale is wrong).
-    key = config_hash(config.data, e.teacher, e.width, e.teacher_epochs, e.batch_size, e.flip, e.input_norm)
+    key = config_hash(config.data, e.teacher, e.width, e.teacher_epochs, e.batch_size, e.flip, e.input_norm,
+                      teacher_channels(e))
     name = f"{config.data.name}-{e.teacher}-seed0-{key}.safetensors"
     return (shared_cache(config) or config.cache_path) / "teachers" / name
+
+
+def resolve_channels(config: DistillConfig, grey: bool) -> DistillConfig:
+    """evaluate.channels=0 made 1 for a grey source (every encoded image grey), 3 otherwise: what the evaluation,
+    its result key and its teacher's cache key read."""
+    import dataclasses
+
+    if config.evaluate.channels:
+        return config
+    return dataclasses.replace(config, evaluate=dataclasses.replace(config.evaluate, channels=1 if grey else 3))
 
 
 def needs_teacher(config: DistillConfig) -> bool:
@@ -368,10 +379,11 @@ def encode_stage(config: DistillConfig, run_dir, prior: PreparedPrior) -> Encode
         encoded, skipped = marker["images"], marker.get("skipped", {})
         colour = marker.get("colour_images", encoded)  # latents encoded before colour was counted: as colour
         log(f"encode: reusing {encoded} latents from an earlier run")
-    mode = config.data.color_mode
+    mode = config.decode.color_mode
     grey = mode == "grey" or (mode == "auto" and colour == 0)
     if grey and mode == "auto":
-        log("encode: every image is grey, so the decoded images are written grey (data.color_mode=rgb keeps colour)")
+        log("encode: every image is grey, so the decoded images are written grey (decode.color_mode=rgb keeps "
+            "colour)")
     return Encoded(encode_key, latents_dir, int(encoded), skipped, grey)
 
 
@@ -479,6 +491,7 @@ def run(config: DistillConfig, until: str = "evaluate", overwrite: bool = False)
     init_ray(config.runtime)
     with timed(timings, "encode"):
         encoded = encode_stage(config, run_dir, prior)
+    config = resolve_channels(config, encoded.grey)
     if config.quantize.space == "noise":
         with timed(timings, "invert"):
             encoded = invert_stage(config, run_dir, prior, encoded)

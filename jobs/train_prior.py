@@ -95,10 +95,13 @@ def generate_samples(prior, decode, per_class: int, batch: int = 500) -> tuple[n
 def sample_quality(config, prior, val, per_class: int) -> dict:
     """quality.json's `samples` and `real` figures (see the module), with the evaluation's teacher."""
     from engine import pipeline
+    from engine.data.images import has_colour
     from engine.data.sources import class_names
     from engine.evaluate.quality import set_quality, teacher_outputs
     from engine.evaluate.train import load_teacher
 
+    # evaluate.channels=auto as a run decides it, from the validation sample here (a run counts every image)
+    config = pipeline.resolve_channels(config, not has_colour(val.images).any())
     teacher_path = pipeline.teacher_cache_path(config)
     if not teacher_path.exists():
         log(f"no teacher at {teacher_path}: training it through Ray Train, as jobs/distill.py would")

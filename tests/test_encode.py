@@ -80,8 +80,8 @@ def test_an_encode_batch_at_the_limit_is_split_and_gives_the_same_latents(tiny_p
 
 
 def test_colour_is_any_difference_between_channels():
-    """What decides a grey source (data.color_mode=auto): an image is in colour when any pixel's channels differ."""
-    from engine.ray.encode import has_colour
+    """What decides a grey source (decode.color_mode=auto): an image is in colour when any pixel's channels differ."""
+    from engine.data.images import has_colour
 
     grey = np.repeat(np.arange(16, dtype=np.uint8).reshape(1, 4, 4, 1), 3, axis=3)
     one_pixel = grey.copy()

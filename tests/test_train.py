@@ -273,3 +273,49 @@ def test_a_pass_whose_smallest_batch_cannot_feed_every_worker_is_refused():
     with pytest.raises(ValueError, match="a batch of 14 .* over 15 workers"):
         fit(create_student("convnet3", 10, 16, 8), data, 1, Recipe(get_protocol("hard"), config, seed=0),
             loss_fn=lambda *a: None, worker=Worker(0, 15))
+
+
+@pytest.mark.parametrize("name", ["convnet3", "resnet18"])
+def test_one_channel_networks_read_the_first_of_a_grey_batchs_channels(name):
+    """evaluate.channels=1: the network's first convolution takes one channel, and the input hook hands it the
+    first channel of the (B, 3, H, W) batches every caller feeds; on grey images that is the picture itself."""
+    from engine.evaluate.protocols import attach_input_norm, dataset_norm, for_channels
+
+    grey = np.repeat(np.random.default_rng(0).integers(0, 256, (4, 28, 28, 1), dtype=np.uint8), 3, axis=3)
+    norm = for_channels(dataset_norm(grey), 1)
+    assert len(norm.mean) == 1 and norm.mean[0] == pytest.approx(grey.mean() / 255)
+    torch.manual_seed(0)
+    model = attach_input_norm(create_student(name, 10, 28, width=8, channels=1), norm).eval()
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first.in_channels == 1
+    batch = torch.from_numpy(grey).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch), model(batch[:, :1]))  # the hook keeps the first channel
+
+
+def test_a_one_channel_student_learns_grey_digits():
+    from engine.evaluate.train import student_recipe
+
+    train, test = load_split(DataConfig(), "train"), load_split(DataConfig(), "test")
+    chosen = select_random(train.labels, 10, seed=0)
+    small = TrainSet(train.images[chosen], train.labels[chosen], np.ones(len(chosen)))
+    config = EvaluateConfig(width=16, protocol="hard", channels=1, student_batch_size=32, input_norm="symmetric")
+    student = train_student(small, Targets(), 10, "convnet3", 40, student_recipe(config, seed=0))
+    assert student.features[0].in_channels == 1 and evaluate_top1(student, test.images, test.labels) > 0.5
+
+
+def test_channels_auto_follow_the_source_and_a_given_teacher_stays_rgb():
+    from engine.config import load_config
+    from engine.evaluate.protocols import network_channels, teacher_channels
+    from engine.pipeline import resolve_channels
+
+    config = load_config(None, [])
+    assert resolve_channels(config, grey=True).evaluate.channels == 1
+    assert resolve_channels(config, grey=False).evaluate.channels == 3
+    forced = load_config(None, ["evaluate.channels=3"])
+    assert resolve_channels(forced, grey=True).evaluate.channels == 3
+    grey = resolve_channels(config, grey=True).evaluate
+    assert network_channels(grey) == teacher_channels(grey) == 1
+    import dataclasses
+
+    assert teacher_channels(dataclasses.replace(grey, teacher_path="/some/teacher.safetensors")) == 3

@@ -183,6 +183,7 @@ def run_trial(params: dict, base: DistillConfig, space: SearchSpace, sweep_dir: 
     quantized = pipeline.Quantized(marker["key"], shared / "quantized" / marker["key"],  # every IPC of the sweep
                                    marker.get("grey", False))
     prior = pipeline.prepare_prior(config)  # cached by the driver: a load, not a training
+    config = pipeline.resolve_channels(config, quantized.grey)
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")

@@ -343,3 +343,9 @@ def load_split(config: DataConfig, split: str) -> ImageSet:
     if config.source == "digits":
         return load_digits_split(config, split)
     return load_file_split(config, split)
+
+
+def has_colour(images) -> np.ndarray:
+    """(B,) bool: which uint8 images (B, H, W, 3) differ between their channels anywhere (none: a grey source)."""
+    images = np.asarray(images)
+    return ((images[..., 0] != images[..., 1]) | (images[..., 1] != images[..., 2])).reshape(len(images), -1).any(1)

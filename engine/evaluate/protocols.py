@@ -174,10 +174,11 @@ def standardize(images: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class InputNorm:
-    """A network's input scale: (pixel / 255 - mean) / std per channel."""
+    """A network's input scale: (pixel / 255 - mean) / std per channel, for the channels it reads (3, or 1: the
+    first of a grey source's three equal channels)."""
 
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
 
 SYMMETRIC = InputNorm((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # x / 127.5 - 1: what `standardize` already gives
@@ -188,8 +189,26 @@ def network_norm(config: EvaluateConfig, image_size: int) -> InputNorm:
     """The input scale of a teacher this engine trains: evaluate.input_norm; "auto" (and "dataset", which needs
     the data) keep the small sets' scale below SMALL_IMAGE px, where the stems are made CIFAR-style too."""
     if config.input_norm == "imagenet" or (config.input_norm != "symmetric" and image_size >= SMALL_IMAGE):
-        return IMAGENET
-    return SYMMETRIC
+        return for_channels(IMAGENET, network_channels(config))
+    return for_channels(SYMMETRIC, network_channels(config))
+
+
+def network_channels(config: EvaluateConfig) -> int:
+    """Input channels of the students and of a teacher this engine trains (evaluate.channels; 0, unresolved, = 3)."""
+    return 1 if config.channels == 1 else 3
+
+
+def teacher_channels(config: EvaluateConfig) -> int:
+    """A given teacher_path is someone's RGB network; a teacher this engine trains reads what the students read."""
+    return 3 if config.teacher_path else network_channels(config)
+
+
+def for_channels(norm: InputNorm, channels: int) -> InputNorm:
+    """`norm` for a network reading `channels` channels: one channel takes the mean of the three (a grey source's
+    channels are equal, so its mean/std are too)."""
+    if channels == len(norm.mean):
+        return norm
+    return InputNorm((float(np.mean(norm.mean)),), (float(np.mean(norm.std)),))
 
 
 def student_norm(config: EvaluateConfig, image_size: int, data_norm: InputNorm | None = None) -> InputNorm:
@@ -202,8 +221,8 @@ def student_norm(config: EvaluateConfig, image_size: int, data_norm: InputNorm |
     if choice == "dataset":
         if data_norm is None:
             raise ValueError("evaluate.input_norm=dataset (hard's default) needs the data's mean/std (data_norm)")
-        return data_norm
-    return IMAGENET if choice == "imagenet" else SYMMETRIC
+        return for_channels(data_norm, network_channels(config))
+    return for_channels(IMAGENET if choice == "imagenet" else SYMMETRIC, network_channels(config))
 
 
 def dataset_norm(images: np.ndarray) -> InputNorm:
@@ -226,7 +245,7 @@ def teacher_norm(config: EvaluateConfig, image_size: int, model: nn.Module | Non
     architecture, built on the meta device: no memory, no weights); else the students' (a teacher this engine
     trained, or a convnet3)."""
     if config.teacher_mean:
-        return InputNorm(tuple(config.teacher_mean), tuple(config.teacher_std))
+        return for_channels(InputNorm(tuple(config.teacher_mean), tuple(config.teacher_std)), teacher_channels(config))
     if config.teacher_path and image_size >= SMALL_IMAGE:
         if model is None:
             with torch.device("meta"):
@@ -234,7 +253,7 @@ def teacher_norm(config: EvaluateConfig, image_size: int, model: nn.Module | Non
         pretrained = pretrained_norm(model)
         if pretrained is not None:
             return pretrained
-    return network_norm(config, image_size)
+    return for_channels(network_norm(config, image_size), teacher_channels(config))
 
 
 class InputRescale(nn.Module):
@@ -258,14 +277,17 @@ class InputRescale(nn.Module):
 
 
 def _rescale_input(model: nn.Module, args: tuple) -> tuple:
-    return (model.input_rescale(args[0]), *args[1:])
+    x, channels = args[0], model.input_rescale.scale.shape[1]
+    if x.shape[1] > channels:  # a one-channel network on a grey source's batch: its channels are equal
+        x = x[:, :channels]
+    return (model.input_rescale(x), *args[1:])
 
 
 def attach_input_norm(model: nn.Module, norm: InputNorm) -> nn.Module:
     """`model` reading [-1, 1] batches at its own scale `norm`: a forward pre-hook rescales its input, so every
     caller (training, the online teacher, held-out top-1, set quality) feeds it the same standardized batch, and
     DDP, checkpoints and saved teachers see the bare architecture. SYMMETRIC adds nothing (the small sets'
-    networks are bit for bit as before)."""
+    networks are bit for bit as before); a one-channel `norm` also keeps the batch's first channel."""
     if hasattr(model, "input_rescale"):
         raise ValueError(f"{type(model).__name__} already has an input scale ({model.input_rescale.norm})")
     if norm == SYMMETRIC:

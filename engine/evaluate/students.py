@@ -36,9 +36,9 @@ class ConvNet(nn.Module):
         return self.classifier(self.features(x).flatten(1))
 
 
-def _small_image_stem(model: nn.Module, name: str) -> nn.Module:
+def _small_image_stem(model: nn.Module, name: str, channels: int) -> nn.Module:
     if hasattr(model, "conv1") and hasattr(model, "maxpool"):  # timm ResNet family
-        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, stride=1, padding=1, bias=False)
+        model.conv1 = nn.Conv2d(channels, model.conv1.out_channels, 3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
     elif hasattr(model, "conv_stem"):  # MobileNet / EfficientNet family
         model.conv_stem.stride = (1, 1)
@@ -48,10 +48,11 @@ def _small_image_stem(model: nn.Module, name: str) -> nn.Module:
     return model
 
 
-def create_student(name: str, num_classes: int, image_size: int, width: int = 128) -> nn.Module:
-    """`convnet3` (width = channels) or a timm architecture name (randomly initialised; `width` unused)."""
+def create_student(name: str, num_classes: int, image_size: int, width: int = 128, channels: int = 3) -> nn.Module:
+    """`convnet3` (`width` = its feature channels) or a timm architecture name (randomly initialised; `width`
+    unused), reading `channels` input channels."""
     if name == "convnet3":
-        return ConvNet(num_classes, image_size, width=width, depth=3)
+        return ConvNet(num_classes, image_size, width=width, depth=3, channels=channels)
     import timm
 
     if not timm.is_model(name):
@@ -60,5 +61,5 @@ def create_student(name: str, num_classes: int, image_size: int, width: int = 12
     if "swin" in name and image_size < 224:
         # Patch 4 -> (image_size / 4)^2 tokens; the window must divide that side at every stage.
         kwargs = {"img_size": image_size, "window_size": max(1, image_size // 32)}
-    model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
-    return _small_image_stem(model, name) if image_size < SMALL_IMAGE else model
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=channels, **kwargs)
+    return _small_image_stem(model, name, channels) if image_size < SMALL_IMAGE else model

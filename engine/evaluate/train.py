@@ -30,8 +30,8 @@ from torch import nn
 from engine.config import EvaluateConfig
 from engine.evaluate.protocols import (EpochOrder, InputNorm, Protocol, apply_plan, attach_input_norm, dataset_norm,
                                        get_protocol, input_norm_of, make_optimizer, network_norm, plan_batch,
-                                       standardize, steps_per_pass, student_norm, teacher_norm, weighted_ce_loss,
-                                       weighted_kd_loss)
+                                       standardize, steps_per_pass, student_norm, teacher_channels, teacher_norm,
+                                       weighted_ce_loss, weighted_kd_loss)
 from engine.evaluate.students import create_student
 from engine.io.store import atomic_write_bytes
 
@@ -88,7 +88,8 @@ def new_model(arch: str, num_classes: int, image_size: int, width: int, worker: 
     """A network for this worker reading [-1, 1] batches at its input scale `norm` (None: the default
     evaluate.input_norm's at this size): on its device (channels_last on CUDA), wrapped (DDP under Ray Train)."""
     norm = norm or network_norm(EvaluateConfig(), image_size)
-    model = attach_input_norm(create_student(arch, num_classes, image_size, width), norm).to(worker.device)
+    model = create_student(arch, num_classes, image_size, width, channels=len(norm.mean))
+    model = attach_input_norm(model, norm).to(worker.device)
     if torch.device(worker.device).type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     return worker.wrap_model(model)
@@ -357,9 +358,10 @@ def load_teacher(path_or_bytes: str | Path | bytes, architecture: str, num_class
         blob = path_or_bytes.read_bytes()
     else:
         blob = Path(path_or_bytes).read_bytes()
-    teacher = create_student(architecture, num_classes, image_size, width)
+    config = config or EvaluateConfig()
+    teacher = create_student(architecture, num_classes, image_size, width, channels=teacher_channels(config))
     teacher.load_state_dict(load(blob))
-    attach_input_norm(teacher, teacher_norm(config or EvaluateConfig(), image_size, teacher))
+    attach_input_norm(teacher, teacher_norm(config, image_size, teacher))
     return teacher.to(device).eval().requires_grad_(False)
 
 

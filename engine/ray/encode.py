@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 
 import ray
 import ray.data
 from engine.config import DistillConfig
-from engine.data.images import check_skipped
+from engine.data.images import check_skipped, has_colour
 from engine.data.sources import class_names as data_class_names
 from engine.faults import crash_once_if_requested
 from engine.io.location import ObjectPath, location, remove_tree
@@ -60,12 +59,6 @@ def write_class_group(group: pa.Table, out_dir: str) -> pa.Table:
     colour = int(pc.sum(group.column("colour")).as_py() or 0)
     return pa.Table.from_pylist([{**write_class_latents(out_dir, label, group), "nodes": nodes,
                                   "colour_rows": colour}])
-
-
-def has_colour(images) -> np.ndarray:
-    """(B,) bool: which uint8 images (B, H, W, 3) differ between their channels anywhere."""
-    images = np.asarray(images)
-    return ((images[..., 0] != images[..., 1]) | (images[..., 1] != images[..., 2])).reshape(len(images), -1).any(1)
 
 
 @dataclass(frozen=True)
