@@ -59,9 +59,11 @@ def ddim_move(x: torch.Tensor, eps: torch.Tensor, a_from: float, a_to: float) ->
     return math.sqrt(a_to) * x0 + math.sqrt(1 - a_to) * eps
 
 
-def _device_tensor(prior, values) -> torch.Tensor:
+def _device_tensor(prior, values) -> tuple[torch.Tensor, torch.dtype]:
+    """The states in float32 on the denoiser's device, and the denoiser's dtype: the DDIM updates accumulate over
+    every step, so they stay in float32 even where the network runs in bfloat16."""
     parameter = next(prior.denoiser.parameters())
-    return torch.as_tensor(np.asarray(values), dtype=parameter.dtype, device=parameter.device)
+    return torch.as_tensor(np.asarray(values), dtype=torch.float32, device=parameter.device), parameter.dtype
 
 
 @torch.no_grad()
@@ -70,11 +72,11 @@ def invert_latents(prior, latents: np.ndarray, labels: np.ndarray, config) -> np
     DecodeConfig whose strength and num_steps name t, and whose inversion_guidance guides the climb."""
     scheduler = prior.scheduler
     alphas = scheduler.alphas_cumprod
-    x = _device_tensor(prior, latents)
+    x, dtype = _device_tensor(prior, latents)
     condition = prior.condition(np.asarray(labels), config)
     a_from = clean_alpha(scheduler)
     for t in reversed(noise_timesteps(scheduler, config.num_steps, config.strength)):
-        eps = prior.guided_eps(x, t, condition, config.inversion_guidance, config)
+        eps = prior.guided_eps(x.to(dtype), t, condition, config.inversion_guidance, config).float()
         a_to = float(alphas[t])
         x = ddim_move(x, eps, a_from, a_to)
         a_from = a_to
@@ -87,10 +89,10 @@ def sample_from_states(prior, states: np.ndarray, labels: np.ndarray, config) ->
     scheduler = prior.scheduler
     alphas = scheduler.alphas_cumprod
     timesteps = noise_timesteps(scheduler, config.num_steps, config.strength)
-    x = _device_tensor(prior, states)
+    x, dtype = _device_tensor(prior, states)
     condition = prior.condition(np.asarray(labels), config)
     for i, t in enumerate(timesteps):
-        eps = prior.guided_eps(x, t, condition, config.guidance_scale, config)
+        eps = prior.guided_eps(x.to(dtype), t, condition, config.guidance_scale, config).float()
         a_to = float(alphas[timesteps[i + 1]]) if i + 1 < len(timesteps) else clean_alpha(scheduler)
         x = ddim_move(x, eps, float(alphas[t]), a_to)
     return x
@@ -119,5 +121,6 @@ def states_to_images(prior, states: np.ndarray, labels: np.ndarray, config, size
 
     check_decode_inputs(states, labels, config.strength, len(prior.class_names))
     x = sample_from_states(prior, states, labels, config)
-    pixels = prior.vae.decode(x / prior.vae.config.scaling_factor).sample  # (N, 3, H, W) in [-1, 1]
+    vae_dtype = next(prior.vae.parameters()).dtype
+    pixels = prior.vae.decode((x / prior.vae.config.scaling_factor).to(vae_dtype)).sample  # (N, 3, H, W), [-1, 1]
     return pixels_to_images(pixels, None if size == prior.image_size else size)

@@ -33,6 +33,7 @@ def test_inversion_flops_are_counted_on_the_real_architectures():
     assert float(sd15[5]) > 10  # inverting costs far more than encoding
 
 
+@pytest.mark.ray  # it starts a Ray instance of its own
 def test_stage_benchmark_runs():
     out = run("benchmarks/quantize_stage.py", "--classes", "3", "--n", "100", "--shape", "4", "4", "4")
     assert "speedup 1 -> 2 actors" in out
