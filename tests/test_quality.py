@@ -78,3 +78,20 @@ def test_a_validation_split_of_one_image_gives_no_distances_instead_of_failing()
     rng = np.random.default_rng(0)
     quality = quality_of_features(rng.normal(size=(6, 4)), np.zeros(6, int), np.zeros(6, int), rng.normal(size=(1, 4)))
     assert quality["frechet_distance"] is None and quality["precision"] is None and quality["class_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("name", ["convnet3", "resnet18"])
+def test_features_are_taken_at_the_networks_input_scale_and_channels(name):
+    """The penultimate features enter the network past its forward hook, so they must see the batch as the
+    forward does: rescaled, and one channel for a one-channel network (a grey source's teacher)."""
+    from engine.evaluate.protocols import IMAGENET, attach_input_norm, for_channels
+    from engine.evaluate.quality import penultimate
+    from engine.evaluate.students import create_student
+
+    torch.manual_seed(0)
+    model = attach_input_norm(create_student(name, 10, 16, width=8, channels=1), for_channels(IMAGENET, 1)).eval()
+    grey = torch.rand(3, 1, 16, 16).repeat(1, 3, 1, 1) * 2 - 1
+    with torch.no_grad():
+        features = penultimate(model, grey)
+        head = model.classifier if name == "convnet3" else model.get_classifier()
+        torch.testing.assert_close(head(features), model(grey))  # the same features the forward classifies

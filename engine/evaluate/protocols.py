@@ -276,11 +276,20 @@ class InputRescale(nn.Module):
         return (x - self.shift.to(x.dtype)) / self.scale.to(x.dtype)
 
 
+def network_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A [-1, 1] batch (B, 3, H, W) as `model` reads it (its forward does this itself, through the hook
+    `attach_input_norm` adds): at its input scale, and only its first channel for a one-channel network. For
+    callers that enter the network elsewhere than its forward (its features, for set quality)."""
+    rescale = getattr(model, "input_rescale", None)
+    if rescale is None:
+        return x
+    if x.shape[1] > rescale.scale.shape[1]:  # a one-channel network on a grey source's batch: its channels are equal
+        x = x[:, :rescale.scale.shape[1]]
+    return rescale(x)
+
+
 def _rescale_input(model: nn.Module, args: tuple) -> tuple:
-    x, channels = args[0], model.input_rescale.scale.shape[1]
-    if x.shape[1] > channels:  # a one-channel network on a grey source's batch: its channels are equal
-        x = x[:, :channels]
-    return (model.input_rescale(x), *args[1:])
+    return (network_input(model, args[0]), *args[1:])
 
 
 def attach_input_norm(model: nn.Module, norm: InputNorm) -> nn.Module:

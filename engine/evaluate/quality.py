@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from engine.evaluate.protocols import network_input
 from engine.evaluate.train import model_input
 
 NEIGHBOURS = 3  # k of the k-NN manifolds (the paper's default)
@@ -36,7 +37,9 @@ def teacher_outputs(model: nn.Module, images: np.ndarray, batch_size: int = 500)
 
 
 def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The features the classifier's last linear layer reads: ConvNet's flattened blocks, timm's pre-logits."""
+    """The features the classifier's last linear layer reads: ConvNet's flattened blocks, timm's pre-logits. The
+    network's forward hook is bypassed here, so its input scale and channels are applied first."""
+    x = network_input(model, x)
     if hasattr(model, "features") and hasattr(model, "classifier"):  # engine.evaluate.students.ConvNet
         return model.features(x).flatten(1)
     return model.forward_head(model.forward_features(x), pre_logits=True)
