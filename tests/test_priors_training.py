@@ -73,17 +73,19 @@ def test_train_prior_job_writes_the_folder_distill_loads(tmp_path):
 
     from engine.config import EvaluateConfig
     from engine.evaluate.train import TrainSet
-    from engine.pipeline import teacher_cache_path
+    from engine.pipeline import resolve_channels, teacher_cache_path
     from tests.training import train_teacher
     from jobs.train_prior import main
 
-    overrides = [f"cache_dir={tmp_path}", "prior.vae_steps=3", "prior.unet_steps=3", "prior.vae_channels=[8,16]",
+    overrides = [f"cache_dir={tmp_path}", f"runs_dir={tmp_path / 'runs'}", "prior.vae_steps=3", "prior.unet_steps=3", "prior.vae_channels=[8,16]",
                  "prior.unet_channels=[16,32]", "decode.num_steps=3", "evaluate.width=8"]
     config = load_config("configs/digits.yaml", overrides)
-    # The engine's cached teacher, trained here in-process (the job would train it through Ray Train).
+    # The engine's cached teacher, trained here in-process (the job would train it through Ray Train); the digits
+    # are grey, so it reads one channel, as the job decides.
+    config = resolve_channels(config, grey=True)
     train = load_split(config.data, "train")
     teacher = train_teacher(TrainSet(train.images, train.labels, np.ones(len(train))), 10, "convnet3",
-                            EvaluateConfig(width=8, teacher_epochs=2, batch_size=64), seed=0)
+                            EvaluateConfig(width=8, teacher_epochs=2, batch_size=64, channels=1), seed=0)
     teacher_cache_path(config).parent.mkdir(parents=True)
     save_file(teacher.state_dict(), teacher_cache_path(config))
     folder = main(["--config", "configs/digits.yaml", "--samples-per-class", "2", "--quality-samples", "10",
