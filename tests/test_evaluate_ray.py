@@ -14,9 +14,9 @@ from engine.quantize.baselines import select_random
 
 pytestmark = pytest.mark.ray
 
-FIELDS = {"method", "weights", "ipc", "protocol", "student", "teacher", "seed", "draw", "top1", "val_top1",
-          "teacher_top1", "images", "epochs", "val_curve", "workers", "seconds", "select", "top1_last", "top1_best_val",
-          "best_val_step"}
+FIELDS = {"method", "weights", "ipc", "protocol", "student", "teacher", "seed", "draw", "learning_rate", "top1",
+          "val_top1", "teacher_top1", "images", "epochs", "val_curve", "workers", "seconds", "select", "top1_last",
+          "top1_best_val", "best_val_step"}
 
 
 def test_students_train_with_ddp_on_two_workers(ray_session, tmp_path, monkeypatch):
