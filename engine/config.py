@@ -186,8 +186,9 @@ METHODS = ("random", "herding", "kcenter", "d4m", "ddoq", "full")
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    # random / herding / kcenter: real images; d4m: centroids, uniform weights; ddoq: the same centroids with each
-    # weighting of `ddoq_weights`; full: the whole train split. See engine/quantize/baselines.py and engine/evaluate/protocols.py.
+    # random / herding / kcenter: real images; d4m: D4M's own centroids (engine/quantize/d4m.py), uniform weights;
+    # ddoq: the engine's centroids with each weighting of `ddoq_weights` (uniform: the ablation without weights);
+    # full: the whole train split. See engine/quantize/baselines.py and engine/evaluate/protocols.py.
     methods: tuple[str, ...] = METHODS
     ddoq_weights: tuple[str, ...] = ("mass", "sqrt")
     # rded (online soft labels), fkd (stored soft labels) or hard (DC/DSA hard labels): engine/evaluate/protocols.py.
