@@ -239,7 +239,8 @@ def test_shared_stages_run_once_for_every_trial_of_the_smoke_space(ray_session, 
     assert len({t.run_dir for t in trials}) == 4  # each trial decodes and trains in its own folder
     shared = pq.read_table(folders[0] / "centroids.parquet").to_pandas()
     assert sorted(shared.ipc.unique()) == [1, 2]  # quantized once at the union of the trials' IPCs
-    assert (shared.groupby(["ipc", "label"]).size() == shared.groupby(["ipc", "label"]).ipc.first()).all()
+    per_class = shared.groupby(["quantizer", "ipc", "label"])  # the engine's and D4M's centroids, K of each
+    assert (per_class.size() == per_class.ipc.first()).all() and set(shared.quantizer) == {"ddoq", "d4m"}
     sweep.prepare_shared_stages(base, space, sweep_dir)
     assert len(store.stage_history(sweep_dir)) == len(runs)
 
