@@ -4,17 +4,14 @@ layout of the encode stage's latents, which the quantize stage then reads in the
 
 Input rows are class folders, one row and one block each, so every actor of the pool gets classes and no process
 holds more than one class. A class already inverted (its file exists: writes are atomic) is skipped, so a killed
-actor's retry, or a re-run, redoes only what is missing; the rows of the records are -1 for those. Cost per image: round(decode.num_steps × strength)
-denoiser passes (one batch row each at inversion guidance 1, two otherwise), against the encode stage's one VAE
-encoder pass.
+actor's retry, or a re-run, redoes only what is missing; the rows of the records are -1 for those. Cost per
+image: round(decode.num_steps × strength) denoiser passes (one batch row each at inversion guidance 1, two
+otherwise), against the encode stage's one VAE encoder pass.
 """
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
-import pyarrow as pa
 
 import ray
 import ray.data
@@ -38,6 +35,7 @@ class ClassInverter:
 
     def __call__(self, batch: dict) -> dict:
         from engine.invert import invert_latents
+        from engine.io.manifest import sha256_file
         from engine.io.store import float32_rows, read_class_table, table_latents, write_class_latents
 
         crash_once_if_requested(self.fault_dir, "invert")
@@ -45,9 +43,8 @@ class ClassInverter:
         for label, class_dir in zip(batch["label"], batch["class_dir"]):
             done = location(self.out_dir) / f"label={int(label)}" / "part-00000.parquet"
             if done.exists():  # inverted by an earlier attempt: recorded again for the manifest, not redone
-                data = done.read_bytes()
-                records.append({"label": int(label), "rows": -1, "file": str(done),
-                                "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)})
+                records.append({"label": int(label), "rows": -1, "file": str(done), "sha256": sha256_file(done),
+                                "bytes": done.stat().st_size})
                 continue
             table = read_class_table(str(class_dir), ("id", "source", "latent"))
             latents = table_latents(table).reshape(table.num_rows, *self.prior.latent_shape)
