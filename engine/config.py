@@ -140,9 +140,9 @@ class QuantizeConfig:
     # D4M's quantizer (engine/quantize/d4m.py, the `d4m` sets): partial_fit batches of d4m_km_expand x IPC latents,
     # one pass; 1 is D4M's published ImageNet command.
     d4m_km_expand: int = 1
-    # The `random` baseline's subsets per IPC: the student of the i-th evaluate seed trains on draw i mod
-    # random_draws, so random's spread and every p-value against it include which images were drawn, as the other
-    # sets' spread includes their seeds. 1 = one subset for every seed.
+    # The `random` baseline's subsets per IPC: the student of evaluate seed s trains on draw s mod random_draws, so
+    # random's spread and every p-value against it include which images were drawn, as the other sets' spread
+    # includes their seeds. 1 = one subset for every seed.
     random_draws: int = 3
 
 

@@ -4,7 +4,12 @@ to `random` at that IPC in top-1 points, Welch's t-test p of the two sets of see
 score (engine/report/stats.py); then a teacher x student table for every set trained under more than one (teacher,
 student) pairing.
 
-    python jobs/results.py runs/fashion_mnist [runs/other ...] [--select last|best_val]
+    python jobs/results.py runs/fashion_mnist [runs/other ...] [--select last|best_val] [--pool]
+
+--pool reads the run folders as one run: the way to add seeds to a finished run without retraining its students
+(copy the folder, re-run the copy with --overwrite and evaluate.seeds=[3,4], quantize.random_draws=5, so the new
+seeds' `random` students get new subsets). It refuses runs that hold the same student (set, IPC, seed) twice or
+train a set for different epochs.
 
 --select picks which top-1 of each student the tables show: after its last step, or with its weights at its
 best validation report (rows since the evaluation kept both; validation alone chose the weights). Runs with a
@@ -44,6 +49,22 @@ def load_rows(run_dirs: list[Path]) -> pd.DataFrame:
     if not rows:
         raise SystemExit(f"no result rows under {', '.join(map(str, run_dirs))}")
     return pd.DataFrame(rows)
+
+
+def pool_runs(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows of several runs as one run named by all of them, for seeds trained in separate runs of one config."""
+    identity = GROUP + ["method", "weights", "ipc", "seed"] + (["learning_rate"] if "learning_rate" in frame else [])
+    twice = frame[frame.duplicated(identity, keep=False)]
+    if len(twice):
+        row = twice.iloc[0]
+        raise SystemExit(f"--pool: {row.method} at IPC {row.ipc}, seed {row.seed} is in "
+                         f"{' and '.join(sorted(set(twice[twice.method == row.method].run)))}: pool only runs of "
+                         f"different seeds (evaluate.seeds), or leave --pool out to see each run on its own")
+    epochs = frame[frame.method != "full"].groupby(GROUP + ["method", "ipc"]).epochs.nunique()
+    if (epochs > 1).any():
+        raise SystemExit(f"--pool: the runs train {epochs[epochs > 1].index[0][3]} for different epochs "
+                         f"(evaluate.student_epochs): their seeds do not measure the same thing")
+    return frame.assign(run="+".join(dict.fromkeys(frame.run)))
 
 
 def method_order(methods: pd.Series) -> pd.Series:
@@ -154,8 +175,12 @@ def main(argv=None) -> None:
                         help="also print each set's validation curve (rows written since the rows kept one)")
     parser.add_argument("--select", choices=["last", "best_val"],
                         help="which top-1 of each student to show (default: what each run chose, evaluate.select)")
+    parser.add_argument("--pool", action="store_true",
+                        help="read the run folders as one run (seeds of one config trained in separate runs)")
     args = parser.parse_args(argv)
     frame = load_rows(args.run_dirs)
+    if args.pool:
+        frame = pool_runs(frame)
     if args.select:
         column = f"top1_{args.select}"
         if column not in frame or frame[column].isna().any():

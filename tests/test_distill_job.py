@@ -121,10 +121,11 @@ def test_ray_job_submit_against_a_local_head(tmp_path, s3_env):
     assert len(metrics["results"]) == 9
 
 
-def test_noise_space_run_inverts_quantizes_the_states_and_samples_them_back(ray_session, tmp_path):
+def test_noise_space_run_inverts_quantizes_the_states_and_samples_them_back(ray_session, tmp_path, capsys):
     """quantize.space=noise end to end as far as the decoded sets: the invert stage writes every class's states in
-    the latents' layout (same ids), the quantizer works on them (centroids rescaled to their cells' norm), both
-    quantizers' centroids are sampled back into their sets, and a re-run inverts nothing again."""
+    the latents' layout (same ids) and says so class by class, the quantizer works on them (centroids rescaled to
+    their cells' norm), both quantizers' centroids are sampled back into their sets, and a re-run inverts nothing
+    again."""
     import distill
 
     from engine import pipeline
@@ -133,6 +134,8 @@ def test_noise_space_run_inverts_quantizes_the_states_and_samples_them_back(ray_
     config, _ = distill.parse_args(["--smoke-test", f"runs_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}",
                                     "quantize.space=noise", "decode.strength=0.5", "name=noise"])
     pipeline.run(config, until="decode")
+    progress = [line for line in capsys.readouterr().out.splitlines() if "invert: class" in line]
+    assert len(progress) == 10 and "10/10 classes" in progress[-1]
     run_dir = config.run_dir
     (inverted,) = list((run_dir / "inverted").iterdir())
     latents, states = store.class_latent_dirs(run_dir / "latents"), store.class_latent_dirs(inverted)

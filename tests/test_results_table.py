@@ -137,3 +137,32 @@ def test_a_learning_rate_grid_prints_the_fixed_and_the_selected_tables(tmp_path,
     assert "## Fixed" in fixed and "| ddoq | mass | 10 | 61.0 ± 0.0 (2) | +0.0 |" in fixed
     assert "| ddoq | mass | 10 | 75.0 ± 0.0 (2) | +14.0 |" in selected  # ddoq at 0.03, random at 0.01
     assert "ddoq/mass/IPC 10: 0.03" in selected and "random/none/IPC 10: 0.01" in selected
+
+
+def test_pooled_runs_add_their_seeds_and_refuse_a_student_trained_twice(tmp_path, capsys):
+    """--pool: seeds 3 and 4 trained in a second run of the same config join the first run's 0-2 in one row per
+    set; two runs holding the same seed (e.g. the latent and the noise space) are refused, not averaged."""
+    import pytest
+    import results
+    from scipy.stats import ttest_ind
+
+    ddoq, random = [0.71, 0.73, 0.72, 0.74, 0.70], [0.65, 0.66, 0.70, 0.64, 0.68]
+    for run, seeds in (("first", range(3)), ("more", range(3, 5))):
+        rows = [dict(BASE, method=m, weights=w, ipc=10, seed=s, top1=top1[s])
+                for m, w, top1 in (("ddoq", "mass", ddoq), ("random", "none", random)) for s in seeds]
+        write_rows(tmp_path / run / "results" / "k1", rows)
+    results.main([str(tmp_path / "first"), str(tmp_path / "more"), "--pool"])
+    text = capsys.readouterr().out
+    p = ttest_ind(ddoq, random, equal_var=False).pvalue
+    assert "### first+more: protocol `rded`" in text
+    assert f"| ddoq | mass | 10 | 72.0 ± 1.4 (5) | +5.4 | {p:.3f} |" in text
+    results.main([str(tmp_path / "first"), str(tmp_path / "more")])  # without --pool: each run on its own
+    assert "(3) |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="seed 0 is in first and twin"):
+        write_rows(tmp_path / "twin" / "results" / "k1", [dict(BASE, method="ddoq", weights="mass", ipc=10, seed=0,
+                                                               top1=0.9)])
+        results.main([str(tmp_path / "first"), str(tmp_path / "twin"), "--pool"])
+    with pytest.raises(SystemExit, match="different epochs"):
+        write_rows(tmp_path / "longer" / "results" / "k1", [dict(BASE, method="ddoq", weights="mass", ipc=10,
+                                                                 seed=9, top1=0.9, epochs=20)])
+        results.main([str(tmp_path / "first"), str(tmp_path / "longer"), "--pool"])

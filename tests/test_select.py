@@ -84,7 +84,7 @@ def test_best_val_weights_are_the_curves_argmax_and_test_is_read_after_training(
 
 
 def test_random_is_drawn_anew_for_every_seed(tmp_path):
-    """Each evaluate seed's `random` student trains on its own subset (draw i mod quantize.random_draws); the other
+    """Each evaluate seed's `random` student trains on its own subset (draw seed mod quantize.random_draws); the other
     sets keep one folder for every seed; every job's row names its draw."""
     from engine.config import load_config
     from engine.evaluate.sets import SetKey, requested_sets, set_dir
@@ -98,12 +98,16 @@ def test_random_is_drawn_anew_for_every_seed(tmp_path):
     assert len({folder.name for folder in dirs.values()}) == len(keys)  # one folder per draw
     assert dirs[SetKey("random", "none", 1)].name == "random-ipc1"  # draw 0: the single-draw runs' folder
     jobs = {(j.method, j.seed): j for j in student_jobs(config, dirs)}
-    assert [jobs["random", s].draw for s in (4, 5, 6, 7)] == [0, 1, 2, 0]  # 4 seeds, 3 draws: seed 7 reuses draw 0
-    assert [jobs["random", s].set_dir for s in (4, 5, 6)] == [str(dirs[SetKey("random", "none", 1, d)]) for d in range(3)]
-    assert jobs["random", 5].name == "random-ipc1-convnet3-seed5" and jobs["random", 5].identity()["draw"] == 1
+    assert [jobs["random", s].draw for s in (4, 5, 6, 7)] == [1, 2, 0, 1]  # 4 seeds, 3 draws: seed 7 reuses draw 1
+    assert [jobs["random", s].set_dir for s in (6, 4, 5)] == [str(dirs[SetKey("random", "none", 1, d)]) for d in range(3)]
+    assert jobs["random", 5].name == "random-ipc1-convnet3-seed5" and jobs["random", 5].identity()["draw"] == 2
     assert {jobs["herding", s].set_dir for s in (4, 5, 6, 7)} == {str(dirs[SetKey("herding", "none", 1)])}
     one = load_config(None, ["evaluate.methods=[random]", "quantize.random_draws=1", "evaluate.seeds=[0,1,2]"])
     assert [k.draw for k in requested_sets(one)] == [0] * len(one.quantize.ipc)
+    # Seeds added by a second run keep the draws the first run's seeds had and get new ones of their own.
+    more = load_config(None, ["evaluate.methods=[random]", "quantize.random_draws=5", "evaluate.seeds=[3,4]",
+                              "quantize.ipc=[1]"])
+    assert [k.draw for k in requested_sets(more)] == [3, 4]
 
 
 def test_a_grid_of_learning_rates_trains_every_set_and_seed_at_each(tmp_path):

@@ -3,8 +3,9 @@
 A set is keyed by SetKey(method, weights, ipc, draw) and lives in runs/<name>/distilled/<set name>-ipc<k>/ (PNGs +
 index.parquet). d4m and ddoq sets hold the decoded centroids (engine/ray/decode.py); random, herding and kcenter
 sets hold real training images, picked beside the k-means in the quantize stage (engine/quantize/class_task.py) and
-read back by engine/ray/baselines.py. `random` has one set per draw (quantize.random_draws): the i-th evaluate seed
-trains on draw i mod random_draws, so its spread over seeds includes which images were drawn.
+read back by engine/ray/baselines.py. `random` has one set per draw (quantize.random_draws): the student of evaluate
+seed s trains on draw s mod random_draws, so its spread over seeds includes which images were drawn, and seeds
+added later (a second run with more seeds and draws) keep the draws the earlier seeds had.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class SetKey(NamedTuple):
 
 def random_draw(config: DistillConfig, seed: int) -> int:
     """The random subset the student of evaluate seed `seed` trains on."""
-    return config.evaluate.seeds.index(seed) % config.quantize.random_draws
+    return seed % config.quantize.random_draws
 
 
 def requested_sets(config: DistillConfig) -> list[SetKey]:

@@ -62,10 +62,11 @@ class ClassInverter:
                 "node": np.array([node_id()] * len(records), dtype=object)}
 
 
-def invert_classes(config: DistillConfig, prior_folder, class_dirs: dict, out_dir, class_names: tuple = ()) -> list:
+def invert_classes(config: DistillConfig, prior_folder, class_dirs: dict, out_dir, class_names: tuple = (),
+                   on_class=None) -> list:
     """Every class of `class_dirs` {label: latent folder} inverted into out_dir on the decode actors' pool (the
     same prior, device and resources); returns one record per class {label, rows (-1: done before), file, sha256,
-    bytes, node}."""
+    bytes, node}. `on_class(record, finished, total)` is called as each class lands: a class takes minutes."""
     runtime = config.runtime
     check_pool_fits("invert", runtime.decode_actors, runtime.decode_cpus_per_actor, runtime.gpus_per_actor, 0.0)
     deterministic_order()
@@ -85,4 +86,9 @@ def invert_classes(config: DistillConfig, prior_folder, class_dirs: dict, out_di
         num_gpus=runtime.gpus_per_actor,
         num_cpus=runtime.decode_cpus_per_actor,
     )
-    return sorted(done.take_all(), key=lambda r: r["label"])  # one small row per class, never a latent
+    records = []
+    for record in done.iter_rows():  # one small row per class, never a latent
+        records.append(record)
+        if on_class is not None:
+            on_class(record, len(records), len(items))
+    return sorted(records, key=lambda r: r["label"])
