@@ -49,3 +49,26 @@ def test_make_distill_prints_the_engines_progress_and_table_only(tmp_path):
     table = out.stdout.split("\n\n", 1)[0].splitlines()
     assert all(line.startswith("[distill ") for line in table), [x for x in table if not x.startswith("[distill")]
     assert (tmp_path / "smoke" / "run.log").stat().st_size > 0
+
+
+def test_each_student_is_announced_on_the_console_as_its_row_lands(tmp_path):
+    """Workers' progress lines go to Ray's log files when the console is quiet: the driver itself says when each
+    job's result file appears, in the order they land, and the rest once the trainers are done."""
+    import json
+    import time
+    from types import SimpleNamespace
+
+    from engine.ray.evaluate import watch_results
+
+    jobs = [SimpleNamespace(name=f"ddoq-mass-ipc1-convnet3-seed{s}") for s in range(3)]
+    lines: list[str] = []
+    with watch_results(tmp_path, jobs, lines.append, every_s=0.05):
+        (tmp_path / "ddoq-mass-ipc1-convnet3-seed1.json").write_text(json.dumps({"top1": 0.6083}))
+        for _ in range(100):
+            if lines:
+                break
+            time.sleep(0.05)
+        assert len(lines) == 1 and "seed1: test top-1 60.8 %, 1/3 after" in lines[0]
+        for s in (0, 2):
+            (tmp_path / f"ddoq-mass-ipc1-convnet3-seed{s}.json").write_text(json.dumps({"top1": 0.5}))
+    assert len(lines) == 3 and "3/3" in lines[-1]

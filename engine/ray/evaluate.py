@@ -189,6 +189,38 @@ def check_teacher(evaluate: EvaluateConfig, record: dict, log=print) -> None:
                        f"{scale.get('std')}; evaluate.teacher_mean / teacher_std set it).")
 
 
+@contextlib.contextmanager
+def watch_results(results_dir, jobs: list[StudentJob], log, every_s: float = 10.0):
+    """A line on the console for each job as its result file lands (`student <name>: top-1 ..., n/N after m min`),
+    from the driver: the workers' own progress lines reach only Ray's log files unless --verbose, and a student
+    set can train for hours."""
+    import time
+
+    pending, started, stop = list(jobs), time.monotonic(), threading.Event()
+
+    def sweep() -> None:
+        for job in list(pending):
+            path = results_dir / f"{job.name}.json"
+            if path.exists():  # written atomically: present means complete
+                pending.remove(job)
+                row = json.loads(path.read_text())
+                log(f"student {job.name}: test top-1 {100 * row['top1']:.1f} %, {len(jobs) - len(pending)}/"
+                    f"{len(jobs)} after {(time.monotonic() - started) / 60:.1f} min")
+
+    def watch() -> None:
+        while pending and not stop.wait(every_s):
+            sweep()
+
+    watcher = threading.Thread(target=watch, name="watch-results", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
+        sweep()  # the last ones, once every trainer is done
+
+
 def evaluate_students(config: DistillConfig, jobs: list[StudentJob], teacher_path, results_dir, train_rows: int,
                       callbacks=(), log=print) -> list[dict]:
     """Train every job's student -> the result rows (one JSON file per job). `train_rows`: rows of the train split
@@ -228,7 +260,7 @@ def evaluate_students(config: DistillConfig, jobs: list[StudentJob], teacher_pat
                 with lock:
                     errors.append(error)
 
-        with ThreadPoolExecutor(max_workers=len(shares)) as pool:
+        with watch_results(results_dir, todo, log), ThreadPoolExecutor(max_workers=len(shares)) as pool:
             list(pool.map(run_share, range(len(shares)), shares))
         if errors:
             raise errors[0]
