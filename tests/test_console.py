@@ -48,7 +48,7 @@ def test_make_distill_prints_the_engines_progress_and_table_only(tmp_path):
     assert out.stderr == "" and "\x1b[" not in out.stdout  # no colour codes, nothing from Ray
     table = out.stdout.split("\n\n", 1)[0].splitlines()
     assert all(line.startswith("[distill ") for line in table), [x for x in table if not x.startswith("[distill")]
-    assert sum("] student " in line for line in table) == 9 and "9/9 after" in table[-1] + "".join(table)
+    assert sum("] student " in line for line in table) == 9 and any("9/9 after" in line for line in table)
     assert (tmp_path / "smoke" / "run.log").stat().st_size > 0
 
 
