@@ -38,7 +38,7 @@ def parse_args(argv=None) -> tuple[DistillConfig, argparse.Namespace]:
                         help="print Ray's and the libraries' log lines here too (default: into the run folder's "
                              "run.log, the console keeps the engine's progress and results)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. quantize.ipc=10 decode.strength=0.7")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags may follow the overrides
     overrides = (SMOKE_OVERRIDES if args.smoke_test else ()) + tuple(args.overrides)
     return load_config(args.config, overrides), args
 

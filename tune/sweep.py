@@ -379,7 +379,7 @@ def parse_args(argv=None) -> tuple[DistillConfig, SearchSpace, int | None]:
     parser.add_argument("--max-concurrent", type=int, default=None,
                         help="trials at once (default: as many as the cluster holds at their peak)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the base config")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags may follow the overrides
     overrides = (pipeline.SMOKE_OVERRIDES if args.smoke_test else ()) + tuple(args.overrides)
     base = load_config(args.config, overrides)
     space_path = args.search_space or (SMOKE_SPACE if args.smoke_test else DEFAULT_SPACE)
