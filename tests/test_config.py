@@ -18,6 +18,18 @@ def test_dotted_overrides_are_typed():
     assert config.evaluate.seeds == (3, 4)
 
 
+def test_flags_may_come_before_between_or_after_the_overrides():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+    import distill
+
+    config, options = distill.parse_args(["name=more", "--overwrite", "evaluate.seeds=[3,4]", "quantize.random_draws=5"])
+    assert (config.name, config.evaluate.seeds, config.quantize.random_draws, options.overwrite) == \
+        ("more", (3, 4), 5, True)
+
+
 def test_int_is_accepted_for_float():
     assert load_config(None, ["decode.guidance_scale=3"]).decode.guidance_scale == 3.0
 
