@@ -94,7 +94,7 @@ def student_jobs(config: DistillConfig, set_dirs: dict) -> list:
 
     e = config.evaluate
     teacher = e.teacher if get_protocol(e.protocol).soft_labels else "none"
-    sets = [key for key in requested_sets(config) if key.draw == 0]
+    sets = list(dict.fromkeys(key._replace(draw=0) for key in requested_sets(config)))  # random: once, drawn below
     sets += [SetKey("full", "none", 0)] if "full" in e.methods else []
     jobs = []
     for student in e.students:

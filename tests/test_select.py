@@ -108,6 +108,9 @@ def test_random_is_drawn_anew_for_every_seed(tmp_path):
     more = load_config(None, ["evaluate.methods=[random]", "quantize.random_draws=5", "evaluate.seeds=[3,4]",
                               "quantize.ipc=[1]"])
     assert [k.draw for k in requested_sets(more)] == [3, 4]
+    later = {j.seed: j for j in student_jobs(more, {k: set_dir(more.run_dir, k) for k in requested_sets(more)})}
+    assert sorted(later) == [3, 4] and [later[s].draw for s in (3, 4)] == [3, 4]
+    assert later[4].set_dir.endswith("random-draw4-ipc1")
 
 
 def test_a_grid_of_learning_rates_trains_every_set_and_seed_at_each(tmp_path):
