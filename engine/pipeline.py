@@ -417,14 +417,7 @@ def invert_stage(config: DistillConfig, run_dir, prior: PreparedPrior, encoded: 
         log(f"inverting {encoded.images} latents of {len(class_dirs)} classes to the state at strength {d.strength:g} "
             f"({steps} denoiser steps each, inversion guidance {d.inversion_guidance:g}, "
             f"{config.runtime.decode_actors} actor(s))")
-        started = time.monotonic()
-
-        def report(record: dict, finished: int, total: int) -> None:
-            what = "inverted before" if record["rows"] < 0 else f"{record['rows']} latents"
-            log(f"invert: class {record['label']} ({what}), {finished}/{total} classes after "
-                f"{(time.monotonic() - started) / 60:.1f} min")
-
-        records = invert_classes(config, prior.folder, class_dirs, inverted_dir, prior.class_names, report)
+        records = invert_classes(config, prior.folder, class_dirs, inverted_dir, prior.class_names, log)
         saw_nodes("invert", (r["node"] for r in records))
         files = {r["file"]: {"sha256": r["sha256"], "bytes": int(r["bytes"])} for r in records}
         store.mark_stage_finished(run_dir, "invert", invert_key, take_nodes("invert"), classes=len(records))

@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import json
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from engine.config import DistillConfig, EvaluateConfig
@@ -191,11 +192,9 @@ def check_teacher(evaluate: EvaluateConfig, record: dict, log=print) -> None:
 
 @contextlib.contextmanager
 def watch_results(results_dir, jobs: list[StudentJob], log, every_s: float = 10.0):
-    """A line on the console for each job as its result file lands (`student <name>: top-1 ..., n/N after m min`),
-    from the driver: the workers' own progress lines reach only Ray's log files unless --verbose, and a student
-    set can train for hours."""
-    import time
-
+    """A line on the console for each job as its result file lands (`student <name>: test top-1 ..., n/N after m
+    min`), from the driver: the workers' own progress lines reach only Ray's log files unless --verbose, and a
+    student set can train for hours."""
     pending, started, stop = list(jobs), time.monotonic(), threading.Event()
 
     def sweep() -> None:

@@ -11,6 +11,8 @@ otherwise), against the encode stage's one VAE encoder pass.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 import ray
@@ -63,10 +65,10 @@ class ClassInverter:
 
 
 def invert_classes(config: DistillConfig, prior_folder, class_dirs: dict, out_dir, class_names: tuple = (),
-                   on_class=None) -> list:
+                   log=None) -> list:
     """Every class of `class_dirs` {label: latent folder} inverted into out_dir on the decode actors' pool (the
     same prior, device and resources); returns one record per class {label, rows (-1: done before), file, sha256,
-    bytes, node}. `on_class(record, finished, total)` is called as each class lands: a class takes minutes."""
+    bytes, node}. `log` gets a line as each class lands: a class takes minutes."""
     runtime = config.runtime
     check_pool_fits("invert", runtime.decode_actors, runtime.decode_cpus_per_actor, runtime.gpus_per_actor, 0.0)
     deterministic_order()
@@ -86,9 +88,11 @@ def invert_classes(config: DistillConfig, prior_folder, class_dirs: dict, out_di
         num_gpus=runtime.gpus_per_actor,
         num_cpus=runtime.decode_cpus_per_actor,
     )
-    records = []
+    records, started = [], time.monotonic()
     for record in done.iter_rows():  # one small row per class, never a latent
         records.append(record)
-        if on_class is not None:
-            on_class(record, len(records), len(items))
+        if log:
+            what = "inverted before" if record["rows"] < 0 else f"{record['rows']} latents"
+            log(f"invert: class {record['label']} ({what}), {len(records)}/{len(items)} classes after "
+                f"{(time.monotonic() - started) / 60:.1f} min")
     return sorted(records, key=lambda r: r["label"])
