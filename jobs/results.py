@@ -8,8 +8,10 @@ student) pairing.
 
 --pool reads the run folders as one run: the way to add seeds to a finished run without retraining its students
 (copy the folder, re-run the copy with --overwrite and evaluate.seeds=[3,4], quantize.random_draws=5, so the new
-seeds' `random` students get new subsets). It refuses runs that hold the same student (set, IPC, seed) twice or
-train a set for different epochs.
+seeds' `random` students get new subsets), and the way to set runs of the latent and the noise space side by side:
+sets quantized in the noise space are named by it (`ddoq (noise)`), and a real-image student both runs trained
+alike (`random`, same subset and seed) counts once. It refuses runs that hold the same student (set, IPC, seed)
+twice with different scores, or train a set for different epochs.
 
 --select picks which top-1 of each student the tables show: after its last step, or with its weights at its
 best validation report (rows since the evaluation kept both; validation alone chose the weights). Runs with a
@@ -29,6 +31,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
 from engine.io.location import location
@@ -39,21 +42,42 @@ METHOD_ORDER = ["random", "herding", "kcenter", "d4m", "ddoq", "full"]
 GROUP = ["protocol", "teacher", "student"]
 
 
+DECODED_METHODS = ("d4m", "ddoq")  # sets quantized in the run's quantize.space; the others are real images
+
+
+def quantize_space(run_dir) -> str:
+    """The space a run quantized in (quantize.space of its config.yaml; latent for folders without one)."""
+    config = location(run_dir) / "config.yaml"
+    if not config.exists():
+        return "latent"
+    return (yaml.safe_load(config.read_text()) or {}).get("quantize", {}).get("space", "latent")
+
+
 def load_rows(run_dirs: list[Path]) -> pd.DataFrame:
+    """Every result row of the runs, with the run's name and, for decoded sets, the space they were quantized in:
+    sets of the noise space are named by it (`ddoq (noise)`), so runs of both spaces can share a table."""
     rows = []
     for run_dir in run_dirs:
+        space = quantize_space(run_dir)
         for path in sorted(location(run_dir).glob("results/*/*.json")):
             row = json.loads(path.read_text())
             if "protocol" in row:  # rows of the current evaluation (older rows lack the fields to group them)
-                rows.append({**row, "run": location(run_dir).name})
+                decoded = row["method"] in DECODED_METHODS
+                method = f"{row['method']} ({space})" if decoded and space != "latent" else row["method"]
+                rows.append({**row, "method": method, "run": location(run_dir).name, "space": space if decoded else ""})
     if not rows:
         raise SystemExit(f"no result rows under {', '.join(map(str, run_dirs))}")
     return pd.DataFrame(rows)
 
 
 def pool_runs(frame: pd.DataFrame) -> pd.DataFrame:
-    """Rows of several runs as one run named by all of them, for seeds trained in separate runs of one config."""
-    identity = GROUP + ["method", "weights", "ipc", "seed"] + (["learning_rate"] if "learning_rate" in frame else [])
+    """Rows of several runs as one run named by all of them: seeds trained in separate runs of one config, and runs
+    in the latent and the noise space, whose decoded sets are rows of their own (`ddoq (noise)`). A real-image
+    student both runs trained (the same subset and seed: `random` of a noise-space run) is kept once when both
+    scored the same; differing copies are refused."""
+    identity = GROUP + ["method", "weights", "ipc", "seed", "space"] + \
+        (["learning_rate"] if "learning_rate" in frame else [])
+    frame = frame.drop_duplicates(identity + [c for c in ("top1_last", "top1") if c in frame])
     twice = frame[frame.duplicated(identity, keep=False)]
     if len(twice):
         row = twice.iloc[0]
@@ -69,7 +93,7 @@ def pool_runs(frame: pd.DataFrame) -> pd.DataFrame:
 
 def method_order(methods: pd.Series) -> pd.Series:
     """Each method's place in METHOD_ORDER (methods it does not name go last): the row order of every table."""
-    return methods.map({m: i for i, m in enumerate(METHOD_ORDER)}).fillna(len(METHOD_ORDER))
+    return methods.str.split(" ").str[0].map({m: i for i, m in enumerate(METHOD_ORDER)}).fillna(len(METHOD_ORDER))
 
 
 def tables(frame: pd.DataFrame) -> str:

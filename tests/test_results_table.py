@@ -166,3 +166,27 @@ def test_pooled_runs_add_their_seeds_and_refuse_a_student_trained_twice(tmp_path
         write_rows(tmp_path / "longer" / "results" / "k1", [dict(BASE, method="ddoq", weights="mass", ipc=10,
                                                                  seed=9, top1=0.9, epochs=20)])
         results.main([str(tmp_path / "first"), str(tmp_path / "longer"), "--pool"])
+
+
+def test_pooled_runs_of_both_spaces_name_the_noise_sets_and_count_a_shared_random_student_once(tmp_path, capsys):
+    """A latent and a noise-space run of one config: their ddoq sets are two rows, their `random` students (the same
+    subsets and seeds, trained alike) one; a `random` student whose copies scored differently is refused."""
+    import pytest
+    import results
+
+    random = [0.60, 0.64, 0.62]
+    for run, space, ddoq in (("latent", "latent", [0.70, 0.71, 0.72]), ("noise", "noise", [0.66, 0.67, 0.68])):
+        rows = [dict(BASE, method=m, weights=w, ipc=10, seed=s, top1=top1[s])
+                for m, w, top1 in (("ddoq", "mass", ddoq), ("random", "none", random)) for s in range(3)]
+        write_rows(tmp_path / run / "results" / "k1", rows)
+        (tmp_path / run / "config.yaml").write_text(f"quantize:\n  space: {space}\n")
+    results.main([str(tmp_path / "latent"), str(tmp_path / "noise"), "--pool"])
+    text = capsys.readouterr().out
+    assert "| random | – | 10 | 62.0 ± 1.6 (3) |" in text
+    assert "| ddoq | mass | 10 | 71.0 ± 0.8 (3) | +9.0 |" in text
+    assert "| ddoq (noise) | mass | 10 | 67.0 ± 0.8 (3) | +5.0 |" in text
+    assert text.index("| ddoq | mass") < text.index("| ddoq (noise)")
+    write_rows(tmp_path / "other" / "results" / "k1", [dict(BASE, method="random", weights="none", ipc=10, seed=0,
+                                                            top1=0.5)])
+    with pytest.raises(SystemExit, match="seed 0 is in latent and other"):
+        results.main([str(tmp_path / "latent"), str(tmp_path / "other"), "--pool"])
