@@ -4,7 +4,7 @@ to `random` at that IPC in top-1 points, Welch's t-test p of the two sets of see
 score (engine/report/stats.py); then a teacher x student table for every set trained under more than one (teacher,
 student) pairing.
 
-    python jobs/results.py runs/fashion_mnist [runs/other ...] [--select last|best_val] [--pool]
+    python jobs/results.py runs/fashion_mnist [runs/other ...] [--select last|best_val] [--pool] [--csv rows.csv]
 
 --pool reads the run folders as one run: the way to add seeds to a finished run without retraining its students
 (copy the folder, re-run the copy with --overwrite and evaluate.seeds=[3,4], quantize.random_draws=5, so the new
@@ -192,6 +192,19 @@ def validation_curves(frame: pd.DataFrame) -> str:
     return "\n".join(out)
 
 
+CSV_COLUMNS = ["run", "protocol", "teacher", "student", "method", "space", "weights", "ipc", "seed", "draw", "epochs",
+               "learning_rate", "top1_last", "top1_best_val", "val_top1", "teacher_top1", "seconds"]
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> None:
+    """One line per student, in a stable order: the data behind a results table, for docs and spreadsheets."""
+    columns = [c for c in CSV_COLUMNS if c in frame]
+    ordered = frame[columns].sort_values([c for c in ("run", "protocol", "ipc", "method", "seed") if c in columns])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ordered.to_csv(path, index=False)
+    print(f"{len(ordered)} student rows written to {path}\n")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", help="run folders: local paths or URIs (s3://bucket/runs/digits)")
@@ -201,8 +214,12 @@ def main(argv=None) -> None:
                         help="which top-1 of each student to show (default: what each run chose, evaluate.select)")
     parser.add_argument("--pool", action="store_true",
                         help="read the run folders as one run (seeds of one config trained in separate runs)")
+    parser.add_argument("--csv", metavar="PATH",
+                        help="also write every student's row (each run's own, before --pool) to this CSV file")
     args = parser.parse_args(argv)
     frame = load_rows(args.run_dirs)
+    if args.csv:
+        write_csv(frame, Path(args.csv))
     if args.pool:
         frame = pool_runs(frame)
     if args.select:

@@ -171,6 +171,7 @@ def test_pooled_runs_add_their_seeds_and_refuse_a_student_trained_twice(tmp_path
 def test_pooled_runs_of_both_spaces_name_the_noise_sets_and_count_a_shared_random_student_once(tmp_path, capsys):
     """A latent and a noise-space run of one config: their ddoq sets are two rows, their `random` students (the same
     subsets and seeds, trained alike) one; a `random` student whose copies scored differently is refused."""
+    import pandas as pd
     import pytest
     import results
 
@@ -180,8 +181,11 @@ def test_pooled_runs_of_both_spaces_name_the_noise_sets_and_count_a_shared_rando
                 for m, w, top1 in (("ddoq", "mass", ddoq), ("random", "none", random)) for s in range(3)]
         write_rows(tmp_path / run / "results" / "k1", rows)
         (tmp_path / run / "config.yaml").write_text(f"quantize:\n  space: {space}\n")
-    results.main([str(tmp_path / "latent"), str(tmp_path / "noise"), "--pool"])
+    results.main([str(tmp_path / "latent"), str(tmp_path / "noise"), "--pool", "--csv", str(tmp_path / "rows.csv")])
     text = capsys.readouterr().out
+    rows = pd.read_csv(tmp_path / "rows.csv")  # every run's own rows, before pooling
+    assert len(rows) == 12 and set(rows.run) == {"latent", "noise"}
+    assert set(rows[rows.method == "ddoq (noise)"].space) == {"noise"} and rows[rows.method == "random"].space.isna().all()
     assert "| random | – | 10 | 62.0 ± 1.6 (3) |" in text
     assert "| ddoq | mass | 10 | 71.0 ± 0.8 (3) | +9.0 |" in text
     assert "| ddoq (noise) | mass | 10 | 67.0 ± 0.8 (3) | +5.0 |" in text
