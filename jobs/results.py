@@ -35,6 +35,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
 from engine.io.location import location
+from engine.io.store import atomic_write_bytes
 from engine.report.stats import (compare_to_random, format_delta, format_lrs, format_mean_std, format_p,
                                  rows_at_learning_rate)
 
@@ -196,12 +197,12 @@ CSV_COLUMNS = ["run", "protocol", "teacher", "student", "method", "space", "weig
                "learning_rate", "top1_last", "top1_best_val", "val_top1", "teacher_top1", "seconds"]
 
 
-def write_csv(frame: pd.DataFrame, path: Path) -> None:
+def write_csv(frame: pd.DataFrame, path) -> None:
     """One line per student, in a stable order: the data behind a results table, for docs and spreadsheets."""
     columns = [c for c in CSV_COLUMNS if c in frame]
     ordered = frame[columns].sort_values([c for c in ("run", "protocol", "ipc", "method", "seed") if c in columns])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ordered.to_csv(path, index=False)
+    text = ordered.to_csv(index=False)  # audit: no path given, it returns the text
+    atomic_write_bytes(path, text.encode())
     print(f"{len(ordered)} student rows written to {path}\n")
 
 
@@ -219,7 +220,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     frame = load_rows(args.run_dirs)
     if args.csv:
-        write_csv(frame, Path(args.csv))
+        write_csv(frame, args.csv)
     if args.pool:
         frame = pool_runs(frame)
     if args.select:
