@@ -61,15 +61,20 @@ def test_each_student_is_announced_on_the_console_as_its_row_lands(tmp_path):
 
     from engine.ray.evaluate import watch_results
 
+    def land(name: str, top1: float) -> None:  # as the engine writes a result: whole, then renamed into place
+        (tmp_path / "staging.partial").write_text(json.dumps({"top1": top1}))
+        (tmp_path / "staging.partial").rename(tmp_path / f"{name}.json")
+
     jobs = [SimpleNamespace(name=f"ddoq-mass-ipc1-convnet3-seed{s}") for s in range(3)]
     lines: list[str] = []
+    (tmp_path / "ddoq-mass-ipc1-convnet3-seed0.json").write_text("")  # unreadable yet: skipped until it is
     with watch_results(tmp_path, jobs, lines.append, every_s=0.05):
-        (tmp_path / "ddoq-mass-ipc1-convnet3-seed1.json").write_text(json.dumps({"top1": 0.6083}))
+        land("ddoq-mass-ipc1-convnet3-seed1", 0.6083)
         for _ in range(100):
             if lines:
                 break
             time.sleep(0.05)
         assert len(lines) == 1 and "seed1: test top-1 60.8 %, 1/3 after" in lines[0]
         for s in (0, 2):
-            (tmp_path / f"ddoq-mass-ipc1-convnet3-seed{s}.json").write_text(json.dumps({"top1": 0.5}))
+            land(f"ddoq-mass-ipc1-convnet3-seed{s}", 0.5)
     assert len(lines) == 3 and "3/3" in lines[-1]

@@ -200,11 +200,15 @@ def watch_results(results_dir, jobs: list[StudentJob], log, every_s: float = 10.
     def sweep() -> None:
         for job in list(pending):
             path = results_dir / f"{job.name}.json"
-            if path.exists():  # written atomically: present means complete
-                pending.remove(job)
+            if not path.exists():
+                continue
+            try:  # the engine writes it atomically; a file that cannot be read yet is read on the next sweep
                 row = json.loads(path.read_text())
-                log(f"student {job.name}: test top-1 {100 * row['top1']:.1f} %, {len(jobs) - len(pending)}/"
-                    f"{len(jobs)} after {(time.monotonic() - started) / 60:.1f} min")
+            except (OSError, ValueError):
+                continue
+            pending.remove(job)
+            log(f"student {job.name}: test top-1 {100 * row['top1']:.1f} %, {len(jobs) - len(pending)}/"
+                f"{len(jobs)} after {(time.monotonic() - started) / 60:.1f} min")
 
     def watch() -> None:
         while pending and not stop.wait(every_s):
