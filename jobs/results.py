@@ -34,6 +34,7 @@ import pandas as pd
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
+from engine.evaluate.sets import REAL_METHODS
 from engine.io.location import location
 from engine.io.store import atomic_write_bytes
 from engine.report.stats import (compare_to_random, format_delta, format_lrs, format_mean_std, format_p,
@@ -41,9 +42,6 @@ from engine.report.stats import (compare_to_random, format_delta, format_lrs, fo
 
 METHOD_ORDER = ["random", "herding", "kcenter", "d4m", "ddoq", "full"]
 GROUP = ["protocol", "teacher", "student"]
-
-
-DECODED_METHODS = ("d4m", "ddoq")  # sets quantized in the run's quantize.space; the others are real images
 
 
 def quantize_space(run_dir) -> str:
@@ -63,7 +61,7 @@ def load_rows(run_dirs: list[Path]) -> pd.DataFrame:
         for path in sorted(location(run_dir).glob("results/*/*.json")):
             row = json.loads(path.read_text())
             if "protocol" in row:  # rows of the current evaluation (older rows lack the fields to group them)
-                decoded = row["method"] in DECODED_METHODS
+                decoded = row["method"] not in (*REAL_METHODS, "full")  # quantized in the run's space
                 method = f"{row['method']} ({space})" if decoded and space != "latent" else row["method"]
                 rows.append({**row, "method": method, "run": location(run_dir).name, "space": space if decoded else ""})
     if not rows:
